@@ -1,0 +1,117 @@
+"""The FastAPI application: routers, limits on request bodies, error shapes, and the
+start-up work (bootstrap token, reconciler)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from api.auth import ensure_bootstrap
+from api.reconciler import Reconciler
+from api.routes import datasets, health, jobs, models, tokens
+from convoy.artifacts import get_store
+from convoy.queue import make_celery
+from convoy.settings import Settings, get_settings
+from db.session import session_scope
+
+log = logging.getLogger(__name__)
+
+UPLOAD_PATHS = ("/v1/datasets", "/v1/checkpoints", "/v1/inputs")
+
+
+class BodyLimit:
+    """413 before a byte past the limit is read; 415 for a body of the wrong type."""
+
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+        self.app, self.settings = app, settings
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        path: str = scope["path"]
+        is_upload = path.rstrip("/") in UPLOAD_PATHS
+        limit = self.settings.max_upload_bytes + 64 * 1024 if is_upload \
+            else self.settings.max_request_bytes
+        headers = dict(scope["headers"])
+        ctype = headers.get(b"content-type", b"").decode("latin-1").split(";")[0].strip().lower()
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            return await _reply(send, 413, f"request body larger than {limit} bytes")
+        if is_upload and ctype != "multipart/form-data":
+            return await _reply(send, 415, "uploads must be multipart/form-data with a file field")
+        if not is_upload and (length not in (None, b"0")) and ctype != "application/json":
+            return await _reply(send, 415, f"content type {ctype or 'none'!r}: send "
+                                           "application/json")
+        received = 0
+
+        async def limited() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise _TooLarge()
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except _TooLarge:
+            await _reply(send, 413, f"request body larger than {limit} bytes")
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _reply(send: Send, status: int, detail: str) -> None:
+    response = JSONResponse({"detail": detail}, status_code=status)
+    await response({"type": "http"}, _no_receive, send)
+
+
+async def _no_receive() -> Message:
+    return {"type": "http.disconnect"}
+
+
+async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    """422 naming each field; the offending input is not echoed back (it may be huge)."""
+    errors: list[dict[str, Any]] = [
+        {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+        for e in exc.errors()[:20]
+    ]
+    return JSONResponse({"detail": errors}, status_code=422)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        with session_scope(settings.database_url) as session:
+            ensure_bootstrap(session, settings)
+        reconciler = Reconciler(settings, app.state.celery)
+        reconciler.start()
+        yield
+        reconciler.stop()
+
+    app = FastAPI(title="Convoy", version="0.1.0", lifespan=lifespan,
+                  description="Train CNNs and extract their feature maps as jobs.")
+    app.state.settings = settings
+    app.state.celery = make_celery(settings)
+    app.state.store = get_store(settings.artifact_root)
+    app.add_exception_handler(RequestValidationError, validation_error)  # type: ignore[arg-type]
+    for module in (health, jobs, models, datasets, tokens):
+        app.include_router(module.router)
+    app.add_middleware(BodyLimit, settings=settings)
+    return app
+
+
+def app_factory() -> FastAPI:
+    """For `uvicorn --factory api.app:app_factory`."""
+    return create_app()

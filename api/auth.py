@@ -1,0 +1,85 @@
+"""API tokens: stored as sha256 hashes, each belonging to a tenant; the bootstrap admin."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import sys
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from convoy.settings import Settings
+from db.base import utcnow
+from db.jobs import new_id
+from db.tables import Token
+
+TOKEN_PREFIX = "cvy_"
+
+
+@dataclass(frozen=True)
+class Principal:
+    tenant: str
+    token_id: str
+    is_admin: bool
+
+
+def hash_token(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def create_token(session: Session, *, tenant: str, name: str = "", is_admin: bool = False,
+                 secret: str | None = None) -> tuple[Token, str]:
+    secret = secret or TOKEN_PREFIX + secrets.token_urlsafe(32)
+    token = Token(id=new_id(), tenant=tenant, name=name, token_hash=hash_token(secret),
+                  is_admin=is_admin, created_at=utcnow())
+    session.add(token)
+    session.commit()
+    return token, secret
+
+
+def authenticate(session: Session, secret: str) -> Principal | None:
+    if not secret or len(secret) > 256:
+        return None
+    token = session.scalars(
+        select(Token).where(Token.token_hash == hash_token(secret), Token.revoked_at.is_(None))
+    ).one_or_none()
+    if token is None:
+        return None
+    return Principal(tenant=token.tenant, token_id=token.id, is_admin=token.is_admin)
+
+
+def revoke_token(session: Session, *, token_id: str) -> bool:
+    token = session.get(Token, token_id)
+    if token is None:
+        return False
+    if token.revoked_at is None:
+        token.revoked_at = utcnow()
+        session.commit()
+    return True
+
+
+def ensure_bootstrap(session: Session, settings: Settings) -> str | None:
+    """Make sure an admin can log in. Returns a newly minted secret to show once, else None."""
+    if settings.bootstrap_token:
+        if session.scalars(
+            select(Token.id).where(Token.token_hash == hash_token(settings.bootstrap_token))
+        ).first() is None:
+            create_token(session, tenant="default", name="bootstrap", is_admin=True,
+                         secret=settings.bootstrap_token)
+        return None
+    if session.scalars(select(Token.id).where(Token.is_admin.is_(True),
+                                              Token.revoked_at.is_(None))).first():
+        return None
+    _, secret = create_token(session, tenant="default", name="first admin", is_admin=True)
+    path = settings.token_file
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secret + "\n")
+    print(f"Convoy admin token (shown once, also saved to {path}): {secret}", file=sys.stderr,
+          flush=True)
+    return secret

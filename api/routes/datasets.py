@@ -1,0 +1,92 @@
+"""Datasets: the built-in ones and .npz uploads (x, y)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import numpy as np
+from fastapi import APIRouter, File, Form, HTTPException, Response, UploadFile
+from sqlalchemy import select
+
+from api.deps import PrincipalDep, SessionDep, SettingsDep, StoreDep
+from api.schemas import DatasetOut
+from api.uploads import display_name, read_capped
+from convoy import datasets
+from convoy.artifacts import upload_key
+from db.base import utcnow
+from db.jobs import new_id
+from db.tables import Upload
+
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+
+BUILTINS = [
+    DatasetOut(id="digits", name="digits", builtin=True, input_shape=[1, 8, 8], num_classes=10,
+               samples=datasets.DIGITS_SAMPLES),
+    DatasetOut(id="synthetic", name="synthetic", builtin=True, input_shape=[3, 32, 32],
+               num_classes=4, samples=2048),
+]
+
+
+def dataset_out(u: Upload) -> DatasetOut:
+    return DatasetOut(id=u.id, name=u.name, builtin=False, input_shape=u.meta["input_shape"],
+                      num_classes=u.meta["num_classes"], samples=u.meta["samples"], size=u.size,
+                      sha256=u.sha256, created_at=u.created_at)
+
+
+@router.post("", status_code=201, response_model=DatasetOut)
+async def upload_dataset(
+    file: Annotated[UploadFile, File(description=".npz with x (N, C, H, W) and y (N,)")],
+    session: SessionDep,
+    settings: SettingsDep,
+    principal: PrincipalDep,
+    store: StoreDep,
+    response: Response,
+    name: Annotated[str, Form(max_length=128)] = "",
+) -> DatasetOut:
+    data = await read_capped(file, settings)
+    try:
+        x, y = datasets.parse_npz(data, max_pixels=settings.max_image_pixels)
+    except datasets.BadDataset as exc:
+        raise HTTPException(422, [{"loc": ["body", "file"], "msg": str(exc),
+                                   "type": "value_error"}]) from None
+    upload_id = new_id()
+    key = upload_key("datasets", upload_id, ".npz")
+    size, sha = store.put_bytes(key, data)
+    row = Upload(
+        id=upload_id, tenant=principal.tenant, kind="dataset",
+        name=display_name(name or file.filename), key=key, size=size, sha256=sha,
+        meta={"input_shape": list(x.shape[1:]), "num_classes": int(np.max(y)) + 1,
+              "samples": len(x)},
+        created_at=utcnow(),
+    )
+    session.add(row)
+    try:
+        session.commit()
+    except Exception:
+        store.delete(key)  # no file without its row
+        raise
+    response.headers["Location"] = f"/v1/datasets/{upload_id}"
+    return dataset_out(row)
+
+
+@router.get("", response_model=list[DatasetOut])
+def list_datasets(session: SessionDep, principal: PrincipalDep) -> list[DatasetOut]:
+    rows = session.scalars(
+        select(Upload).where(Upload.tenant == principal.tenant, Upload.kind == "dataset")
+        .order_by(Upload.created_at.desc()).limit(500)
+    )
+    return [*BUILTINS, *(dataset_out(u) for u in rows)]
+
+
+@router.get("/{dataset_id}", response_model=DatasetOut)
+def get_dataset(dataset_id: str, session: SessionDep, principal: PrincipalDep) -> DatasetOut:
+    for builtin in BUILTINS:
+        if builtin.id == dataset_id:
+            return builtin
+    row = session.scalars(
+        select(Upload).where(Upload.id == dataset_id, Upload.tenant == principal.tenant,
+                             Upload.kind == "dataset")
+    ).one_or_none()
+    if row is None:
+        raise HTTPException(404, f"dataset {dataset_id[:64]} not found")
+    return dataset_out(row)

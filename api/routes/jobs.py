@@ -1,0 +1,188 @@
+"""Jobs: submit, list, get, cancel, metrics, logs, checkpoints."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from datetime import datetime
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Body, HTTPException, Query, Response
+from sqlalchemy import and_, func, or_, select
+
+from api.deps import CeleryDep, PrincipalDep, SessionDep, SettingsDep, StoreDep
+from api.schemas import CheckpointOut, JobOut, JobPage, LogLine, MetricPoint, MetricsOut
+from api.submit import check_train
+from convoy.jobspec import JobRequest, TrainJobRequest, dump
+from convoy.queue import enqueue
+from db import jobs as jobs_db
+from db.tables import Artifact, Job, JobLog, Metric
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+JobId = Annotated[str, Query(max_length=64)]
+State = Literal["queued", "running", "succeeded", "failed", "canceled"]
+Kind = Literal["train", "feature_maps"]
+
+
+def job_out(job: Job) -> JobOut:
+    return JobOut.model_validate(job, from_attributes=True)
+
+
+def load_job(session, job_id: str, tenant: str) -> Job:  # type: ignore[no-untyped-def]
+    try:
+        return jobs_db.get_job(session, job_id=job_id, tenant=tenant)
+    except jobs_db.JobNotFound:
+        raise HTTPException(404, f"job {job_id[:64]} not found") from None
+
+
+@router.post("", status_code=201, response_model=JobOut)
+def submit_job(
+    body: Annotated[JobRequest, Body()],
+    session: SessionDep,
+    settings: SettingsDep,
+    principal: PrincipalDep,
+    celery: CeleryDep,
+    response: Response,
+) -> JobOut:
+    if isinstance(body, TrainJobRequest):
+        summary = check_train(session, body, settings, tenant=principal.tenant)
+    else:
+        from api.feature_maps import check_feature_maps
+
+        summary = check_feature_maps(session, body, settings, tenant=principal.tenant)
+    queued = session.scalar(
+        select(func.count()).select_from(Job)
+        .where(Job.tenant == principal.tenant, Job.state == "queued")
+    )
+    if queued >= settings.max_queued_per_tenant:
+        raise HTTPException(429, f"tenant has {queued} queued jobs, the limit "
+                                 f"max_queued_per_tenant is {settings.max_queued_per_tenant}",
+                            headers={"Retry-After": "30"})
+    job = jobs_db.create_job(
+        session, tenant=principal.tenant, kind=body.kind, name=body.name, request=dump(body),
+        summary=summary, max_attempts=body.max_attempts or settings.max_attempts,
+    )
+    # Commit before enqueue: the worker must find the row. If the broker is down the job
+    # stays queued and the reconciler sends it later; nothing submitted is lost.
+    session.commit()
+    try:
+        enqueue(celery, kind=job.kind, job_id=job.id)
+    except Exception:  # noqa: BLE001 - the reconciler retries
+        import logging
+
+        logging.getLogger(__name__).warning("enqueue of %s failed; reconciler will retry",
+                                            job.id, exc_info=True)
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return job_out(job)
+
+
+def _encode_cursor(created_at: datetime, job_id: str) -> str:
+    return base64.urlsafe_b64encode(f"{created_at.isoformat()}|{job_id}".encode()).decode()
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor.encode()).decode()
+        stamp, job_id = raw.split("|", 1)
+        return datetime.fromisoformat(stamp), job_id
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise HTTPException(422, "cursor: not a cursor this API returned") from None
+
+
+@router.get("", response_model=JobPage)
+def list_jobs(
+    session: SessionDep,
+    principal: PrincipalDep,
+    state: State | None = None,
+    kind: Kind | None = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    cursor: Annotated[str | None, Query(max_length=200)] = None,
+) -> JobPage:
+    query = select(Job).where(Job.tenant == principal.tenant)
+    if state:
+        query = query.where(Job.state == state)
+    if kind:
+        query = query.where(Job.kind == kind)
+    if cursor:
+        at, last_id = _decode_cursor(cursor)
+        query = query.where(or_(Job.created_at < at, and_(Job.created_at == at, Job.id < last_id)))
+    rows = list(session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc())
+                                .limit(limit + 1)))
+    next_cursor = _encode_cursor(rows[limit - 1].created_at, rows[limit - 1].id) \
+        if len(rows) > limit else None
+    return JobPage(items=[job_out(j) for j in rows[:limit]], next_cursor=next_cursor)
+
+
+@router.get("/{job_id}", response_model=JobOut)
+def get_job(job_id: str, session: SessionDep, principal: PrincipalDep) -> JobOut:
+    return job_out(load_job(session, job_id, principal.tenant))
+
+
+@router.post("/{job_id}/cancel", response_model=JobOut)
+def cancel_job(job_id: str, session: SessionDep, principal: PrincipalDep) -> JobOut:
+    load_job(session, job_id, principal.tenant)
+    try:
+        job = jobs_db.cancel_job(session, job_id=job_id, tenant=principal.tenant)
+    except jobs_db.WrongState as exc:
+        raise HTTPException(409, str(exc)) from None
+    return job_out(job)
+
+
+@router.get("/{job_id}/metrics", response_model=MetricsOut)
+def get_metrics(
+    job_id: str,
+    session: SessionDep,
+    principal: PrincipalDep,
+    name: Annotated[str | None, Query(max_length=64)] = None,
+) -> MetricsOut:
+    load_job(session, job_id, principal.tenant)
+    query = select(Metric).where(Metric.job_id == job_id)
+    if name:
+        query = query.where(Metric.name == name)
+    series: dict[str, list[MetricPoint]] = {}
+    for m in session.scalars(query.order_by(Metric.name, Metric.step)):
+        series.setdefault(m.name, []).append(MetricPoint(step=m.step, epoch=m.epoch, value=m.value))
+    return MetricsOut(series=series)
+
+
+@router.get("/{job_id}/logs", response_model=list[LogLine])
+def get_logs(job_id: str, session: SessionDep, principal: PrincipalDep) -> list[LogLine]:
+    load_job(session, job_id, principal.tenant)
+    rows = session.scalars(select(JobLog).where(JobLog.job_id == job_id).order_by(JobLog.id))
+    return [LogLine(at=r.at, level=r.level, message=r.message) for r in rows]
+
+
+def _checkpoints(session, job_id: str) -> list[Artifact]:  # type: ignore[no-untyped-def]
+    return list(session.scalars(
+        select(Artifact).where(Artifact.job_id == job_id, Artifact.kind == "checkpoint")
+        .order_by(Artifact.name)
+    ))
+
+
+@router.get("/{job_id}/checkpoints", response_model=list[CheckpointOut])
+def list_checkpoints(job_id: str, session: SessionDep, principal: PrincipalDep
+                     ) -> list[CheckpointOut]:
+    load_job(session, job_id, principal.tenant)
+    return [CheckpointOut(name=a.name, epoch=(a.meta or {}).get("epoch"), size=a.size,
+                          sha256=a.sha256, created_at=a.created_at)
+            for a in _checkpoints(session, job_id)]
+
+
+@router.get("/{job_id}/checkpoints/{name}", response_class=Response,
+            responses={200: {"content": {"application/octet-stream": {}}}})
+def download_checkpoint(job_id: str, name: str, session: SessionDep, principal: PrincipalDep,
+                        store: StoreDep) -> Response:
+    """`name` is looked up among the job's artifact rows (or `last`), never joined into a path."""
+    load_job(session, job_id, principal.tenant)
+    found = _checkpoints(session, job_id)
+    match = found[-1:] if name in ("last", "latest") else [a for a in found if a.name == name]
+    if not match:
+        raise HTTPException(404, f"checkpoint {name[:80]!r} not found for job {job_id}")
+    artifact = match[0]
+    return Response(
+        store.get_bytes(artifact.key),
+        media_type="application/octet-stream",
+        headers={"Content-Disposition": f'attachment; filename="{artifact.name}"',
+                 "X-Checkpoint-Name": artifact.name, "X-Sha256": artifact.sha256},
+    )

@@ -1,0 +1,93 @@
+"""Response schemas (requests live in convoy.jobspec, shared with the worker)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel
+
+
+class JobOut(BaseModel):
+    id: str
+    kind: str
+    name: str
+    state: str
+    progress: float
+    attempt: int
+    max_attempts: int
+    error: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    updated_at: datetime
+    summary: dict[str, Any] | None
+    result: dict[str, Any] | None
+    request: dict[str, Any]
+
+
+class JobPage(BaseModel):
+    items: list[JobOut]
+    next_cursor: str | None
+
+
+class MetricPoint(BaseModel):
+    step: int
+    epoch: int
+    value: float
+
+
+class MetricsOut(BaseModel):
+    series: dict[str, list[MetricPoint]]
+
+
+class CheckpointOut(BaseModel):
+    name: str
+    epoch: int | None
+    size: int
+    sha256: str
+    created_at: datetime
+
+
+class LogLine(BaseModel):
+    at: datetime
+    level: str
+    message: str
+
+
+class DatasetOut(BaseModel):
+    id: str
+    name: str
+    builtin: bool
+    input_shape: list[int]
+    num_classes: int
+    samples: int
+    size: int | None = None
+    sha256: str | None = None
+    created_at: datetime | None = None
+
+
+class UploadOut(BaseModel):
+    id: str
+    kind: str
+    name: str
+    size: int
+    sha256: str
+    meta: dict[str, Any]
+    created_at: datetime
+
+
+class TokenIn(BaseModel):
+    tenant: str
+    name: str = ""
+    admin: bool = False
+
+
+class TokenOut(BaseModel):
+    id: str
+    tenant: str
+    name: str
+    is_admin: bool
+    created_at: datetime
+    revoked_at: datetime | None
+    token: str | None = None

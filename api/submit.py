@@ -1,0 +1,89 @@
+"""Checks a job request beyond its schema (dataset fit, limits) before a row is written."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import HTTPException
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from convoy import datasets
+from convoy.jobspec import TrainJobRequest
+from convoy.settings import Settings
+from db.tables import Upload
+from models.spec import ModelSpec, SpecError, infer
+
+
+def unprocessable(field: str, message: str) -> HTTPException:
+    loc = ["body", *(int(p) if p.isdigit() else p for p in field.split(".") if p)]
+    return HTTPException(422, [{"loc": loc, "msg": message,
+                                "type": "value_error"}])
+
+
+def summarize_or_422(spec: ModelSpec, *, field: str = "model") -> dict[str, Any]:
+    try:
+        return infer(spec)
+    except SpecError as exc:
+        loc = f"{field}.layers.{exc.index}" if exc.index is not None else field
+        message = str(exc)
+        raise unprocessable(loc, message) from exc
+
+
+def check_model_limits(summary: dict[str, Any], settings: Settings, *, batch_size: int,
+                       field: str = "model") -> None:
+    c, h, w = summary["input_shape"]
+    if h * w > settings.max_image_pixels or max(h, w) > settings.max_input_side:
+        raise unprocessable(f"{field}.input_shape",
+                            f"input {h}x{w} exceeds the limit max_input_side="
+                            f"{settings.max_input_side} / max_image_pixels="
+                            f"{settings.max_image_pixels}")
+    if summary["total_params"] > settings.max_params:
+        raise unprocessable(field, f"{summary['total_params']} parameters exceed the limit "
+                                   f"max_params={settings.max_params}")
+    # forward activations, kept for backward, and their gradients
+    activation = summary["activation_bytes_per_sample"] * batch_size * 2
+    if activation > settings.max_activation_bytes:
+        raise unprocessable(field, f"estimated activation memory {activation} bytes per batch "
+                                   f"exceeds the limit max_activation_bytes="
+                                   f"{settings.max_activation_bytes}; use a smaller batch_size "
+                                   f"or model")
+
+
+def dataset_info(session: Session, ref: Any, *, tenant: str) -> datasets.DatasetInfo:
+    if isinstance(ref, datasets.UploadRef):
+        upload = session.scalars(
+            select(Upload).where(Upload.id == ref.id, Upload.tenant == tenant,
+                                 Upload.kind == "dataset")
+        ).one_or_none()
+        if upload is None:
+            raise unprocessable("dataset.id", f"no dataset with id {ref.id}")
+        meta = upload.meta
+        return datasets.DatasetInfo(tuple(meta["input_shape"]), meta["num_classes"],
+                                    meta["samples"])
+    return datasets.builtin_info(ref)
+
+
+def check_train(session: Session, req: TrainJobRequest, settings: Settings, *,
+                tenant: str) -> dict[str, Any]:
+    """The summary of a valid train request, or a 422 naming the field and the reason."""
+    summary = summarize_or_422(req.model)
+    cfg = req.train
+    if cfg.epochs > settings.max_epochs:
+        raise unprocessable("train.epochs", f"{cfg.epochs} exceeds the limit max_epochs="
+                                            f"{settings.max_epochs}")
+    if cfg.batch_size > settings.max_batch_size:
+        raise unprocessable("train.batch_size", f"{cfg.batch_size} exceeds the limit "
+                                                f"max_batch_size={settings.max_batch_size}")
+    check_model_limits(summary, settings, batch_size=cfg.batch_size)
+    info = dataset_info(session, req.dataset, tenant=tenant)
+    if list(info.input_shape) != summary["input_shape"]:
+        raise unprocessable("model.input_shape",
+                            f"{summary['input_shape']} does not match the dataset's images "
+                            f"{list(info.input_shape)}")
+    out = summary["output_shape"]
+    if len(out) != 1 or out[0] < info.num_classes:
+        raise unprocessable("model.layers", f"the model outputs {out} but the dataset has "
+                                            f"{info.num_classes} classes; end with a linear "
+                                            f"layer of {info.num_classes} outputs")
+    return summary

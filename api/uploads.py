@@ -1,0 +1,31 @@
+"""Reading an upload: bounded in size, streamed to the store under a server-built key."""
+
+from __future__ import annotations
+
+from fastapi import HTTPException, UploadFile
+
+from convoy.settings import Settings
+
+CHUNK = 1 << 20
+
+
+async def read_capped(file: UploadFile, settings: Settings, *, field: str = "file") -> bytes:
+    """The whole upload, or 413 once it passes max_upload_bytes."""
+    chunks: list[bytes] = []
+    total = 0
+    while chunk := await file.read(CHUNK):
+        total += len(chunk)
+        if total > settings.max_upload_bytes:
+            raise HTTPException(413, f"{field}: larger than max_upload_bytes="
+                                     f"{settings.max_upload_bytes}")
+        chunks.append(chunk)
+    if total == 0:
+        raise HTTPException(422, [{"loc": ["body", field], "msg": "the file is empty",
+                                   "type": "value_error"}])
+    return b"".join(chunks)
+
+
+def display_name(filename: str | None) -> str:
+    """A user's file name kept only for display: no paths, no control characters."""
+    base = (filename or "").replace("\\", "/").rsplit("/", 1)[-1]
+    return "".join(ch for ch in base if ch.isprintable())[:128]

@@ -1,0 +1,113 @@
+"""The `convoy` command: run the embedded service, the API or a worker, migrate, manage
+tokens."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from convoy.settings import Settings
+
+
+def _settings() -> Settings:
+    return Settings()
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from convoy.embedded import run
+
+    return run(_settings())
+
+
+def cmd_api(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    settings = _settings()
+    if args.migrate:
+        from db.migrate import upgrade
+
+        upgrade(settings.database_url)
+    uvicorn.run("api.app:app_factory", factory=True, host=args.host or settings.host,
+                port=args.port or settings.port, workers=args.workers, log_level="info")
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from convoy.embedded import worker_command
+
+    cmd = worker_command(_settings(), name=args.name)
+    os.execv(cmd[0], cmd)
+
+
+def cmd_db(args: argparse.Namespace) -> int:
+    from db.migrate import downgrade, upgrade
+
+    settings = _settings()
+    if args.action == "upgrade":
+        upgrade(settings.database_url)
+    else:
+        downgrade(settings.database_url, args.revision)
+    print(f"database {args.action} done")
+    return 0
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    from api.auth import create_token, revoke_token
+    from db.session import session_scope
+    from db.tables import Token
+
+    settings = _settings()
+    with session_scope(settings.database_url) as session:
+        if args.action == "create":
+            token, secret = create_token(session, tenant=args.tenant, name=args.name or "",
+                                         is_admin=args.admin)
+            print(f"id {token.id} tenant {token.tenant}\n{secret}")
+        elif args.action == "revoke":
+            if not revoke_token(session, token_id=args.id):
+                print(f"no token {args.id}", file=sys.stderr)
+                return 1
+            print(f"revoked {args.id}")
+        else:
+            for t in session.query(Token).order_by(Token.created_at):
+                state = "revoked" if t.revoked_at else "active"
+                print(f"{t.id}  {t.tenant:<16} {'admin' if t.is_admin else 'user ':<5} {state}"
+                      f"  {t.name}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="convoy", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("run", help="embedded mode: API + worker, no servers").set_defaults(
+        func=cmd_run)
+    api = sub.add_parser("api", help="serve the API")
+    api.add_argument("--host")
+    api.add_argument("--port", type=int)
+    api.add_argument("--workers", type=int, default=1)
+    api.add_argument("--migrate", action="store_true", help="run migrations first")
+    api.set_defaults(func=cmd_api)
+    worker = sub.add_parser("worker", help="run a Celery worker (solo pool, one job at a time)")
+    worker.add_argument("--name", default="worker")
+    worker.set_defaults(func=cmd_worker)
+    db = sub.add_parser("db", help="database migrations")
+    db.add_argument("action", choices=["upgrade", "downgrade"])
+    db.add_argument("revision", nargs="?", default="base")
+    db.set_defaults(func=cmd_db)
+    token = sub.add_parser("token", help="API tokens")
+    token.add_argument("action", choices=["create", "revoke", "list"])
+    token.add_argument("id", nargs="?")
+    token.add_argument("--tenant", default="default")
+    token.add_argument("--name")
+    token.add_argument("--admin", action="store_true")
+    token.set_defaults(func=cmd_token)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

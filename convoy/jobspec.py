@@ -1,0 +1,93 @@
+"""What a job asks for: the request bodies of POST /v1/jobs, validated by the API at
+submission and read again by the worker from the job row."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from convoy.datasets import DigitsRef, SyntheticRef, UploadRef
+from models.spec import ModelSpec
+
+Name = Annotated[str, Field(max_length=128, pattern=r"^[\w .:@+-]*$")]
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: Annotated[int, Field(ge=1)] = 10
+    batch_size: Annotated[int, Field(ge=1)] = 64
+    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: Annotated[float, Field(gt=0, le=10)] = 0.05
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    weight_decay: Annotated[float, Field(ge=0, le=1)] = 0.0
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    seed: Annotated[int, Field(ge=0, le=2**31 - 1)] = 0
+    # bf16 autocast on CUDA (ignored on CPU)
+    amp: bool = True
+    compile: bool = False
+
+
+Device = Literal["auto", "cpu", "cuda"]
+
+
+class TrainJobRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["train"]
+    name: Name = ""
+    model: ModelSpec
+    dataset: Annotated[DigitsRef | SyntheticRef | UploadRef, Field(union_mode="left_to_right")]
+    train: TrainConfig = TrainConfig()
+    device: Device = "auto"
+    max_attempts: Annotated[int, Field(ge=1, le=20)] | None = None
+
+
+class CheckpointSource(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    job_id: Annotated[str, Field(max_length=64, pattern=r"^[0-9a-f]+$")] | None = None
+    checkpoint: Annotated[str, Field(max_length=64, pattern=r"^[\w.-]+$")] | None = None
+    checkpoint_id: Annotated[str, Field(max_length=64, pattern=r"^[0-9a-f]+$")] | None = None
+    model: ModelSpec | None = None
+    seed: Annotated[int, Field(ge=0, le=2**31 - 1)] = 0
+
+
+class InputsRef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    dataset: Annotated[DigitsRef | SyntheticRef | UploadRef, Field(union_mode="left_to_right")] \
+        | Literal["digits", "synthetic"] | None = None
+    indices: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1, max_length=4096)] \
+        | None = None
+    split: Literal["train", "val", "all"] = "all"
+    input_id: Annotated[str, Field(max_length=64, pattern=r"^[0-9a-f]+$")] | None = None
+
+
+class PoolRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["max", "avg"] = "max"
+    kernel_size: Annotated[int, Field(ge=1, le=256)] | None = None
+    global_: bool = Field(False, alias="global")
+
+
+class FeatureMapsJobRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    kind: Literal["feature_maps"]
+    name: Name = ""
+    source: CheckpointSource
+    inputs: InputsRef
+    layers: Annotated[list[Annotated[str, Field(max_length=64)]], Field(max_length=512)] \
+        | None = None
+    dtype: Literal["float32", "float16"] = "float32"
+    pool: PoolRequest | None = None
+    png: bool = True
+    device: Device = "auto"
+    max_attempts: Annotated[int, Field(ge=1, le=20)] | None = None
+
+
+JobRequest = Annotated[TrainJobRequest | FeatureMapsJobRequest, Field(discriminator="kind")]
+
+
+def dump(request: BaseModel) -> dict[str, Any]:
+    return request.model_dump(mode="json", by_alias=True, exclude_none=False)

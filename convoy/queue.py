@@ -1,0 +1,50 @@
+"""The Celery configuration both sides share. The API only sends task names with a job id;
+the worker (worker/app.py) adds the tasks. JSON only, never pickle."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from convoy.settings import Settings
+
+TRAIN_TASK = "convoy.train"
+FEATURE_MAPS_TASK = "convoy.feature_maps"
+TASK_FOR_KIND = {"train": TRAIN_TASK, "feature_maps": FEATURE_MAPS_TASK}
+
+
+def make_celery(settings: Settings, *, include: list[str] | None = None) -> Celery:
+    app = Celery("convoy", broker=settings.broker_url, include=include or [])
+    transport_options: dict[str, object] = {
+        # Longer than any job: Redis would hand an unacked long job to a second worker
+        # after the default hour (the lease still makes that a no-op).
+        "visibility_timeout": settings.visibility_timeout_seconds,
+    }
+    if settings.broker_url.startswith("sqla+"):
+        from kombu.transport import sqlalchemy as kombu_sqla
+
+        # This transport hands every transport option to create_engine, so the polling
+        # interval (1 s by default: slow dispatch) can only be set on the class.
+        kombu_sqla.Transport.polling_interval = settings.broker_polling_interval
+        transport_options = {"connect_args": {"timeout": 30}}
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        result_serializer="json",
+        task_ignore_result=True,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_default_queue=settings.queue,
+        task_routes={"convoy.*": {"queue": settings.queue}},
+        broker_transport_options=transport_options,
+        broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,
+        worker_hijack_root_logger=False,
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+        task_default_delivery_mode="persistent",
+    )
+    return app
+
+
+def enqueue(app: Celery, *, kind: str, job_id: str) -> None:
+    app.send_task(TASK_FOR_KIND[kind], args=[job_id])

@@ -1,0 +1,82 @@
+"""One settings object for API, worker and CLI alike (env prefix CONVOY_).
+
+Defaults describe the embedded mode: everything lives under CONVOY_HOME.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CONVOY_", extra="ignore")
+
+    env: Literal["development", "production"] = "development"
+    home: Path = Path("var")
+    host: str = "127.0.0.1"
+    port: int = 8000
+    database_url: str = ""  # default: SQLite file in home
+    broker_url: str = ""  # default: kombu's SQLAlchemy transport over SQLite in home
+    artifact_root: Path | None = None  # default: home/artifacts
+    queue: str = "convoy"
+    bootstrap_token: str | None = None
+    # A fresh token for the first admin is printed here when no bootstrap token is set.
+    token_file: Path | None = None
+
+    # Measured on 2 cores (bench/RESULTS.md): one thread per worker process avoids
+    # oversubscription that made a small CNN 50x slower when the other core was busy.
+    torch_threads: int = 1
+    worker_id: str = ""
+    lease_seconds: float = 30.0
+    heartbeat_seconds: float = 5.0
+    # Queued jobs older than this whose message may have been lost are sent again.
+    requeue_after_seconds: float = 30.0
+    reconcile_interval_seconds: float = 5.0
+    # Longer than any job: Redis redelivers unacked messages after this.
+    visibility_timeout_seconds: int = 7 * 24 * 3600
+    broker_polling_interval: float = 0.1
+
+    max_attempts: int = 3
+    max_params: int = 50_000_000
+    max_activation_bytes: int = 4 * 1024**3
+    max_epochs: int = 1000
+    max_batch_size: int = 4096
+    max_image_pixels: int = 4096 * 4096
+    max_input_side: int = 1024
+    max_request_bytes: int = 1024 * 1024
+    max_upload_bytes: int = 256 * 1024 * 1024
+    max_json_map_values: int = 100_000
+    max_running_per_tenant: int = 8
+    max_queued_per_tenant: int = 1000
+    max_feature_map_bytes: int = 2 * 1024**3
+
+    @model_validator(mode="after")
+    def _defaults_from_home(self) -> Settings:
+        home = self.home.resolve()
+        self.home = home
+        if not self.database_url:
+            self.database_url = f"sqlite:///{home / 'convoy.db'}"
+        if not self.broker_url:
+            self.broker_url = f"sqla+sqlite:///{home / 'broker.db'}"
+        if self.artifact_root is None:
+            self.artifact_root = home / "artifacts"
+        if self.token_file is None:
+            self.token_file = home / "admin-token"
+        if self.env == "production" and not self.bootstrap_token:
+            # Refuse the unsafe default: a production API must not mint and print secrets.
+            raise ValueError("CONVOY_BOOTSTRAP_TOKEN must be set when CONVOY_ENV=production")
+        return self
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,1 @@
+"""Database tables, the engine/session factory, job state transitions and migrations."""

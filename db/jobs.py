@@ -1,0 +1,310 @@
+"""Job state transitions: every one is a conditional UPDATE, so a duplicate message or a
+late worker can never move a job backwards or run it twice at once. Nothing else writes state.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Mapping
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from db.base import utcnow
+from db.tables import TERMINAL_STATES, Artifact, Job, JobAttempt, JobLog, Metric
+
+
+class JobNotFound(LookupError):
+    pass
+
+
+class WrongState(RuntimeError):
+    def __init__(self, state: str, message: str) -> None:
+        super().__init__(message)
+        self.state = state
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def create_job(
+    session: Session,
+    *,
+    tenant: str,
+    kind: str,
+    name: str,
+    request: dict[str, Any],
+    summary: dict[str, Any] | None,
+    max_attempts: int,
+) -> Job:
+    now = utcnow()
+    job = Job(
+        id=new_id(),
+        tenant=tenant,
+        kind=kind,
+        name=name,
+        state="queued",
+        request=request,
+        summary=summary,
+        attempt=1,
+        max_attempts=max_attempts,
+        created_at=now,
+        updated_at=now,
+        enqueued_at=now,
+    )
+    session.add(job)
+    return job
+
+
+def get_job(session: Session, *, job_id: str, tenant: str | None = None) -> Job:
+    """The job, or JobNotFound; with a tenant, another tenant's job is not found either."""
+    query = select(Job).where(Job.id == job_id)
+    if tenant is not None:
+        query = query.where(Job.tenant == tenant)
+    job = session.scalars(query).one_or_none()
+    if job is None:
+        raise JobNotFound(job_id)
+    return job
+
+
+def claim_job(session: Session, *, job_id: str, worker_id: str) -> Job | None:
+    """queued -> running under this worker's lease; None when someone else has it or it ended."""
+    now = utcnow()
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.state == "queued")
+        .values(
+            state="running",
+            worker_id=worker_id,
+            heartbeat_at=now,
+            updated_at=now,
+            progress=Job.progress,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        session.rollback()
+        return None
+    job = session.get(Job, job_id, populate_existing=True)
+    assert job is not None
+    if job.started_at is None:
+        job.started_at = now
+    session.add(JobAttempt(job_id=job_id, attempt=job.attempt, worker_id=worker_id, started_at=now))
+    session.commit()
+    return job
+
+
+def _owned(job_id: str, worker_id: str) -> Any:
+    return (Job.id == job_id) & (Job.state == "running") & (Job.worker_id == worker_id)
+
+
+def heartbeat(
+    session: Session, *, job_id: str, worker_id: str, progress: float | None = None
+) -> bool:
+    """Renew the lease; False means it was lost (canceled, or requeued after it expired)."""
+    values: dict[str, Any] = {"heartbeat_at": utcnow()}
+    if progress is not None:
+        values["progress"] = progress
+    result = session.execute(
+        update(Job).where(_owned(job_id, worker_id)).values(**values)
+        .execution_options(synchronize_session=False)
+    )
+    session.commit()
+    return result.rowcount == 1  # type: ignore[attr-defined]
+
+
+def record_epoch(
+    session: Session,
+    *,
+    job_id: str,
+    worker_id: str,
+    epoch: int,
+    step: int,
+    metrics: Mapping[str, float],
+    progress: float,
+    artifacts: Iterable[Artifact] = (),
+) -> bool:
+    """One transaction per epoch: its metrics, its checkpoint rows and the progress together,
+    so a resumed attempt finds exactly the epochs it can continue from."""
+    now = utcnow()
+    result = session.execute(
+        update(Job)
+        .where(_owned(job_id, worker_id))
+        .values(progress=progress, heartbeat_at=now, updated_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        session.rollback()
+        return False
+    for name, value in metrics.items():
+        session.add(Metric(job_id=job_id, name=name, step=step, epoch=epoch, value=float(value)))
+    for artifact in artifacts:
+        _upsert_artifact(session, artifact)
+    session.commit()
+    return True
+
+
+def _upsert_artifact(session: Session, artifact: Artifact) -> None:
+    existing = session.scalars(
+        select(Artifact).where(
+            Artifact.job_id == artifact.job_id,
+            Artifact.kind == artifact.kind,
+            Artifact.name == artifact.name,
+        )
+    ).one_or_none()
+    if existing is None:
+        session.add(artifact)
+    else:
+        existing.key, existing.size, existing.sha256 = artifact.key, artifact.size, artifact.sha256
+        existing.meta = artifact.meta
+
+
+def add_artifacts(
+    session: Session, *, job_id: str, worker_id: str, artifacts: Iterable[Artifact]
+) -> bool:
+    if session.execute(select(Job.id).where(_owned(job_id, worker_id))).first() is None:
+        return False
+    for artifact in artifacts:
+        _upsert_artifact(session, artifact)
+    session.commit()
+    return True
+
+
+def finish_job(
+    session: Session,
+    *,
+    job_id: str,
+    worker_id: str,
+    state: str,
+    result: dict[str, Any] | None = None,
+    error: str | None = None,
+) -> bool:
+    """running -> succeeded | failed, only by the worker that holds the lease."""
+    assert state in ("succeeded", "failed")
+    now = utcnow()
+    values: dict[str, Any] = {"state": state, "finished_at": now, "updated_at": now, "error": error}
+    if result is not None:
+        values["result"] = result
+    if state == "succeeded":
+        values["progress"] = 1.0
+    done = session.execute(
+        update(Job).where(_owned(job_id, worker_id)).values(**values)
+        .execution_options(synchronize_session=False)
+    ).rowcount == 1  # type: ignore[attr-defined]
+    _end_attempt(session, job_id=job_id, worker_id=worker_id, outcome=state if done else "lost")
+    session.commit()
+    return done
+
+
+def _end_attempt(session: Session, *, job_id: str, worker_id: str, outcome: str) -> None:
+    session.execute(
+        update(JobAttempt)
+        .where(
+            JobAttempt.job_id == job_id,
+            JobAttempt.worker_id == worker_id,
+            JobAttempt.ended_at.is_(None),
+        )
+        .values(ended_at=utcnow(), outcome=outcome)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def end_attempt(session: Session, *, job_id: str, worker_id: str, outcome: str) -> None:
+    _end_attempt(session, job_id=job_id, worker_id=worker_id, outcome=outcome)
+    session.commit()
+
+
+def cancel_job(session: Session, *, job_id: str, tenant: str | None) -> Job:
+    """queued | running -> canceled; a running worker sees it between steps and stops."""
+    job = get_job(session, job_id=job_id, tenant=tenant)
+    now = utcnow()
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.state.in_(("queued", "running")))
+        .values(state="canceled", cancel_requested=True, finished_at=now, updated_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    session.commit()
+    session.refresh(job)
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        raise WrongState(job.state, f"job {job_id} is already {job.state}")
+    return job
+
+
+def job_state(session: Session, *, job_id: str) -> str | None:
+    return session.scalar(select(Job.state).where(Job.id == job_id))
+
+
+def requeue_expired(
+    session: Session, *, lease_seconds: float, now: datetime | None = None
+) -> list[str]:
+    """Running jobs whose lease expired go back to queued with attempt + 1, or fail past
+    max_attempts. Returns the ids that were requeued (to be enqueued again)."""
+    now = now or utcnow()
+    cutoff = now - timedelta(seconds=lease_seconds)
+    expired = session.execute(
+        select(Job.id, Job.attempt, Job.max_attempts, Job.worker_id).where(
+            Job.state == "running", Job.heartbeat_at < cutoff
+        )
+    ).all()
+    requeued: list[str] = []
+    for job_id, attempt, max_attempts, worker_id in expired:
+        stale = (Job.id == job_id) & (Job.state == "running") & (Job.heartbeat_at < cutoff)
+        if attempt >= max_attempts:
+            values: dict[str, Any] = {
+                "state": "failed",
+                "finished_at": now,
+                "updated_at": now,
+                "error": f"worker {worker_id} was lost and the job reached max_attempts "
+                f"({max_attempts})",
+            }
+        else:
+            values = {
+                "state": "queued",
+                "attempt": attempt + 1,
+                "worker_id": None,
+                "enqueued_at": now,
+                "updated_at": now,
+            }
+        done = session.execute(
+            update(Job).where(stale).values(**values).execution_options(synchronize_session=False)
+        ).rowcount == 1  # type: ignore[attr-defined]
+        if done:
+            _end_attempt(session, job_id=job_id, worker_id=worker_id or "", outcome="lease_expired")
+            log(session, job_id=job_id, level="warning",
+                message=f"lease of worker {worker_id} expired on attempt {attempt}")
+            if values["state"] == "queued":
+                requeued.append(job_id)
+    session.commit()
+    return requeued
+
+
+def stale_queued(
+    session: Session, *, older_than_seconds: float, now: datetime | None = None
+) -> list[str]:
+    """Queued jobs not sent for a while (their message may be lost); marks them sent again."""
+    now = now or utcnow()
+    cutoff = now - timedelta(seconds=older_than_seconds)
+    ids = list(
+        session.scalars(
+            select(Job.id).where(Job.state == "queued", Job.enqueued_at < cutoff).limit(1000)
+        )
+    )
+    if ids:
+        session.execute(
+            update(Job).where(Job.id.in_(ids), Job.state == "queued").values(enqueued_at=now)
+            .execution_options(synchronize_session=False)
+        )
+    session.commit()
+    return ids
+
+
+def log(session: Session, *, job_id: str, message: str, level: str = "info") -> None:
+    session.add(JobLog(job_id=job_id, level=level, message=message))
+
+
+def is_terminal(state: str) -> bool:
+    return state in TERMINAL_STATES

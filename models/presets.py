@@ -1,0 +1,49 @@
+"""Named specs: `{"preset": "lenet5"}` and `{"preset": "vgg-small"}`, sized to any input."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _conv(out: int, k: int = 3, p: int = 1) -> dict[str, Any]:
+    return {"type": "conv2d", "out_channels": out, "kernel_size": k, "padding": p}
+
+
+def lenet5(num_classes: int) -> list[dict[str, Any]]:
+    # LeNet-5's shape (6 then 16 filters of 5x5, subsampling, 120-84-classes), padded so
+    # that it also fits the 8x8 digits.
+    return [
+        _conv(6, 5, 2), {"type": "tanh"}, {"type": "avgpool2d", "kernel_size": 2},
+        _conv(16, 5, 2), {"type": "tanh"}, {"type": "avgpool2d", "kernel_size": 2},
+        {"type": "flatten"},
+        {"type": "linear", "out_features": 120}, {"type": "tanh"},
+        {"type": "linear", "out_features": 84}, {"type": "tanh"},
+        {"type": "linear", "out_features": num_classes},
+    ]
+
+
+def vgg_small(num_classes: int) -> list[dict[str, Any]]:
+    layers: list[dict[str, Any]] = []
+    for width in (32, 64, 128):
+        for _ in range(2):
+            layers += [_conv(width), {"type": "batchnorm2d"}, {"type": "relu"}]
+        layers.append({"type": "maxpool2d", "kernel_size": 2})
+    layers += [{"type": "adaptive_avgpool2d", "output_size": 1}, {"type": "flatten"},
+               {"type": "linear", "out_features": num_classes}]
+    return layers
+
+
+PRESETS = {
+    "lenet5": (lenet5, [1, 32, 32]),
+    "vgg-small": (vgg_small, [3, 32, 32]),
+}
+
+
+def expand_preset(data: dict[str, Any]) -> dict[str, Any]:
+    name = data["preset"]
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    build, default_shape = PRESETS[name]
+    num_classes = data.get("num_classes") or 10
+    return {**data, "input_shape": data.get("input_shape") or default_shape,
+            "num_classes": num_classes, "layers": build(num_classes)}

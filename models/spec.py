@@ -1,0 +1,289 @@
+"""The model spec schema and plain-Python inference of every layer's output shape,
+parameters, receptive field and FLOPs. No torch here: the API validates specs with it.
+
+Shapes follow torch's own formulas exactly (tests/models/test_spec_matches_torch.py).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Side = Annotated[int, Field(ge=1, le=4096)]
+Pad = Annotated[int, Field(ge=0, le=1024)]
+Size = Side | Annotated[list[Side], Field(min_length=2, max_length=2)]
+PadSize = Pad | Annotated[list[Pad], Field(min_length=2, max_length=2)]
+Shape = tuple[int, ...]
+
+
+def pair(value: int | list[int]) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else (value[0], value[1])
+
+
+class _Layer(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Conv2d(_Layer):
+    type: Literal["conv2d"]
+    out_channels: Annotated[int, Field(ge=1, le=65536)]
+    kernel_size: Size
+    stride: Size = 1
+    padding: PadSize = 0
+    dilation: Size = 1
+    groups: Annotated[int, Field(ge=1, le=65536)] = 1
+    bias: bool = True
+
+
+class MaxPool2d(_Layer):
+    type: Literal["maxpool2d"]
+    kernel_size: Size
+    stride: Size | None = None
+    padding: PadSize = 0
+    dilation: Size = 1
+    ceil_mode: bool = False
+
+
+class AvgPool2d(_Layer):
+    type: Literal["avgpool2d"]
+    kernel_size: Size
+    stride: Size | None = None
+    padding: PadSize = 0
+    ceil_mode: bool = False
+    count_include_pad: bool = True
+
+
+class AdaptiveAvgPool2d(_Layer):
+    type: Literal["adaptive_avgpool2d"]
+    output_size: Size = 1
+
+
+class ReLU(_Layer):
+    type: Literal["relu"]
+
+
+class LeakyReLU(_Layer):
+    type: Literal["leaky_relu"]
+    negative_slope: Annotated[float, Field(ge=0, le=1)] = 0.01
+
+
+class GELU(_Layer):
+    type: Literal["gelu"]
+
+
+class Tanh(_Layer):
+    type: Literal["tanh"]
+
+
+class Sigmoid(_Layer):
+    type: Literal["sigmoid"]
+
+
+class BatchNorm2d(_Layer):
+    type: Literal["batchnorm2d"]
+    eps: Annotated[float, Field(gt=0, le=1)] = 1e-5
+    momentum: Annotated[float, Field(ge=0, le=1)] = 0.1
+
+
+class Dropout(_Layer):
+    type: Literal["dropout"]
+    p: Annotated[float, Field(ge=0, lt=1)] = 0.5
+
+
+class Flatten(_Layer):
+    type: Literal["flatten"]
+
+
+class Linear(_Layer):
+    type: Literal["linear"]
+    out_features: Annotated[int, Field(ge=1, le=1_000_000)]
+    bias: bool = True
+
+
+Layer = Annotated[
+    Conv2d | MaxPool2d | AvgPool2d | AdaptiveAvgPool2d | ReLU | LeakyReLU | GELU | Tanh
+    | Sigmoid | BatchNorm2d | Dropout | Flatten | Linear,
+    Field(discriminator="type"),
+]
+LAYER_TYPES = (
+    "conv2d", "maxpool2d", "avgpool2d", "adaptive_avgpool2d", "relu", "leaky_relu", "gelu",
+    "tanh", "sigmoid", "batchnorm2d", "dropout", "flatten", "linear",
+)
+ACTIVATIONS = ("relu", "leaky_relu", "gelu", "tanh", "sigmoid")
+POOLS = ("maxpool2d", "avgpool2d", "adaptive_avgpool2d")
+
+
+class ModelSpec(BaseModel):
+    """A CNN: input [C, H, W], a list of layers, and optionally the number of classes
+    that the last layer must output. `{"preset": "lenet5"}` expands to a full spec."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    preset: str | None = None
+    input_shape: Annotated[list[Side], Field(min_length=3, max_length=3)]
+    num_classes: Annotated[int, Field(ge=1, le=100_000)] | None = None
+    layers: Annotated[list[Layer], Field(min_length=1, max_length=512)]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _expand_preset(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("preset") is not None and "layers" not in data:
+            from models.presets import expand_preset
+
+            return expand_preset(data)
+        return data
+
+
+class SpecError(ValueError):
+    """An invalid spec, naming the layer index and the reason."""
+
+    def __init__(self, index: int | None, layer_type: str | None, reason: str) -> None:
+        where = f"layer {index} ({layer_type})" if index is not None else "model"
+        super().__init__(f"{where}: {reason}")
+        self.index = index
+        self.reason = reason
+
+
+def _window_out(size: int, kernel: int, stride: int, pad: int, dilation: int, ceil: bool) -> int:
+    """torch's pooling_output_shape (and the conv formula when ceil is False)."""
+    span = dilation * (kernel - 1) + 1
+    out = (size + 2 * pad - span + ((stride - 1) if ceil else 0)) // stride + 1
+    if ceil and (out - 1) * stride >= size + pad:
+        out -= 1
+    return out
+
+
+def _adaptive_windows(size: int, out: int) -> tuple[int, int]:
+    """Largest window and smallest start-to-start step of adaptive pooling over one axis."""
+    starts = [(i * size) // out for i in range(out)]
+    ends = [-((-(i + 1) * size) // out) for i in range(out)]
+    window = max(e - s for s, e in zip(starts, ends, strict=True))
+    step = min((b - a for a, b in zip(starts, starts[1:], strict=False)), default=size) or 1
+    return window, step
+
+
+def infer(spec: ModelSpec) -> dict[str, Any]:
+    """Each layer's output shape, parameters, receptive field, jump and FLOPs, and totals.
+    Raises SpecError for a layer that cannot take its input."""
+    shape: Shape = tuple(spec.input_shape)
+    in_numel = math.prod(shape)
+    rf, jump = (1, 1), (1, 1)
+    rows: list[dict[str, Any]] = []
+    total_params = total_flops = act_numel = 0
+    for index, layer in enumerate(spec.layers):
+
+        def fail(reason: str, _i: int = index, _t: str = layer.type) -> SpecError:
+            return SpecError(_i, _t, reason)
+
+        params = flops = 0
+        spatial = len(shape) == 3
+        needs_map = layer.type in (*POOLS, "conv2d", "batchnorm2d")
+        if needs_map and not spatial:
+            raise fail(f"needs a [C, H, W] input but gets the flat vector {list(shape)}; "
+                       "put it before flatten")
+        if layer.type in ("conv2d", "maxpool2d", "avgpool2d"):
+            c, h, w = shape
+            k = pair(layer.kernel_size)
+            stride_raw = layer.stride if layer.stride is not None else layer.kernel_size
+            s = pair(stride_raw)
+            p = pair(layer.padding)
+            d = pair(getattr(layer, "dilation", 1))
+            ceil = bool(getattr(layer, "ceil_mode", False))
+            for axis, size in enumerate((h, w)):
+                span = d[axis] * (k[axis] - 1) + 1
+                if span > size + 2 * p[axis]:
+                    raise fail(f"window {span} is larger than its padded input "
+                               f"{size + 2 * p[axis]} (input {h}x{w}, padding {p[axis]})")
+                if layer.type != "conv2d" and p[axis] > k[axis] // 2:
+                    raise fail(f"padding {p[axis]} must be at most half the kernel size {k[axis]}")
+            oh = _window_out(h, k[0], s[0], p[0], d[0], ceil)
+            ow = _window_out(w, k[1], s[1], p[1], d[1], ceil)
+            if oh < 1 or ow < 1:
+                raise fail(f"output shrinks to {oh}x{ow}")
+            if layer.type == "conv2d":
+                if c % layer.groups or layer.out_channels % layer.groups:
+                    raise fail(f"groups {layer.groups} must divide in_channels {c} and "
+                               f"out_channels {layer.out_channels}")
+                per_out = (c // layer.groups) * k[0] * k[1]
+                params = layer.out_channels * per_out + (layer.out_channels if layer.bias else 0)
+                out: Shape = (layer.out_channels, oh, ow)
+                flops = 2 * per_out * math.prod(out)
+            else:
+                out = (c, oh, ow)
+                flops = k[0] * k[1] * math.prod(out)
+            span = (d[0] * (k[0] - 1) + 1, d[1] * (k[1] - 1) + 1)
+            rf = (rf[0] + (span[0] - 1) * jump[0], rf[1] + (span[1] - 1) * jump[1])
+            jump = (jump[0] * s[0], jump[1] * s[1])
+        elif layer.type == "adaptive_avgpool2d":
+            c, h, w = shape
+            oh, ow = pair(layer.output_size)
+            (kh, sh), (kw, sw) = _adaptive_windows(h, oh), _adaptive_windows(w, ow)
+            out = (c, oh, ow)
+            flops = h * w * c
+            rf = (rf[0] + (kh - 1) * jump[0], rf[1] + (kw - 1) * jump[1])
+            jump = (jump[0] * sh, jump[1] * sw)
+        elif layer.type == "batchnorm2d":
+            out = shape
+            params = 2 * shape[0]
+            flops = 2 * math.prod(shape)
+        elif layer.type == "flatten":
+            out = (math.prod(shape),)
+        elif layer.type == "linear":
+            if spatial:
+                raise fail(f"needs a flat input but gets {list(shape)}; put a flatten (or an "
+                           "adaptive_avgpool2d and a flatten) before it")
+            (features,) = shape
+            params = features * layer.out_features + (layer.out_features if layer.bias else 0)
+            out = (layer.out_features,)
+            flops = 2 * features * layer.out_features
+        else:  # activations and dropout keep the shape
+            out = shape
+            flops = math.prod(shape) if layer.type in ACTIVATIONS else 0
+        if layer.type == "flatten" and len(shape) == 3:
+            # every flat feature (and every unit after it) sees the whole input
+            rf = (spec.input_shape[1], spec.input_shape[2])
+        out_numel = math.prod(out)
+        fc_equivalent = math.prod(shape) * out_numel + out_numel
+        rows.append({
+            "index": index,
+            "type": layer.type,
+            "input_shape": list(shape),
+            "output_shape": list(out),
+            "params": params,
+            "receptive_field": list(rf),
+            "jump": list(jump),
+            "flops": flops,
+            "fc_equivalent_params": fc_equivalent if layer.type in ("conv2d", "linear") else None,
+        })
+        total_params += params
+        total_flops += flops
+        act_numel += out_numel
+        shape = out
+    if spec.num_classes is not None and shape != (spec.num_classes,):
+        raise SpecError(len(spec.layers) - 1, spec.layers[-1].type,
+                        f"the model outputs {list(shape)} but num_classes is {spec.num_classes}; "
+                        f"end with flatten and a linear layer of {spec.num_classes} outputs")
+    first = next((r for r in rows if r["type"] in ("conv2d", "linear")), None)
+    units = math.prod(first["output_shape"]) if first else 0
+    return {
+        "input_shape": list(spec.input_shape),
+        "num_classes": spec.num_classes,
+        "layers": rows,
+        "output_shape": list(shape),
+        "total_params": total_params,
+        "total_flops": total_flops,
+        # the classic comparison: one fully connected layer as wide as the first layer
+        "fully_connected_equivalent": {
+            "input_features": in_numel,
+            "units": units,
+            "params": in_numel * units + units,
+        },
+        "activation_bytes_per_sample": 4 * (act_numel + in_numel),
+    }
+
+
+def summarize(raw: dict[str, Any]) -> tuple[ModelSpec, dict[str, Any]]:
+    spec = ModelSpec.model_validate(raw)
+    return spec, infer(spec)

@@ -1,0 +1,1 @@
+"""Celery app and tasks, the training loop, feature-map extraction and checkpoints."""

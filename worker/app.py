@@ -1,0 +1,29 @@
+"""The worker's Celery app: `celery -A worker.app worker --pool solo`. One task at a time;
+with CUDA, one solo worker process per GPU (forked children break CUDA)."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from celery.signals import worker_process_init
+
+from convoy.queue import make_celery
+from convoy.settings import get_settings
+
+settings = get_settings()
+app = make_celery(settings, include=["worker.tasks"])
+
+
+def worker_id() -> str:
+    return settings.worker_id or f"{socket.gethostname()}:{os.getpid()}"
+
+
+def set_threads() -> None:
+    import torch
+
+    torch.set_num_threads(settings.torch_threads)
+
+
+set_threads()
+worker_process_init.connect(lambda **_: set_threads(), weak=False)

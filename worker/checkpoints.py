@@ -1,0 +1,61 @@
+"""Checkpoints as safetensors, never pickles: the model file holds exactly the module's
+state_dict (`layers.{i}.weight`...), the optimizer file its tensors; JSON metadata rides
+in the safetensors header."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+from safetensors.torch import load, save
+from torch import nn
+
+META_KEY = "convoy"
+
+
+def model_bytes(model: nn.Module, meta: dict[str, Any]) -> bytes:
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    return save(state, metadata={META_KEY: json.dumps(meta)})
+
+
+def optimizer_bytes(optimizer: torch.optim.Optimizer) -> bytes:
+    sd = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, state in sd["state"].items():
+        for name, value in state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{idx}.{name}"] = value.detach().to("cpu").contiguous()
+            else:
+                scalars.setdefault(str(idx), {})[name] = value
+    meta = {"param_groups": sd["param_groups"], "scalars": scalars}
+    return save(tensors, metadata={META_KEY: json.dumps(meta)})
+
+
+def read_meta(data: bytes) -> dict[str, Any]:
+    """The JSON metadata of a safetensors blob (header only)."""
+    if len(data) < 8:
+        raise ValueError("file too short to be safetensors")
+    header_len = int.from_bytes(data[:8], "little")
+    if header_len > len(data) - 8 or header_len > 100 * 1024 * 1024:
+        raise ValueError("not a safetensors file (bad header length)")
+    header = json.loads(data[8:8 + header_len])
+    raw = (header.get("__metadata__") or {}).get(META_KEY)
+    return json.loads(raw) if raw else {}
+
+
+def load_model_state(data: bytes) -> dict[str, torch.Tensor]:
+    return load(data)
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, data: bytes, device: torch.device) -> None:
+    tensors = load(data)
+    meta = read_meta(data)
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        _, idx, name = key.split(".", 2)
+        state.setdefault(int(idx), {})[name] = value.to(device)
+    for idx, values in meta.get("scalars", {}).items():
+        state.setdefault(int(idx), {}).update(values)
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})

@@ -1,0 +1,50 @@
+"""A running job's lease, renewed by a background thread; it also notices cancel.
+
+The thread writes the loop's progress with each renewal, so the hot loop never touches
+the database."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from db import jobs
+from db.session import session_scope
+from worker.train import Progress
+
+log = logging.getLogger(__name__)
+
+
+class Lease:
+    def __init__(self, *, db_url: str, job_id: str, worker_id: str, every_s: float,
+                 progress: Progress) -> None:
+        self.db_url, self.job_id, self.worker_id = db_url, job_id, worker_id
+        self.every_s = every_s
+        self.progress = progress
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"lease-{job_id}", daemon=True)
+
+    def __enter__(self) -> Lease:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            try:
+                with session_scope(self.db_url) as session:
+                    held = jobs.heartbeat(session, job_id=self.job_id, worker_id=self.worker_id,
+                                          progress=round(self.progress.value, 4))
+            except Exception:  # the database is down: keep training, try again next tick
+                log.warning("heartbeat for job %s failed", self.job_id, exc_info=True)
+                continue
+            if not held:
+                self.lost.set()
+                return
+
+    def should_stop(self) -> bool:
+        return self.lost.is_set()

@@ -1,0 +1,213 @@
+"""Run one job attempt: claim it, do the work, record the outcome. Called by the Celery
+task with a job id; also callable directly (tests, benchmarks)."""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import torch
+from sqlalchemy import select
+
+from convoy import datasets
+from convoy.artifacts import checkpoint_name, get_store, job_key
+from convoy.jobspec import TrainJobRequest
+from convoy.settings import Settings
+from db import jobs
+from db.session import session_scope
+from db.tables import Artifact, Job, Upload
+from models.build import build_model
+from worker import checkpoints
+from worker.lease import Lease
+from worker.train import DeviceData, EpochReport, NonFiniteLoss, Progress, Stopped, train
+
+log = logging.getLogger(__name__)
+
+
+def pick_device(wanted: str) -> torch.device:
+    if wanted == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was asked for but this worker has no CUDA device")
+    if wanted == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(wanted)
+
+
+def load_split(ref: Any, *, settings: Settings, tenant: str) -> datasets.Split:
+    if isinstance(ref, datasets.DigitsRef):
+        return datasets.load_digits()
+    if isinstance(ref, datasets.SyntheticRef):
+        return datasets.load_synthetic(ref)
+    with session_scope(settings.database_url) as session:
+        upload = session.scalars(
+            select(Upload).where(Upload.id == ref.id, Upload.tenant == tenant,
+                                 Upload.kind == "dataset")
+        ).one_or_none()
+        if upload is None:
+            raise LookupError(f"dataset {ref.id} not found")
+        key = upload.key
+    data = get_store(settings.artifact_root).get_bytes(key)
+    x, y = datasets.parse_npz(data, max_pixels=settings.max_image_pixels)
+    return datasets.split_uploaded(x, y)
+
+
+def failure_message(exc: BaseException) -> str:
+    if isinstance(exc, NonFiniteLoss):
+        return str(exc)
+    if isinstance(exc, torch.OutOfMemoryError):
+        return ("CUDA out of memory: the model and batch do not fit on this GPU; "
+                "try a smaller batch_size")
+    return f"{type(exc).__name__}: {exc}"
+
+
+class TrainRun:
+    """One attempt of a train job, from claim to outcome."""
+
+    def __init__(self, settings: Settings, job: Job, worker_id: str) -> None:
+        self.settings, self.job, self.worker_id = settings, job, worker_id
+        self.store = get_store(settings.artifact_root)
+        self.request = TrainJobRequest.model_validate(job.request)
+        self.progress = Progress()
+        self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt")
+        self.pending: Future[None] | None = None
+        self.lease_lost = False
+
+    def db(self):  # type: ignore[no-untyped-def]
+        return session_scope(self.settings.database_url)
+
+    def last_checkpoint(self) -> Artifact | None:
+        with self.db() as session:
+            return session.scalars(
+                select(Artifact)
+                .where(Artifact.job_id == self.job.id, Artifact.kind == "checkpoint")
+                .order_by(Artifact.name.desc())
+            ).first()
+
+    def on_epoch(self, report: EpochReport) -> None:
+        # Snapshot on this thread (tensors copied to CPU now), write on the writer thread:
+        # the next epoch trains while the files go to disk.
+        meta = {
+            "format": 1,
+            "job_id": self.job.id,
+            "epoch": report.epoch,
+            "step": report.step,
+            "model": self.request.model.model_dump(mode="json"),
+            "train": self.request.train.model_dump(mode="json"),
+            "metrics": report.metrics,
+        }
+        model_blob = checkpoints.model_bytes(report.model, meta)
+        optim_blob = checkpoints.optimizer_bytes(report.optimizer)
+        self._wait_pending()
+        self.pending = self.writer.submit(self._persist_epoch, report.epoch, report.step,
+                                          dict(report.metrics), model_blob, optim_blob)
+
+    def _persist_epoch(self, epoch: int, step: int, metrics: dict[str, float],
+                       model_blob: bytes, optim_blob: bytes) -> None:
+        name = checkpoint_name(epoch)
+        rows = []
+        for kind, blob, fname in (("checkpoint", model_blob, name),
+                                  ("optimizer", optim_blob, name.replace(".safetensors",
+                                                                         ".optimizer.safetensors"))):
+            key = job_key(self.job.id, "checkpoints", fname)
+            size, sha = self.store.put_bytes(key, blob)
+            rows.append(Artifact(job_id=self.job.id, tenant=self.job.tenant, kind=kind, name=fname,
+                                 key=key, size=size, sha256=sha, meta={"epoch": epoch}))
+        with self.db() as session:
+            held = jobs.record_epoch(
+                session, job_id=self.job.id, worker_id=self.worker_id, epoch=epoch, step=step,
+                metrics=metrics, progress=epoch / self.request.train.epochs, artifacts=rows,
+            )
+        if not held:
+            self.lease_lost = True
+
+    def _wait_pending(self) -> None:
+        if self.pending is not None:
+            self.pending.result()
+            self.pending = None
+
+    def run(self) -> None:
+        req = self.request
+        device = pick_device(req.device)
+        split = load_split(req.dataset, settings=self.settings, tenant=self.job.tenant)
+        data = DeviceData.from_numpy(split, device)
+        torch.manual_seed(req.train.seed)
+        model = build_model(req.model).to(device)
+        if device.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+            torch.backends.cudnn.benchmark = True
+        from worker.train import make_optimizer
+
+        optimizer = make_optimizer(model, req.train)
+        start_epoch = 0
+        last = self.last_checkpoint()
+        if last is not None:
+            start_epoch = self._resume(last, model, optimizer, device)
+        trained = torch.compile(model) if req.train.compile else model
+        with Lease(db_url=self.settings.database_url, job_id=self.job.id,
+                   worker_id=self.worker_id, every_s=self.settings.heartbeat_seconds,
+                   progress=self.progress) as lease:
+            try:
+                result = train(
+                    trained, data, req.train, optimizer=optimizer, start_epoch=start_epoch,
+                    on_epoch=self.on_epoch,
+                    should_stop=lambda: lease.should_stop() or self.lease_lost,
+                    progress=self.progress,
+                )
+            finally:
+                try:
+                    self._wait_pending()
+                finally:
+                    self.writer.shutdown()
+            if lease.should_stop() or self.lease_lost:
+                raise Stopped()
+        result["device"] = str(device)
+        result["resumed_from_epoch"] = start_epoch
+        with self.db() as session:
+            jobs.finish_job(session, job_id=self.job.id, worker_id=self.worker_id,
+                            state="succeeded", result=result)
+
+    def _resume(self, last: Artifact, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                device: torch.device) -> int:
+        blob = self.store.get_bytes(last.key)
+        model.load_state_dict(checkpoints.load_model_state(blob))
+        epoch = int(checkpoints.read_meta(blob)["epoch"])
+        optim_key = last.key.replace(".safetensors", ".optimizer.safetensors")
+        if self.store.exists(optim_key):
+            checkpoints.restore_optimizer(optimizer, self.store.get_bytes(optim_key), device)
+        with self.db() as session:
+            jobs.log(session, job_id=self.job.id,
+                     message=f"attempt {self.job.attempt} resumes from {last.name} (epoch {epoch})")
+        return epoch
+
+
+def run_job(job_id: str, *, settings: Settings, worker_id: str) -> str:
+    """Claim and run one attempt of a job. Returns what happened, for logs and tests."""
+    with session_scope(settings.database_url) as session:
+        job = jobs.claim_job(session, job_id=job_id, worker_id=worker_id)
+    if job is None:
+        log.info("job %s not claimable (duplicate message, canceled or running elsewhere)", job_id)
+        return "skipped"
+    try:
+        if job.kind == "train":
+            TrainRun(settings, job, worker_id).run()
+        elif job.kind == "feature_maps":
+            from worker.feature_maps import run_feature_maps
+
+            run_feature_maps(settings, job, worker_id)
+        else:
+            raise ValueError(f"unknown job kind {job.kind!r}")
+    except Stopped:
+        with session_scope(settings.database_url) as session:
+            state = jobs.job_state(session, job_id=job_id)
+            jobs.end_attempt(session, job_id=job_id, worker_id=worker_id,
+                             outcome="canceled" if state == "canceled" else "lost")
+        return "stopped"
+    except Exception as exc:
+        log.exception("job %s failed", job_id)
+        with session_scope(settings.database_url) as session:
+            jobs.log(session, job_id=job_id, level="error", message=traceback.format_exc())
+            jobs.finish_job(session, job_id=job_id, worker_id=worker_id, state="failed",
+                            error=failure_message(exc))
+        return "failed"
+    return "done"

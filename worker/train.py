@@ -1,0 +1,200 @@
+"""The training loop: a plain function that knows nothing of Celery or HTTP.
+
+Data lives on the device as one tensor and batches are slices of a random permutation
+(no per-sample DataLoader work); metrics accumulate on the device and sync once per epoch.
+Each epoch reseeds from (seed, epoch), so a run resumed from a checkpoint draws the same
+batches and dropout masks as one that never stopped.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from convoy.jobspec import TrainConfig
+
+
+@dataclass
+class DeviceData:
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+
+    @classmethod
+    def from_numpy(cls, split: Any, device: torch.device) -> DeviceData:
+        def put(a: Any) -> torch.Tensor:
+            return torch.from_numpy(a).to(device, non_blocking=True)
+
+        return cls(put(split.x_train), put(split.y_train), put(split.x_val), put(split.y_val))
+
+
+@dataclass
+class EpochReport:
+    epoch: int  # 1-based, the epoch just finished
+    step: int  # optimizer steps so far
+    metrics: dict[str, float]
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+
+
+class NonFiniteLoss(RuntimeError):
+    def __init__(self, epoch: int, step: int) -> None:
+        super().__init__(f"loss became NaN at epoch {epoch} step {step}")
+        self.epoch, self.step = epoch, step
+
+
+class Stopped(Exception):
+    """The caller asked the loop to stop (canceled, or the lease was lost)."""
+
+
+@dataclass
+class Progress:
+    value: float = 0.0
+    epoch: int = 0
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = model.parameters()
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+                               weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def lr_at(cfg: TrainConfig, epoch0: int) -> float:
+    """Learning rate for 0-based epoch `epoch0`; a pure function, so resume needs no state."""
+    if cfg.lr_schedule == "cosine":
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * epoch0 / cfg.epochs))
+    return cfg.lr
+
+
+def epoch_seed(seed: int, epoch0: int) -> int:
+    return (seed * 1_000_003 + epoch0) % (2**63)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 1024,
+             autocast: Callable[[], Any] | None = None) -> tuple[float, float]:
+    """Mean loss and accuracy over (x, y), in eval mode, synced once."""
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), device=x.device)
+    correct = torch.zeros((), device=x.device, dtype=torch.long)
+    for start in range(0, len(x), batch_size):
+        xb, yb = x[start:start + batch_size], y[start:start + batch_size]
+        if autocast is not None:
+            with autocast():
+                logits = model(xb)
+        else:
+            logits = model(xb)
+        loss_sum += F.cross_entropy(logits.float(), yb, reduction="sum")
+        correct += (logits.argmax(1) == yb).sum()
+    model.train(was_training)
+    n = max(1, len(x))
+    return loss_sum.item() / n, correct.item() / n
+
+
+def train(
+    model: nn.Module,
+    data: DeviceData,
+    cfg: TrainConfig,
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    start_epoch: int = 0,
+    on_epoch: Callable[[EpochReport], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    progress: Progress | None = None,
+    check_every_s: float = 0.25,
+) -> dict[str, Any]:
+    """Train `model` from `start_epoch` (0-based count of finished epochs) to cfg.epochs."""
+    device = data.x_train.device
+    optimizer = optimizer or make_optimizer(model, cfg)
+    progress = progress or Progress()
+    autocast = None
+    if device.type == "cuda" and cfg.amp:
+        def autocast() -> Any:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+
+    n = len(data.x_train)
+    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    step = start_epoch * steps_per_epoch
+    metrics: dict[str, float] = {}
+    model.train()
+    for epoch0 in range(start_epoch, cfg.epochs):
+        # --- the epoch's randomness and learning rate, both pure functions of (seed, epoch)
+        torch.manual_seed(epoch_seed(cfg.seed, epoch0))
+        lr = lr_at(cfg, epoch0)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        perm = torch.randperm(n, device=device)
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        first_bad = torch.full((), -1, device=device, dtype=torch.long)
+        started = time.perf_counter()
+        last_check = started
+
+        # --- the hot loop: slices of the permutation, no host syncs but the periodic check
+        for i in range(steps_per_epoch):
+            idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+            xb, yb = data.x_train[idx], data.y_train[idx]
+            if autocast is not None:
+                with autocast():
+                    logits = model(xb)
+            else:
+                logits = model(xb)
+            loss = F.cross_entropy(logits.float(), yb)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            detached = loss.detach()
+            # remember the first non-finite step on the device: no sync per step
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(detached),
+                                    torch.full_like(first_bad, step), first_bad)
+            loss_sum += detached * len(yb)
+            correct += (logits.detach().argmax(1) == yb).sum()
+            progress.value = (epoch0 + (i + 1) / steps_per_epoch) / cfg.epochs
+            now = time.perf_counter()
+            if now - last_check >= check_every_s:
+                last_check = now
+                if (bad := int(first_bad)) >= 0:
+                    raise NonFiniteLoss(epoch0 + 1, bad)
+                if should_stop is not None and should_stop():
+                    raise Stopped()
+        if (bad := int(first_bad)) >= 0:
+            raise NonFiniteLoss(epoch0 + 1, bad)
+        train_loss = loss_sum.item() / n
+        train_seconds = time.perf_counter() - started
+
+        # --- evaluation, under no_grad in eval mode
+        val_loss, val_accuracy = evaluate(model, data.x_val, data.y_val, autocast=autocast)
+        metrics = {
+            "train_loss": train_loss,
+            "train_accuracy": correct.item() / n,
+            "val_loss": val_loss,
+            "val_accuracy": val_accuracy,
+            "images_per_second": n / max(train_seconds, 1e-9),
+            "lr": lr,
+        }
+        progress.epoch = epoch0 + 1
+        if on_epoch is not None:
+            on_epoch(EpochReport(epoch0 + 1, step, metrics, model, optimizer))
+        if should_stop is not None and should_stop():
+            raise Stopped()
+    return {
+        "epochs_done": cfg.epochs,
+        "steps": step,
+        **{k: metrics[k] for k in ("val_accuracy", "val_loss", "train_loss", "train_accuracy")
+           if k in metrics},
+    }
