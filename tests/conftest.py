@@ -1,0 +1,48 @@
+"""Shared fixtures: a real PostgreSQL database, a Redis db, and the service's processes."""
+
+from __future__ import annotations
+
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tests.services import (  # noqa: E402
+    REDIS,
+    Stack,
+    create_pg_database,
+    drop_pg_database,
+    stack_env,
+)
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    url = create_pg_database()
+    yield url
+    drop_pg_database(url)
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory, pg_url: str) -> Iterator[Stack]:
+    """API + one worker on PostgreSQL and Redis, as compose runs them."""
+    home = tmp_path_factory.mktemp("stack")
+    env = stack_env(home, database_url=pg_url, broker_url=f"{REDIS}/0",
+                    queue=f"convoy-test-{uuid.uuid4().hex[:8]}")
+    s = Stack(env=env, home=Path(home))
+    try:
+        s.start_api()
+        s.start_worker()
+        yield s
+    finally:
+        s.stop()
+
+
+@pytest.fixture
+def client(stack: Stack):  # type: ignore[no-untyped-def]
+    with stack.client() as c:
+        yield c

@@ -1,0 +1,158 @@
+"""Real processes for tests: a PostgreSQL database, a Redis db, the API (uvicorn) and Celery
+workers, each started as the deployment starts them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+
+ROOT = Path(__file__).resolve().parent.parent
+PG_ADMIN = os.environ.get("CONVOY_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS = os.environ.get("CONVOY_TEST_REDIS", "redis://127.0.0.1:6379")
+TOKEN = "test-admin-token"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def create_pg_database() -> str:
+    name = f"convoy_test_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://") + "/" + name
+
+
+def drop_pg_database(url: str) -> None:
+    name = url.rsplit("/", 1)[1]
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def wait_http(url: str, timeout: float = 60, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before {url} answered")
+        try:
+            if httpx.get(url, timeout=2).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(url)
+
+
+@dataclass
+class Stack:
+    """An API process and worker processes sharing one database, broker and artifact root."""
+
+    env: dict[str, str]
+    home: Path
+    port: int = 0
+    api: subprocess.Popen | None = None
+    workers: list[subprocess.Popen] = field(default_factory=list)
+    logs: list[Any] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _spawn(self, cmd: list[str], name: str, extra_env: dict[str, str] | None = None
+               ) -> subprocess.Popen:
+        log = open(self.home / f"{name}.log", "ab")  # noqa: SIM115 - closed in stop()
+        self.logs.append(log)
+        return subprocess.Popen(cmd, cwd=ROOT, env={**self.env, **(extra_env or {})},
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def start_api(self, cmd: list[str] | None = None) -> None:
+        self.port = self.port or free_port()
+        cmd = cmd or [sys.executable, "-m", "convoy.cli", "api", "--migrate",
+                      "--host", "127.0.0.1", "--port", str(self.port)]
+        self.api = self._spawn(cmd, "api")
+        wait_http(self.url + "/healthz", proc=self.api)
+
+    def start_worker(self, name: str | None = None, cmd: list[str] | None = None
+                     ) -> subprocess.Popen:
+        name = name or f"w{len(self.workers)}"
+        cmd = cmd or [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "--pool",
+                      "solo", "-Q", self.env["CONVOY_QUEUE"], "--without-gossip",
+                      "--without-mingle", "--without-heartbeat", "-n", f"{name}@%h",
+                      "--loglevel", "INFO"]
+        proc = self._spawn(cmd, name, {"CONVOY_WORKER_ID": name})
+        self.workers.append(proc)
+        self.wait_worker_ready(name)
+        return proc
+
+    def wait_worker_ready(self, name: str, timeout: float = 60) -> None:
+        log = self.home / f"{name}.log"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if log.exists() and b" ready." in log.read_bytes():
+                return
+            time.sleep(0.1)
+        raise TimeoutError(f"worker {name} not ready: {log.read_text()[-2000:]}")
+
+    def client(self, token: str = TOKEN) -> httpx.Client:
+        return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {token}"},
+                            timeout=30)
+
+    def log_text(self, name: str) -> str:
+        path = self.home / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    @staticmethod
+    def kill(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+        if proc.poll() is None:
+            os.killpg(proc.pid, sig)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+    def stop(self) -> None:
+        for proc in [*self.workers, *([self.api] if self.api else [])]:
+            self.kill(proc)
+        for log in self.logs:
+            log.close()
+
+
+def stack_env(home: Path, *, database_url: str, broker_url: str, queue: str,
+              **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONVOY_")}
+    env.update({
+        "CONVOY_HOME": str(home),
+        "CONVOY_DATABASE_URL": database_url,
+        "CONVOY_BROKER_URL": broker_url,
+        "CONVOY_QUEUE": queue,
+        "CONVOY_BOOTSTRAP_TOKEN": TOKEN,
+        "CONVOY_HEARTBEAT_SECONDS": "1",
+        "PYTHONUNBUFFERED": "1",
+        **extra,
+    })
+    return env
+
+
+def wait_job(client: httpx.Client, job_id: str, *, states: tuple[str, ...] = (
+        "succeeded", "failed", "canceled"), timeout: float = 120) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        if job["state"] in states:
+            return job
+        time.sleep(0.2)
+    raise TimeoutError(f"job {job_id} still {job['state']} after {timeout}s")
