@@ -195,7 +195,8 @@ def infer(spec: ModelSpec) -> dict[str, Any]:
                 span = d[axis] * (k[axis] - 1) + 1
                 if span > size + 2 * p[axis]:
                     raise fail(f"window {span} is larger than its padded input "
-                               f"{size + 2 * p[axis]} (input {h}x{w}, padding {p[axis]})")
+                               f"{size + 2 * p[axis]} (input {h}x{w}, padding {p[axis]}), so "
+                               "its output would shrink to zero")
                 if layer.type != "conv2d" and p[axis] > k[axis] // 2:
                     raise fail(f"padding {p[axis]} must be at most half the kernel size {k[axis]}")
             oh = _window_out(h, k[0], s[0], p[0], d[0], ceil)
