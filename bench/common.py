@@ -1,0 +1,62 @@
+"""Helpers the benchmark scripts share: medians, percentiles, a busy core, the machine."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import platform
+import statistics
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+
+def median(xs: Sequence[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def percentile(xs: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100); enough for latency tables."""
+    if not xs:
+        return float("nan")
+    s = sorted(xs)
+    k = max(0, min(len(s) - 1, round(q / 100 * len(s) + 0.5) - 1))
+    return s[k]
+
+
+def _spin() -> None:
+    while True:
+        pass
+
+
+@contextmanager
+def busy_core() -> Iterator[None]:
+    """One process spinning on a core, as another job or test run would on a shared box."""
+    proc = mp.get_context("spawn").Process(target=_spin, daemon=True)
+    proc.start()
+    try:
+        yield
+    finally:
+        proc.terminate()
+        proc.join()
+
+
+def machine() -> str:
+    cpu = platform.processor() or "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    return (f"nproc={os.cpu_count()} cpu={cpu!r} torch={torch.__version__} "
+            f"threads={torch.get_num_threads()} gpu={gpu} loadavg={os.getloadavg()[0]:.2f}")
+
+
+def pick_device(wanted: str = "auto") -> str:
+    import torch
+
+    if wanted == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return wanted
