@@ -3,13 +3,21 @@ serverless broker (kombu's SQLAlchemy transport over SQLite), everything under C
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 from convoy.settings import Settings
+
+# A warm shutdown lets the worker finish its current task; a long training job is not
+# worth the wait on Ctrl-C: it is killed, its lease expires, and the next start resumes it
+# from its last checkpoint.
+WORKER_STOP_GRACE_SECONDS = 10.0
+PR_SET_PDEATHSIG = 1
 
 
 def worker_command(settings: Settings, *, name: str = "worker") -> list[str]:
@@ -50,27 +58,74 @@ def prepare(settings: Settings) -> str | None:
     return path.read_text().strip() if path and path.exists() else None
 
 
+def _die_with_parent(parent_pid: int) -> None:
+    """Runs in the worker child before exec: if `convoy run` is killed outright (SIGKILL, a
+    closed terminal), the kernel sends the worker SIGTERM instead of leaving it orphaned."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def start_worker(settings: Settings) -> subprocess.Popen:
+    parent = os.getpid()
+    return subprocess.Popen(worker_command(settings), env=child_env(settings),
+                            preexec_fn=lambda: _die_with_parent(parent))
+
+
+def stop_worker(worker: subprocess.Popen, grace: float = WORKER_STOP_GRACE_SECONDS) -> None:
+    """Warm shutdown first; kill it when a job keeps it busy past the grace period or when
+    the user presses Ctrl-C again."""
+    if worker.poll() is not None:
+        return
+    worker.send_signal(signal.SIGTERM)
+    try:
+        worker.wait(timeout=grace)
+    except (subprocess.TimeoutExpired, KeyboardInterrupt):
+        print("worker still busy: stopping it now; a running job resumes from its last "
+              "checkpoint on the next start", file=sys.stderr, flush=True)
+        worker.kill()
+        worker.wait()
+
+
+def _watch(worker: subprocess.Popen, server: object, stopping: threading.Event) -> None:
+    """Stop the API when the worker dies on its own: jobs would queue up unseen."""
+    worker.wait()
+    if not stopping.is_set():
+        print(f"worker exited with {worker.returncode}: stopping the API", file=sys.stderr,
+              flush=True)
+        server.should_exit = True  # type: ignore[attr-defined]
+
+
 def run(settings: Settings) -> int:
     import uvicorn
 
     from api.app import create_app
 
     token = prepare(settings)
-    worker = subprocess.Popen(worker_command(settings), env=child_env(settings))
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host=settings.host,
+                                           port=settings.port, log_level="info"))
+    worker = start_worker(settings)
+    stopping = threading.Event()
+    threading.Thread(target=_watch, args=(worker, server, stopping), daemon=True,
+                     name="worker-watch").start()
     url = f"http://{settings.host}:{settings.port}"
     print(f"\nConvoy (embedded) at {url}   data in {settings.home}", flush=True)
     if token:
         print(f"Token: {token}\n  export CONVOY_URL={url} CONVOY_TOKEN={token}\n", flush=True)
     else:
         print(f"Token: see {settings.token_file} (or set CONVOY_BOOTSTRAP_TOKEN)\n", flush=True)
-    try:
-        uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
-                    log_level="info")
-    finally:
-        if worker.poll() is None:
-            worker.send_signal(signal.SIGTERM)  # warm shutdown: the current step ends
-            try:
-                worker.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                worker.kill()
-    return 0
+    # uvicorn turns Ctrl-C into a graceful shutdown, then raises the signal again once it
+    # has finished: that KeyboardInterrupt is the normal way out here.
+    with contextlib.suppress(KeyboardInterrupt):
+        try:
+            server.run()
+        finally:
+            stopping.set()
+            stop_worker(worker)
+    if not server.started:
+        return 1  # e.g. the port is taken
+    return 0 if worker.returncode in (0, -signal.SIGTERM, -signal.SIGKILL) else 1
