@@ -8,14 +8,16 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DataError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.auth import ensure_bootstrap
+from api.guards import RejectNul, data_error, http_error
 from api.reconciler import Reconciler
-from api.routes import datasets, health, jobs, models, tokens
+from api.routes import dashboard, datasets, events, health, jobs, models, tokens
 from convoy.artifacts import get_store
 from convoy.queue import make_celery
 from convoy.settings import Settings, get_settings
@@ -106,9 +108,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.celery = make_celery(settings)
     app.state.store = get_store(settings.artifact_root)
     app.add_exception_handler(RequestValidationError, validation_error)  # type: ignore[arg-type]
+    app.add_exception_handler(HTTPException, http_error)  # type: ignore[arg-type]
+    app.add_exception_handler(DataError, data_error)  # type: ignore[arg-type]
     for module in (health, jobs, models, datasets, tokens):
         app.include_router(module.router)
+    for module in (events, dashboard):  # the live stream and the web UI (issue 6)
+        app.include_router(module.router)
+    dashboard.mount_static(app)
     app.add_middleware(BodyLimit, settings=settings)
+    app.add_middleware(RejectNul)  # outermost: runs before the body is read
     return app
 
 

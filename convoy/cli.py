@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--name")
     token.add_argument("--admin", action="store_true")
     token.set_defaults(func=cmd_token)
+    from client.commands import add_commands  # submit, jobs, status, cancel, logs, fetch, ...
+
+    add_commands(sub)
     return parser
 
 

@@ -1,0 +1,224 @@
+"""The client half of the `convoy` command: submit (with a live progress bar), jobs, status,
+cancel, logs, fetch, feature-maps. convoy.cli adds these to its parser."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+from client.sdk import Convoy, ConvoyError
+from client.types import Event, Job
+
+# Exit codes: a script can tell a failed job from a canceled one and from a refused request.
+EXIT_FAILED, EXIT_ERROR, EXIT_CANCELED = 1, 2, 3
+
+
+class ProgressBar:
+    """One line redrawn in place on a terminal; one line per epoch when piped to a file."""
+
+    def __init__(self, out: TextIO, epochs: int | None) -> None:
+        self.out, self.epochs = out, epochs
+        self.tty = out.isatty()
+        self.state, self.progress, self.epoch = "queued", 0.0, 0
+        self.loss: float | None = None
+        self.acc: float | None = None
+
+    def update(self, event: Event) -> None:
+        data = event.data
+        if event.type == "state":
+            self.state = data["state"]
+        elif event.type == "progress":
+            self.progress = float(data["progress"])
+        elif event.type == "metric":
+            values = data.get("values", {})
+            self.epoch = int(data.get("epoch", self.epoch))
+            self.loss = values.get("train_loss", self.loss)
+            self.acc = values.get("val_accuracy", self.acc)
+        if self.tty:
+            self.out.write("\r" + self.line() + "\x1b[K")
+            self.out.flush()
+        elif event.type in ("state", "metric"):
+            self.out.write(self.line() + "\n")
+            self.out.flush()
+
+    def line(self) -> str:
+        width = 24
+        filled = int(round(self.progress * width))
+        parts = [f"[{'#' * filled}{'.' * (width - filled)}] {100 * self.progress:3.0f}%",
+                 self.state]
+        if self.epoch:
+            parts.append(f"epoch {self.epoch}" + (f"/{self.epochs}" if self.epochs else ""))
+        if self.loss is not None:
+            parts.append(f"loss {self.loss:.4f}")
+        if self.acc is not None:
+            parts.append(f"val_acc {100 * self.acc:.1f}%")
+        return "  ".join(parts)
+
+    def close(self) -> None:
+        if self.tty:
+            self.out.write("\n")
+            self.out.flush()
+
+
+def final_line(job: Job, seconds: float) -> str:
+    if job.state == "succeeded":
+        result = job.result or {}
+        bits = [f"{k} {result[k]:.4f}" for k in ("val_accuracy", "val_loss") if
+                isinstance(result.get(k), int | float)]
+        if "epochs_done" in result:
+            bits.append(f"{result['epochs_done']} epochs")
+        return f"job {job.id} succeeded in {seconds:.1f}s" + (f": {', '.join(bits)}"
+                                                              if bits else "")
+    if job.state == "failed":
+        return f"job {job.id} failed: {job.error or 'no error message'}"
+    return f"job {job.id} {job.state}"
+
+
+def exit_code(job: Job) -> int:
+    return {"succeeded": 0, "canceled": EXIT_CANCELED}.get(job.state, EXIT_FAILED)
+
+
+def _client(args: argparse.Namespace) -> Convoy:
+    return Convoy(args.url, args.token)
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    try:
+        request: dict[str, Any] = json.loads(Path(args.spec).read_text())
+    except (OSError, ValueError) as exc:
+        print(f"error: {args.spec}: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    if args.name is not None:
+        request["name"] = args.name
+    if args.epochs is not None:
+        request.setdefault("train", {})["epochs"] = args.epochs
+    if args.device is not None:
+        request["device"] = args.device
+    with _client(args) as convoy:
+        started = time.monotonic()
+        job = convoy.submit(request)
+        print(f"submitted {job.kind} job {job.id} ({job.state})", flush=True)
+        if not args.wait:
+            return 0
+        epochs = (request.get("train") or {}).get("epochs") if job.kind == "train" else None
+        bar = ProgressBar(sys.stderr, epochs)
+        try:
+            job = convoy.wait(job.id, on_event=bar.update)
+        finally:
+            bar.close()
+        print(final_line(job, time.monotonic() - started), flush=True)
+        return exit_code(job)
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    with _client(args) as convoy:
+        jobs = convoy.jobs(state=args.state, kind=args.kind, limit=args.limit)
+    print(f"{'ID':<32}  {'KIND':<12} {'STATE':<10} {'PROG':>5} {'VAL_ACC':>8}  NAME")
+    for j in jobs:
+        acc = (j.result or {}).get("val_accuracy")
+        acc_text = f"{100 * acc:.1f}%" if isinstance(acc, int | float) else "-"
+        print(f"{j.id:<32}  {j.kind:<12} {j.state:<10} {100 * j.progress:4.0f}% {acc_text:>8}"
+              f"  {j.name}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with _client(args) as convoy:
+        job = convoy.get(args.id)
+    print(f"id        {job.id}\nkind      {job.kind}\nname      {job.name}\nstate     {job.state}"
+          f"\nprogress  {100 * job.progress:.0f}%\nattempt   {job.attempt}\ncreated   "
+          f"{job.created_at}\nstarted   {job.started_at or '-'}\nfinished  "
+          f"{job.finished_at or '-'}")
+    if job.error:
+        print(f"error     {job.error}")
+    for key, value in (job.result or {}).items():
+        print(f"result.{key}  {value}")
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    with _client(args) as convoy:
+        job = convoy.cancel(args.id)
+    print(f"job {job.id} {job.state}")
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    with _client(args) as convoy:
+        for line in convoy.logs(args.id):
+            print(f"{line['at']}  {line['level']:<7} {line['message']}")
+    return 0
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    with _client(args) as convoy:
+        path = convoy.download_checkpoint(args.id, args.checkpoint, args.out)
+    print(f"wrote {path} ({path.stat().st_size} bytes)")
+    return 0
+
+
+def cmd_feature_maps(args: argparse.Namespace) -> int:
+    with _client(args) as convoy:
+        paths = convoy.download_feature_maps(args.id, args.out, png=not args.no_png)
+    print(f"wrote {len(paths)} files to {args.out}")
+    return 0
+
+
+def _guard(func):  # type: ignore[no-untyped-def]
+    """A refused request or an unreachable server is one clear line and exit code 2."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return func(args)
+        except ConvoyError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+        except Exception as exc:  # noqa: BLE001 - httpx transport errors and the like
+            import httpx
+
+            if not isinstance(exc, httpx.HTTPError):
+                raise
+            print(f"error: cannot reach the server: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+
+    return run
+
+
+def add_commands(sub: Any) -> None:
+    """The client commands, each with --url/--token (or CONVOY_URL/CONVOY_TOKEN)."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--url", help="server URL (CONVOY_URL; default http://127.0.0.1:8000)")
+    common.add_argument("--token", help="API token (CONVOY_TOKEN)")
+
+    def add(name: str, func, help_text: str) -> argparse.ArgumentParser:  # type: ignore[no-untyped-def]
+        p = sub.add_parser(name, help=help_text, parents=[common])
+        p.set_defaults(func=_guard(func))
+        return p
+
+    p = add("submit", cmd_submit, "submit a job from a JSON file")
+    p.add_argument("spec", help="job request JSON (see examples/)")
+    p.add_argument("--wait", action="store_true", help="follow it with a progress bar; exit "
+                   "code 0 succeeded, 1 failed, 3 canceled")
+    p.add_argument("--epochs", type=int, help="override train.epochs")
+    p.add_argument("--name", help="override the job name")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="override the device")
+    p = add("jobs", cmd_jobs, "list jobs, newest first")
+    p.add_argument("--state")
+    p.add_argument("--kind")
+    p.add_argument("--limit", type=int, default=50)
+    add("status", cmd_status, "show one job").add_argument("id")
+    add("cancel", cmd_cancel, "cancel a queued or running job").add_argument("id")
+    add("logs", cmd_logs, "print a job's log lines").add_argument("id")
+    p = add("fetch", cmd_fetch, "download a checkpoint")
+    p.add_argument("id")
+    p.add_argument("--checkpoint", default="last", help="last (default) or a checkpoint name")
+    p.add_argument("--out", help="file or folder (default: the checkpoint's name)")
+    p = add("feature-maps", cmd_feature_maps, "download a feature-map job's maps")
+    p.add_argument("id")
+    p.add_argument("--out", required=True, help="folder")
+    p.add_argument("--no-png", action="store_true", help="only the .npy arrays")

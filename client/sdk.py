@@ -1,0 +1,204 @@
+"""The Python client: one httpx connection to a Convoy server, typed results, and the job's
+event stream (server-sent events, resumed with Last-Event-ID when the connection drops)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from client.types import Checkpoint, Event, FeatureMapLayer, Job, MetricPoint
+
+
+class ConvoyError(RuntimeError):
+    """The server said no: the status and its `detail`."""
+
+    def __init__(self, status: int, detail: Any) -> None:
+        self.status, self.detail = status, detail
+        super().__init__(f"HTTP {status}: {_detail_text(detail)}")
+
+
+def _detail_text(detail: Any) -> str:
+    if isinstance(detail, list):
+        return "; ".join(f"{'.'.join(str(p) for p in e.get('loc', []))}: {e.get('msg', '')}"
+                         for e in detail if isinstance(e, dict))
+    return str(detail)
+
+
+class Convoy:
+    """`Convoy(url, token)`; both default to CONVOY_URL and CONVOY_TOKEN."""
+
+    def __init__(self, url: str | None = None, token: str | None = None, *,
+                 timeout: float = 30.0) -> None:
+        self.url = (url or os.environ.get("CONVOY_URL") or "http://127.0.0.1:8000").rstrip("/")
+        token = token or os.environ.get("CONVOY_TOKEN")
+        if not token:
+            raise ValueError("no token: pass token= or set CONVOY_TOKEN")
+        self.http = httpx.Client(base_url=self.url, timeout=timeout,
+                                 headers={"Authorization": f"Bearer {token}"})
+
+    def __enter__(self) -> Convoy:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.http.close()
+
+    def _call(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        r = self.http.request(method, path, **kw)
+        if r.status_code >= 400:
+            try:
+                detail = r.json().get("detail", r.text)
+            except ValueError:
+                detail = r.text
+            raise ConvoyError(r.status_code, detail)
+        return r
+
+    # ---- jobs ---------------------------------------------------------------------------
+
+    def submit(self, request: dict[str, Any]) -> Job:
+        return Job.from_json(self._call("POST", "/v1/jobs", json=request).json())
+
+    def get(self, job_id: str) -> Job:
+        return Job.from_json(self._call("GET", f"/v1/jobs/{job_id}").json())
+
+    def jobs(self, *, state: str | None = None, kind: str | None = None,
+             limit: int = 50) -> list[Job]:
+        params = {k: v for k, v in {"state": state, "kind": kind, "limit": limit}.items() if v}
+        return [Job.from_json(j) for j in
+                self._call("GET", "/v1/jobs", params=params).json()["items"]]
+
+    def cancel(self, job_id: str) -> Job:
+        return Job.from_json(self._call("POST", f"/v1/jobs/{job_id}/cancel").json())
+
+    def logs(self, job_id: str) -> list[dict[str, Any]]:
+        return self._call("GET", f"/v1/jobs/{job_id}/logs").json()
+
+    def metrics(self, job_id: str, name: str | None = None) -> dict[str, list[MetricPoint]]:
+        params = {"name": name} if name else {}
+        series = self._call("GET", f"/v1/jobs/{job_id}/metrics", params=params).json()["series"]
+        return {k: [MetricPoint(p["step"], p["epoch"], p["value"]) for p in v]
+                for k, v in series.items()}
+
+    def events(self, job_id: str, *, last_event_id: str | None = None,
+               reconnect: bool = True) -> Iterator[Event]:
+        """The job's events until it ends. A dropped connection is resumed where it broke."""
+        while True:
+            headers = {"Accept": "text/event-stream"}
+            if last_event_id:
+                headers["Last-Event-ID"] = last_event_id
+            try:
+                with self.http.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers,
+                                      timeout=httpx.Timeout(30.0, read=60.0)) as r:
+                    if r.status_code >= 400:
+                        r.read()
+                        raise ConvoyError(r.status_code, r.json().get("detail", r.text))
+                    for event in parse_sse(r.iter_lines()):
+                        last_event_id = event.id or last_event_id
+                        yield event
+                        if event.type == "state" and event.data.get("state") in (
+                                "succeeded", "failed", "canceled"):
+                            return
+            except (httpx.TransportError, httpx.RemoteProtocolError):
+                if not reconnect:
+                    raise
+            if not reconnect:
+                return
+            time.sleep(1.0)
+
+    def wait(self, job_id: str, *, on_event: Callable[[Event], None] | None = None,
+             timeout: float | None = None) -> Job:
+        """Follow the job's events until it ends; returns the final job."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for event in self.events(job_id):
+            if on_event is not None:
+                on_event(event)
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} not done after {timeout}s")
+        return self.get(job_id)
+
+    # ---- artifacts ----------------------------------------------------------------------
+
+    def checkpoints(self, job_id: str) -> list[Checkpoint]:
+        return [Checkpoint(c["name"], c.get("epoch"), c["size"], c["sha256"])
+                for c in self._call("GET", f"/v1/jobs/{job_id}/checkpoints").json()]
+
+    def download_checkpoint(self, job_id: str, name: str = "last",
+                            out: str | Path | None = None) -> Path:
+        """Writes the checkpoint (`last` or a name) to `out` (a file or a folder)."""
+        r = self._call("GET", f"/v1/jobs/{job_id}/checkpoints/{name}")
+        real = r.headers.get("x-checkpoint-name") or name
+        path = Path(out) if out else Path(real)
+        if path.is_dir():
+            path = path / real
+        _write(path, r.content)
+        return path
+
+    def feature_maps(self, job_id: str) -> list[FeatureMapLayer]:
+        data = self._call("GET", f"/v1/jobs/{job_id}/feature-maps").json()
+        return [FeatureMapLayer.from_json(layer) for layer in data.get("layers", [])]
+
+    def feature_map(self, job_id: str, layer: str, *, format: str = "npy",
+                    image: int | None = None) -> bytes:
+        params: dict[str, Any] = {"format": format}
+        if image is not None:
+            params["image"] = image
+        return self._call("GET", f"/v1/jobs/{job_id}/feature-maps/{layer}", params=params).content
+
+    def download_feature_maps(self, job_id: str, out: str | Path, *,
+                              png: bool = True) -> list[Path]:
+        """Every layer's .npy (and a PNG grid per input image) into folder `out`."""
+        folder = Path(out)
+        folder.mkdir(parents=True, exist_ok=True)
+        written: list[Path] = []
+        layers = self.feature_maps(job_id)
+        for layer in layers:
+            path = folder / f"{_safe(layer.name)}.npy"
+            _write(path, self.feature_map(job_id, layer.name, format="npy"))
+            written.append(path)
+            for k in range(layer.shape[0] if (png and layer.shape) else 0):
+                path = folder / f"{_safe(layer.name)}-{k}.png"
+                _write(path, self.feature_map(job_id, layer.name, format="png", image=k))
+                written.append(path)
+        index = folder / "layers.json"
+        index.write_text(json.dumps([layer.raw for layer in layers], indent=2))
+        return [*written, index]
+
+
+def parse_sse(lines: Iterator[str]) -> Iterator[Event]:
+    """Server-sent events from text lines (comments skipped, multi-line data joined)."""
+    event_type, event_id, data = "message", None, []
+    for line in lines:
+        if line == "":
+            if data:
+                yield Event(event_type, event_id, json.loads("\n".join(data)))
+            event_type, data = "message", []
+            continue
+        if line.startswith(":"):
+            continue
+        name, _, value = line.partition(":")
+        value = value[1:] if value.startswith(" ") else value
+        if name == "event":
+            event_type = value
+        elif name == "data":
+            data.append(value)
+        elif name == "id":
+            event_id = value
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
+
+
+def _write(path: Path, blob: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part")
+    tmp.write_bytes(blob)
+    tmp.replace(path)
