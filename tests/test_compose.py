@@ -1,0 +1,201 @@
+"""docker-compose.yml and the Dockerfiles: valid against the Compose spec, nothing but the API
+published, health-gated start-up; then the api and worker services' own commands and
+environment run as local processes against the local PostgreSQL and Redis."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import sys
+import tomllib
+import uuid
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+
+from tests.factories import train_request
+from tests.services import (
+    REDIS,
+    ROOT,
+    TOKEN,
+    Stack,
+    create_pg_database,
+    drop_pg_database,
+    free_port,
+    wait_job,
+)
+
+COMPOSE = ROOT / "docker-compose.yml"
+# In CI the repository is cloned somewhere with shared/ beside it.
+SCHEMA = ROOT.parent / "shared" / "schemas" / "compose-spec.json"
+ARTIFACTS = "/var/lib/convoy/artifacts"
+VAR = re.compile(r"\$\{(\w+)(?:(:?[-?])([^}]*))?\}")
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+def interpolate(value: str, env: dict[str, str]) -> str:
+    """Compose's ${VAR}, ${VAR:-default} and ${VAR:?error}, enough for our file."""
+
+    def one(m: re.Match[str]) -> str:
+        name, op, arg = m.group(1), m.group(2), m.group(3)
+        if env.get(name):
+            return env[name]
+        if op and op.endswith("?"):
+            raise KeyError(f"{name}: {arg}")
+        return arg if op and op.endswith("-") else ""
+
+    return VAR.sub(one, value).replace("$$", "$")
+
+
+def test_compose_file_follows_the_compose_spec(compose):
+    schema = json.loads(SCHEMA.read_text())
+    jsonschema.Draft7Validator(schema).validate(compose)
+    assert "version" not in compose
+
+
+def test_only_the_api_publishes_a_port_and_only_on_the_configured_interface(compose):
+    services = compose["services"]
+    assert set(services) == {"postgres", "redis", "api", "worker", "worker-cpu"}
+    for name in ("postgres", "redis", "worker", "worker-cpu"):
+        assert "ports" not in services[name], name
+        assert services[name].get("network_mode") != "host", name
+    assert services["api"]["ports"] == ["${CONVOY_BIND:-127.0.0.1}:${CONVOY_PORT:-8000}:8000"]
+
+
+def test_start_up_is_gated_on_health_checks(compose):
+    services = compose["services"]
+    for name in ("postgres", "redis", "api"):
+        assert services[name]["healthcheck"]["test"], name
+    assert "pg_isready" in str(services["postgres"]["healthcheck"]["test"])
+    assert "/healthz" in str(services["api"]["healthcheck"]["test"])
+    needs = {"api": {"postgres", "redis"}, "worker": {"postgres", "redis", "api"},
+             "worker-cpu": {"postgres", "redis", "api"}}
+    for name, deps in needs.items():
+        depends = services[name]["depends_on"]
+        assert set(depends) == deps, name
+        assert all(d["condition"] == "service_healthy" for d in depends.values()), name
+
+
+def test_state_lives_in_volumes_and_redis_persists(compose):
+    services = compose["services"]
+    command = " ".join(services["redis"]["command"])
+    assert "--appendonly yes" in command
+    assert "redisdata:/data" in services["redis"]["volumes"]
+    assert "pgdata:/var/lib/postgresql/data" in services["postgres"]["volumes"]
+    # API and workers see the same artifact store at the path the settings name.
+    for name in ("api", "worker", "worker-cpu"):
+        assert f"artifacts:{ARTIFACTS}" in services[name]["volumes"], name
+        assert services[name]["environment"]["CONVOY_ARTIFACT_ROOT"] == ARTIFACTS, name
+        assert services[name]["environment"]["CONVOY_ENV"] == "production", name
+    assert {"pgdata", "redisdata", "artifacts"} <= set(compose["volumes"])
+
+
+def test_secrets_are_required_and_every_variable_is_in_env_example(compose):
+    text = COMPOSE.read_text()
+    for secret in ("POSTGRES_PASSWORD", "CONVOY_BOOTSTRAP_TOKEN"):
+        assert "${" + secret + ":?" in text, secret
+        assert not re.search(r"\$\{" + secret + ":?-", text), f"{secret} has a default"
+    api_env = compose["services"]["api"]["environment"]
+    with pytest.raises(KeyError, match="POSTGRES_PASSWORD"):
+        interpolate(api_env["CONVOY_DATABASE_URL"], {})
+    listed = set(re.findall(r"^#?\s*([A-Z_][A-Z0-9_]*)=", (ROOT / ".env.example").read_text(),
+                            re.MULTILINE))
+    used = {m.group(1) for m in VAR.finditer(text)}
+    assert used <= listed, f"missing from .env.example: {sorted(used - listed)}"
+
+
+def test_gpu_workers_reserve_a_gpu_and_cpu_workers_are_a_profile(compose):
+    services = compose["services"]
+    devices = services["worker"]["deploy"]["resources"]["reservations"]["devices"]
+    assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
+    assert "profiles" not in services["worker"]
+    cpu = services["worker-cpu"]
+    assert cpu["profiles"] == ["cpu"]
+    assert "deploy" not in cpu
+    assert cpu["image"] == services["worker"]["image"]
+    assert cpu["build"] == services["worker"]["build"]
+    assert cpu["command"] == services["worker"]["command"] == ["convoy", "worker"]
+    assert services["worker"]["build"]["dockerfile"] == "docker/Dockerfile.worker"
+    assert services["api"]["build"]["dockerfile"] == "docker/Dockerfile.api"
+
+
+def test_the_api_image_never_installs_torch_and_the_worker_image_pins_it():
+    api = (ROOT / "docker/Dockerfile.api").read_text()
+    installs = [line for line in api.splitlines() if "pip install" in line]
+    assert installs == ["RUN pip install ."]
+    assert "torch" not in "\n".join(line for line in api.splitlines()
+                                     if not line.lstrip().startswith("#"))
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert not [d for d in project["dependencies"] if d.lower().startswith("torch")]
+
+    worker = (ROOT / "docker/Dockerfile.worker").read_text()
+    pin = next(d for d in project["optional-dependencies"]["worker"] if d.startswith("torch"))
+    assert f"ARG TORCH_VERSION={pin.split('==')[1]}" in worker
+    assert "ARG TORCH_INDEX=https://download.pytorch.org/whl/cu" in worker
+    assert '--index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}"' in worker
+
+
+def local_command(service: dict[str, Any], port: int | None = None) -> list[str]:
+    """The service's command with the venv's `convoy` script; host and port made local."""
+    cmd = service["command"]
+    cmd = shlex.split(cmd) if isinstance(cmd, str) else list(cmd)
+    assert cmd[0] == "convoy"
+    cmd[0] = str(Path(sys.executable).parent / "convoy")
+    if "--host" in cmd:
+        cmd[cmd.index("--host") + 1] = "127.0.0.1"
+    if port is not None:
+        cmd[cmd.index("--port") + 1] = str(port)
+    return cmd
+
+
+def test_compose_api_and_worker_commands_run_a_digits_job(compose, tmp_path):
+    services = compose["services"]
+    pg_url = create_pg_database()
+    # What `docker compose` would see in .env, then the in-network addresses swapped for the
+    # local services and a queue of our own.
+    dotenv = {"POSTGRES_PASSWORD": "unused-locally", "CONVOY_BOOTSTRAP_TOKEN": TOKEN}
+    local = {
+        "CONVOY_HOME": str(tmp_path),
+        "CONVOY_DATABASE_URL": pg_url,
+        "CONVOY_BROKER_URL": f"{REDIS}/0",
+        "CONVOY_QUEUE": f"convoy-compose-{uuid.uuid4().hex[:8]}",
+        "CONVOY_ARTIFACT_ROOT": str(tmp_path / "artifacts"),
+    }
+    base = {k: v for k, v in os.environ.items() if not k.startswith("CONVOY_")}
+    base["PYTHONUNBUFFERED"] = "1"
+
+    def env_of(name: str) -> dict[str, str]:
+        env = {k: interpolate(str(v), dotenv) for k, v in services[name]["environment"].items()}
+        assert set(local) <= set(env), f"{name} lacks {set(local) - set(env)}"
+        return {**base, **env, **local}
+
+    api_env, worker_env = env_of("api"), env_of("worker")
+    assert api_env["CONVOY_ENV"] == worker_env["CONVOY_ENV"] == "production"
+    # A fresh database: the api service's `--migrate` is what creates the tables.
+    stack = Stack(env=api_env, home=tmp_path, port=free_port())
+    try:
+        stack.start_api(cmd=local_command(services["api"], stack.port))
+        stack.env = worker_env
+        stack.start_worker("compose-worker", cmd=local_command(services["worker"]))
+        assert "worker@" in stack.log_text("compose-worker")  # `convoy worker` names itself
+        with stack.client() as client:
+            r = client.post("/v1/jobs", json=train_request(2))
+            assert r.status_code == 201, r.text
+            done = wait_job(client, r.json()["id"], timeout=180)
+            assert done["state"] == "succeeded", done["error"]
+            assert done["result"]["epochs_done"] == 2
+            names = [c["name"] for c in client.get(f"/v1/jobs/{done['id']}/checkpoints").json()]
+            assert names == ["epoch-0001.safetensors", "epoch-0002.safetensors"]
+        assert list((tmp_path / "artifacts").rglob("epoch-0002.safetensors"))
+    finally:
+        stack.stop()
+        drop_pg_database(pg_url)
