@@ -4,8 +4,12 @@ running at once harmless."""
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
 import threading
+import time
+from typing import Any
 
 from celery import Celery
 
@@ -13,21 +17,90 @@ from convoy.queue import enqueue
 from convoy.settings import Settings
 from db import jobs
 from db.session import session_scope
-from db.tables import Job
 
 log = logging.getLogger(__name__)
 
+# kombu's Redis transport keeps one list per priority step: "q", "q\x06\x163", ...
+REDIS_PRIORITY_SEP = "\x06\x16"
+REDIS_PRIORITY_STEPS = (0, 3, 6, 9)
 
-def reconcile_once(settings: Settings, celery: Celery) -> dict[str, list[str]]:
-    """Requeue running jobs whose lease expired; resend queued jobs whose message may be
-    lost. Returns the ids it acted on."""
+
+def _job_id_of(raw: bytes | str) -> str | None:
+    """The job id a Celery message carries (its only argument), or None if unreadable."""
+    try:
+        message = json.loads(raw)
+        body = message["body"]
+        if message.get("properties", {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        args = json.loads(body)[0]
+        return str(args[0]) if args else None
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None
+
+
+def redis_queue_keys(queue: str) -> list[str]:
+    return [queue if p == 0 else f"{queue}{REDIS_PRIORITY_SEP}{p}" for p in REDIS_PRIORITY_STEPS]
+
+
+def redis_held_ids(settings: Settings, *, queued: int) -> set[str] | None:
+    """Job ids with a message waiting in the Redis broker's lists for our queue.
+
+    None when the lists hold at least `queued` messages: nothing looks lost, so they are not
+    read (a backlog of thousands costs one LLEN per pass, not a scan). Delivered-but-unacked
+    messages do not count: the worker that took one may have died before claiming the job,
+    and Redis would hand it out again only after the visibility timeout (days)."""
+    import redis
+
+    client = redis.Redis.from_url(settings.broker_url, socket_timeout=5)
+    try:
+        keys = redis_queue_keys(settings.queue)
+        pipe = client.pipeline()
+        for key in keys:
+            pipe.llen(key)
+        if sum(pipe.execute()) >= queued:
+            return None
+        pipe = client.pipeline()
+        for key in keys:
+            pipe.lrange(key, 0, -1)
+        held: set[str] = set()
+        for chunk in pipe.execute():
+            held.update(i for i in map(_job_id_of, chunk) if i)
+        return held
+    finally:
+        client.close()
+
+
+def reconcile_once(settings: Settings, celery: Celery, *, expire_leases: bool = True
+                   ) -> dict[str, list[str]]:
+    """Requeue running jobs whose lease expired; resend queued jobs whose message is lost.
+    Returns the ids it acted on."""
+    inspect_redis = settings.broker_url.startswith(("redis://", "rediss://"))
     with session_scope(settings.database_url) as session:
-        expired = jobs.requeue_expired(session, lease_seconds=settings.lease_seconds)
-        stale = jobs.stale_queued(session, older_than_seconds=settings.requeue_after_seconds)
-        kinds = {j.id: j.kind for j in session.query(Job).filter(Job.id.in_(expired + stale))}
-    for job_id in dict.fromkeys(expired + stale):
-        enqueue(celery, kind=kinds[job_id], job_id=job_id)
-    return {"requeued": expired, "resent": stale}
+        expired = jobs.requeue_expired(session, lease_seconds=settings.lease_seconds) \
+            if expire_leases else []
+        # With Redis we can see which messages exist, so resend exactly the missing ones;
+        # other brokers get a per-job backoff instead.
+        due = jobs.stale_queued(
+            session, older_than_seconds=settings.requeue_after_seconds,
+            max_backoff_seconds=None if inspect_redis else 10 * settings.requeue_after_seconds,
+        )
+        queued = jobs.count_queued(session) if due and inspect_redis else 0
+        kinds = dict(due) | jobs.kinds_of(session, job_ids=expired)
+    if due and inspect_redis:
+        held = redis_held_ids(settings, queued=queued)
+        due = [] if held is None else [(i, k) for i, k in due if i not in held]
+    sent: list[str] = []
+    try:
+        for job_id in expired:
+            enqueue(celery, kind=kinds[job_id], job_id=job_id)
+        for job_id, kind in due:
+            enqueue(celery, kind=kind, job_id=job_id)
+            sent.append(job_id)
+    finally:
+        if sent:
+            with session_scope(settings.database_url) as session:
+                jobs.mark_sent(session, job_ids=sent)
+    return {"requeued": expired, "resent": sent}
 
 
 class Reconciler:
@@ -35,6 +108,9 @@ class Reconciler:
         self.settings, self.celery = settings, celery
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="reconciler", daemon=True)
+        # After a failed pass (the database may have been down, and with it every worker's
+        # heartbeat) leases get a full lease period again before they can expire.
+        self._failed_at: float | None = None
 
     def start(self) -> None:
         self._thread.start()
@@ -45,9 +121,17 @@ class Reconciler:
 
     def _run(self) -> None:
         while not self._stop.wait(self.settings.reconcile_interval_seconds):
-            try:
-                acted = reconcile_once(self.settings, self.celery)
-                if acted["requeued"] or acted["resent"]:
-                    log.info("reconciler: %s", acted)
-            except Exception:  # database or broker down: try again next tick
-                log.warning("reconciler pass failed", exc_info=True)
+            self.pass_once()
+
+    def pass_once(self) -> dict[str, Any] | None:
+        grace = self._failed_at is not None and \
+            time.monotonic() - self._failed_at < self.settings.lease_seconds
+        try:
+            acted = reconcile_once(self.settings, self.celery, expire_leases=not grace)
+        except Exception:  # database or broker down: try again next tick
+            log.warning("reconciler pass failed", exc_info=True)
+            self._failed_at = time.monotonic()
+            return None
+        if acted["requeued"] or acted["resent"]:
+            log.info("reconciler: %s", acted)
+        return acted

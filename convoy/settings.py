@@ -37,6 +37,8 @@ class Settings(BaseSettings):
     # Queued jobs older than this whose message may have been lost are sent again.
     requeue_after_seconds: float = 30.0
     reconcile_interval_seconds: float = 5.0
+    # A worker retries its epoch and outcome writes this long while the database is down.
+    db_retry_seconds: float = 300.0
     # Longer than any job: Redis redelivers unacked messages after this.
     visibility_timeout_seconds: int = 7 * 24 * 3600
     broker_polling_interval: float = 0.1

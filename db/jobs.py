@@ -9,7 +9,7 @@ from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from db.base import utcnow
@@ -116,6 +116,11 @@ def heartbeat(
     return result.rowcount == 1  # type: ignore[attr-defined]
 
 
+def holds_lease(session: Session, *, job_id: str, worker_id: str) -> bool:
+    """A read-only check between renewals, so a cancel is seen within a second."""
+    return session.execute(select(Job.id).where(_owned(job_id, worker_id))).first() is not None
+
+
 def record_epoch(
     session: Session,
     *,
@@ -139,8 +144,14 @@ def record_epoch(
     if result.rowcount != 1:  # type: ignore[attr-defined]
         session.rollback()
         return False
+    # A retried call (the commit went through but the reply was lost to a dropped connection)
+    # must not trip the unique constraint: skip the names this step already has.
+    have = set(session.scalars(select(Metric.name).where(Metric.job_id == job_id,
+                                                         Metric.step == step)))
     for name, value in metrics.items():
-        session.add(Metric(job_id=job_id, name=name, step=step, epoch=epoch, value=float(value)))
+        if name not in have:
+            session.add(Metric(job_id=job_id, name=name, step=step, epoch=epoch,
+                               value=float(value)))
     for artifact in artifacts:
         _upsert_artifact(session, artifact)
     session.commit()
@@ -283,23 +294,58 @@ def requeue_expired(
 
 
 def stale_queued(
-    session: Session, *, older_than_seconds: float, now: datetime | None = None
-) -> list[str]:
-    """Queued jobs not sent for a while (their message may be lost); marks them sent again."""
+    session: Session,
+    *,
+    older_than_seconds: float,
+    now: datetime | None = None,
+    max_backoff_seconds: float | None = None,
+    limit: int = 1000,
+) -> list[tuple[str, str]]:
+    """(id, kind) of queued jobs not sent for `older_than_seconds`: their message may be lost.
+
+    With `max_backoff_seconds`, a job is resent only after waiting at least as long as it had
+    already waited when it was last sent (capped): 30 s, 60 s, 120 s... after submission. A
+    long backlog then costs a few duplicate messages per job instead of one every pass. Marks
+    nothing: call mark_sent for the ids actually sent."""
     now = now or utcnow()
     cutoff = now - timedelta(seconds=older_than_seconds)
-    ids = list(
-        session.scalars(
-            select(Job.id).where(Job.state == "queued", Job.enqueued_at < cutoff).limit(1000)
-        )
-    )
+    rows = session.execute(
+        select(Job.id, Job.kind, Job.created_at, Job.enqueued_at)
+        .where(Job.state == "queued", Job.enqueued_at < cutoff)
+        .order_by(Job.enqueued_at)
+        .limit(limit)
+    ).all()
+    session.commit()
+    due: list[tuple[str, str]] = []
+    for job_id, kind, created_at, enqueued_at in rows:
+        if max_backoff_seconds is not None:
+            waited_before = min((enqueued_at - created_at).total_seconds(), max_backoff_seconds)
+            if (now - enqueued_at).total_seconds() < waited_before:
+                continue
+        due.append((job_id, kind))
+    return due
+
+
+def count_queued(session: Session) -> int:
+    return session.scalar(select(func.count()).select_from(Job).where(Job.state == "queued")) or 0
+
+
+def kinds_of(session: Session, *, job_ids: Iterable[str]) -> dict[str, str]:
+    ids = list(job_ids)
+    if not ids:
+        return {}
+    return dict(session.execute(select(Job.id, Job.kind).where(Job.id.in_(ids))).tuples().all())
+
+
+def mark_sent(session: Session, *, job_ids: Iterable[str], now: datetime | None = None) -> None:
+    ids = list(job_ids)
     if ids:
         session.execute(
-            update(Job).where(Job.id.in_(ids), Job.state == "queued").values(enqueued_at=now)
+            update(Job).where(Job.id.in_(ids), Job.state == "queued")
+            .values(enqueued_at=now or utcnow())
             .execution_options(synchronize_session=False)
         )
     session.commit()
-    return ids
 
 
 def log(session: Session, *, job_id: str, message: str, level: str = "info") -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from db import jobs
 from db.session import session_scope
@@ -34,14 +35,26 @@ class Lease:
         self._thread.join()
 
     def _run(self) -> None:
-        while not self._stop.wait(self.every_s):
+        # Renew every `every_s`; in between, a read-only look each second, so a cancel stops
+        # the loop within about a second even with a long heartbeat period.
+        tick = min(self.every_s, 1.0)
+        last_renewal = time.monotonic()
+        while not self._stop.wait(tick):
+            renew = time.monotonic() - last_renewal >= self.every_s - 1e-3
             try:
                 with session_scope(self.db_url) as session:
-                    held = jobs.heartbeat(session, job_id=self.job_id, worker_id=self.worker_id,
-                                          progress=round(self.progress.value, 4))
+                    if renew:
+                        held = jobs.heartbeat(session, job_id=self.job_id,
+                                              worker_id=self.worker_id,
+                                              progress=round(self.progress.value, 4))
+                    else:
+                        held = jobs.holds_lease(session, job_id=self.job_id,
+                                                worker_id=self.worker_id)
             except Exception:  # the database is down: keep training, try again next tick
                 log.warning("heartbeat for job %s failed", self.job_id, exc_info=True)
                 continue
+            if renew:
+                last_renewal = time.monotonic()
             if not held:
                 self.lost.set()
                 return

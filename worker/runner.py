@@ -20,6 +20,7 @@ from db.session import session_scope
 from db.tables import Artifact, Job, Upload
 from models.build import build_model
 from worker import checkpoints
+from worker.dbretry import is_disconnect, retry_db
 from worker.lease import Lease
 from worker.train import DeviceData, EpochReport, NonFiniteLoss, Progress, Stopped, train
 
@@ -113,12 +114,17 @@ class TrainRun:
             size, sha = self.store.put_bytes(key, blob)
             rows.append(Artifact(job_id=self.job.id, tenant=self.job.tenant, kind=kind, name=fname,
                                  key=key, size=size, sha256=sha, meta={"epoch": epoch}))
-        with self.db() as session:
-            held = jobs.record_epoch(
-                session, job_id=self.job.id, worker_id=self.worker_id, epoch=epoch, step=step,
-                metrics=metrics, progress=epoch / self.request.train.epochs, artifacts=rows,
-            )
-        if not held:
+
+        def record() -> bool:
+            with self.db() as session:
+                return jobs.record_epoch(
+                    session, job_id=self.job.id, worker_id=self.worker_id, epoch=epoch,
+                    step=step, metrics=metrics, progress=epoch / self.request.train.epochs,
+                    artifacts=rows,
+                )
+
+        if not retry_db(record, what=f"job {self.job.id} epoch {epoch}",
+                        within_s=self.settings.db_retry_seconds):
             self.lease_lost = True
 
     def _wait_pending(self) -> None:
@@ -127,6 +133,22 @@ class TrainRun:
             self.pending = None
 
     def run(self) -> None:
+        # The lease starts before anything slow (a large dataset, a resume, torch.compile),
+        # so none of that can outlast it.
+        with Lease(db_url=self.settings.database_url, job_id=self.job.id,
+                   worker_id=self.worker_id, every_s=self.settings.heartbeat_seconds,
+                   progress=self.progress) as lease:
+            result = self._train(lease)
+
+        def finish() -> bool:
+            with self.db() as session:
+                return jobs.finish_job(session, job_id=self.job.id, worker_id=self.worker_id,
+                                       state="succeeded", result=result)
+
+        retry_db(finish, what=f"job {self.job.id} outcome",
+                 within_s=self.settings.db_retry_seconds)
+
+    def _train(self, lease: Lease) -> dict[str, Any]:
         req = self.request
         device = pick_device(req.device)
         split = load_split(req.dataset, settings=self.settings, tenant=self.job.tenant)
@@ -144,28 +166,23 @@ class TrainRun:
         if last is not None:
             start_epoch = self._resume(last, model, optimizer, device)
         trained = torch.compile(model) if req.train.compile else model
-        with Lease(db_url=self.settings.database_url, job_id=self.job.id,
-                   worker_id=self.worker_id, every_s=self.settings.heartbeat_seconds,
-                   progress=self.progress) as lease:
+        try:
+            result = train(
+                trained, data, req.train, optimizer=optimizer, start_epoch=start_epoch,
+                on_epoch=self.on_epoch,
+                should_stop=lambda: lease.should_stop() or self.lease_lost,
+                progress=self.progress,
+            )
+        finally:
             try:
-                result = train(
-                    trained, data, req.train, optimizer=optimizer, start_epoch=start_epoch,
-                    on_epoch=self.on_epoch,
-                    should_stop=lambda: lease.should_stop() or self.lease_lost,
-                    progress=self.progress,
-                )
+                self._wait_pending()
             finally:
-                try:
-                    self._wait_pending()
-                finally:
-                    self.writer.shutdown()
-            if lease.should_stop() or self.lease_lost:
-                raise Stopped()
+                self.writer.shutdown()
+        if lease.should_stop() or self.lease_lost:
+            raise Stopped()
         result["device"] = str(device)
         result["resumed_from_epoch"] = start_epoch
-        with self.db() as session:
-            jobs.finish_job(session, job_id=self.job.id, worker_id=self.worker_id,
-                            state="succeeded", result=result)
+        return result
 
     def _resume(self, last: Artifact, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                 device: torch.device) -> int:
@@ -183,8 +200,12 @@ class TrainRun:
 
 def run_job(job_id: str, *, settings: Settings, worker_id: str) -> str:
     """Claim and run one attempt of a job. Returns what happened, for logs and tests."""
-    with session_scope(settings.database_url) as session:
-        job = jobs.claim_job(session, job_id=job_id, worker_id=worker_id)
+
+    def claim() -> Job | None:
+        with session_scope(settings.database_url) as session:
+            return jobs.claim_job(session, job_id=job_id, worker_id=worker_id)
+
+    job = retry_db(claim, what=f"claim of job {job_id}", within_s=settings.db_retry_seconds)
     if job is None:
         log.info("job %s not claimable (duplicate message, canceled or running elsewhere)", job_id)
         return "skipped"
@@ -198,16 +219,30 @@ def run_job(job_id: str, *, settings: Settings, worker_id: str) -> str:
         else:
             raise ValueError(f"unknown job kind {job.kind!r}")
     except Stopped:
-        with session_scope(settings.database_url) as session:
-            state = jobs.job_state(session, job_id=job_id)
-            jobs.end_attempt(session, job_id=job_id, worker_id=worker_id,
-                             outcome="canceled" if state == "canceled" else "lost")
+        def stopped() -> None:
+            with session_scope(settings.database_url) as session:
+                state = jobs.job_state(session, job_id=job_id)
+                jobs.end_attempt(session, job_id=job_id, worker_id=worker_id,
+                                 outcome="canceled" if state == "canceled" else "lost")
+
+        retry_db(stopped, what=f"job {job_id} stop", within_s=settings.db_retry_seconds)
         return "stopped"
     except Exception as exc:
+        if is_disconnect(exc):
+            # The database stayed away longer than db_retry_seconds: not the job's fault. Leave
+            # it running without heartbeats; its lease expires and a later attempt resumes it.
+            log.error("job %s: database unreachable, leaving it to its lease", job_id,
+                      exc_info=True)
+            return "lost"
         log.exception("job %s failed", job_id)
-        with session_scope(settings.database_url) as session:
-            jobs.log(session, job_id=job_id, level="error", message=traceback.format_exc())
-            jobs.finish_job(session, job_id=job_id, worker_id=worker_id, state="failed",
-                            error=failure_message(exc))
+        trace, error = traceback.format_exc(), failure_message(exc)
+
+        def failed() -> None:
+            with session_scope(settings.database_url) as session:
+                jobs.log(session, job_id=job_id, level="error", message=trace)
+                jobs.finish_job(session, job_id=job_id, worker_id=worker_id, state="failed",
+                                error=error)
+
+        retry_db(failed, what=f"job {job_id} failure", within_s=settings.db_retry_seconds)
         return "failed"
     return "done"
