@@ -192,17 +192,17 @@ def infer(spec: ModelSpec) -> dict[str, Any]:
             d = pair(getattr(layer, "dilation", 1))
             ceil = bool(getattr(layer, "ceil_mode", False))
             for axis, size in enumerate((h, w)):
+                if layer.type != "conv2d" and p[axis] > k[axis] // 2:
+                    raise fail(f"padding {p[axis]} must be at most half the kernel size {k[axis]}")
                 span = d[axis] * (k[axis] - 1) + 1
-                if span > size + 2 * p[axis]:
+                # with ceil_mode a pooling window may overhang the padded input (torch allows it
+                # as long as one window starts inside), so the output size is the test
+                if _window_out(size, k[axis], s[axis], p[axis], d[axis], ceil) < 1:
                     raise fail(f"window {span} is larger than its padded input "
                                f"{size + 2 * p[axis]} (input {h}x{w}, padding {p[axis]}), so "
                                "its output would shrink to zero")
-                if layer.type != "conv2d" and p[axis] > k[axis] // 2:
-                    raise fail(f"padding {p[axis]} must be at most half the kernel size {k[axis]}")
             oh = _window_out(h, k[0], s[0], p[0], d[0], ceil)
             ow = _window_out(w, k[1], s[1], p[1], d[1], ceil)
-            if oh < 1 or ow < 1:
-                raise fail(f"output shrinks to {oh}x{ow}")
             if layer.type == "conv2d":
                 if c % layer.groups or layer.out_channels % layer.groups:
                     raise fail(f"groups {layer.groups} must divide in_channels {c} and "
