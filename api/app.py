@@ -17,7 +17,17 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from api.auth import ensure_bootstrap
 from api.guards import RejectNul, data_error, http_error
 from api.reconciler import Reconciler
-from api.routes import dashboard, datasets, events, health, jobs, models, tokens
+from api.routes import (
+    dashboard,
+    datasets,
+    events,
+    feature_maps,
+    health,
+    jobs,
+    models,
+    tokens,
+    uploads,
+)
 from convoy.artifacts import get_store
 from convoy.queue import make_celery
 from convoy.settings import Settings, get_settings
@@ -113,6 +123,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (health, jobs, models, datasets, tokens):
         app.include_router(module.router)
     for module in (events, dashboard):  # the live stream and the web UI (issue 6)
+        app.include_router(module.router)
+    for module in (feature_maps, uploads):  # feature-map jobs and their uploads (issue 3)
         app.include_router(module.router)
     dashboard.mount_static(app)
     app.add_middleware(BodyLimit, settings=settings)

@@ -1,0 +1,285 @@
+"""Checks a feature-map request before its row is written: the model source, the inputs, the
+layers and the size of what it will store. Also checks uploaded checkpoints against a spec.
+Plain Python and numpy: the API never imports torch."""
+
+from __future__ import annotations
+
+import json
+import math
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+from fastapi import HTTPException
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from api.submit import check_model_limits, summarize_or_422, unprocessable
+from convoy import datasets
+from convoy.featuremaps import UnknownLayer, layer_names, map_bytes, pooled_shape, resolve_layers
+from convoy.jobspec import FeatureMapsJobRequest
+from convoy.settings import Settings
+from db.tables import Artifact, Job, Upload
+from models.spec import ModelSpec, pair
+
+DEFAULT_DATASET_INPUTS = 16
+# safetensors dtype -> bytes per element
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+               "U8": 1, "BOOL": 1}
+FLOATS = ("F64", "F32", "F16", "BF16")
+
+
+def not_found(field: str, message: str) -> HTTPException:
+    return HTTPException(404, f"{field}: {message}")
+
+
+# -- checkpoints ---------------------------------------------------------------------------
+
+def expected_tensors(spec: ModelSpec, summary: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """The state_dict a spec's module has: name -> shape (`layers.{i}.weight` ...)."""
+    out: dict[str, tuple[int, ...]] = {}
+    for layer, row in zip(spec.layers, summary["layers"], strict=True):
+        p, shape_in = f"layers.{row['index']}.", row["input_shape"]
+        if layer.type == "conv2d":
+            kh, kw = pair(layer.kernel_size)
+            out[p + "weight"] = (layer.out_channels, shape_in[0] // layer.groups, kh, kw)
+            if layer.bias:
+                out[p + "bias"] = (layer.out_channels,)
+        elif layer.type == "linear":
+            out[p + "weight"] = (layer.out_features, shape_in[0])
+            if layer.bias:
+                out[p + "bias"] = (layer.out_features,)
+        elif layer.type == "batchnorm2d":
+            for name in ("weight", "bias", "running_mean", "running_var"):
+                out[p + name] = (shape_in[0],)
+            out[p + "num_batches_tracked"] = ()
+    return out
+
+
+def safetensors_header(data: bytes) -> dict[str, dict[str, Any]]:
+    """The tensor table of a safetensors file, checked as the format requires (dtype sizes,
+    offsets that tile the data section exactly); ValueError when it is not one."""
+    if len(data) < 8:
+        raise ValueError("too short to be a safetensors file")
+    n = int.from_bytes(data[:8], "little")
+    if n < 2 or n > min(len(data) - 8, 100 * 1024 * 1024):
+        raise ValueError("not a safetensors file (bad header length)")
+    try:
+        header = json.loads(data[8:8 + n])
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ValueError("not a safetensors file (header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise ValueError("not a safetensors file (header is not a table)")
+    header.pop("__metadata__", None)
+    spans = []
+    for name, info in header.items():
+        try:
+            dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+            size = math.prod(int(d) for d in shape) * DTYPE_BYTES[dtype]
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"not a safetensors file (bad entry for {name[:80]!r})") from None
+        if end - begin != size:
+            raise ValueError(f"tensor {name[:80]!r}: its bytes do not match its shape")
+        spans.append((begin, end))
+    position = 0
+    for begin, end in sorted(spans):
+        if begin != position:
+            raise ValueError("not a safetensors file (tensor data overlaps or has holes)")
+        position = end
+    if position != len(data) - 8 - n:
+        raise ValueError("not a safetensors file (data section has the wrong length)")
+    return header
+
+
+def check_checkpoint(data: bytes, spec: ModelSpec, summary: dict[str, Any]) -> int:
+    """The number of tensors, or a 422 naming the file or the first mismatching tensor."""
+    try:
+        header = safetensors_header(data)
+    except ValueError as exc:
+        raise unprocessable("file", str(exc)) from None
+    wanted = expected_tensors(spec, summary)
+    for name, info in sorted(header.items()):
+        if name not in wanted:
+            raise unprocessable("file", f"tensor {name[:80]!r} is not in the model; expected "
+                                        f"{sorted(wanted)[:12]}")
+        shape = tuple(info["shape"])
+        if shape != wanted[name]:
+            raise unprocessable("file", f"tensor {name!r} has shape {list(shape)} but the spec "
+                                        f"needs {list(wanted[name])}")
+        floating = not name.endswith("num_batches_tracked")
+        if floating and info["dtype"] not in FLOATS:
+            raise unprocessable("file", f"tensor {name!r} has dtype {info['dtype']}; "
+                                        f"expected a float")
+    # torch fills a missing BatchNorm counter itself; every other tensor must be there
+    missing = [n for n in wanted if n not in header and not n.endswith("num_batches_tracked")]
+    if missing:
+        raise unprocessable("file", f"tensor {missing[0]!r} is missing "
+                                    f"({len(missing)} missing in all)")
+    return len(header)
+
+
+# -- the model source ----------------------------------------------------------------------
+
+def resolve_source(session: Session, req: FeatureMapsJobRequest, *, tenant: str
+                   ) -> tuple[ModelSpec, dict[str, Any]]:
+    src = req.source
+    given = [f for f in ("job_id", "checkpoint_id", "model") if getattr(src, f) is not None]
+    if len(given) != 1:
+        raise unprocessable("source", "give exactly one of job_id (a train job), checkpoint_id "
+                                      "(an uploaded checkpoint) or model (random weights from "
+                                      f"seed); got {given or 'none'}")
+    if src.checkpoint is not None and src.job_id is None:
+        raise unprocessable("source.checkpoint", "a checkpoint name needs a job_id")
+    if src.job_id is not None:
+        job = session.scalars(select(Job).where(Job.id == src.job_id, Job.tenant == tenant,
+                                                Job.kind == "train")).one_or_none()
+        if job is None:
+            raise not_found("source.job_id", f"no train job {src.job_id}")
+        rows = list(session.scalars(
+            select(Artifact.name).where(Artifact.job_id == job.id, Artifact.tenant == tenant,
+                                        Artifact.kind == "checkpoint").order_by(Artifact.name)))
+        if src.checkpoint is not None and src.checkpoint not in rows:
+            raise unprocessable("source.checkpoint", f"job {job.id} has no checkpoint "
+                                                     f"{src.checkpoint!r}; it has {rows[-5:]}")
+        if not rows:
+            raise unprocessable("source.job_id", f"job {job.id} ({job.state}) has no "
+                                                 "checkpoint yet")
+        spec = ModelSpec.model_validate(job.request["model"])
+        return spec, {"type": "train_job", "job_id": job.id,
+                      "checkpoint": src.checkpoint or rows[-1]}
+    if src.checkpoint_id is not None:
+        upload = _upload(session, src.checkpoint_id, "checkpoint", tenant)
+        if upload is None:
+            raise not_found("source.checkpoint_id", f"no checkpoint {src.checkpoint_id}")
+        spec = ModelSpec.model_validate(upload.meta["model"])
+        return spec, {"type": "checkpoint", "checkpoint_id": upload.id}
+    assert src.model is not None
+    return src.model, {"type": "random", "seed": src.seed}
+
+
+def _upload(session: Session, upload_id: str, kind: str, tenant: str) -> Upload | None:
+    return session.scalars(select(Upload).where(Upload.id == upload_id, Upload.tenant == tenant,
+                                                Upload.kind == kind)).one_or_none()
+
+
+# -- the inputs ------------------------------------------------------------------------------
+
+@lru_cache(maxsize=1)
+def _digits_split_sizes() -> dict[str, int]:
+    split = datasets.load_digits()
+    return {"train": len(split.x_train), "val": len(split.x_val),
+            "all": len(split.x_train) + len(split.x_val)}
+
+
+def _sizes_from_labels(y: np.ndarray, uploaded: bool) -> dict[str, int]:
+    empty = np.zeros((len(y), 0), dtype=np.float32)
+    split = datasets.split_uploaded(empty, y) if uploaded else \
+        datasets._stratified_split(empty, y, 0.2, seed=0)
+    return {"train": len(split.y_train), "val": len(split.y_val), "all": len(y)}
+
+
+def dataset_ref(raw: Any) -> Any:
+    if isinstance(raw, str):
+        return datasets.DigitsRef(name="digits") if raw == "digits" \
+            else datasets.SyntheticRef(name="synthetic")
+    return raw
+
+
+def split_size(session: Session, ref: Any, split: str, *, tenant: str, store: Any
+               ) -> tuple[tuple[int, ...], int]:
+    """The dataset's input shape and the number of samples in the split."""
+    if isinstance(ref, datasets.DigitsRef):
+        return (1, 8, 8), _digits_split_sizes()[split]
+    if isinstance(ref, datasets.SyntheticRef):
+        # split sizes depend only on the class counts, not on the drawn images
+        y = np.arange(ref.samples, dtype=np.int64) % ref.num_classes
+        return (ref.channels, ref.size, ref.size), _sizes_from_labels(y, False)[split]
+    upload = _upload(session, ref.id, "dataset", tenant)
+    if upload is None:
+        raise not_found("inputs.dataset.id", f"no dataset {ref.id}")
+    shape = tuple(upload.meta["input_shape"])
+    if split == "all":
+        return shape, int(upload.meta["samples"])
+    with np.load(store.path(upload.key), allow_pickle=False) as archive:
+        y = archive["y"]  # an .npz member loads alone: x is not read
+    return shape, _sizes_from_labels(y.astype(np.int64), True)[split]
+
+
+def resolve_inputs(session: Session, req: FeatureMapsJobRequest, summary: dict[str, Any], *,
+                   tenant: str, store: Any) -> dict[str, Any]:
+    inp = req.inputs
+    want = tuple(summary["input_shape"])
+    if (inp.dataset is None) == (inp.input_id is None):
+        raise unprocessable("inputs", "give exactly one of dataset (with indices) or input_id "
+                                      "(an uploaded .npy or image)")
+    if inp.dataset is not None:
+        ref = dataset_ref(inp.dataset)
+        shape, count = split_size(session, ref, inp.split, tenant=tenant, store=store)
+        what = f"split {inp.split!r} of dataset {datasets.describe(ref.model_dump())}"
+        info: dict[str, Any] = {"dataset": ref.model_dump(mode="json"), "split": inp.split}
+        if shape != want:
+            raise unprocessable("inputs.dataset", f"{what} has inputs {list(shape)} but the "
+                                                  f"model takes {list(want)}")
+    else:
+        upload = _upload(session, inp.input_id, "input", tenant)  # type: ignore[arg-type]
+        if upload is None:
+            raise not_found("inputs.input_id", f"no input upload {inp.input_id}")
+        meta, what = upload.meta, f"upload {upload.id}"
+        count = int(meta["count"])
+        if meta["format"] == "npy" and tuple(meta["shape"]) != want:
+            raise unprocessable("inputs.input_id", f"the uploaded arrays are {meta['shape']} "
+                                                   f"per input but the model takes {list(want)}")
+        if meta["format"] != "npy" and want[0] not in (1, 3):
+            raise unprocessable("inputs.input_id", f"an image converts to 1 or 3 channels; "
+                                                   f"the model takes {want[0]}")
+        info = {"input_id": upload.id, "format": meta["format"]}
+    if inp.indices is None:
+        indices = list(range(min(count, DEFAULT_DATASET_INPUTS if inp.dataset else count)))
+    else:
+        indices = inp.indices
+        for k, index in enumerate(indices):
+            if index >= count:
+                raise unprocessable(f"inputs.indices.{k}", f"index {index} is out of range: "
+                                                           f"{what} has {count} samples")
+    return {**info, "indices": indices, "count": len(indices)}
+
+
+# -- the request -----------------------------------------------------------------------------
+
+def check_feature_maps(session: Session, req: FeatureMapsJobRequest, settings: Settings, *,
+                       tenant: str, store: Any = None) -> dict[str, Any]:
+    """The job summary of a valid feature-map request, or a 4xx naming the field."""
+    if store is None:
+        from convoy.artifacts import get_store
+
+        store = get_store(settings.artifact_root)
+    spec, source = resolve_source(session, req, tenant=tenant)
+    field = "source.model" if source["type"] == "random" else "source"
+    summary = summarize_or_422(spec, field=field)
+    try:
+        captured = resolve_layers(summary, req.layers)
+    except UnknownLayer as exc:
+        raise unprocessable(f"layers.{exc.position}", str(exc)) from None
+    pool = req.pool.model_dump(by_alias=True) if req.pool else None
+    if pool is not None and not pool["global"] and pool["kernel_size"] is None:
+        raise unprocessable("pool.kernel_size", "give a kernel_size, or global: true")
+    inputs = resolve_inputs(session, req, summary, tenant=tenant, store=store)
+    check_model_limits(summary, settings, batch_size=min(inputs["count"], 256), field=field)
+    names = layer_names(summary)
+    stored = unpooled = 0
+    for i in captured:
+        shape = summary["layers"][i]["output_shape"]
+        unpooled += map_bytes(inputs["count"], shape, req.dtype)
+        stored += map_bytes(inputs["count"], pooled_shape(shape, pool), req.dtype)
+    if stored > settings.max_feature_map_bytes:
+        raise unprocessable("layers", f"the maps would take {stored} bytes, over the limit "
+                                      f"max_feature_map_bytes={settings.max_feature_map_bytes}; "
+                                      "ask for fewer layers or inputs, or add pooling")
+    for row, name in zip(summary["layers"], names, strict=True):
+        row["name"] = name
+    summary["model"] = spec.model_dump(mode="json")
+    summary["feature_maps"] = {
+        "source": source, "inputs": inputs, "layers": [names[i] for i in captured],
+        "estimated_bytes": stored, "estimated_bytes_unpooled": unpooled,
+    }
+    return summary

@@ -1,0 +1,124 @@
+"""A feature-map job's results: the layer list with shapes and statistics, and each layer's
+maps as .npy, a PNG per input image, or JSON for small maps. A layer named in the URL is
+looked up among the job's artifact rows, never joined into a path."""
+
+from __future__ import annotations
+
+import io
+import math
+from typing import Annotated, Any, Literal
+
+import numpy as np
+from fastapi import APIRouter, HTTPException, Query, Response
+from sqlalchemy import select
+
+from api.deps import PrincipalDep, SessionDep, SettingsDep, StoreDep
+from api.routes.jobs import load_job
+from db.tables import Artifact
+
+router = APIRouter(prefix="/v1/jobs", tags=["feature-maps"])
+
+Array = Literal["maps", "argmax", "pool_argmax"]
+
+
+def _rows(session, job_id: str, tenant: str, kind: str):  # type: ignore[no-untyped-def]
+    return session.scalars(select(Artifact).where(
+        Artifact.job_id == job_id, Artifact.tenant == tenant, Artifact.kind == kind))
+
+
+def _feature_job(session, job_id: str, tenant: str):  # type: ignore[no-untyped-def]
+    job = load_job(session, job_id, tenant)
+    if job.kind != "feature_maps":
+        raise HTTPException(404, f"job {job_id} is a {job.kind} job: it has no feature maps")
+    return job
+
+
+@router.get("/{job_id}/feature-maps")
+def list_feature_maps(job_id: str, session: SessionDep, principal: PrincipalDep
+                      ) -> dict[str, Any]:
+    job = _feature_job(session, job_id, principal.tenant)
+    rows = sorted(_rows(session, job_id, principal.tenant, "feature_map"),
+                  key=lambda a: (a.meta or {}).get("index", 0))
+    argmax = {a.name for a in _rows(session, job_id, principal.tenant, "argmax")}
+    layers = [{
+        "name": a.name, "index": a.meta["index"], "type": a.meta["type"],
+        "shape": a.meta["shape"], "dtype": a.meta["dtype"], "bytes": a.meta["bytes"],
+        "file_bytes": a.size, "sha256": a.sha256, "unpooled_shape": a.meta["unpooled_shape"],
+        "has_argmax": a.name in argmax, "stats": a.meta["stats"],
+    } for a in rows if a.meta]
+    result = job.result or {}
+    return {"job_id": job.id, "state": job.state, "layers": layers,
+            "images": result.get("images"), "pool": result.get("pool"),
+            "bytes_stored": result.get("bytes_stored"),
+            "bytes_unpooled": result.get("bytes_unpooled")}
+
+
+def _find(session, job_id: str, tenant: str, kind: str, layer: str) -> Artifact | None:  # type: ignore[no-untyped-def]
+    for a in _rows(session, job_id, tenant, kind):
+        if a.name == layer or (layer.isdigit() and (a.meta or {}).get("index") == int(layer)):
+            return a
+    return None
+
+
+@router.get("/{job_id}/feature-maps/{layer}", response_class=Response, responses={
+    200: {"content": {"application/octet-stream": {}, "image/png": {}, "application/json": {}}}})
+def get_feature_map(
+    job_id: str,
+    layer: str,
+    session: SessionDep,
+    principal: PrincipalDep,
+    settings: SettingsDep,
+    store: StoreDep,
+    format: Literal["npy", "png", "json"] = "npy",  # noqa: A002 - the API's query name
+    image: Annotated[int | None, Query(ge=0)] = None,
+    array: Array = "maps",
+) -> Response:
+    """`layer` is a name from the list (`2-maxpool2d`) or its index (`2`). `array` picks the
+    maps (default) or, for max pooling, the argmax positions."""
+    _feature_job(session, job_id, principal.tenant)
+    kind = "feature_map" if array == "maps" else array
+    main = _find(session, job_id, principal.tenant, "feature_map", layer)
+    if main is None:
+        raise HTTPException(404, f"layer {layer[:64]!r} not found among job {job_id}'s "
+                                 "feature maps")
+    count = main.meta["shape"][0]
+    if image is not None and image >= count:
+        raise HTTPException(404, f"image {image} not found: the job has {count} images "
+                                 f"(0..{count - 1})")
+    headers = {"X-Layer": main.name, "X-Shape": ",".join(map(str, main.meta["shape"])),
+               "X-Dtype": main.meta["dtype"]}
+    if format == "png":
+        if array != "maps":
+            raise HTTPException(422, "array: PNGs exist for the maps only")
+        k = image or 0
+        png = _find(session, job_id, principal.tenant, "feature_map_png", f"{main.name}/{k}")
+        if png is None:
+            raise HTTPException(404, f"layer {main.name!r} has no PNG (only [C, H, W] maps are "
+                                     "drawn, and only when the job asked for png)")
+        return Response(store.get_bytes(png.key), media_type="image/png", headers=headers)
+    artifact = main if kind == "feature_map" else _find(session, job_id, principal.tenant,
+                                                        kind, main.name)
+    if artifact is None:
+        raise HTTPException(404, f"layer {main.name!r} has no {array} (only max pooling has)")
+    shape = (artifact.meta or {})["shape"]
+    if format == "npy" and image is None:
+        return Response(store.get_bytes(artifact.key), media_type="application/octet-stream",
+                        headers={**headers, "X-Sha256": artifact.sha256, "Content-Disposition":
+                                 f'attachment; filename="{main.name}.npy"'})
+    values = math.prod(shape[1:]) if image is not None else math.prod(shape)
+    if format == "json" and values > settings.max_json_map_values:
+        raise HTTPException(413, f"{values} values are too many for JSON (limit "
+                                 f"max_json_map_values={settings.max_json_map_values}); ask "
+                                 "for format=npy, or one image with image=k")
+    data = np.load(io.BytesIO(store.get_bytes(artifact.key)), allow_pickle=False)
+    if image is not None:
+        data = data[image:image + 1]
+    if format == "npy":
+        buf = io.BytesIO()
+        np.save(buf, data, allow_pickle=False)
+        return Response(buf.getvalue(), media_type="application/octet-stream", headers=headers)
+    import json
+
+    body = {"name": main.name, "array": array, "image": image, "shape": list(data.shape),
+            "dtype": str(data.dtype), "values": data.tolist()}
+    return Response(json.dumps(body), media_type="application/json", headers=headers)

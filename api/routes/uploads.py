@@ -1,0 +1,145 @@
+"""Uploads for feature-map jobs: checkpoints (safetensors + model spec) and inputs (.npy or
+PNG/JPEG). Every file is checked before a byte is stored; every query filters by tenant."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+from fastapi import APIRouter, File, Form, HTTPException, Response, UploadFile
+from pydantic import ValidationError
+from sqlalchemy import select
+
+from api.deps import PrincipalDep, SessionDep, SettingsDep, StoreDep
+from api.feature_maps import check_checkpoint
+from api.schemas import UploadOut
+from api.submit import summarize_or_422, unprocessable
+from api.uploads import display_name, read_capped
+from convoy import inputs
+from convoy.artifacts import upload_key
+from db.base import utcnow
+from db.jobs import new_id
+from db.tables import Upload
+from models.spec import ModelSpec
+
+router = APIRouter(tags=["uploads"])
+
+
+def upload_out(u: Upload) -> UploadOut:
+    return UploadOut(id=u.id, kind=u.kind, name=u.name, size=u.size, sha256=u.sha256,
+                     meta=u.meta, created_at=u.created_at)
+
+
+def _save(session, store, *, tenant: str, kind: str, name: str, data: bytes,  # type: ignore[no-untyped-def]
+          suffix: str, meta: dict[str, Any]) -> Upload:
+    upload_id = new_id()
+    key = upload_key(f"{kind}s", upload_id, suffix)
+    size, sha = store.put_bytes(key, data)
+    row = Upload(id=upload_id, tenant=tenant, kind=kind, name=name, key=key, size=size,
+                 sha256=sha, meta=meta, created_at=utcnow())
+    session.add(row)
+    try:
+        session.commit()
+    except Exception:
+        store.delete(key)  # no file without its row
+        raise
+    return row
+
+
+def _list(session, tenant: str, kind: str) -> list[UploadOut]:  # type: ignore[no-untyped-def]
+    rows = session.scalars(
+        select(Upload).where(Upload.tenant == tenant, Upload.kind == kind)
+        .order_by(Upload.created_at.desc()).limit(500)
+    )
+    return [upload_out(u) for u in rows]
+
+
+def _get(session, tenant: str, kind: str, upload_id: str) -> UploadOut:  # type: ignore[no-untyped-def]
+    row = session.scalars(
+        select(Upload).where(Upload.id == upload_id, Upload.tenant == tenant,
+                             Upload.kind == kind)
+    ).one_or_none()
+    if row is None:
+        raise HTTPException(404, f"{kind} {upload_id[:64]} not found")
+    return upload_out(row)
+
+
+@router.post("/v1/checkpoints", status_code=201, response_model=UploadOut)
+async def upload_checkpoint(
+    file: Annotated[UploadFile, File(description=".safetensors named layers.{i}.weight/bias")],
+    model: Annotated[str, Form(description="the model spec as JSON")],
+    session: SessionDep,
+    settings: SettingsDep,
+    principal: PrincipalDep,
+    store: StoreDep,
+    response: Response,
+    name: Annotated[str, Form(max_length=128)] = "",
+) -> UploadOut:
+    try:
+        spec = ModelSpec.model_validate(json.loads(model))
+    except (json.JSONDecodeError, ValidationError) as exc:
+        msg = exc.errors()[0]["msg"] if isinstance(exc, ValidationError) else str(exc)
+        where = ".".join(str(p) for p in exc.errors()[0]["loc"]) \
+            if isinstance(exc, ValidationError) else ""
+        raise unprocessable("model", f"not a valid model spec{' at ' + where if where else ''}"
+                                     f": {msg}") from None
+    summary = summarize_or_422(spec)
+    data = await read_capped(file, settings)
+    tensors = check_checkpoint(data, spec, summary)
+    row = _save(session, store, tenant=principal.tenant, kind="checkpoint",
+                name=display_name(name or file.filename), data=data, suffix=".safetensors",
+                meta={"model": spec.model_dump(mode="json"), "tensors": tensors,
+                      "total_params": summary["total_params"]})
+    response.headers["Location"] = f"/v1/checkpoints/{row.id}"
+    return upload_out(row)
+
+
+@router.get("/v1/checkpoints", response_model=list[UploadOut])
+def list_checkpoints(session: SessionDep, principal: PrincipalDep) -> list[UploadOut]:
+    return _list(session, principal.tenant, "checkpoint")
+
+
+@router.get("/v1/checkpoints/{checkpoint_id}", response_model=UploadOut)
+def get_checkpoint(checkpoint_id: str, session: SessionDep, principal: PrincipalDep
+                   ) -> UploadOut:
+    return _get(session, principal.tenant, "checkpoint", checkpoint_id)
+
+
+@router.post("/v1/inputs", status_code=201, response_model=UploadOut)
+async def upload_inputs(
+    file: Annotated[UploadFile, File(description=".npy (N, C, H, W) float, or a PNG/JPEG")],
+    session: SessionDep,
+    settings: SettingsDep,
+    principal: PrincipalDep,
+    store: StoreDep,
+    response: Response,
+    name: Annotated[str, Form(max_length=128)] = "",
+) -> UploadOut:
+    data = await read_capped(file, settings)
+    try:
+        kind = inputs.sniff(data)
+        if kind == "npy":
+            x = inputs.parse_npy(data, max_pixels=settings.max_image_pixels)
+            meta: dict[str, Any] = {"format": "npy", "count": int(x.shape[0]),
+                                    "shape": list(x.shape[1:])}
+        else:
+            meta = inputs.image_meta(data, max_pixels=settings.max_image_pixels)
+    except inputs.BadInput as exc:
+        if exc.status == 413:
+            raise HTTPException(413, f"file: {exc}") from None
+        raise unprocessable("file", str(exc)) from None
+    row = _save(session, store, tenant=principal.tenant, kind="input",
+                name=display_name(name or file.filename), data=data,
+                suffix=".npy" if meta["format"] == "npy" else f".{meta['format']}", meta=meta)
+    response.headers["Location"] = f"/v1/inputs/{row.id}"
+    return upload_out(row)
+
+
+@router.get("/v1/inputs", response_model=list[UploadOut])
+def list_inputs(session: SessionDep, principal: PrincipalDep) -> list[UploadOut]:
+    return _list(session, principal.tenant, "input")
+
+
+@router.get("/v1/inputs/{input_id}", response_model=UploadOut)
+def get_inputs(input_id: str, session: SessionDep, principal: PrincipalDep) -> UploadOut:
+    return _get(session, principal.tenant, "input", input_id)

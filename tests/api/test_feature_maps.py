@@ -1,0 +1,272 @@
+"""Feature-map jobs end to end: uploads, submission checks, the worker's extraction and the
+download routes, through the real API, Redis, a Celery worker and PostgreSQL."""
+
+from __future__ import annotations
+
+import io
+import json
+import uuid
+
+import numpy as np
+import pytest
+from PIL import Image
+from safetensors.numpy import save as save_safetensors
+
+from tests.factories import small_cnn, train_request
+from tests.services import wait_job
+
+# The hand-made example of DESIGN.md: a 5x5x3 input, two 3x3x3 filters, padding 1, stride 2.
+X = np.array([
+    [[0, 1, 1, 2, 2], [0, 1, 1, 0, 0], [1, 1, 0, 1, 0], [1, 0, 1, 1, 1], [0, 2, 0, 1, 0]],
+    [[1, 1, 1, 2, 0], [0, 2, 1, 1, 2], [1, 2, 0, 0, 2], [0, 2, 1, 2, 1], [2, 0, 1, 2, 0]],
+    [[2, 0, 2, 0, 2], [0, 0, 1, 2, 1], [1, 0, 2, 2, 1], [2, 0, 2, 0, 0], [0, 0, 1, 1, 2]],
+], dtype=np.float32)
+W = np.array([
+    [[[-1, 1, 0], [0, 1, 0], [0, 1, 1]], [[-1, -1, 0], [0, 0, 0], [0, -1, 0]],
+     [[0, 0, -1], [0, 1, 0], [1, -1, -1]]],
+    [[[1, 1, -1], [-1, -1, 1], [0, -1, 1]], [[0, 1, 0], [-1, 0, -1], [-1, 1, 0]],
+     [[-1, 0, 0], [-1, 0, 1], [-1, 0, 0]]],
+], dtype=np.float32)
+B = np.array([1, 0], dtype=np.float32)
+ONE_CONV = {"input_shape": [3, 5, 5], "layers": [
+    {"type": "conv2d", "out_channels": 2, "kernel_size": 3, "stride": 2, "padding": 1}]}
+
+
+def conv_by_hand(x: np.ndarray, w: np.ndarray, b: np.ndarray, stride: int, pad: int
+                 ) -> np.ndarray:
+    c, h, wd = x.shape
+    padded = np.zeros((c, h + 2 * pad, wd + 2 * pad), dtype=np.float32)
+    padded[:, pad:pad + h, pad:pad + wd] = x
+    k, _, f, _ = w.shape
+    oh, ow = (h + 2 * pad - f) // stride + 1, (wd + 2 * pad - f) // stride + 1
+    out = np.zeros((k, oh, ow), dtype=np.float32)
+    for o in range(k):
+        for i in range(oh):
+            for j in range(ow):
+                total = np.float32(0)
+                for ch in range(c):
+                    for di in range(f):
+                        for dj in range(f):
+                            total += padded[ch, i * stride + di, j * stride + dj] * w[o, ch, di, dj]
+                out[o, i, j] = total + b[o]
+    return out
+
+
+def npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
+
+
+def png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def upload_checkpoint(client, blob: bytes, model: dict):  # type: ignore[no-untyped-def]
+    return client.post("/v1/checkpoints", files={"file": ("ckpt.safetensors", blob)},
+                       data={"model": json.dumps(model)})
+
+
+def upload_inputs(client, blob: bytes, filename: str = "x.npy"):  # type: ignore[no-untyped-def]
+    return client.post("/v1/inputs", files={"file": (filename, blob)})
+
+
+def run_job(client, **body) -> dict:  # type: ignore[no-untyped-def]
+    r = client.post("/v1/jobs", json={"kind": "feature_maps", "device": "cpu", **body})
+    assert r.status_code == 201, r.text
+    done = wait_job(client, r.json()["id"])
+    assert done["state"] == "succeeded", done["error"]
+    return done
+
+
+def maps(client, job_id: str, layer: str, **params) -> np.ndarray:  # type: ignore[no-untyped-def]
+    r = client.get(f"/v1/jobs/{job_id}/feature-maps/{layer}", params=params)
+    assert r.status_code == 200, r.text
+    return np.load(io.BytesIO(r.content), allow_pickle=False)
+
+
+def test_one_conv_layer_equals_the_stack_computed_by_hand(client):
+    r = upload_checkpoint(client, save_safetensors({"layers.0.weight": W, "layers.0.bias": B}),
+                          ONE_CONV)
+    assert r.status_code == 201, r.text
+    ckpt = r.json()
+    assert ckpt["meta"]["tensors"] == 2
+    r = upload_inputs(client, npy(X[None]))
+    assert r.status_code == 201, r.text
+    assert r.json()["meta"] == {"format": "npy", "count": 1, "shape": [3, 5, 5]}
+    job = run_job(client, source={"checkpoint_id": ckpt["id"]},
+                  inputs={"input_id": r.json()["id"]})
+    assert job["summary"]["layers"][0]["output_shape"] == [2, 3, 3]
+
+    listed = client.get(f"/v1/jobs/{job['id']}/feature-maps").json()["layers"]
+    assert [(m["name"], m["shape"], m["dtype"]) for m in listed] == [
+        ("0-conv2d", [1, 2, 3, 3], "float32")]
+    got = maps(client, job["id"], "0-conv2d")
+    expected = conv_by_hand(X, W, B, stride=2, pad=1)
+    assert got.dtype == np.float32
+    assert np.array_equal(got[0], expected), (got[0], expected)
+    assert listed[0]["stats"]["max"] == [float(expected[0].max()), float(expected[1].max())]
+    # by index too, and as JSON
+    as_json = client.get(f"/v1/jobs/{job['id']}/feature-maps/0", params={"format": "json"})
+    assert np.array_equal(np.asarray(as_json.json()["values"], dtype=np.float32)[0], expected)
+
+
+def test_pooled_maps_are_window_maxima_and_means_and_argmax_points_at_them(client):
+    model = {"input_shape": [1, 8, 8], "layers": [
+        {"type": "conv2d", "out_channels": 3, "kernel_size": 3, "padding": 1},
+        {"type": "relu"}, {"type": "maxpool2d", "kernel_size": 2},
+        {"type": "avgpool2d", "kernel_size": 2}]}
+    base = {"source": {"model": model, "seed": 3},
+            "inputs": {"dataset": "digits", "indices": [0, 1, 2, 3]}, "png": False}
+    job = run_job(client, **base)
+    relu = maps(client, job["id"], "1-relu")
+    mp = maps(client, job["id"], "2-maxpool2d")
+    ap = maps(client, job["id"], "3-avgpool2d")
+    argmax = maps(client, job["id"], "2-maxpool2d", array="argmax")
+    n = len(relu)
+    windows = relu.reshape(n, 3, 4, 2, 4, 2)
+    assert np.array_equal(mp, windows.max(axis=(3, 5)))
+    assert np.allclose(ap, mp.reshape(n, 3, 2, 2, 2, 2).mean(axis=(3, 5)), rtol=1e-6, atol=1e-7)
+    flat = relu.reshape(n, 3, 64)
+    assert np.array_equal(np.take_along_axis(flat, argmax.reshape(n, 3, 16), 2).reshape(mp.shape),
+                          mp)
+    rows, cols = np.divmod(argmax, 8)
+    assert (rows // 2 == np.arange(4)[:, None]).all() and (cols // 2 == np.arange(4)).all()
+
+    # extra pooling of the returned maps: 8x8 in 3x3 windows keeps the partial edge windows
+    pooled = run_job(client, **base, layers=["1-relu"], pool={"type": "max", "kernel_size": 3})
+    got = maps(client, pooled["id"], "1-relu")
+    want = np.array([[[[relu[i, c, 3 * a:3 * a + 3, 3 * b:3 * b + 3].max() for b in range(3)]
+                       for a in range(3)] for c in range(3)] for i in range(n)])
+    assert np.array_equal(got, want)
+    where = maps(client, pooled["id"], "1-relu", array="pool_argmax")
+    assert np.array_equal(np.take_along_axis(flat, where.reshape(n, 3, 9), 2).reshape(got.shape),
+                          got)
+    assert pooled["result"]["bytes_stored"] == n * 3 * 9 * 4
+    assert pooled["result"]["bytes_unpooled"] == n * 3 * 64 * 4
+    mean = run_job(client, **base, layers=["1"], pool={"type": "avg", "global": True})
+    assert np.allclose(maps(client, mean["id"], "1-relu")[..., 0, 0], relu.mean(axis=(2, 3)),
+                       rtol=1e-6, atol=1e-7)
+
+
+def test_trained_digits_model_gives_every_layer_with_the_predicted_shapes(client):
+    spec = small_cnn(8)
+    train = client.post("/v1/jobs", json=train_request(1, model=spec)).json()
+    assert wait_job(client, train["id"])["state"] == "succeeded"
+    predicted = client.post("/v1/models/summary", json=spec).json()["layers"]
+    job = run_job(client, source={"job_id": train["id"], "checkpoint": "epoch-0001.safetensors"},
+                  inputs={"dataset": {"name": "digits"}, "indices": list(range(200)),
+                          "split": "val"})
+    listed = client.get(f"/v1/jobs/{job['id']}/feature-maps").json()
+    names = ["0-conv2d", "1-relu", "2-maxpool2d", "3-flatten", "4-linear"]
+    assert [m["name"] for m in listed["layers"]] == names == job["result"]["layers"]
+    assert [m["shape"] for m in listed["layers"]] == [[200, *p["output_shape"]]
+                                                      for p in predicted]
+    assert [p["receptive_field"] for p in predicted[:3]] == [[3, 3], [3, 3], [4, 4]]
+    relu = listed["layers"][1]
+    assert len(relu["stats"]["zero_fraction"]) == 8 and min(relu["stats"]["min"]) == 0.0
+    assert any(f > 0 for f in relu["stats"]["zero_fraction"])
+    assert listed["layers"][2]["has_argmax"] and not listed["layers"][0]["has_argmax"]
+    assert job["result"]["timings"]["forward_s"] > 0
+
+    picture = client.get(f"/v1/jobs/{job['id']}/feature-maps/0-conv2d",
+                         params={"format": "png", "image": 7})
+    assert picture.status_code == 200 and picture.headers["content-type"] == "image/png"
+    # 8 channels in a 3x3 grid of 8x8 maps enlarged 4x, 1-pixel gaps
+    assert Image.open(io.BytesIO(picture.content)).size == (3 * 33 - 1, 3 * 33 - 1)
+    too_big = client.get(f"/v1/jobs/{job['id']}/feature-maps/0-conv2d",
+                         params={"format": "json"})
+    assert too_big.status_code == 413 and "max_json_map_values" in too_big.text
+    one = client.get(f"/v1/jobs/{job['id']}/feature-maps/0-conv2d",
+                     params={"format": "json", "image": 1}).json()
+    assert one["shape"] == [1, 8, 8, 8]
+    base = f"/v1/jobs/{job['id']}/feature-maps"
+    assert client.get(f"{base}/..%2F..%2Fsecrets").status_code == 404
+    assert client.get(f"{base}/9-conv2d").status_code == 404
+    assert client.get(f"{base}/0", params={"format": "png", "image": 200}).status_code == 404
+    assert client.get(f"{base}/3-flatten", params={"format": "png"}).status_code == 404
+    assert client.get(f"/v1/jobs/{train['id']}/feature-maps").status_code == 404
+
+
+def test_an_uploaded_image_is_converted_to_the_model_input(client):
+    rgb = Image.new("RGB", (40, 20), (255, 0, 0))
+    r = upload_inputs(client, png(rgb), "red.png")
+    assert r.status_code == 201, r.text
+    assert r.json()["meta"]["width"] == 40
+    job = run_job(client, source={"model": small_cnn(4), "seed": 0},
+                  inputs={"input_id": r.json()["id"]}, layers=["0"])
+    assert job["result"]["images"] == 1
+    assert maps(client, job["id"], "0-conv2d").shape == (1, 4, 8, 8)
+
+
+def counts(client) -> tuple[int, int, int]:  # type: ignore[no-untyped-def]
+    jobs = client.get("/v1/jobs", params={"kind": "feature_maps", "limit": 200}).json()
+    return (len(jobs["items"]), len(client.get("/v1/checkpoints").json()),
+            len(client.get("/v1/inputs").json()))
+
+
+@pytest.mark.parametrize("case", ["not_safetensors", "mismatch", "missing", "bad_image", "bomb",
+                                  "index", "layer", "npy_shape"])
+def test_bad_input_is_refused_naming_it_and_leaves_nothing(client, case):
+    before = counts(client)
+    fields = {"source": {"model": small_cnn(4), "seed": 0},
+              "inputs": {"dataset": "digits", "indices": [0, 1]}}
+    if case == "not_safetensors":
+        r = upload_checkpoint(client, b"PK\x03\x04 this is a zip, not safetensors", ONE_CONV)
+        assert r.status_code == 422 and "safetensors" in r.text
+    elif case == "mismatch":
+        r = upload_checkpoint(client, save_safetensors(
+            {"layers.0.weight": W[:, :2], "layers.0.bias": B}), ONE_CONV)
+        assert r.status_code == 422 and "layers.0.weight" in r.text and "[2, 3, 3, 3]" in r.text
+    elif case == "missing":
+        r = upload_checkpoint(client, save_safetensors({"layers.0.weight": W}), ONE_CONV)
+        assert r.status_code == 422 and "layers.0.bias" in r.text
+    elif case == "bad_image":
+        r = upload_inputs(client, b"\x89PNG\r\n\x1a\n" + b"\x00" * 64, "broken.png")
+        assert r.status_code == 422 and "decoded" in r.text
+    elif case == "bomb":
+        r = upload_inputs(client, png(Image.new("1", (5000, 5000))), "bomb.png")
+        assert r.status_code == 413 and "max_image_pixels" in r.text
+    elif case == "npy_shape":
+        iid = upload_inputs(client, npy(X[None])).json()["id"]
+        before = counts(client)
+        r = client.post("/v1/jobs", json={"kind": "feature_maps", **fields,
+                                          "inputs": {"input_id": iid}})
+        assert r.status_code == 422 and "input_id" in r.text
+    else:
+        if case == "index":
+            fields["inputs"]["indices"] = [0, 1797]
+            where = ["body", "inputs", "indices", 1]
+        else:
+            fields["layers"] = ["2-maxpool2d", "7-conv2d"]
+            where = ["body", "layers", 1]
+        r = client.post("/v1/jobs", json={"kind": "feature_maps", **fields})
+        assert r.status_code == 422, r.text
+        assert r.json()["detail"][0]["loc"] == where
+        assert ("1797" if case == "index" else "7-conv2d") in r.json()["detail"][0]["msg"]
+    assert counts(client) == before
+
+
+def test_another_tenants_uploads_and_maps_are_not_found(client, stack):
+    ckpt = upload_checkpoint(client, save_safetensors({"layers.0.weight": W, "layers.0.bias": B}),
+                             ONE_CONV).json()
+    inp = upload_inputs(client, npy(X[None])).json()
+    job = run_job(client, source={"checkpoint_id": ckpt["id"]}, inputs={"input_id": inp["id"]},
+                  png=False)
+    tenant = f"t{uuid.uuid4().hex[:8]}"
+    secret = client.post("/v1/tokens", json={"tenant": tenant}).json()["token"]
+    with stack.client(secret) as other:
+        assert other.get(f"/v1/checkpoints/{ckpt['id']}").status_code == 404
+        assert other.get(f"/v1/inputs/{inp['id']}").status_code == 404
+        assert other.get("/v1/checkpoints").json() == []
+        assert other.get(f"/v1/jobs/{job['id']}/feature-maps").status_code == 404
+        assert other.get(f"/v1/jobs/{job['id']}/feature-maps/0-conv2d").status_code == 404
+        r = other.post("/v1/jobs", json={"kind": "feature_maps",
+                                         "source": {"checkpoint_id": ckpt["id"]},
+                                         "inputs": {"input_id": inp["id"]}})
+        assert r.status_code == 404 and "source.checkpoint_id" in r.text
+        r = other.post("/v1/jobs", json={"kind": "feature_maps", "source": {"job_id": job["id"]},
+                                         "inputs": {"dataset": "digits"}})
+        assert r.status_code == 404 and "source.job_id" in r.text

@@ -1,0 +1,225 @@
+"""One attempt of a feature-map job: load the model and the inputs the API resolved into the
+job's summary, capture the layers in one inference pass, then encode and store each layer
+(.npy, argmax, stats, PNGs) and record the artifact rows and the result."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load as load_safetensors
+from sqlalchemy import select
+
+from convoy import datasets, inputs
+from convoy.artifacts import get_store, job_key
+from convoy.featuremaps import layer_names
+from convoy.jobspec import FeatureMapsJobRequest
+from convoy.settings import Settings
+from db import jobs
+from db.session import session_scope
+from db.tables import Artifact, Job, Upload
+from models.build import build_model
+from models.capture import capture
+from models.spec import ModelSpec
+from worker import checkpoints
+from worker.lease import Lease
+from worker.render import channel_stats, npy_bytes, png_bytes
+from worker.runner import load_split, pick_device
+from worker.train import Progress, Stopped
+
+BATCH = 256
+
+
+@dataclass
+class Timings:
+    load_s: float = 0.0
+    forward_s: float = 0.0
+    encode_npy_s: float = 0.0
+    encode_png_s: float = 0.0
+    storage_s: float = 0.0
+    marks: dict[str, float] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: round(v, 4) for k, v in vars(self).items() if k != "marks"}
+
+
+def _state_of_upload(store, row: Upload) -> dict[str, torch.Tensor]:  # type: ignore[no-untyped-def]
+    return load_safetensors(store.get_bytes(row.key))
+
+
+def load_model(settings: Settings, job: Job, spec: ModelSpec, source: dict[str, Any],
+               device: torch.device) -> torch.nn.Module:
+    store = get_store(settings.artifact_root)
+    if source["type"] == "random":
+        torch.manual_seed(int(source["seed"]))
+        return build_model(spec).eval().to(device)
+    model = build_model(spec)
+    with session_scope(settings.database_url) as session:
+        if source["type"] == "train_job":
+            row: Any = session.scalars(select(Artifact).where(
+                Artifact.job_id == source["job_id"], Artifact.tenant == job.tenant,
+                Artifact.kind == "checkpoint", Artifact.name == source["checkpoint"])).one()
+            state = checkpoints.load_model_state(store.get_bytes(row.key))
+        else:
+            row = session.scalars(select(Upload).where(
+                Upload.id == source["checkpoint_id"], Upload.tenant == job.tenant,
+                Upload.kind == "checkpoint")).one()
+            state = _state_of_upload(store, row)
+    for name, tensor in model.state_dict().items():
+        if name.endswith("num_batches_tracked") and name not in state:
+            state[name] = torch.zeros_like(tensor)
+    model.load_state_dict(state, strict=True)  # copies into the float32 parameters
+    return model.eval().to(device)
+
+
+def load_inputs(settings: Settings, job: Job, plan: dict[str, Any],
+                input_shape: list[int]) -> np.ndarray:
+    """The (N, C, H, W) float32 inputs, in the order of `indices`."""
+    indices = np.asarray(plan["indices"], dtype=np.int64)
+    if "dataset" in plan:
+        raw = plan["dataset"]
+        ref = {"digits": datasets.DigitsRef, "synthetic": datasets.SyntheticRef}.get(
+            raw.get("name") or "", datasets.UploadRef).model_validate(raw)
+        split = load_split(ref, settings=settings, tenant=job.tenant)
+        x = {"all": split.all_x, "train": split.x_train, "val": split.x_val}[plan["split"]]
+        return np.ascontiguousarray(x[indices], dtype=np.float32)
+    with session_scope(settings.database_url) as session:
+        row = session.scalars(select(Upload).where(
+            Upload.id == plan["input_id"], Upload.tenant == job.tenant,
+            Upload.kind == "input")).one()
+        key = row.key
+    data = get_store(settings.artifact_root).get_bytes(key)
+    if plan["format"] == "npy":
+        x = inputs.parse_npy(data, max_pixels=settings.max_image_pixels)
+    else:
+        x = inputs.image_to_array(data, input_shape, max_pixels=settings.max_image_pixels)
+    return np.ascontiguousarray(x[indices])
+
+
+def extract(model: torch.nn.Module, x: np.ndarray, wanted: list[int], *,
+            pool: dict[str, Any] | None, dtype: str, device: torch.device,
+            batch: int = BATCH) -> dict[int, dict[str, np.ndarray]]:
+    """Captured maps per layer index as numpy arrays: 'maps', and 'argmax'/'pool_argmax'
+    where they exist. Runs in batches so that memory stays bounded by one batch."""
+    out_dtype = torch.float16 if dtype == "float16" else torch.float32
+    parts: dict[int, dict[str, list[np.ndarray]]] = {i: {} for i in wanted}
+    with torch.inference_mode():
+        for start in range(0, len(x), batch):
+            xb = torch.from_numpy(x[start:start + batch]).to(device)
+            for i, cap in capture(model, xb, wanted, pool).items():
+                got = parts[i]
+                got.setdefault("maps", []).append(cap.maps.to(out_dtype).cpu().numpy())
+                if cap.argmax is not None:
+                    got.setdefault("argmax", []).append(cap.argmax.int().cpu().numpy())
+                if cap.pool_argmax is not None:
+                    got.setdefault("pool_argmax", []).append(
+                        cap.pool_argmax.int().cpu().numpy())
+    return {i: {k: np.concatenate(v) for k, v in got.items()} for i, got in parts.items()}
+
+
+class FeatureMapsRun:
+    def __init__(self, settings: Settings, job: Job, worker_id: str) -> None:
+        self.settings, self.job, self.worker_id = settings, job, worker_id
+        self.request = FeatureMapsJobRequest.model_validate(job.request)
+        self.summary = job.summary or {}
+        self.plan = self.summary["feature_maps"]
+        self.store = get_store(settings.artifact_root)
+        self.timings = Timings()
+
+    def _put(self, kind: str, name: str, key: str, data: bytes, meta: dict[str, Any] | None
+             ) -> Artifact:
+        t = time.perf_counter()
+        size, sha = self.store.put_bytes(key, data)
+        self.timings.storage_s += time.perf_counter() - t
+        return Artifact(job_id=self.job.id, tenant=self.job.tenant, kind=kind, name=name,
+                        key=key, size=size, sha256=sha, meta=meta)
+
+    def encode_layer(self, index: int, got: dict[str, np.ndarray]) -> list[Artifact]:
+        row = self.summary["layers"][index]
+        name = layer_names(self.summary)[index]
+        maps = got["maps"]
+        t = time.perf_counter()
+        blob = npy_bytes(maps)
+        stats = channel_stats(maps)
+        self.timings.encode_npy_s += time.perf_counter() - t
+        meta = {"index": index, "type": row["type"], "shape": list(maps.shape),
+                "dtype": str(maps.dtype), "bytes": int(maps.nbytes), "stats": stats,
+                "unpooled_shape": [len(maps), *row["output_shape"]]}
+        base = job_key(self.job.id, "feature-maps", name)
+        rows = [self._put("feature_map", name, base + ".npy", blob, meta)]
+        for kind in ("argmax", "pool_argmax"):
+            if kind in got:
+                t = time.perf_counter()
+                blob = npy_bytes(got[kind])
+                self.timings.encode_npy_s += time.perf_counter() - t
+                rows.append(self._put(kind, name, f"{base}.{kind.replace('_', '-')}.npy", blob,
+                                      {"index": index, "shape": list(got[kind].shape)}))
+        if self.request.png and maps.ndim == 4:
+            for k in range(len(maps)):
+                t = time.perf_counter()
+                blob = png_bytes(maps[k])
+                self.timings.encode_png_s += time.perf_counter() - t
+                rows.append(self._put("feature_map_png", f"{name}/{k}",
+                                      job_key(self.job.id, "feature-maps", "png", name,
+                                              f"{k:05d}.png"),
+                                      blob, {"index": index, "image": k}))
+        return rows
+
+    def run(self) -> None:
+        req, t0 = self.request, time.perf_counter()
+        device = pick_device(req.device)
+        spec = ModelSpec.model_validate(self.summary["model"])
+        model = load_model(self.settings, self.job, spec, self.plan["source"], device)
+        x = load_inputs(self.settings, self.job, self.plan["inputs"], spec.input_shape)
+        names = layer_names(self.summary)
+        wanted = [names.index(n) for n in self.plan["layers"]]
+        pool = req.pool.model_dump(by_alias=True) if req.pool else None
+        self.timings.load_s = time.perf_counter() - t0
+        progress = Progress()
+        with Lease(db_url=self.settings.database_url, job_id=self.job.id,
+                   worker_id=self.worker_id, every_s=self.settings.heartbeat_seconds,
+                   progress=progress) as lease:
+            t = time.perf_counter()
+            captured = extract(model, x, wanted, pool=pool, dtype=req.dtype, device=device)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            self.timings.forward_s = time.perf_counter() - t
+            progress.value = 0.5
+            rows: list[Artifact] = []
+            stored = unpooled = 0
+            for n, i in enumerate(wanted):
+                if lease.should_stop():
+                    raise Stopped()
+                layer_rows = self.encode_layer(i, captured.pop(i))
+                meta = layer_rows[0].meta or {}
+                stored += meta["bytes"]
+                itemsize = 2 if req.dtype == "float16" else 4
+                unpooled += int(np.prod(meta["unpooled_shape"])) * itemsize
+                rows += layer_rows
+                progress.value = 0.5 + 0.45 * (n + 1) / len(wanted)
+            t = time.perf_counter()
+            with session_scope(self.settings.database_url) as session:
+                held = jobs.add_artifacts(session, job_id=self.job.id, worker_id=self.worker_id,
+                                          artifacts=rows)
+            self.timings.storage_s += time.perf_counter() - t
+            if not held or lease.should_stop():
+                raise Stopped()
+        result = {
+            "layers": self.plan["layers"], "images": len(x), "dtype": req.dtype,
+            "pool": pool, "device": str(device),
+            # the maps' data bytes as stored, and what the same maps take unpooled
+            "bytes_stored": stored, "bytes_unpooled": unpooled,
+            "artifacts": len(rows), "artifact_bytes": sum(r.size for r in rows),
+            "timings": self.timings.as_dict(),
+            "images_per_second": round(len(x) / max(self.timings.forward_s, 1e-9), 1),
+        }
+        with session_scope(self.settings.database_url) as session:
+            jobs.finish_job(session, job_id=self.job.id, worker_id=self.worker_id,
+                            state="succeeded", result=result)
+
+
+def run_feature_maps(settings: Settings, job: Job, worker_id: str) -> None:
+    FeatureMapsRun(settings, job, worker_id).run()
