@@ -154,7 +154,8 @@ class Convoy:
 
     def download_feature_maps(self, job_id: str, out: str | Path, *,
                               png: bool = True) -> list[Path]:
-        """Every layer's .npy (and a PNG grid per input image) into folder `out`."""
+        """Every layer's .npy (and, for spatial layers, a PNG grid per input image) into
+        folder `out`, with the layer list as layers.json."""
         folder = Path(out)
         folder.mkdir(parents=True, exist_ok=True)
         written: list[Path] = []
@@ -163,7 +164,8 @@ class Convoy:
             path = folder / f"{_safe(layer.name)}.npy"
             _write(path, self.feature_map(job_id, layer.name, format="npy"))
             written.append(path)
-            for k in range(layer.shape[0] if (png and layer.shape) else 0):
+            # the server draws PNG grids for spatial maps [N, C, H, W] only
+            for k in range(layer.shape[0] if (png and len(layer.shape) == 4) else 0):
                 path = folder / f"{_safe(layer.name)}-{k}.png"
                 _write(path, self.feature_map(job_id, layer.name, format="png", image=k))
                 written.append(path)

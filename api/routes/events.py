@@ -48,7 +48,8 @@ class Cursor:
             return cls()
         match = ID_PATTERN.match(raw.strip())
         if match is None:
-            raise HTTPException(422, "Last-Event-ID: not an id this stream sent")
+            raise HTTPException(422, [{"loc": ["header", "Last-Event-ID"], "type": "value_error",
+                                       "msg": "Last-Event-ID: not an id this stream sent"}])
         return cls(*(int(g) for g in match.groups()))
 
 
@@ -101,14 +102,18 @@ def sse(event: str, cursor: Cursor, data: dict[str, Any]) -> bytes:
 
 def poll_events(snap: Snapshot, cursor: Cursor) -> tuple[list[bytes], bool]:
     """The frames a snapshot adds after `cursor` (which it advances), and whether the stream
-    is done. Metric points come as one event per step (one per epoch for train jobs), before
-    the terminal state."""
+    is done. Progress first (an epoch's progress is written with its metrics), then metric
+    points as one event per step (one per epoch for train jobs), then the terminal state."""
     frames: list[bytes] = []
     terminal = snap.state in TERMINAL_STATES
     live_states = snap.history[:-1] if terminal else snap.history
     while cursor.states < len(live_states):
         cursor.states += 1
         frames.append(sse("state", cursor, live_states[cursor.states - 1]))
+    progress = round(snap.progress * 10000)
+    if progress != cursor.progress:
+        cursor.progress = progress
+        frames.append(sse("progress", cursor, {"progress": snap.progress}))
     by_step: dict[int, list[Metric]] = {}
     for m in snap.metrics:
         by_step.setdefault(m.step, []).append(m)
@@ -117,10 +122,6 @@ def poll_events(snap: Snapshot, cursor: Cursor) -> tuple[list[bytes], bool]:
         frames.append(sse("metric", cursor, {
             "step": step, "epoch": points[0].epoch,
             "values": {p.name: p.value for p in points}}))
-    progress = round(snap.progress * 10000)
-    if progress != cursor.progress:
-        cursor.progress = progress
-        frames.append(sse("progress", cursor, {"progress": snap.progress}))
     if terminal and cursor.states < len(snap.history):
         cursor.states = len(snap.history)
         frames.append(sse("state", cursor, snap.history[-1]))

@@ -264,11 +264,19 @@ async function featureMapsCard(jobId, card) {
     h("p", { class: "muted" }, "Each image shows every channel of the layer's output for one input, " +
       "tiled in a grid."));
   for (const layer of layers) {
-    const n = Math.min((layer.shape && layer.shape[0]) || 1, 8);
     const images = h("div", { class: "fm-images" });
+    const st = layer.stats || {};
+    const stats = ["min", "max", "mean"].filter((k) => typeof st[k] === "number")
+      .map((k) => `${k} ${st[k].toPrecision(3)}`).join(" · ");
     card.append(h("div", { class: "fm-layer", "data-layer": layer.name },
       h("h3", {}, `${layer.name} `, h("span", { class: "muted" },
-        `${layer.type || ""} · ${fmt.shape(layer.shape)}`)), images));
+        `${layer.type || ""} · ${fmt.shape(layer.shape)}${stats ? " · " + stats : ""}`)), images));
+    // The server draws grids for spatial maps [N, C, H, W] only; flat layers are numbers.
+    if (!layer.shape || layer.shape.length !== 4) {
+      images.append(h("p", { class: "muted" }, "Not spatial: download the .npy from the API."));
+      continue;
+    }
+    const n = Math.min(layer.shape[0], 8);
     for (let k = 0; k < n; k++) {
       const img = h("img", { class: "fm", alt: `${layer.name} input ${k}` });
       images.append(h("figure", {}, img, h("figcaption", {}, `input ${k}`)));

@@ -1,0 +1,101 @@
+"""The `convoy` client commands against the live stack, run as a user runs them: a subprocess
+with CONVOY_URL and CONVOY_TOKEN in its environment."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.factories import small_cnn, train_request
+from tests.services import ROOT, TOKEN
+
+EXAMPLES = ROOT / "examples"
+
+
+def convoy(stack, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "CONVOY_URL": stack.url, "CONVOY_TOKEN": TOKEN}
+    return subprocess.run([sys.executable, "-m", "convoy.cli", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_submit_wait_shows_progress_and_ends_with_the_result(stack, tmp_path):
+    done = convoy(stack, "submit", str(EXAMPLES / "digits-cnn.json"), "--wait", "--epochs", "2",
+                  "--device", "cpu")
+    assert done.returncode == 0, done.stdout + done.stderr
+    last = done.stdout.strip().splitlines()[-1]
+    match = re.fullmatch(r"job ([0-9a-f]{32}) succeeded in [\d.]+s: val_accuracy (0\.\d+), "
+                         r"val_loss [\d.]+, 2 epochs", last)
+    assert match, last
+    assert float(match.group(2)) > 0.8
+    # piped (not a terminal): one progress line per state and per epoch
+    assert re.search(r"\] +\d+%  running  epoch 2/2  loss [\d.]+  val_acc [\d.]+%", done.stderr)
+    job_id = match.group(1)
+
+    status = convoy(stack, "status", job_id)
+    assert status.returncode == 0 and "state     succeeded" in status.stdout
+    assert job_id in convoy(stack, "jobs", "--state", "succeeded").stdout
+    fetched = convoy(stack, "fetch", job_id, "--checkpoint", "last", "--out", str(tmp_path))
+    assert fetched.returncode == 0, fetched.stderr
+    assert (tmp_path / "epoch-0002.safetensors").stat().st_size > 0
+    assert convoy(stack, "logs", job_id).returncode == 0
+    # a finished job cannot be canceled: a clear error and a non-zero exit
+    refused = convoy(stack, "cancel", job_id)
+    assert refused.returncode == 2 and "409" in refused.stderr
+
+
+def test_a_diverging_job_fails_the_command(stack, tmp_path):
+    spec = tmp_path / "nan.json"
+    # Stacked linear layers with no non-linearity multiply their weights' growth: with the
+    # largest allowed learning rate the loss overflows to inf/NaN within an epoch or two.
+    deep_linear = {"input_shape": [1, 8, 8], "num_classes": 10, "layers": [
+        {"type": "flatten"}, *[{"type": "linear", "out_features": 64}] * 4,
+        {"type": "linear", "out_features": 10}]}
+    spec.write_text(json.dumps(train_request(3, model=deep_linear, lr=10.0, momentum=0.9)))
+    done = convoy(stack, "submit", str(spec), "--wait")
+    assert done.returncode == 1, done.stdout + done.stderr
+    last = done.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"job [0-9a-f]{32} failed: .+", last), last
+
+
+def test_an_invalid_spec_is_refused_with_the_layer_named(stack, tmp_path):
+    bad = train_request(1, model=small_cnn())
+    bad["model"]["layers"][0]["kernel_size"] = 99
+    spec = tmp_path / "bad.json"
+    spec.write_text(json.dumps(bad))
+    done = convoy(stack, "submit", str(spec))
+    assert done.returncode == 2
+    assert "422" in done.stderr and "layers" in done.stderr
+    missing = convoy(stack, "status", "0" * 32)
+    assert missing.returncode == 2 and "404" in missing.stderr
+
+
+def test_every_example_is_accepted(stack, client):
+    for path in sorted(EXAMPLES.glob("*.json")):
+        body = json.loads(path.read_text())
+        r = client.post("/v1/jobs", json=body)
+        assert r.status_code == 201, f"{path.name}: {r.text}"
+        # accepted is what this checks; the worker need not spend time on them
+        client.post(f"/v1/jobs/{r.json()['id']}/cancel")
+    names = {p.name for p in EXAMPLES.glob("*.json")}
+    assert {"digits-cnn.json", "lenet5-digits.json", "vgg-small-synthetic.json",
+            "feature-maps.json"} <= names
+
+
+def test_feature_maps_command_writes_arrays_and_pngs(stack, tmp_path):
+    out = tmp_path / "maps"
+    done = convoy(stack, "submit", str(EXAMPLES / "feature-maps.json"), "--wait")
+    assert done.returncode == 0, done.stdout + done.stderr
+    job_id = re.search(r"job ([0-9a-f]{32}) succeeded", done.stdout).group(1)
+    got = convoy(stack, "feature-maps", job_id, "--out", str(out))
+    assert got.returncode == 0, got.stderr
+    layers = json.loads((out / "layers.json").read_text())
+    assert layers and all((out / f"{layer['name']}.npy").stat().st_size > 0 for layer in layers)
+    pngs = sorted(Path(out).glob("*.png"))
+    spatial = [layer for layer in layers if len(layer["shape"]) == 4]
+    assert len(spatial) == 3  # conv2d, relu, maxpool2d
+    assert len(pngs) == 3 * len(spatial)
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
