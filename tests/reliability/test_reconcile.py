@@ -1,0 +1,136 @@
+"""The reconciler and the lease transitions against a real PostgreSQL and Redis, without
+workers: lost messages are resent and present ones are not; expired leases requeue or fail;
+a late worker cannot write; a retried epoch write does not duplicate metrics."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from datetime import timedelta
+
+import pytest
+import redis
+from sqlalchemy import func, select, update
+
+from api.reconciler import _job_id_of, reconcile_once, redis_queue_keys
+from convoy.queue import enqueue, make_celery
+from convoy.settings import Settings
+from db import jobs
+from db.base import utcnow
+from db.migrate import upgrade
+from db.session import session_scope
+from db.tables import Job, Metric
+from tests.reliability.infra import tiny_job
+from tests.services import REDIS, create_pg_database, drop_pg_database
+
+
+@pytest.fixture(scope="module")
+def settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
+    url = create_pg_database()
+    upgrade(url)
+    queue = f"convoy-rec-{uuid.uuid4().hex[:8]}"
+    yield Settings(home=tmp_path_factory.mktemp("rec"), database_url=url,
+                   broker_url=f"{REDIS}/0", queue=queue, requeue_after_seconds=30,
+                   lease_seconds=30)
+    redis.Redis.from_url(f"{REDIS}/0").delete(*redis_queue_keys(queue))
+    drop_pg_database(url)
+
+
+def make_jobs(settings: Settings, n: int, *, age_s: float) -> list[str]:
+    then = utcnow() - timedelta(seconds=age_s)
+    with session_scope(settings.database_url) as session:
+        made = [jobs.create_job(session, tenant="t", kind="train", name="x",
+                                request=tiny_job(), summary=None, max_attempts=2)
+                for _ in range(n)]
+        for job in made:
+            job.created_at = job.enqueued_at = then
+        return [job.id for job in made]
+
+
+def queued_messages(settings: Settings) -> list[str]:
+    r = redis.Redis.from_url(settings.broker_url)
+    return [_job_id_of(m) or "?" for key in redis_queue_keys(settings.queue)
+            for m in r.lrange(key, 0, -1)]
+
+
+def test_reconciler_resends_exactly_the_lost_messages(settings):
+    celery = make_celery(settings)
+    ids = make_jobs(settings, 40, age_s=60)
+    for job_id in ids:
+        enqueue(celery, kind="train", job_id=job_id)
+    assert sorted(queued_messages(settings)) == sorted(ids)
+
+    # every queued job has its message: a long backlog costs no duplicates
+    assert reconcile_once(settings, celery) == {"requeued": [], "resent": []}
+    assert len(queued_messages(settings)) == 40
+
+    # Redis lost five of them
+    r = redis.Redis.from_url(settings.broker_url)
+    lost = set(ids[10:15])
+    for raw in r.lrange(settings.queue, 0, -1):
+        if _job_id_of(raw) in lost:
+            r.lrem(settings.queue, 1, raw)
+    assert reconcile_once(settings, celery)["resent"] == sorted(lost, key=ids.index)
+    assert sorted(queued_messages(settings)) == sorted(ids)
+    # resent jobs are marked sent: the next pass does nothing
+    assert reconcile_once(settings, celery) == {"requeued": [], "resent": []}
+    r.delete(*redis_queue_keys(settings.queue))
+    with session_scope(settings.database_url) as session:
+        session.execute(update(Job).where(Job.id.in_(ids)).values(state="canceled"))
+
+
+def test_without_broker_inspection_resends_back_off_per_job(settings):
+    now = utcnow()
+    ids = make_jobs(settings, 3, age_s=100)
+    with session_scope(settings.database_url) as session:
+        # sent at submission, 40 s ago, 70 s ago (having waited 60 s, 30 s before that)
+        for job_id, sent_ago in zip(ids, (100, 40, 70), strict=True):
+            session.execute(update(Job).where(Job.id == job_id)
+                            .values(enqueued_at=now - timedelta(seconds=sent_ago)))
+    with session_scope(settings.database_url) as session:
+        due = jobs.stale_queued(session, older_than_seconds=30, now=now,
+                                max_backoff_seconds=300)
+        every_pass = jobs.stale_queued(session, older_than_seconds=30, now=now)
+        jobs.mark_sent(session, job_ids=ids)
+        session.execute(update(Job).where(Job.id.in_(ids)).values(state="canceled"))
+    assert [i for i, _ in due if i in ids] == [ids[0], ids[2]]
+    assert {i for i, _ in every_pass} >= set(ids)
+
+
+def test_expired_lease_requeues_then_fails_and_the_late_worker_cannot_write(settings):
+    [job_id] = make_jobs(settings, 1, age_s=0)
+    later = utcnow() + timedelta(seconds=31)
+    with session_scope(settings.database_url) as session:
+        assert jobs.claim_job(session, job_id=job_id, worker_id="a") is not None
+        assert jobs.claim_job(session, job_id=job_id, worker_id="b") is None  # duplicate
+        assert jobs.requeue_expired(session, lease_seconds=30) == []  # lease still fresh
+        assert jobs.requeue_expired(session, lease_seconds=30, now=later) == [job_id]
+        job = jobs.get_job(session, job_id=job_id)
+        assert (job.state, job.attempt, job.worker_id) == ("queued", 2, None)
+        # the first worker wakes up: every write it tries is refused
+        assert not jobs.heartbeat(session, job_id=job_id, worker_id="a")
+        assert not jobs.record_epoch(session, job_id=job_id, worker_id="a", epoch=1, step=1,
+                                     metrics={"val_loss": 1.0}, progress=0.5)
+        assert not jobs.finish_job(session, job_id=job_id, worker_id="a", state="succeeded")
+
+        assert jobs.claim_job(session, job_id=job_id, worker_id="b") is not None
+        assert jobs.requeue_expired(session, lease_seconds=30,
+                                    now=utcnow() + timedelta(seconds=31)) == []
+        session.expire_all()
+        job = jobs.get_job(session, job_id=job_id)
+        assert job.state == "failed" and "max_attempts (2)" in (job.error or "")
+        assert session.scalar(select(func.count()).select_from(Metric)
+                              .where(Metric.job_id == job_id)) == 0
+
+
+def test_a_retried_epoch_write_records_each_metric_once(settings):
+    [job_id] = make_jobs(settings, 1, age_s=0)
+    with session_scope(settings.database_url) as session:
+        jobs.claim_job(session, job_id=job_id, worker_id="w")
+        for _ in range(2):  # the reply to the first commit was lost; the worker retries
+            assert jobs.record_epoch(session, job_id=job_id, worker_id="w", epoch=1, step=4,
+                                     metrics={"train_loss": 0.5, "val_loss": 0.6},
+                                     progress=0.5)
+        rows = session.execute(select(Metric.name, Metric.epoch).where(Metric.job_id == job_id)
+                               .order_by(Metric.name)).all()
+        assert rows == [("train_loss", 1), ("val_loss", 1)]
