@@ -206,11 +206,13 @@ const CHARTS = {
 
 function makeChart(key, container) {
   const spec = CHARTS[key];
-  const width = Math.max(320, container.clientWidth - 8);
+  const width = Math.max(320, container.clientWidth - 34);  // inside the card's padding
   const opts = {
     title: spec.title, width, height: 240,
     scales: { x: { time: false } },
-    axes: [{ label: "epoch" }, {}],
+    legend: { live: false },
+    // whole epochs only on the x axis
+    axes: [{ label: "epoch", incrs: [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000] }, {}],
     series: [{ label: "epoch" },
       ...spec.series.map((s, i) => ({ label: s, stroke: spec.colors[i], width: 2,
         points: { show: true, size: 6 } }))],
@@ -458,8 +460,8 @@ function submitView() {
   const epochs = h("input", { id: "f-epochs", type: "number", min: 1, value: 5 });
   const batch = h("input", { id: "f-batch", type: "number", min: 1, value: 64 });
   const lr = h("input", { id: "f-lr", type: "number", step: "any", min: 0, value: 0.05 });
-  const optimizer = h("select", { id: "f-optimizer" }, ["sgd", "adam", "adamw"].map((o) => h("option", {}, o)));
-  const device = h("select", { id: "f-device" }, ["auto", "cpu", "cuda"].map((o) => h("option", {}, o)));
+  const optimizer = h("select", { id: "f-optimizer" }, ["sgd", "adam", "adamw"].map((o) => h("option", { value: o }, o)));
+  const device = h("select", { id: "f-device" }, ["auto", "cpu", "cuda"].map((o) => h("option", { value: o }, o)));
   const out = h("div", { id: "submit-result" });
   const fill = () => {
     if (model.value !== "custom") spec.value = JSON.stringify(modelFor(model.value, dataset.value), null, 2);
