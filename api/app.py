@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
@@ -61,20 +61,30 @@ class BodyLimit:
         if not is_upload and (length not in (None, b"0")) and ctype != "application/json":
             return await _reply(send, 415, f"content type {ctype or 'none'!r}: send "
                                            "application/json")
-        received = 0
+        received, too_large, started = 0, False, False
 
         async def limited() -> Message:
-            nonlocal received
+            nonlocal received, too_large
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
+                    too_large = True
                     raise _TooLarge()
             return message
 
-        try:
-            await self.app(scope, limited, send)
-        except _TooLarge:
+        async def guarded(message: Message) -> None:
+            # FastAPI turns any error while reading a body into its own 400; once the cap
+            # was hit, that reply is dropped and the 413 below goes out instead.
+            nonlocal started
+            if too_large and not started:
+                return
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        with suppress(_TooLarge):
+            await self.app(scope, limited, guarded)
+        if too_large and not started:
             await _reply(send, 413, f"request body larger than {limit} bytes")
 
 
