@@ -3,9 +3,13 @@ epoch, and Last-Event-ID resumes without repeats."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import httpx
 
+from api.routes.events import state_history
 from client import Convoy, Event
+from db.tables import Job, JobAttempt
 from tests.factories import train_request
 from tests.services import TOKEN
 
@@ -76,3 +80,29 @@ def test_events_need_a_token_a_known_job_and_a_valid_last_event_id(stack, client
         assert r.headers["content-type"].startswith("text/event-stream")
         body = r.read().decode()
     assert "event: state" in body and '"state": "succeeded"' in body
+
+
+def _job(state: str, attempt: int) -> Job:
+    at = datetime(2026, 1, 1, tzinfo=UTC)
+    return Job(id="j", state=state, attempt=attempt, created_at=at, updated_at=at,
+               finished_at=at if state in ("succeeded", "failed", "canceled") else None,
+               error=None, result=None)
+
+
+def _attempt(n: int, outcome: str | None) -> JobAttempt:
+    at = datetime(2026, 1, 1, 0, 0, n, tzinfo=UTC)
+    return JobAttempt(job_id="j", attempt=n, worker_id=f"w{n}", started_at=at,
+                      ended_at=at if outcome else None, outcome=outcome)
+
+
+def test_state_history_shows_a_requeue_after_a_lost_worker():
+    lost = _attempt(1, "lease_expired")
+    assert [h["state"] for h in state_history(_job("queued", 2), [lost])] == [
+        "queued", "running", "queued"]
+    history = state_history(_job("succeeded", 2), [lost, _attempt(2, "succeeded")])
+    assert [(h["state"], h["attempt"]) for h in history] == [
+        ("queued", 1), ("running", 1), ("queued", 2), ("running", 2), ("succeeded", 2)]
+    # the last allowed attempt lost its worker: failed, with no requeue in between
+    assert [h["state"] for h in state_history(_job("failed", 1), [lost])] == [
+        "queued", "running", "failed"]
+    assert [h["state"] for h in state_history(_job("canceled", 1), [])] == ["queued", "canceled"]
