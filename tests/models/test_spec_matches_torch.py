@@ -268,3 +268,52 @@ def test_refused_layers_also_fail_in_torch(case):
         return
     with pytest.raises(TORCH_ERRORS):
         run_torch(raw["layers"][-1], in_shape)
+
+
+# --- receptive field and jump: the bounding box of one output unit's input gradient ----------
+
+@st.composite
+def window_chains(draw: st.DrawFn) -> list[dict[str, Any]]:
+    layers = []
+    for _ in range(draw(st.integers(1, 3))):
+        kind = draw(st.sampled_from(["conv2d", "maxpool2d", "avgpool2d"]))
+        k = draw(st.integers(1, 4))
+        layer: dict[str, Any] = {"type": kind, "kernel_size": k, "stride": draw(st.integers(1, 2)),
+                                 "padding": draw(st.integers(0, k // 2))}
+        if kind != "avgpool2d":
+            layer["dilation"] = draw(st.integers(1, 2))
+        if kind == "conv2d":
+            layer["out_channels"] = 1
+        layers.append(layer)
+    return layers
+
+
+@FAST
+@given(window_chains())
+def test_receptive_field_and_jump_equal_the_input_gradient_support(layers):
+    """Every windowed layer is run as an all-ones depthwise convolution with the same kernel,
+    stride, padding and dilation, so one output unit's gradient is nonzero exactly on the input
+    pixels it depends on: their bounding box must be the receptive field."""
+    probe = ModelSpec.model_validate({"input_shape": [1, 64, 64], "layers": layers})
+    rows = infer(probe)["layers"]
+    rf, jump = rows[-1]["receptive_field"][0], rows[-1]["jump"][0]
+    # where output unit 0 starts, in input pixels: the padding of each layer, scaled
+    offset, j = 0, 1
+    for layer in probe.layers:
+        offset += layer.padding * j
+        j *= layer.stride
+    unit = -(-offset // jump)  # the first unit whose window lies inside the image
+    size = unit * jump - offset + rf + 2
+    spec = ModelSpec.model_validate({"input_shape": [1, size, size], "layers": layers})
+    net = torch.nn.Sequential(*(
+        torch.nn.Conv2d(1, 1, layer.kernel_size, stride=layer.stride, padding=layer.padding,
+                        dilation=getattr(layer, "dilation", 1), bias=False)
+        for layer in spec.layers))
+    for conv in net:
+        torch.nn.init.ones_(conv.weight)
+    x = torch.ones(1, 1, size, size, requires_grad=True)
+    net(x)[0, 0, unit, unit].backward()
+    rows_hit = x.grad[0, 0].abs().sum(1).nonzero().flatten()
+    assert int(rows_hit[0]) == unit * jump - offset
+    assert int(rows_hit[-1] - rows_hit[0]) + 1 == rf
+    assert infer(spec)["layers"][-1]["receptive_field"] == [rf, rf]
