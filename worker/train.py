@@ -200,6 +200,11 @@ def train(
             on_epoch(EpochReport(epoch0 + 1, step, metrics, model, optimizer))
         if should_stop is not None and should_stop():
             raise Stopped()
+    if not metrics:
+        # resumed from the last epoch's checkpoint (the worker died before recording the
+        # outcome): nothing is left to train, but the result must still report the model
+        val_loss, val_accuracy = evaluate(model, data.x_val, data.y_val, autocast=autocast)
+        metrics = {"val_loss": val_loss, "val_accuracy": val_accuracy}
     return {
         "epochs_done": cfg.epochs,
         "steps": step,

@@ -168,3 +168,18 @@ def test_diverging_job_through_the_stack_fails_with_a_readable_error(client):
     assert re.fullmatch(r"loss became NaN at epoch 1 step \d+", done["error"]), done["error"]
     assert done["result"] is None or "val_accuracy" not in done["result"]
     assert client.get(f"/v1/jobs/{done['id']}/checkpoints").json() == []
+
+
+def test_resume_after_the_last_epoch_still_reports_validation_metrics(data):
+    cfg = TrainConfig(epochs=2, batch_size=64, seed=0)
+    saved: dict[int, bytes] = {}
+    straight = fresh_model()
+    result = train(straight, data, cfg,
+                   on_epoch=lambda r: saved.update({r.epoch: model_bytes(r.model, {})}))
+    # the worker died after writing epoch 2's checkpoint but before recording the outcome
+    resumed = fresh_model(5)
+    resumed.load_state_dict(load_model_state(saved[2]))
+    again = train(resumed, data, cfg, start_epoch=2, on_epoch=lambda r: pytest.fail("trained"))
+    assert again["epochs_done"] == 2 and again["steps"] == result["steps"]
+    assert again["val_accuracy"] == result["val_accuracy"]
+    assert again["val_loss"] == result["val_loss"]
