@@ -105,6 +105,16 @@ class TrainRun:
 
     def _persist_epoch(self, epoch: int, step: int, metrics: dict[str, float],
                        model_blob: bytes, optim_blob: bytes) -> None:
+        # Fence: a worker cut off from the database (its lease long expired, the job resumed
+        # elsewhere) must not overwrite the new attempt's files when it comes back.
+        def holds() -> bool:
+            with self.db() as session:
+                return jobs.holds_lease(session, job_id=self.job.id, worker_id=self.worker_id)
+
+        if not retry_db(holds, what=f"job {self.job.id} lease check",
+                        within_s=self.settings.db_retry_seconds):
+            self.lease_lost = True
+            return
         name = checkpoint_name(epoch)
         rows = []
         for kind, blob, fname in (("checkpoint", model_blob, name),

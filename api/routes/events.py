@@ -4,6 +4,7 @@ polled from the database (the single source of truth) and ending when the job en
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ import anyio
 from fastapi import APIRouter, Header, HTTPException, Query, Request
 from fastapi.responses import StreamingResponse
 from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from api.auth import authenticate
@@ -22,6 +24,7 @@ from db import jobs as jobs_db
 from db.session import get_sessionmaker
 from db.tables import TERMINAL_STATES, Job, JobAttempt, Metric
 
+log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/jobs", tags=["events"])
 
 POLL_SECONDS = 0.3
@@ -165,9 +168,17 @@ async def stream_events(
     async def frames() -> AsyncIterator[bytes]:
         quiet = 0.0
         while True:
-            snap = await anyio.to_thread.run_sync(read_snapshot, settings, job_id,
-                                                  cursor.metric_id)
-            out, done = poll_events(snap, cursor)
+            try:
+                snap = await anyio.to_thread.run_sync(read_snapshot, settings, job_id,
+                                                      cursor.metric_id)
+            except jobs_db.JobNotFound:
+                return  # deleted while watched: nothing more will happen to it
+            except OperationalError:
+                # The database is away (a restart, a failover): keep the stream open and try
+                # again, as the workers do, rather than make every watcher reconnect.
+                log.warning("events for job %s: database unavailable, retrying", job_id)
+                snap = None
+            out, done = poll_events(snap, cursor) if snap is not None else ([], False)
             for frame in out:
                 yield frame
             if done:

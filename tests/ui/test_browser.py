@@ -16,6 +16,7 @@ from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 
+from tests.factories import train_request
 from tests.services import ROOT, TOKEN
 
 SHOTS = ROOT / "tests" / "screenshots"
@@ -149,3 +150,12 @@ def test_dashboard_submits_a_job_charts_it_live_and_shows_feature_maps(stack, br
     row = b.find_element(By.CSS_SELECTOR, f"#jobs tr[data-id='{job_id}']")
     assert "succeeded" in row.text and "browser-digits" in row.text
     b.save_screenshot(str(SHOTS / "5-jobs.png"))
+
+    # The cancel button stops a running job; the page follows it to canceled.
+    with stack.client() as api:
+        long_id = api.post("/v1/jobs", json=train_request(500)).json()["id"]
+    b.get(f"{stack.url}/#/jobs/{long_id}")
+    wait_for(lambda: page_state(b) == "running", 120, "long job running")
+    b.find_element(By.ID, "cancel").click()
+    wait_for(lambda: page_state(b) == "canceled", 60, "canceled")
+    assert not b.find_element(By.ID, "cancel").is_displayed()

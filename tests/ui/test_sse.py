@@ -65,6 +65,18 @@ def test_a_dropped_stream_resumes_with_last_event_id_without_repeats(stack):
         assert metric_epochs(events) == list(range(1, EPOCHS + 1))
 
 
+def test_a_canceled_job_ends_its_stream_with_canceled(stack):
+    with Convoy(stack.url, TOKEN) as convoy:
+        job = convoy.submit(train_request(500))
+        events: list[Event] = []
+        for event in convoy.events(job.id, reconnect=False):
+            events.append(event)
+            if event.type == "state" and event.data["state"] == "running":
+                assert convoy.cancel(job.id).state == "canceled"
+        assert states(events) == ["queued", "running", "canceled"]
+        assert events[-1].type == "state"
+
+
 def test_events_need_a_token_a_known_job_and_a_valid_last_event_id(stack, client):
     job_id = client.post("/v1/jobs", json=train_request(1)).json()["id"]
     anonymous = httpx.get(f"{stack.url}/v1/jobs/{job_id}/events", timeout=30)
