@@ -10,10 +10,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.reliability.infra import attempts, make_stack, metric_epochs, slow_job, wait_for
+from tests.reliability.infra import (
+    attempts,
+    make_stack,
+    metric_epochs,
+    slow_job,
+    tiny_job,
+    wait_for,
+)
 from tests.services import REDIS, Stack, create_pg_database, drop_pg_database, wait_job
 
-EPOCHS = 4
+EPOCHS = 3
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +116,7 @@ def test_cancel_running_stops_the_worker_within_5s_and_keeps_its_checkpoint(faul
         assert client.get(f"/v1/jobs/{running}/checkpoints/last").status_code == 200
 
         # the canceled queued job's message reaches the now idle worker and is a no-op
-        probe = client.post("/v1/jobs", json=slow_job(1)).json()["id"]
+        probe = client.post("/v1/jobs", json=tiny_job()).json()["id"]
         assert wait_job(client, probe)["state"] == "succeeded"
         assert attempts(env_url, waiting) == []
         assert client.get(f"/v1/jobs/{waiting}").json()["state"] == "canceled"
