@@ -16,7 +16,7 @@ from convoy.settings import Settings
 # A warm shutdown lets the worker finish its current task; a long training job is not
 # worth the wait on Ctrl-C: it is killed, its lease expires, and the next start resumes it
 # from its last checkpoint.
-WORKER_STOP_GRACE_SECONDS = 10.0
+WORKER_STOP_GRACE_SECONDS = 5.0
 PR_SET_PDEATHSIG = 1
 
 
