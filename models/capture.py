@@ -23,29 +23,50 @@ class Captured:
     # for a maxpool2d layer: the flat position (row * W_in + col) in its input plane of each
     # pooled value, as torch's return_indices gives it
     argmax: torch.Tensor | None = None
-    # for extra max pooling: the flat position in the layer's own (unpooled) plane
-    pool_argmax: torch.Tensor | None = None
 
 
-def extra_pool(t: torch.Tensor, pool: dict[str, Any] | None
-               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _pool_layout(t: torch.Tensor) -> torch.Tensor:
+    """On CPU, torch's NCHW pooling kernels are ~5x slower than its channels-last ones
+    (bench/bench_feature_maps.py; same values and indices), so pool in channels-last there."""
+    return t.contiguous(memory_format=torch.channels_last) if t.device.type == "cpu" else t
+
+
+def channels_last(model: nn.Module, x: torch.Tensor | None = None) -> Any:
+    """The model (or an input batch) in channels-last layout: faster convolutions on CPU
+    (oneDNN) and on CUDA (cuDNN), and fast pooling; the values are the same maps."""
+    if x is not None:
+        return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+    return model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+
+
+def max_pool_with_argmax(x: torch.Tensor, layer: nn.MaxPool2d
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same values as layer(x), plus where each maximum came from; the output keeps the
+    input's layout so the rest of the forward pass runs as it would without capture."""
+    keep = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) \
+        else torch.contiguous_format
+    y, idx = F.max_pool2d(_pool_layout(x), layer.kernel_size, layer.stride, layer.padding,
+                          layer.dilation, ceil_mode=layer.ceil_mode, return_indices=True)
+    return y.contiguous(memory_format=keep), idx
+
+
+def extra_pool(t: torch.Tensor, pool: dict[str, Any] | None) -> torch.Tensor:
     """Pool [N, C, H, W] maps by the request's rule (convoy.featuremaps.pooled_shape)."""
     if pool is None or t.dim() != 4:
-        return t, None
+        return t
     n, c, h, w = t.shape
     if pool.get("global"):
         flat = t.flatten(2)
-        if pool["type"] == "avg":
-            return flat.mean(-1).view(n, c, 1, 1), None
-        values, idx = flat.max(-1)
-        return values.view(n, c, 1, 1), idx.view(n, c, 1, 1)
+        return (flat.mean(-1) if pool["type"] == "avg" else flat.amax(-1)).view(n, c, 1, 1)
     k = int(pool["kernel_size"])
     kernel = (pool_window(h, k), pool_window(w, k))
     if pool["type"] == "avg":
         # ceil mode: an edge window averages only the values it covers
-        return F.avg_pool2d(t, kernel, kernel, ceil_mode=True, count_include_pad=False), None
-    values, idx = F.max_pool2d(t, kernel, kernel, ceil_mode=True, return_indices=True)
-    return values, idx
+        out = F.avg_pool2d(_pool_layout(t), kernel, kernel, ceil_mode=True,
+                           count_include_pad=False)
+    else:
+        out = F.max_pool2d(_pool_layout(t), kernel, kernel, ceil_mode=True)
+    return out
 
 
 def capture(model: nn.Module, x: torch.Tensor, wanted: Sequence[int],
@@ -59,14 +80,10 @@ def capture(model: nn.Module, x: torch.Tensor, wanted: Sequence[int],
             break
         argmax = None
         if i in wanted_set and isinstance(layer, nn.MaxPool2d):
-            # the same values as layer(x), plus where each maximum came from
-            y, argmax = F.max_pool2d(x, layer.kernel_size, layer.stride, layer.padding,
-                                     layer.dilation, ceil_mode=layer.ceil_mode,
-                                     return_indices=True)
+            y, argmax = max_pool_with_argmax(x, layer)
         else:
             y = layer(x)
         if i in wanted_set:
-            maps, pool_argmax = extra_pool(y, pool)
-            out[i] = Captured(i, maps, argmax, pool_argmax)
+            out[i] = Captured(i, extra_pool(y, pool), argmax)
         x = y
     return out

@@ -22,7 +22,7 @@ from db import jobs
 from db.session import session_scope
 from db.tables import Artifact, Job, Upload
 from models.build import build_model
-from models.capture import capture
+from models.capture import capture, channels_last
 from models.spec import ModelSpec
 from worker import checkpoints
 from worker.lease import Lease
@@ -55,7 +55,7 @@ def load_model(settings: Settings, job: Job, spec: ModelSpec, source: dict[str, 
     store = get_store(settings.artifact_root)
     if source["type"] == "random":
         torch.manual_seed(int(source["seed"]))
-        return build_model(spec).eval().to(device)
+        return channels_last(build_model(spec).eval().to(device))
     model = build_model(spec)
     with session_scope(settings.database_url) as session:
         if source["type"] == "train_job":
@@ -72,7 +72,7 @@ def load_model(settings: Settings, job: Job, spec: ModelSpec, source: dict[str, 
         if name.endswith("num_batches_tracked") and name not in state:
             state[name] = torch.zeros_like(tensor)
     model.load_state_dict(state, strict=True)  # copies into the float32 parameters
-    return model.eval().to(device)
+    return channels_last(model.eval().to(device))
 
 
 def load_inputs(settings: Settings, job: Job, plan: dict[str, Any],
@@ -102,21 +102,21 @@ def load_inputs(settings: Settings, job: Job, plan: dict[str, Any],
 def extract(model: torch.nn.Module, x: np.ndarray, wanted: list[int], *,
             pool: dict[str, Any] | None, dtype: str, device: torch.device,
             batch: int = BATCH) -> dict[int, dict[str, np.ndarray]]:
-    """Captured maps per layer index as numpy arrays: 'maps', and 'argmax'/'pool_argmax'
-    where they exist. Runs in batches so that memory stays bounded by one batch."""
+    """Captured maps per layer index as numpy arrays: 'maps', and 'argmax' for max-pooling
+    layers. Runs in batches so that memory stays bounded by one batch."""
     out_dtype = torch.float16 if dtype == "float16" else torch.float32
     parts: dict[int, dict[str, list[np.ndarray]]] = {i: {} for i in wanted}
     with torch.inference_mode():
         for start in range(0, len(x), batch):
-            xb = torch.from_numpy(x[start:start + batch]).to(device)
+            xb = channels_last(model, torch.from_numpy(x[start:start + batch]).to(device))
             for i, cap in capture(model, xb, wanted, pool).items():
                 got = parts[i]
-                got.setdefault("maps", []).append(cap.maps.to(out_dtype).cpu().numpy())
+                # back to NCHW on the device, where the copy is cheapest
+                maps = cap.maps.to(out_dtype).contiguous()
+                got.setdefault("maps", []).append(maps.cpu().numpy())
                 if cap.argmax is not None:
-                    got.setdefault("argmax", []).append(cap.argmax.int().cpu().numpy())
-                if cap.pool_argmax is not None:
-                    got.setdefault("pool_argmax", []).append(
-                        cap.pool_argmax.int().cpu().numpy())
+                    got.setdefault("argmax", []).append(
+                        cap.argmax.int().contiguous().cpu().numpy())
     return {i: {k: np.concatenate(v) for k, v in got.items()} for i, got in parts.items()}
 
 
@@ -150,13 +150,12 @@ class FeatureMapsRun:
                 "unpooled_shape": [len(maps), *row["output_shape"]]}
         base = job_key(self.job.id, "feature-maps", name)
         rows = [self._put("feature_map", name, base + ".npy", blob, meta)]
-        for kind in ("argmax", "pool_argmax"):
-            if kind in got:
-                t = time.perf_counter()
-                blob = npy_bytes(got[kind])
-                self.timings.encode_npy_s += time.perf_counter() - t
-                rows.append(self._put(kind, name, f"{base}.{kind.replace('_', '-')}.npy", blob,
-                                      {"index": index, "shape": list(got[kind].shape)}))
+        if "argmax" in got:
+            t = time.perf_counter()
+            blob = npy_bytes(got["argmax"])
+            self.timings.encode_npy_s += time.perf_counter() - t
+            rows.append(self._put("argmax", name, f"{base}.argmax.npy", blob,
+                                  {"index": index, "shape": list(got["argmax"].shape)}))
         if self.request.png and maps.ndim == 4:
             for k in range(len(maps)):
                 t = time.perf_counter()

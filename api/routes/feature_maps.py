@@ -18,7 +18,7 @@ from db.tables import Artifact
 
 router = APIRouter(prefix="/v1/jobs", tags=["feature-maps"])
 
-Array = Literal["maps", "argmax", "pool_argmax"]
+Array = Literal["maps", "argmax"]
 
 
 def _rows(session, job_id: str, tenant: str, kind: str):  # type: ignore[no-untyped-def]

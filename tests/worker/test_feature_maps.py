@@ -21,7 +21,7 @@ from db.migrate import upgrade
 from db.session import session_scope
 from db.tables import Artifact
 from models.build import build_model
-from models.capture import capture, extra_pool
+from models.capture import capture, channels_last, extra_pool
 from models.spec import ModelSpec
 from worker.feature_maps import run_feature_maps
 from worker.render import grid_shape, png_bytes
@@ -55,6 +55,22 @@ def test_capture_equals_a_hooked_forward_pass_on_every_layer():
             assert torch.equal(picked, out)
 
 
+def test_capture_in_channels_last_gives_the_same_maps():
+    torch.manual_seed(0)
+    model = build_model(ModelSpec.model_validate({"preset": "vgg-small"})).eval()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.inference_mode():
+        expected = hooked_outputs(model, x)
+        fast = channels_last(model)
+        got = capture(fast, channels_last(fast, x), range(len(expected)))
+    for i, out in enumerate(expected):
+        assert torch.allclose(got[i].maps, out, rtol=1e-5, atol=1e-5), i
+        if got[i].argmax is not None:
+            before = expected[i - 1].flatten(2)
+            picked = before.gather(2, got[i].argmax.contiguous().flatten(2)).view_as(out)
+            assert torch.allclose(picked, out, rtol=1e-5, atol=1e-5)
+
+
 def test_capture_returns_only_the_wanted_layers():
     model = build_model(ModelSpec.model_validate({"preset": "vgg-small"})).eval()
     with torch.inference_mode():
@@ -69,13 +85,17 @@ def test_capture_returns_only_the_wanted_layers():
 ])
 def test_extra_pooling_gives_the_shape_the_api_predicted(h, w, pool):
     t = torch.randn(2, 3, h, w)
-    pooled, idx = extra_pool(t, pool)
+    pooled = extra_pool(t, pool)
     assert list(pooled.shape[1:]) == pooled_shape([3, h, w], pool)
-    if pool["type"] == "max":
-        assert torch.equal(t.flatten(2).gather(2, idx.flatten(2)).view_as(pooled), pooled)
+    if pool["type"] == "max":  # every value is kept by some window, edge windows included
         assert torch.equal(pooled.amax(dim=(2, 3)), t.amax(dim=(2, 3)))
-    else:
-        assert idx is None
+    elif pool.get("global"):
+        assert torch.allclose(pooled[..., 0, 0], t.mean(dim=(2, 3)))
+    else:  # the first window, and the bottom-right one that may be cut by the edge
+        k = min(pool["kernel_size"], h), min(pool["kernel_size"], w)
+        assert torch.allclose(pooled[..., 0, 0], t[..., :k[0], :k[1]].mean(dim=(2, 3)))
+        last = t[..., (pooled.shape[2] - 1) * k[0]:, (pooled.shape[3] - 1) * k[1]:]
+        assert torch.allclose(pooled[..., -1, -1], last.mean(dim=(2, 3)))
 
 
 def test_png_tiles_channels_each_on_its_own_scale():
