@@ -44,6 +44,11 @@ def expand_preset(data: dict[str, Any]) -> dict[str, Any]:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     build, default_shape = PRESETS[name]
-    num_classes = data.get("num_classes") or 10
-    return {**data, "input_shape": data.get("input_shape") or default_shape,
-            "num_classes": num_classes, "layers": build(num_classes)}
+    num_classes = data.get("num_classes")
+    if num_classes is None:
+        num_classes = 10
+    # a bad num_classes (0, "many") is reported on that field alone, not on the layers too
+    width = num_classes if type(num_classes) is int and num_classes >= 1 else 10
+    shape = data.get("input_shape")
+    return {**data, "input_shape": default_shape if shape is None else shape,
+            "num_classes": num_classes, "layers": build(width)}

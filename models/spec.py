@@ -129,7 +129,9 @@ class ModelSpec(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _expand_preset(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("preset") is not None and "layers" not in data:
+        # a preset that is not a string is left to the field's own type error
+        if isinstance(data, dict) and isinstance(data.get("preset"), str) \
+                and "layers" not in data:
             from models.presets import expand_preset
 
             return expand_preset(data)

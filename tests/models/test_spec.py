@@ -141,6 +141,21 @@ def test_preset_with_num_classes_and_unknown_preset():
         ModelSpec.model_validate({"preset": "resnet"})
 
 
+@pytest.mark.parametrize(("raw", "field"), [
+    ({"preset": ["lenet5"]}, "preset"),  # was a TypeError (unhashable), so a 500
+    ({"preset": {"name": "lenet5"}}, "preset"),
+    ({"preset": "lenet5", "num_classes": 0}, "num_classes"),  # was silently 10
+    ({"preset": "lenet5", "num_classes": "many"}, "num_classes"),
+    ({"preset": "vgg-small", "input_shape": []}, "input_shape"),  # was silently [3, 32, 32]
+])
+def test_bad_preset_fields_are_validation_errors_on_that_field(raw, field):
+    with pytest.raises(ValidationError) as info:
+        ModelSpec.model_validate(raw)
+    assert info.value.errors()[0]["loc"] == (field,)
+    if field == "num_classes":
+        assert [e["loc"] for e in info.value.errors()] == [(field,)]
+
+
 # --- invalid specs: each names the layer index and the reason --------------------------------
 
 INVALID: list[tuple[str, list[int], list[dict[str, Any]], int | None, int, str]] = [
