@@ -256,6 +256,8 @@ def check_feature_maps(session: Session, req: FeatureMapsJobRequest, settings: S
     spec, source = resolve_source(session, req, tenant=tenant)
     field = "source.model" if source["type"] == "random" else "source"
     summary = summarize_or_422(spec, field=field)
+    if req.layers == []:
+        raise unprocessable("layers", "give at least one layer, or null for every layer")
     try:
         captured = resolve_layers(summary, req.layers)
     except UnknownLayer as exc:
