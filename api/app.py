@@ -122,7 +122,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         yield
         reconciler.stop()
 
-    app = FastAPI(title="Convoy", version="0.1.0", lifespan=lifespan,
+    # redirect_slashes=False: one spelling per resource. The redirect turned `name/` and
+    # `%2F` probes into 307s to other routes, with a Location built from the Host header.
+    app = FastAPI(title="Convoy", version="0.1.0", lifespan=lifespan, redirect_slashes=False,
                   description="Train CNNs and extract their feature maps as jobs.")
     app.state.settings = settings
     app.state.celery = make_celery(settings)

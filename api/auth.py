@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import secrets
 import sys
 from dataclasses import dataclass
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from convoy.settings import Settings
@@ -17,6 +18,12 @@ from db.jobs import new_id
 from db.tables import Token
 
 TOKEN_PREFIX = "cvy_"
+# Same rule as api.schemas.TokenIn: tenants are plain identifiers (they name rows and log lines).
+TENANT_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+class LastAdmin(RuntimeError):
+    """Revoking this token would leave no active admin token: nobody could mint new ones."""
 
 
 @dataclass(frozen=True)
@@ -51,14 +58,28 @@ def authenticate(session: Session, secret: str) -> Principal | None:
     return Principal(tenant=token.tenant, token_id=token.id, is_admin=token.is_admin)
 
 
-def revoke_token(session: Session, *, token_id: str) -> bool:
+def check_tenant(tenant: str) -> str:
+    if not TENANT_RE.fullmatch(tenant):
+        raise ValueError(f"tenant {tenant[:80]!r}: 1-64 letters, digits, - or _")
+    return tenant
+
+
+def revoke_token(session: Session, *, token_id: str) -> Token | None:
+    """Revoke (idempotent); None when there is no such token. Refuses with LastAdmin to revoke
+    the only active admin token, which would lock every admin out of the API."""
     token = session.get(Token, token_id)
     if token is None:
-        return False
+        return None
     if token.revoked_at is None:
+        if token.is_admin:
+            others = session.scalar(select(func.count()).select_from(Token).where(
+                Token.is_admin.is_(True), Token.revoked_at.is_(None), Token.id != token.id))
+            if not others:
+                raise LastAdmin(f"token {token.id} is the last active admin token; create "
+                                "another admin token first")
         token.revoked_at = utcnow()
         session.commit()
-    return True
+    return token
 
 
 def ensure_bootstrap(session: Session, settings: Settings) -> str | None:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class JobOut(BaseModel):
@@ -78,8 +78,11 @@ class UploadOut(BaseModel):
 
 
 class TokenIn(BaseModel):
-    tenant: str
-    name: str = ""
+    model_config = ConfigDict(extra="forbid")
+
+    # Tenants name rows in every table and appear in logs: a short, plain identifier.
+    tenant: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+    name: Annotated[str, Field(max_length=128, pattern=r"^[^\x00-\x1f\x7f]*$")] = ""
     admin: bool = False
 
 

@@ -53,18 +53,33 @@ def cmd_db(args: argparse.Namespace) -> int:
 
 
 def cmd_token(args: argparse.Namespace) -> int:
-    from api.auth import create_token, revoke_token
+    from api.auth import LastAdmin, check_tenant, create_token, revoke_token
     from db.session import session_scope
     from db.tables import Token
 
     settings = _settings()
+    if args.action == "create":
+        try:
+            check_tenant(args.tenant)
+        except ValueError as exc:
+            print(exc, file=sys.stderr)
+            return 2
+    if args.action == "revoke" and not args.id:
+        print("usage: convoy token revoke ID (see `convoy token list`)", file=sys.stderr)
+        return 2
     with session_scope(settings.database_url) as session:
         if args.action == "create":
-            token, secret = create_token(session, tenant=args.tenant, name=args.name or "",
-                                         is_admin=args.admin)
+            token, secret = create_token(session, tenant=args.tenant,
+                                         name=(args.name or "")[:128], is_admin=args.admin)
+            # The secret goes to stdout alone on its line (scripts read it); it is not stored.
             print(f"id {token.id} tenant {token.tenant}\n{secret}")
         elif args.action == "revoke":
-            if not revoke_token(session, token_id=args.id):
+            try:
+                revoked = revoke_token(session, token_id=args.id)
+            except LastAdmin as exc:
+                print(exc, file=sys.stderr)
+                return 1
+            if revoked is None:
                 print(f"no token {args.id}", file=sys.stderr)
                 return 1
             print(f"revoked {args.id}")
