@@ -9,6 +9,8 @@ from typing import Any
 
 import httpx
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tests.factories import small_cnn, train_request
 from tests.models.test_spec import INVALID, SCHEMA_INVALID
@@ -154,6 +156,51 @@ def test_too_few_outputs_for_the_dataset_is_422(client):
     detail = refused(client, train_request(1, model=small_cnn(num_classes=3)))
     assert errors_at(detail, "model", "layers"), detail
     assert "10 classes" in detail[0]["msg"]
+
+
+# --- any mutation of a valid body: a 4xx with a detail, never a 500 ---------------------------
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**70, 2**70)
+    | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=12)
+    | st.sampled_from([0, -1, 10**9, 2**63, 1e308, "", "x" * 5000, [1] * 5000]),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
+                                                                max_size=4),
+    max_leaves=8,
+)
+BODIES = [
+    ("/v1/jobs", train_request(1)),
+    ("/v1/models/summary", small_cnn()),
+    ("/v1/jobs", {"kind": "feature_maps", "source": {"job_id": UNKNOWN},
+                  "inputs": {"dataset": "digits", "indices": [0, 1]}, "layers": None}),
+]
+
+
+def paths(node: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    found = [prefix]
+    items = node.items() if isinstance(node, dict) else \
+        enumerate(node) if isinstance(node, list) else ()
+    for key, child in items:
+        found += paths(child, (*prefix, key))
+    return found
+
+
+@settings(max_examples=100, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(case=st.sampled_from(BODIES), where=st.randoms(use_true_random=False), value=JSON)
+def test_any_mutated_body_gets_a_client_error_never_a_500(client, case, where, value):
+    endpoint, body = case[0], copy.deepcopy(case[1])
+    path = where.choice(paths(body)[1:])
+    node = body
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    r = client.post(endpoint, json=body)
+    assert r.status_code in (200, 201, 404, 413, 422), (path, value, r.status_code, r.text)
+    if r.status_code == 201:  # the mutation happened to be valid: don't leave work behind
+        client.post(f"/v1/jobs/{r.json()['id']}/cancel")
+    elif r.status_code >= 400:
+        assert r.json()["detail"], r.text
 
 
 # --- unknown ids: 404 -------------------------------------------------------------------------
