@@ -46,5 +46,5 @@ def make_celery(settings: Settings, *, include: list[str] | None = None) -> Cele
     return app
 
 
-def enqueue(app: Celery, *, kind: str, job_id: str) -> None:
-    app.send_task(TASK_FOR_KIND[kind], args=[job_id])
+def enqueue(app: Celery, *, kind: str, job_id: str, countdown: float | None = None) -> None:
+    app.send_task(TASK_FOR_KIND[kind], args=[job_id], countdown=countdown)

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import model_validator
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -53,7 +53,10 @@ class Settings(BaseSettings):
     max_request_bytes: int = 1024 * 1024
     max_upload_bytes: int = 256 * 1024 * 1024
     max_json_map_values: int = 100_000
-    max_running_per_tenant: int = 8
+    # Enforced when a worker claims a job: past it the job stays queued and its message is
+    # sent again after tenant_defer_seconds, so the worker serves other tenants meanwhile.
+    max_running_per_tenant: Annotated[int, Field(ge=1)] = 8
+    tenant_defer_seconds: Annotated[float, Field(gt=0)] = 5.0
     max_queued_per_tenant: int = 1000
     max_feature_map_bytes: int = 2 * 1024**3
 

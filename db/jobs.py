@@ -9,7 +9,7 @@ from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select, text, update
 from sqlalchemy.orm import Session
 
 from db.base import utcnow
@@ -70,12 +70,39 @@ def get_job(session: Session, *, job_id: str, tenant: str | None = None) -> Job:
     return job
 
 
-def claim_job(session: Session, *, job_id: str, worker_id: str) -> Job | None:
-    """queued -> running under this worker's lease; None when someone else has it or it ended."""
+class TenantAtLimit(RuntimeError):
+    """The job's tenant already runs its limit of jobs: the job stays queued, to be sent again."""
+
+
+def _lock_tenant(session: Session, tenant: str) -> None:
+    """Serialise claims of one tenant's jobs, so two workers cannot both see a free slot.
+    PostgreSQL: a transaction-scoped advisory lock. SQLite: the UPDATE below is one statement
+    under the database's single write lock, which already serialises it."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(hashtext('convoy-tenant'), "
+                             "hashtext(:tenant))"), {"tenant": tenant})
+
+
+def claim_job(session: Session, *, job_id: str, worker_id: str,
+              max_running: int | None = None) -> Job | None:
+    """queued -> running under this worker's lease; None when someone else has it or it ended.
+
+    With `max_running`, the claim succeeds only while the job's tenant has fewer running jobs;
+    otherwise the job stays queued (its enqueued_at renewed) and TenantAtLimit is raised."""
     now = utcnow()
+    limit: list[Any] = []
+    if max_running is not None:
+        tenant = session.scalar(select(Job.tenant).where(Job.id == job_id))
+        if tenant is None:
+            session.rollback()
+            return None
+        _lock_tenant(session, tenant)
+        running = (select(func.count()).select_from(Job)
+                   .where(Job.tenant == tenant, Job.state == "running").scalar_subquery())
+        limit = [running < max_running]
     result = session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.state == "queued")
+        .where(Job.id == job_id, Job.state == "queued", *limit)
         .values(
             state="running",
             worker_id=worker_id,
@@ -86,6 +113,16 @@ def claim_job(session: Session, *, job_id: str, worker_id: str) -> Job | None:
         .execution_options(synchronize_session=False)
     )
     if result.rowcount != 1:  # type: ignore[attr-defined]
+        session.rollback()
+        if limit and session.execute(
+            update(Job).where(Job.id == job_id, Job.state == "queued")
+            .values(enqueued_at=now).execution_options(synchronize_session=False)
+        ).rowcount == 1:  # type: ignore[attr-defined]
+            # Still queued, so the limit is what refused it. enqueued_at=now keeps the
+            # reconciler from resending it while the deferred message is on its way.
+            session.commit()
+            raise TenantAtLimit(f"job {job_id}: tenant is at max_running_per_tenant="
+                                f"{max_running}")
         session.rollback()
         return None
     job = session.get(Job, job_id, populate_existing=True)

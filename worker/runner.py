@@ -213,9 +213,15 @@ def run_job(job_id: str, *, settings: Settings, worker_id: str) -> str:
 
     def claim() -> Job | None:
         with session_scope(settings.database_url) as session:
-            return jobs.claim_job(session, job_id=job_id, worker_id=worker_id)
+            return jobs.claim_job(session, job_id=job_id, worker_id=worker_id,
+                                  max_running=settings.max_running_per_tenant)
 
-    job = retry_db(claim, what=f"claim of job {job_id}", within_s=settings.db_retry_seconds)
+    try:
+        job = retry_db(claim, what=f"claim of job {job_id}",
+                       within_s=settings.db_retry_seconds)
+    except jobs.TenantAtLimit as exc:
+        log.info("%s; deferred", exc)
+        return "deferred"  # the task sends it again after tenant_defer_seconds
     if job is None:
         log.info("job %s not claimable (duplicate message, canceled or running elsewhere)", job_id)
         return "skipped"
