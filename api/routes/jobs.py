@@ -93,7 +93,11 @@ def _decode_cursor(cursor: str) -> tuple[datetime, str]:
     try:
         raw = base64.urlsafe_b64decode(cursor.encode()).decode()
         stamp, job_id = raw.split("|", 1)
-        return datetime.fromisoformat(stamp), job_id
+        at = datetime.fromisoformat(stamp)
+        # A forged cursor must give 422, not reach the database (naive time, NUL, junk id).
+        if at.tzinfo is None or not job_id.isalnum() or not job_id.isascii():
+            raise ValueError(raw)
+        return at, job_id
     except (ValueError, binascii.Error, UnicodeDecodeError):
         raise HTTPException(422, "cursor: not a cursor this API returned") from None
 

@@ -146,10 +146,16 @@ def test_unknown_dataset_id_is_422_naming_dataset_id(client):
     assert UNKNOWN in error["msg"]
 
 
-def test_input_shape_not_matching_the_dataset_is_422(client):
-    detail = refused(client, train_request(1, model=small_cnn(input_shape=(1, 16, 16))))
+@pytest.mark.parametrize(("model_shape", "dataset", "data_shape"), [
+    ((1, 16, 16), {"name": "digits"}, "[1, 8, 8]"),
+    ((1, 16, 16), {"name": "synthetic", "size": 16, "channels": 3}, "[3, 16, 16]"),
+    ((3, 8, 8), {"name": "synthetic", "size": 16, "channels": 3}, "[3, 16, 16]"),
+])
+def test_input_shape_not_matching_the_dataset_is_422(client, model_shape, dataset, data_shape):
+    model = small_cnn(input_shape=model_shape, num_classes=4 if "size" in dataset else 10)
+    detail = refused(client, train_request(1, model=model, dataset=dataset))
     (error,) = errors_at(detail, "model", "input_shape")
-    assert "[1, 16, 16]" in error["msg"] and "[1, 8, 8]" in error["msg"]
+    assert str(list(model_shape)) in error["msg"] and data_shape in error["msg"]
 
 
 def test_too_few_outputs_for_the_dataset_is_422(client):
