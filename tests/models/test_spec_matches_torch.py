@@ -205,6 +205,8 @@ def test_infer_accepts_exactly_what_torch_accepts(case):
 
 @st.composite
 def refused_specs(draw: st.DrawFn) -> tuple[dict[str, Any], str]:
+    """A valid prefix and one layer that cannot take its input. (A num_classes mismatch is
+    Convoy's own contract, not torch's, so it is tested in test_spec.py only.)"""
     raw = draw(valid_specs())
     layers = raw["layers"]
     flat_at = next((i for i, la in enumerate(layers) if la["type"] == "flatten"), None)
@@ -227,7 +229,7 @@ def refused_specs(draw: st.DrawFn) -> tuple[dict[str, Any], str]:
         bad = {"type": draw(st.sampled_from(["maxpool2d", "avgpool2d"])), "kernel_size": k,
                "padding": k // 2 + draw(st.integers(1, 2))}
     elif reason == "groups":
-        g = draw(st.sampled_from([g for g in range(2, 6) if c % g]))
+        g = draw(st.sampled_from([g for g in range(2, c + 2) if c % g]))
         bad = {"type": "conv2d", "out_channels": g, "kernel_size": 1, "groups": g}
     elif reason == "after_flatten":
         prefix = [*prefix, {"type": "flatten"}]
