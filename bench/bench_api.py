@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -42,8 +43,15 @@ async def _client(port: int, request: bytes, stop_at: float, lat: list[float],
         writer.close()
 
 
-def load(port: int, request: bytes, *, clients: int, seconds: float, expect: int = 200
-         ) -> dict[str, float]:
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process: its CPU cost, which other load on the box barely moves."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def load(port: int, request: bytes, *, clients: int, seconds: float, expect: int = 200,
+         pid: int | None = None) -> dict[str, float]:
     lat: list[float] = []
     errors: list[int] = []
 
@@ -52,13 +60,15 @@ def load(port: int, request: bytes, *, clients: int, seconds: float, expect: int
         await asyncio.gather(*(_client(port, request, stop_at, lat, errors, expect)
                                for _ in range(clients)))
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), cpu_seconds(pid) if pid else 0.0
     asyncio.run(go())
     elapsed = time.perf_counter() - t0
+    cpu = cpu_seconds(pid) - c0 if pid else float("nan")
     if errors:
         raise RuntimeError(f"{len(errors)} responses were not {expect}: {sorted(set(errors))}")
     return {"rps": len(lat) / elapsed, "p50": percentile(lat, 50) * 1e3,
-            "p99": percentile(lat, 99) * 1e3, "n": len(lat)}
+            "p99": percentile(lat, 99) * 1e3, "n": len(lat),
+            "cpu_ms": cpu / max(1, len(lat)) * 1e3}
 
 
 def http_get(path: str, token: str | None) -> bytes:
@@ -75,7 +85,7 @@ def http_post(path: str, body: dict, token: str) -> bytes:
 
 def show(label: str, r: dict[str, float]) -> None:
     print(f"  {label:34s} {r['rps']:8.0f} req/s  p50 {r['p50']:6.1f} ms  p99 {r['p99']:6.1f} ms"
-          f"  ({r['n']} requests)")
+          f"  server CPU {r['cpu_ms']:.2f} ms/request  ({r['n']:.0f} requests)")
 
 
 def main() -> None:
@@ -114,9 +124,9 @@ def main() -> None:
             api_runs, bare_runs = [], []
             for _ in range(args.rounds):  # ABAB windows
                 api_runs.append(load(stack.port, api_req, clients=args.clients,
-                                     seconds=args.seconds))
+                                     seconds=args.seconds, pid=stack.api.pid))
                 bare_runs.append(load(bare.port, bare_req, clients=args.clients,
-                                      seconds=args.seconds))
+                                      seconds=args.seconds, pid=bare.api.pid))
         finally:
             bare.stop()
         a = {k: median([r[k] for r in api_runs]) for k in api_runs[0]}
@@ -126,9 +136,10 @@ def main() -> None:
         show("bare FastAPI, same PK read", b)
         show("Convoy API (auth + read + schema)", a)
         print(f"  ratio API/bare = {a['rps'] / b['rps']:.3f}  (goal >= 0.8), API p99 "
-              f"{a['p99']:.1f} ms (goal < 50 ms)")
+              f"{a['p99']:.1f} ms (goal < 50 ms); by server CPU per request "
+              f"{b['cpu_ms'] / a['cpu_ms']:.3f}")
         sub = load(stack.port, http_post("/v1/jobs", job_request(1), TOKEN),
-                   clients=args.clients, seconds=args.seconds, expect=201)
+                   clients=args.clients, seconds=args.seconds, expect=201, pid=stack.api.pid)
         show("POST /v1/jobs (submissions)", sub)
 
 

@@ -41,7 +41,7 @@ def main() -> None:
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args()
     if args.smoke:
-        args.jobs = 2
+        args.jobs, args.modes = 2, "pg"
     print(machine())
     for mode in args.modes.split(","):
         ms = measure(mode, args.jobs)
