@@ -16,7 +16,7 @@ import pytest
 
 from convoy.artifacts import BadKey, LocalStore, check_key, job_key
 from tests.security.conftest import Owned
-from tests.services import TOKEN, Stack
+from tests.services import ROOT, TOKEN, Stack
 
 SECRET = f"marker-{uuid.uuid4().hex}"
 
@@ -135,3 +135,14 @@ def test_server_built_keys_pass(tmp_path: Path) -> None:
     assert store.get_bytes(key) == b"ok"
     with pytest.raises(BadKey):
         job_key("..", "x")
+
+
+def test_static_files_stay_in_their_folder(stack: Stack, marker: Path) -> None:
+    """The dashboard's /static mount (outside the OpenAPI spec) serves its folder only."""
+    for path in ("/static/..%2F..%2Fapi%2Fapp.py", "/static/../../api/app.py",
+                 "/static/%2e%2e/%2e%2e/api/app.py", "/static/..%5C..%5Capi%5Capp.py",
+                 "/static/" + quote(str(ROOT / "api" / "app.py"), safe=""),
+                 "/static/" + quote(str(marker), safe=""), "/static/%00"):
+        status, body = raw_get(stack, "GET", path, "")
+        assert status == 404, (path, status)
+        assert b"create_app" not in body and SECRET.encode() not in body
