@@ -60,13 +60,16 @@ def hooked(model: torch.nn.Module) -> Callable[[torch.Tensor], list[torch.Tensor
 
 
 def timed(fn: Callable[[], Any], device: torch.device) -> float:
+    """Wall time on CUDA; on CPU this process's CPU time, so that other processes on a
+    shared machine (a loaded CI box, other test runs) do not add their time slices."""
+    clock = time.perf_counter if device.type == "cuda" else time.process_time
     if device.type == "cuda":
         torch.cuda.synchronize()
-    t = time.perf_counter()
+    t = clock()
     fn()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter() - t
+    return clock() - t
 
 
 def repeat(fn: Callable[[], Any], times: int) -> None:
@@ -109,7 +112,9 @@ def measure(name: str, raw: dict[str, Any], n: int, device: torch.device, rounds
 
 
 def throughput(device: torch.device, rounds: int, reps: int) -> None:
-    print(f"\n## extraction step, images/s (median of {rounds} ABAB rounds x {reps} batches)")
+    clock = "wall time" if device.type == "cuda" else "process CPU time"
+    print(f"\n## extraction step, images/s by {clock} (median of {rounds} ABAB rounds x "
+          f"{reps} batches)")
     print("hooks: bare forward, a hook keeping every layer's output (NCHW, as users write it);"
           " hooks_cl: the same in channels-last;\ncapture: models.capture (argmax of max "
           "pooling); +pool: with extra 2x2 max pooling of every map; extract: the worker's "

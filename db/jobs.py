@@ -215,8 +215,18 @@ def add_artifacts(
 ) -> bool:
     if session.execute(select(Job.id).where(_owned(job_id, worker_id))).first() is None:
         return False
+    # One read of the job's rows, not a query (and an autoflush) per artifact: a feature-map
+    # job adds thousands of rows (a PNG per layer and input).
+    existing = {(a.kind, a.name): a
+                for a in session.scalars(select(Artifact).where(Artifact.job_id == job_id))}
     for artifact in artifacts:
-        _upsert_artifact(session, artifact)
+        old = existing.get((artifact.kind, artifact.name))
+        if old is None:
+            session.add(artifact)
+            existing[(artifact.kind, artifact.name)] = artifact
+        else:
+            old.key, old.size, old.sha256 = artifact.key, artifact.size, artifact.sha256
+            old.meta = artifact.meta
     session.commit()
     return True
 

@@ -26,7 +26,7 @@ from models.capture import capture, channels_last
 from models.spec import ModelSpec
 from worker import checkpoints
 from worker.lease import Lease
-from worker.render import channel_stats, npy_bytes, png_bytes
+from worker.render import channel_stats, npy_bytes, png_images
 from worker.runner import load_split, pick_device
 from worker.train import Progress, Stopped
 
@@ -128,10 +128,12 @@ class FeatureMapsRun:
         self.plan = self.summary["feature_maps"]
         self.store = get_store(settings.artifact_root)
         self.timings = Timings()
+        self.written: list[str] = []
 
     def _put(self, kind: str, name: str, key: str, data: bytes, meta: dict[str, Any] | None
              ) -> Artifact:
         t = time.perf_counter()
+        self.written.append(key)
         size, sha = self.store.put_bytes(key, data)
         self.timings.storage_s += time.perf_counter() - t
         return Artifact(job_id=self.job.id, tenant=self.job.tenant, kind=kind, name=name,
@@ -157,15 +159,33 @@ class FeatureMapsRun:
             rows.append(self._put("argmax", name, f"{base}.argmax.npy", blob,
                                   {"index": index, "shape": list(got["argmax"].shape)}))
         if self.request.png and maps.ndim == 4:
+            pictures = png_images(maps)
             for k in range(len(maps)):
                 t = time.perf_counter()
-                blob = png_bytes(maps[k])
+                blob = next(pictures)
                 self.timings.encode_png_s += time.perf_counter() - t
                 rows.append(self._put("feature_map_png", f"{name}/{k}",
                                       job_key(self.job.id, "feature-maps", "png", name,
                                               f"{k:05d}.png"),
                                       blob, {"index": index, "image": k}))
         return rows
+
+    def encode_all(self, captured: dict[int, dict[str, np.ndarray]], wanted: list[int],
+                   lease: Lease, progress: Progress) -> tuple[list[Artifact], int, int]:
+        """Every layer encoded and written; the rows, the stored and the unpooled map bytes."""
+        rows: list[Artifact] = []
+        stored = unpooled = 0
+        itemsize = 2 if self.request.dtype == "float16" else 4
+        for n, i in enumerate(wanted):
+            if lease.should_stop():
+                raise Stopped()
+            layer_rows = self.encode_layer(i, captured.pop(i))
+            meta = layer_rows[0].meta or {}
+            stored += meta["bytes"]
+            unpooled += int(np.prod(meta["unpooled_shape"])) * itemsize
+            rows += layer_rows
+            progress.value = 0.5 + 0.45 * (n + 1) / len(wanted)
+        return rows, stored, unpooled
 
     def run(self) -> None:
         req, t0 = self.request, time.perf_counter()
@@ -187,18 +207,14 @@ class FeatureMapsRun:
                 torch.cuda.synchronize()
             self.timings.forward_s = time.perf_counter() - t
             progress.value = 0.5
-            rows: list[Artifact] = []
-            stored = unpooled = 0
-            for n, i in enumerate(wanted):
-                if lease.should_stop():
-                    raise Stopped()
-                layer_rows = self.encode_layer(i, captured.pop(i))
-                meta = layer_rows[0].meta or {}
-                stored += meta["bytes"]
-                itemsize = 2 if req.dtype == "float16" else 4
-                unpooled += int(np.prod(meta["unpooled_shape"])) * itemsize
-                rows += layer_rows
-                progress.value = 0.5 + 0.45 * (n + 1) / len(wanted)
+            try:
+                rows, stored, unpooled = self.encode_all(captured, wanted, lease, progress)
+            except Stopped:
+                raise  # the lease moved on: another attempt may be writing these keys now
+            except BaseException:
+                for key in self.written:  # no file without its row
+                    self.store.delete(key)
+                raise
             t = time.perf_counter()
             with session_scope(self.settings.database_url) as session:
                 held = jobs.add_artifacts(session, job_id=self.job.id, worker_id=self.worker_id,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Iterator
 
 import numpy as np
 from PIL import Image
@@ -49,26 +50,43 @@ def tile_scale(h: int, w: int) -> int:
     return max(1, min(MAX_SCALE, math.ceil(MIN_TILE / max(h, w))))
 
 
-def png_bytes(maps: np.ndarray) -> bytes:
-    """One input's [C, H, W] maps as a PNG grid, row-major by channel index."""
-    c, h, w = maps.shape
+def grids(maps: np.ndarray) -> np.ndarray:
+    """(N, C, H, W) maps -> (N, height, width, 3) uint8 pictures, all images at once:
+    channels row-major in the grid, each normalised to its own min..max."""
+    n, c, h, w = maps.shape
     x = maps.astype(np.float32, copy=False)
-    lo = x.min(axis=(1, 2), keepdims=True)
-    span = x.max(axis=(1, 2), keepdims=True) - lo
-    # each channel on its own scale; a constant channel is drawn at the bottom colour
-    norm = np.where(span > 0, (x - lo) / np.where(span > 0, span, 1), 0.0)
-    tiles = LUT[(norm * 255).round().astype(np.uint8)]  # (C, H, W, 3)
+    lo = x.min(axis=(2, 3), keepdims=True)
+    span = x.max(axis=(2, 3), keepdims=True) - lo
+    # a constant channel is drawn at the bottom colour
+    scale = np.divide(255.0, span, out=np.zeros_like(span), where=span > 0)
+    tiles = LUT[((x - lo) * scale).round().astype(np.uint8)]  # (N, C, H, W, 3)
     s = tile_scale(h, w)
     if s > 1:
-        tiles = tiles.repeat(s, axis=1).repeat(s, axis=2)
+        tiles = tiles.repeat(s, axis=2).repeat(s, axis=3)
     th, tw = h * s, w * s
     rows, cols = grid_shape(c)
-    canvas = np.full((rows * (th + GAP) - GAP, cols * (tw + GAP) - GAP, 3), GAP_COLOUR,
-                     dtype=np.uint8)
-    for k in range(c):
-        r, q = divmod(k, cols)
-        canvas[r * (th + GAP):r * (th + GAP) + th, q * (tw + GAP):q * (tw + GAP) + tw] = tiles[k]
+    # each tile with a gap below and to the right; empty grid cells are all gap
+    canvas = np.full((n, rows * cols, th + GAP, tw + GAP, 3), GAP_COLOUR, dtype=np.uint8)
+    canvas[:, :c, :th, :tw] = tiles
+    canvas = canvas.reshape(n, rows, cols, th + GAP, tw + GAP, 3).transpose(0, 1, 3, 2, 4, 5)
+    canvas = canvas.reshape(n, rows * (th + GAP), cols * (tw + GAP), 3)
+    return canvas[:, :-GAP, :-GAP]
+
+
+def encode_png(picture: np.ndarray) -> bytes:
     buf = io.BytesIO()
     # fast compression: these are many small images written on the job's critical path
-    Image.fromarray(canvas, "RGB").save(buf, "PNG", compress_level=1)
+    Image.fromarray(np.ascontiguousarray(picture), "RGB").save(buf, "PNG", compress_level=1)
     return buf.getvalue()
+
+
+def png_images(maps: np.ndarray, chunk: int = 32) -> Iterator[bytes]:
+    """A PNG per input image of (N, C, H, W) maps, drawn `chunk` images at a time so the
+    pictures in memory stay bounded."""
+    for start in range(0, len(maps), chunk):
+        yield from (encode_png(p) for p in grids(maps[start:start + chunk]))
+
+
+def png_bytes(maps: np.ndarray) -> bytes:
+    """One input's [C, H, W] maps as a PNG grid."""
+    return encode_png(grids(maps[None])[0])
