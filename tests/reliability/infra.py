@@ -165,3 +165,10 @@ def wait_for(predicate: Any, *, timeout: float = 60, every: float = 0.1, what: s
 def metric_epochs(client: Any, job_id: str) -> dict[str, list[int]]:
     series = client.get(f"/v1/jobs/{job_id}/metrics").json()["series"]
     return {name: [p["epoch"] for p in points] for name, points in series.items()}
+
+
+def stop_fast(stack: Stack) -> None:
+    """Teardown without graceful shutdowns (not under test here; they cost seconds each)."""
+    for proc in [*stack.workers, *([stack.api] if stack.api else [])]:
+        Stack.kill(proc, signal.SIGKILL)
+    stack.stop()

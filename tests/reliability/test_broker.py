@@ -19,6 +19,7 @@ from tests.reliability.infra import (
     attempts,
     make_stack,
     slow_job,
+    stop_fast,
     sync_url,
     tiny_job,
     wait_for,
@@ -36,11 +37,11 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, Pr
                        reconcile_interval_seconds=0.5, requeue_after_seconds=2)
     try:
         stack.start_api()
-        stack.start_worker("w0")
-        stack.start_worker("w1")
+        with ThreadPoolExecutor(2) as pool:  # both start at once
+            list(pool.map(stack.start_worker, ["w0", "w1"]))
         yield stack, redis_server
     finally:
-        stack.stop()
+        stop_fast(stack)
         redis_server.kill()
         drop_pg_database(url)
 

@@ -12,7 +12,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.reliability.infra import PrivatePostgres, make_stack, metric_epochs, slow_job, wait_for
+from tests.reliability.infra import (
+    PrivatePostgres,
+    make_stack,
+    metric_epochs,
+    slow_job,
+    stop_fast,
+    wait_for,
+)
 from tests.services import REDIS, Stack, wait_job
 
 EPOCHS = 5
@@ -33,7 +40,7 @@ def outage(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, Pr
             stack.start_worker("w0")
             yield stack, pg
         finally:
-            stack.stop()
+            stop_fast(stack)
     finally:
         pg.destroy()
 

@@ -15,6 +15,7 @@ from tests.reliability.infra import (
     make_stack,
     metric_epochs,
     slow_job,
+    stop_fast,
     tiny_job,
     wait_for,
 )
@@ -33,7 +34,7 @@ def faults(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         stack.start_worker("w0")
         yield stack
     finally:
-        stack.stop()
+        stop_fast(stack)
         drop_pg_database(url)
 
 
