@@ -144,6 +144,11 @@ def test_the_api_image_never_installs_torch_and_the_worker_image_pins_it():
     assert '--index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}"' in worker
 
 
+def test_build_context_leaves_out_local_state_and_secrets():
+    ignored = set((ROOT / ".dockerignore").read_text().split())
+    assert {".git", ".venv", "var", ".env", "*.db", "tests"} <= ignored
+
+
 def local_command(service: dict[str, Any], port: int | None = None) -> list[str]:
     """The service's command with the venv's `convoy` script; host and port made local."""
     cmd = service["command"]
