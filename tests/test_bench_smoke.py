@@ -1,0 +1,55 @@
+"""Each benchmark script runs end to end on tiny sizes (`--smoke`): it starts what it needs
+(real API, worker, PostgreSQL, Redis), measures, and prints its figures. No timing asserts:
+the figures belong in bench/RESULTS.md, not in pass/fail."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+
+import pytest
+
+from tests.services import ROOT
+
+NUMBER = r"[0-9]+(?:\.[0-9]+)?"
+FIGURES = {
+    "bench_trainer": [rf"ratio train/bare = {NUMBER}",
+                      rf"other core busy: 1 thread +{NUMBER} images/s, 2 threads +{NUMBER}"],
+    "bench_e2e": [rf"1-epoch digits job  e2e {NUMBER} s  bare loop {NUMBER} s",
+                  rf"dataset load +{NUMBER}"],
+    "bench_api": [rf"ratio API/bare = {NUMBER}", rf"POST /v1/jobs \(submissions\) +{NUMBER}"],
+    "bench_dispatch": [rf"dispatch pg \(Redis\), 2 jobs, created_at -> started_at: p50 {NUMBER}"],
+}
+
+
+@pytest.fixture(scope="module")
+def smoke_runs() -> Iterator[dict[str, tuple[subprocess.Popen, object]]]:
+    """All four at once: most of their time is waiting for processes to start and jobs to
+    finish, so running them side by side keeps this module well under a minute."""
+    runs = {}
+    for script in FIGURES:
+        out = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - closed below
+        proc = subprocess.Popen([sys.executable, "-m", f"bench.{script}", "--smoke"], cwd=ROOT,
+                                stdout=out, stderr=subprocess.STDOUT, text=True)
+        runs[script] = (proc, out)
+    yield runs
+    for proc, out in runs.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        out.close()
+
+
+@pytest.mark.parametrize("script", list(FIGURES))
+def test_benchmark_script_runs_and_prints_its_figures(
+        smoke_runs: dict[str, tuple[subprocess.Popen, object]], script: str) -> None:
+    proc, out = smoke_runs[script]
+    rc = proc.wait(timeout=240)
+    out.seek(0)
+    text = out.read()
+    assert rc == 0, f"{script} exited {rc}:\n{text[-4000:]}"
+    for pattern in FIGURES[script]:
+        assert re.search(pattern, text), f"{script}: no match for {pattern!r} in\n{text}"
