@@ -47,13 +47,16 @@ def inputs_for(spec: dict[str, Any], n: int) -> np.ndarray:
 
 def hooked(model: torch.nn.Module) -> Callable[[torch.Tensor], list[torch.Tensor]]:
     """The baseline: a forward pass with a hook on every layer keeping its output."""
-    outputs: list[torch.Tensor] = []
+    holder: list[list[torch.Tensor]] = [[]]
     for m in model.layers:  # type: ignore[union-attr]
-        m.register_forward_hook(lambda _m, _i, out: outputs.append(out))
+        m.register_forward_hook(lambda _m, _i, out: holder[0].append(out))
 
     def run(x: torch.Tensor) -> list[torch.Tensor]:
-        outputs.clear()
+        # a fresh list per call, dropped by the caller: every variant starts with the
+        # previous batch's maps freed, as capture's are
+        holder[0] = outputs = []
         model(x)
+        holder[0] = []
         return outputs
 
     return run
