@@ -54,10 +54,13 @@ def list_feature_maps(job_id: str, session: SessionDep, principal: PrincipalDep
 
 
 def _find(session, job_id: str, tenant: str, kind: str, layer: str) -> Artifact | None:  # type: ignore[no-untyped-def]
-    for a in _rows(session, job_id, tenant, kind):
-        if a.name == layer or (layer.isdigit() and (a.meta or {}).get("index") == int(layer)):
-            return a
-    return None
+    """The artifact row named `layer`, or for a bare index the layer with that index."""
+    query = select(Artifact).where(Artifact.job_id == job_id, Artifact.tenant == tenant,
+                                   Artifact.kind == kind)
+    found = session.scalars(query.where(Artifact.name == layer[:128])).first()
+    if found is None and layer.isdigit() and len(layer) < 6:
+        found = session.scalars(query.where(Artifact.name.startswith(f"{int(layer)}-"))).first()
+    return found
 
 
 @router.get("/{job_id}/feature-maps/{layer}", response_class=Response, responses={
