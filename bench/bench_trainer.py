@@ -52,13 +52,14 @@ def airbench_spec(num_classes: int, widths: tuple[int, int, int] = (64, 256, 256
     return {"input_shape": [3, 32, 32], "num_classes": num_classes, "layers": layers}
 
 
-def load(name: str, samples: int) -> tuple[dict[str, Any], datasets.Split]:
+def load(name: str, samples: int, widths: tuple[int, int, int] = (64, 256, 256)
+         ) -> tuple[dict[str, Any], datasets.Split]:
     if name == "digits":
         return DIGITS_CNN, datasets.load_digits()
     split = datasets.load_synthetic(datasets.SyntheticRef(name="synthetic", samples=samples))
     classes = int(split.y_train.max()) + 1
     spec = {"preset": "vgg-small", "num_classes": classes} if name == "vgg-small" \
-        else airbench_spec(classes, (16, 64, 64) if samples < 512 else (64, 256, 256))
+        else airbench_spec(classes, widths)
     return spec, split
 
 
@@ -125,7 +126,8 @@ def timed(fn: Callable[[], None], device: torch.device) -> tuple[float, float]:
 
 
 def throughput(args: argparse.Namespace, device: torch.device) -> None:
-    spec, split = load(args.model, args.samples)
+    spec, split = load(args.model, args.samples,
+                       tuple(int(w) for w in args.airbench_widths.split(",")))
     data = DeviceData.from_numpy(split, device)
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=0.02, momentum=0.9)
     images = len(split.x_train) * cfg.epochs
@@ -202,6 +204,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", choices=["vgg-small", "airbench", "digits"], default="vgg-small")
     p.add_argument("--device", default="auto")
+    p.add_argument("--airbench-widths", default="64,256,256", help="the three block widths")
     p.add_argument("--samples", type=int, default=1024, help="synthetic samples (80%% train)")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=64)
