@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import sys
 import time
 from pathlib import Path
@@ -23,8 +24,10 @@ from tests.services import TOKEN, Stack, free_port
 
 
 async def _client(port: int, request: bytes, stop_at: float, lat: list[float],
-                  errors: list[int], expect: int) -> None:
+                  errors: list[int], expect: int, interval: float) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    if interval:  # spread the paced clients over one interval
+        await asyncio.sleep(random.uniform(0, interval))
     try:
         while time.perf_counter() < stop_at:
             t0 = time.perf_counter()
@@ -39,6 +42,8 @@ async def _client(port: int, request: bytes, stop_at: float, lat: list[float],
             if status != expect:
                 errors.append(status)
             lat.append(time.perf_counter() - t0)
+            if interval:
+                await asyncio.sleep(max(0.0, interval - (time.perf_counter() - t0)))
     finally:
         writer.close()
 
@@ -51,13 +56,16 @@ def cpu_seconds(pid: int) -> float:
 
 
 def load(port: int, request: bytes, *, clients: int, seconds: float, expect: int = 200,
-         pid: int | None = None) -> dict[str, float]:
+         pid: int | None = None, interval: float = 0.0) -> dict[str, float]:
+    """`clients` keep-alive connections; each sends its next request as soon as the last
+    answer arrives (closed loop: the server's capacity), or every `interval` seconds (paced:
+    the latency a polling client sees at a load the server can carry)."""
     lat: list[float] = []
     errors: list[int] = []
 
     async def go() -> None:
         stop_at = time.perf_counter() + seconds
-        await asyncio.gather(*(_client(port, request, stop_at, lat, errors, expect)
+        await asyncio.gather(*(_client(port, request, stop_at, lat, errors, expect, interval)
                                for _ in range(clients)))
 
     t0, c0 = time.perf_counter(), cpu_seconds(pid) if pid else 0.0
@@ -94,6 +102,7 @@ def main() -> None:
     p.add_argument("--clients", type=int, default=64)
     p.add_argument("--seconds", type=float, default=5.0)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--interval", type=float, default=0.5, help="paced clients' poll interval")
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args()
     if args.smoke:
@@ -138,6 +147,9 @@ def main() -> None:
         print(f"  ratio API/bare = {a['rps'] / b['rps']:.3f}  (goal >= 0.8), API p99 "
               f"{a['p99']:.1f} ms (goal < 50 ms); by server CPU per request "
               f"{b['cpu_ms'] / a['cpu_ms']:.3f}")
+        paced = load(stack.port, api_req, clients=args.clients, seconds=max(args.seconds, 2),
+                     pid=stack.api.pid, interval=args.interval)
+        show(f"API, paced: each client every {args.interval:g} s", paced)
         sub = load(stack.port, http_post("/v1/jobs", job_request(1), TOKEN),
                    clients=args.clients, seconds=args.seconds, expect=201, pid=stack.api.pid)
         show("POST /v1/jobs (submissions)", sub)
