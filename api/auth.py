@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 from convoy.settings import Settings
 from db.base import utcnow
 from db.jobs import new_id
-from db.tables import Token
+from db.tables import Job, Token
 
 TOKEN_PREFIX = "cvy_"
 # Same rule as api.schemas.TokenIn: tenants are plain identifiers (they name rows and log lines).
@@ -47,8 +47,12 @@ def create_token(session: Session, *, tenant: str, name: str = "", is_admin: boo
     return token, secret
 
 
+def plausible(secret: str) -> bool:
+    return bool(secret) and len(secret) <= 256
+
+
 def authenticate(session: Session, secret: str) -> Principal | None:
-    if not secret or len(secret) > 256:
+    if not plausible(secret):
         return None
     token = session.scalars(
         select(Token).where(Token.token_hash == hash_token(secret), Token.revoked_at.is_(None))
@@ -56,6 +60,18 @@ def authenticate(session: Session, secret: str) -> Principal | None:
     if token is None:
         return None
     return Principal(tenant=token.tenant, token_id=token.id, is_admin=token.is_admin)
+
+
+def job_for_token(session: Session, job_id: str, secret: str) -> Job | None:
+    """The job, if `secret` is a live token of the job's tenant: the token check and the read
+    in one statement (a status poll's whole database cost). None says nothing about which
+    part failed; the caller asks `authenticate` to tell a bad token (401) from a missing job."""
+    if not plausible(secret):
+        return None
+    return session.scalars(
+        select(Job).join(Token, Token.tenant == Job.tenant).where(
+            Job.id == job_id, Token.token_hash == hash_token(secret), Token.revoked_at.is_(None))
+    ).one_or_none()
 
 
 def check_tenant(tenant: str) -> str:

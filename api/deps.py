@@ -56,12 +56,16 @@ async def get_store(request: Request) -> LocalStore:
 StoreDep = Annotated[LocalStore, Depends(get_store)]
 
 
+def bearer_secret(request: Request) -> str:
+    """The token from `Authorization: Bearer <token>`, or "" for any other header."""
+    scheme, _, secret = request.headers.get("authorization", "").partition(" ")
+    return secret.strip() if scheme.lower() == "bearer" else ""
+
+
 def principal_from(request: Request, session: Session) -> Principal:
     """The caller, or 401. Also called directly by a hot handler that does its reads on one
     thread-pool trip (GET /v1/jobs/{id})."""
-    header = request.headers.get("authorization", "")
-    scheme, _, secret = header.partition(" ")
-    principal = authenticate(session, secret.strip()) if scheme.lower() == "bearer" else None
+    principal = authenticate(session, bearer_secret(request))
     if principal is None:
         raise HTTPException(401, "missing, invalid or revoked token",
                             headers={"WWW-Authenticate": "Bearer"})
