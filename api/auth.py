@@ -99,7 +99,11 @@ def revoke_token(session: Session, *, token_id: str) -> Token | None:
 
 
 def ensure_bootstrap(session: Session, settings: Settings) -> str | None:
-    """Make sure an admin can log in. Returns a newly minted secret to show once, else None."""
+    """Make sure an admin can log in. Returns a newly minted secret to show once, else None.
+    A production API refuses to start without CONVOY_BOOTSTRAP_TOKEN rather than mint and
+    print a secret into a container log; workers never need the token."""
+    if settings.env == "production" and not settings.bootstrap_token:
+        raise RuntimeError("CONVOY_BOOTSTRAP_TOKEN must be set when CONVOY_ENV=production")
     if settings.bootstrap_token:
         if session.scalars(
             select(Token.id).where(Token.token_hash == hash_token(settings.bootstrap_token))

@@ -72,9 +72,6 @@ class Settings(BaseSettings):
             self.artifact_root = home / "artifacts"
         if self.token_file is None:
             self.token_file = home / "admin-token"
-        if self.env == "production" and not self.bootstrap_token:
-            # Refuse the unsafe default: a production API must not mint and print secrets.
-            raise ValueError("CONVOY_BOOTSTRAP_TOKEN must be set when CONVOY_ENV=production")
         return self
 
     @property

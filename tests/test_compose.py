@@ -96,6 +96,10 @@ def test_state_lives_in_volumes_and_redis_persists(compose):
         assert f"artifacts:{ARTIFACTS}" in services[name]["volumes"], name
         assert services[name]["environment"]["CONVOY_ARTIFACT_ROOT"] == ARTIFACTS, name
         assert services[name]["environment"]["CONVOY_ENV"] == "production", name
+    # The admin secret goes to the API only; the worker commands run without it below.
+    assert "CONVOY_BOOTSTRAP_TOKEN" in services["api"]["environment"]
+    assert "CONVOY_BOOTSTRAP_TOKEN" not in services["worker"]["environment"]
+    assert "CONVOY_BOOTSTRAP_TOKEN" not in services["worker-cpu"]["environment"]
     assert {"pgdata", "redisdata", "artifacts"} <= set(compose["volumes"])
 
 

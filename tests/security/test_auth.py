@@ -116,3 +116,22 @@ def test_revoking_is_idempotent_and_unknown_ids_are_404(client: httpx.Client) ->
     assert client.delete(f"/v1/tokens/{made['id']}").status_code == 200
     assert client.delete(f"/v1/tokens/{made['id']}").status_code == 200
     assert client.delete("/v1/tokens/" + "f" * 32).status_code == 404
+
+
+def test_production_api_refuses_to_start_without_a_bootstrap_token(tmp_path):
+    """No secret minted into a container log: `convoy api` in production exits at start-up,
+    naming the variable; the same settings are fine for a worker (compose test runs one)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.services import free_port
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONVOY_")}
+    env.update(CONVOY_ENV="production", CONVOY_HOME=str(tmp_path))
+    proc = subprocess.run(
+        [sys.executable, "-m", "convoy.cli", "api", "--migrate", "--port", str(free_port())],
+        env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    assert "CONVOY_BOOTSTRAP_TOKEN must be set" in proc.stderr
+    assert not (tmp_path / "admin-token").exists()
