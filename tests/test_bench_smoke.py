@@ -22,12 +22,15 @@ FIGURES = {
                   rf"dataset load +{NUMBER}"],
     "bench_api": [rf"ratio API/bare = {NUMBER}", rf"POST /v1/jobs \(submissions\) +{NUMBER}"],
     "bench_dispatch": [rf"dispatch pg \(Redis\), 2 jobs, created_at -> started_at: p50 {NUMBER}"],
+    "bench_feature_maps": [rf"digits-cnn +256 +{NUMBER} +{NUMBER} +{NUMBER} +{NUMBER} \({NUMBER}\)",
+                           rf"vgg-small +64 +{NUMBER}",
+                           rf"vgg-small x16, max pool 2, no png +{NUMBER}( +{NUMBER}){{8}}"],
 }
 
 
 @pytest.fixture(scope="module")
 def smoke_runs() -> Iterator[dict[str, tuple[subprocess.Popen, object]]]:
-    """All four at once: most of their time is waiting for processes to start and jobs to
+    """All of them at once: most of their time is waiting for processes to start and jobs to
     finish, so running them side by side keeps this module well under a minute."""
     runs = {}
     for script in FIGURES:
