@@ -171,10 +171,10 @@ class TrainRun:
         from worker.train import make_optimizer
 
         optimizer = make_optimizer(model, req.train)
-        start_epoch = 0
+        start_epoch, resumed_metrics = 0, {}
         last = self.last_checkpoint()
         if last is not None:
-            start_epoch = self._resume(last, model, optimizer, device)
+            start_epoch, resumed_metrics = self._resume(last, model, optimizer, device)
         trained = torch.compile(model) if req.train.compile else model
         try:
             result = train(
@@ -190,22 +190,28 @@ class TrainRun:
                 self.writer.shutdown()
         if lease.should_stop() or self.lease_lost:
             raise Stopped()
+        for key in ("train_loss", "train_accuracy"):
+            # resumed after the last epoch: nothing was trained in this attempt, so the
+            # training figures are the last epoch's, as its checkpoint recorded them
+            if key not in result and key in resumed_metrics:
+                result[key] = resumed_metrics[key]
         result["device"] = str(device)
         result["resumed_from_epoch"] = start_epoch
         return result
 
     def _resume(self, last: Artifact, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                device: torch.device) -> int:
+                device: torch.device) -> tuple[int, dict[str, float]]:
         blob = self.store.get_bytes(last.key)
         model.load_state_dict(checkpoints.load_model_state(blob))
-        epoch = int(checkpoints.read_meta(blob)["epoch"])
+        meta = checkpoints.read_meta(blob)
+        epoch = int(meta["epoch"])
         optim_key = last.key.replace(".safetensors", ".optimizer.safetensors")
         if self.store.exists(optim_key):
             checkpoints.restore_optimizer(optimizer, self.store.get_bytes(optim_key), device)
         with self.db() as session:
             jobs.log(session, job_id=self.job.id,
                      message=f"attempt {self.job.attempt} resumes from {last.name} (epoch {epoch})")
-        return epoch
+        return epoch, dict(meta.get("metrics") or {})
 
 
 def run_job(job_id: str, *, settings: Settings, worker_id: str) -> str:
