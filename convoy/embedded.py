@@ -13,9 +13,9 @@ from pathlib import Path
 
 from convoy.settings import Settings
 
-# A warm shutdown lets the worker finish its current task; a long training job is not
-# worth the wait on Ctrl-C: it is killed, its lease expires, and the next start resumes it
-# from its last checkpoint.
+# A warm shutdown hands a training job back to the queue between two steps (worker/app.py);
+# anything that keeps the worker busy longer is not worth the wait on Ctrl-C: it is killed,
+# its lease expires, and the next start resumes the job from its last checkpoint.
 WORKER_STOP_GRACE_SECONDS = 5.0
 PR_SET_PDEATHSIG = 1
 

@@ -275,6 +275,27 @@ def end_attempt(session: Session, *, job_id: str, worker_id: str, outcome: str) 
     session.commit()
 
 
+def release_job(session: Session, *, job_id: str, worker_id: str) -> bool:
+    """running -> queued by the lease holder, for a worker that shuts down: the next attempt
+    resumes from the last checkpoint at once (no lease to wait out), and a planned shutdown
+    does not use up the job's failure budget (max_attempts grows with attempt)."""
+    now = utcnow()
+    done = session.execute(
+        update(Job).where(_owned(job_id, worker_id)).values(
+            state="queued", attempt=Job.attempt + 1, max_attempts=Job.max_attempts + 1,
+            worker_id=None, heartbeat_at=None, enqueued_at=now, updated_at=now)
+        .execution_options(synchronize_session=False)
+    ).rowcount == 1  # type: ignore[attr-defined]
+    _end_attempt(session, job_id=job_id, worker_id=worker_id, outcome="released" if done
+                 else "lost")
+    if done:
+        log(session, job_id=job_id, level="warning",
+            message=f"worker {worker_id} shut down: job handed back, the next attempt resumes "
+                    "from its last checkpoint (not counted toward max_attempts)")
+    session.commit()
+    return done
+
+
 def cancel_job(session: Session, *, job_id: str, tenant: str | None) -> Job:
     """queued | running -> canceled; a running worker sees it between steps and stops."""
     job = get_job(session, job_id=job_id, tenant=tenant)

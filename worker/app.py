@@ -6,10 +6,11 @@ from __future__ import annotations
 import os
 import socket
 
-from celery.signals import worker_process_init
+from celery.signals import worker_process_init, worker_shutting_down
 
 from convoy.queue import make_celery
 from convoy.settings import get_settings
+from worker.lease import SHUTTING_DOWN
 
 settings = get_settings()
 app = make_celery(settings, include=["worker.tasks"])
@@ -27,3 +28,6 @@ def set_threads() -> None:
 
 set_threads()
 worker_process_init.connect(lambda **_: set_threads(), weak=False)
+# Warm shutdown (SIGTERM, first Ctrl-C) stops a training job between steps and hands it
+# back to the queue (worker.runner); a cold shutdown (second signal, SIGQUIT) does not wait.
+worker_shutting_down.connect(lambda **_: SHUTTING_DOWN.set(), weak=False)

@@ -15,6 +15,10 @@ from worker.train import Progress
 
 log = logging.getLogger(__name__)
 
+# Set by the worker's warm shutdown (SIGTERM, Ctrl-C; worker/app.py): a training job stops
+# between steps and is handed back to the queue instead of holding the shutdown up.
+SHUTTING_DOWN = threading.Event()
+
 
 class Lease:
     def __init__(self, *, db_url: str, job_id: str, worker_id: str, every_s: float,

@@ -21,7 +21,7 @@ from db.tables import Artifact, Job, Upload
 from models.build import build_model
 from worker import checkpoints
 from worker.dbretry import is_disconnect, retry_db
-from worker.lease import Lease
+from worker.lease import SHUTTING_DOWN, Lease
 from worker.train import DeviceData, EpochReport, NonFiniteLoss, Progress, Stopped, train
 
 log = logging.getLogger(__name__)
@@ -180,7 +180,8 @@ class TrainRun:
             result = train(
                 trained, data, req.train, optimizer=optimizer, start_epoch=start_epoch,
                 on_epoch=self.on_epoch,
-                should_stop=lambda: lease.should_stop() or self.lease_lost,
+                should_stop=lambda: (lease.should_stop() or self.lease_lost
+                                     or SHUTTING_DOWN.is_set()),
                 progress=self.progress,
             )
         finally:
@@ -241,14 +242,17 @@ def run_job(job_id: str, *, settings: Settings, worker_id: str) -> str:
         else:
             raise ValueError(f"unknown job kind {job.kind!r}")
     except Stopped:
-        def stopped() -> None:
+        def stopped() -> str:
             with session_scope(settings.database_url) as session:
                 state = jobs.job_state(session, job_id=job_id)
+                if SHUTTING_DOWN.is_set() and state == "running" and jobs.release_job(
+                        session, job_id=job_id, worker_id=worker_id):
+                    return "released"
                 jobs.end_attempt(session, job_id=job_id, worker_id=worker_id,
                                  outcome="canceled" if state == "canceled" else "lost")
+                return "stopped"
 
-        retry_db(stopped, what=f"job {job_id} stop", within_s=settings.db_retry_seconds)
-        return "stopped"
+        return retry_db(stopped, what=f"job {job_id} stop", within_s=settings.db_retry_seconds)
     except Exception as exc:
         if is_disconnect(exc):
             # The database stayed away longer than db_retry_seconds: not the job's fault. Leave

@@ -126,3 +126,38 @@ def test_cancel_running_stops_the_worker_within_5s_and_keeps_its_checkpoint(faul
             r = client.post(f"/v1/jobs/{job_id}/cancel")
             assert r.status_code == 409, r.text
             assert "already" in r.json()["detail"]
+
+
+def test_warm_shutdown_hands_the_job_back_and_another_worker_resumes_it(faults):
+    """SIGTERM (docker stop, Ctrl-C): the worker stops the job between steps, puts it back in
+    the queue at once (no lease to wait out) without using up an attempt, and exits; the
+    next worker resumes it from its last checkpoint."""
+    live_worker(faults)
+    env_url = faults.env["CONVOY_DATABASE_URL"]
+    with faults.client() as client:
+        submitted = client.post("/v1/jobs", json=slow_job(EPOCHS)).json()
+        job_id = submitted["id"]
+        epoch_s = first_epoch_done(client, job_id)
+        time.sleep(0.3 * epoch_s)  # into epoch 2
+        worker = next(p for p in faults.workers if p.poll() is None)
+        asked = time.monotonic()
+        Stack.kill(worker, signal.SIGTERM)  # waits for the process to exit
+        exited_after = time.monotonic() - asked
+        assert worker.returncode == 0
+        assert exited_after < 5, f"warm shutdown took {exited_after:.1f}s"
+        queued = client.get(f"/v1/jobs/{job_id}").json()
+        assert queued["state"] == "queued", queued
+        assert queued["attempt"] == 2  # the failure budget is unchanged:
+        assert queued["max_attempts"] == submitted["max_attempts"] + 1
+
+        faults.start_worker(f"w{len(faults.workers)}")
+        done = wait_job(client, job_id, timeout=120)
+        assert done["state"] == "succeeded", done["error"]
+        assert done["result"]["resumed_from_epoch"] >= 1
+        for name, epochs in metric_epochs(client, job_id).items():
+            assert epochs == list(range(1, EPOCHS + 1)), name
+        logs = [line["message"] for line in client.get(f"/v1/jobs/{job_id}/logs").json()]
+        assert any("shut down: job handed back" in m for m in logs), logs
+
+    outcomes = [o for _, _, _, _, o in attempts(env_url, job_id)]
+    assert outcomes == ["released", "succeeded"]
