@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import threading
-from pathlib import Path
 
 from convoy.settings import Settings
 
@@ -41,7 +40,8 @@ def child_env(settings: Settings) -> dict[str, str]:
 
 
 def prepare(settings: Settings) -> str | None:
-    """Create home, migrate, make sure an admin token exists; return a token to show."""
+    """Create home, migrate, make sure an admin token exists; return a newly minted one, the
+    only time a secret is shown (later starts say where it is saved)."""
     from api.auth import ensure_bootstrap
     from db.migrate import upgrade
     from db.session import session_scope
@@ -49,13 +49,7 @@ def prepare(settings: Settings) -> str | None:
     settings.home.mkdir(parents=True, exist_ok=True)
     upgrade(settings.database_url)
     with session_scope(settings.database_url) as session:
-        minted = ensure_bootstrap(session, settings)
-    if settings.bootstrap_token:
-        return settings.bootstrap_token
-    if minted:
-        return minted
-    path = Path(settings.token_file) if settings.token_file else None
-    return path.read_text().strip() if path and path.exists() else None
+        return ensure_bootstrap(session, settings)
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -116,8 +110,12 @@ def run(settings: Settings) -> int:
     print(f"\nConvoy (embedded) at {url}   data in {settings.home}", flush=True)
     if token:
         print(f"Token: {token}\n  export CONVOY_URL={url} CONVOY_TOKEN={token}\n", flush=True)
+    elif settings.bootstrap_token:
+        print(f"Token: the one in CONVOY_BOOTSTRAP_TOKEN\n  export CONVOY_URL={url} "
+              "CONVOY_TOKEN=\"$CONVOY_BOOTSTRAP_TOKEN\"\n", flush=True)
     else:
-        print(f"Token: see {settings.token_file} (or set CONVOY_BOOTSTRAP_TOKEN)\n", flush=True)
+        print(f"Token: saved in {settings.token_file} on the first start\n  export "
+              f"CONVOY_URL={url} CONVOY_TOKEN=$(cat {settings.token_file})\n", flush=True)
     # uvicorn turns Ctrl-C into a graceful shutdown, then raises the signal again once it
     # has finished: that KeyboardInterrupt is the normal way out here.
     with contextlib.suppress(KeyboardInterrupt):

@@ -7,22 +7,11 @@ import hashlib
 import torch
 from safetensors.torch import load
 
-from convoy.datasets import load_digits
-from models.build import build_model
-from models.spec import ModelSpec
+from tests.checks import digits_val_accuracy
 from tests.factories import train_request
 from tests.services import wait_job
-from worker.train import evaluate
 
 EPOCHS = 6
-
-
-def accuracy_of(blob: bytes, model_spec: dict) -> float:
-    model = build_model(ModelSpec.model_validate(model_spec))
-    model.load_state_dict(load(blob))  # strict: exactly the architecture's tensors
-    split = load_digits()
-    _, acc = evaluate(model, torch.from_numpy(split.x_val), torch.from_numpy(split.y_val))
-    return acc
 
 
 def test_digits_job_trains_and_its_checkpoint_reproduces_val_accuracy(client):
@@ -57,7 +46,7 @@ def test_digits_job_trains_and_its_checkpoint_reproduces_val_accuracy(client):
     assert r.status_code == 200
     assert hashlib.sha256(r.content).hexdigest() == last["sha256"] == r.headers["x-sha256"]
     assert len(r.content) == last["size"]
-    assert accuracy_of(r.content, request["model"]) == done["result"]["val_accuracy"]
+    assert digits_val_accuracy(r.content, request["model"]) == done["result"]["val_accuracy"]
 
 
 def test_same_seed_gives_the_same_run_on_cpu(client):
