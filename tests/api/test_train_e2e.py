@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import torch
 from safetensors.torch import load
@@ -78,3 +79,18 @@ def test_job_list_is_paginated_newest_first_and_filters(client):
     assert set(ids) <= {j["id"] for j in finished["items"]}
     assert client.get("/v1/jobs", params={"state": "queued", "kind": "feature_maps"}).json()[
         "items"] == []
+
+
+def test_the_api_process_never_loads_torch(stack, client):
+    """DESIGN.md: the API image has no torch. After serving jobs, summaries, metrics and
+    checkpoints (this module and the feature-map tests before it), the running API process
+    has mapped no torch library; the worker, for contrast, has."""
+    r = client.post("/v1/models/summary", json=train_request(1)["model"])
+    assert r.status_code == 200, r.text
+
+    def maps(pid: int) -> str:
+        return Path(f"/proc/{pid}/maps").read_text()
+
+    assert "libtorch" not in maps(stack.api.pid)
+    assert "/torch/" not in maps(stack.api.pid)
+    assert "libtorch" in maps(stack.workers[0].pid)
