@@ -4,6 +4,7 @@ start-up work (bootstrap token, reconciler)."""
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from typing import Any
@@ -36,6 +37,25 @@ from db.session import session_scope
 log = logging.getLogger(__name__)
 
 UPLOAD_PATHS = ("/v1/datasets", "/v1/checkpoints", "/v1/inputs")
+
+
+class RedactTokens(logging.Filter):
+    """`?token=` (EventSource sends no headers) must not reach the access log: the secret
+    would sit in plain text in every log file and log shipper."""
+
+    PATTERN = re.compile(r"(?i)((?:^|[?&])token=)[^&\s]*")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and "token=" in str(record.args).lower():
+            record.args = tuple(self.PATTERN.sub(r"\1[redacted]", a) if isinstance(a, str)
+                                else a for a in record.args)
+        return True
+
+
+def redact_access_log() -> None:
+    access = logging.getLogger("uvicorn.access")
+    if not any(isinstance(f, RedactTokens) for f in access.filters):
+        access.addFilter(RedactTokens())
 
 
 class BodyLimit:
@@ -112,6 +132,7 @@ async def validation_error(_: Request, exc: RequestValidationError) -> JSONRespo
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
+    redact_access_log()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -92,6 +92,10 @@ def test_events_need_a_token_a_known_job_and_a_valid_last_event_id(stack, client
         assert r.headers["content-type"].startswith("text/event-stream")
         body = r.read().decode()
     assert "event: state" in body and '"state": "succeeded"' in body
+    # ...and the secret stays out of the access log, which still shows the request
+    log = stack.log_text("api")
+    assert f"/v1/jobs/{job_id}/events?token=[redacted]" in log
+    assert TOKEN not in log
 
 
 def _job(state: str, attempt: int) -> Job:
