@@ -93,20 +93,27 @@ def test_200_jobs_from_many_threads_on_two_workers_all_finish_once(broker):
     wait_for(lambda: states(db, ids)["succeeded"] == 200, timeout=240, every=0.5,
              what=f"200 jobs to succeed: {states(db, ids)}")
     with psycopg.connect(sync_url(db)) as conn:
-        rows = conn.execute("SELECT job_id, attempt, started_at, ended_at, outcome "
+        rows = conn.execute("SELECT job_id, attempt, worker_id, started_at, ended_at, outcome "
                             "FROM job_attempts WHERE job_id = ANY(%s) "
                             "ORDER BY job_id, started_at", (ids,)).fetchall()
-        workers = {w for (w,) in conn.execute(
-            "SELECT DISTINCT worker_id FROM job_attempts WHERE job_id = ANY(%s)", (ids,))}
     by_job: dict[str, list[tuple]] = {}
-    for job_id, *rest in rows:
-        by_job.setdefault(job_id, []).append(tuple(rest))
+    by_worker: dict[str, list[tuple]] = {}
+    for job_id, attempt, worker, started, ended, outcome in rows:
+        by_job.setdefault(job_id, []).append((attempt, worker, started, ended, outcome))
+        by_worker.setdefault(worker, []).append((started, ended, job_id))
     assert set(by_job) == set(ids), "a job finished without a lease record"
+    # Each job claimed once and run to the end: one lease-history row, attempt 1, succeeded.
     for job_id, history in by_job.items():
-        for (_, _, ended, _), (_, started, _, _) in zip(history, history[1:], strict=False):
-            assert ended is not None and ended <= started, f"{job_id} ran twice at once"
-        assert history[-1][3] == "succeeded" and history[-1][2] is not None
-    assert workers == {"w0", "w1"}
+        assert len(history) == 1, f"{job_id} has {len(history)} attempts: {history}"
+        [(attempt, _, started, ended, outcome)] = history
+        assert (attempt, outcome) == (1, "succeeded"), (job_id, history)
+        assert ended is not None and started <= ended, (job_id, history)
+    # A solo worker runs one job at a time: its attempts' [started_at, ended_at] never overlap.
+    assert set(by_worker) == {"w0", "w1"}, f"not both workers used: {set(by_worker)}"
+    for worker, spans in by_worker.items():
+        spans.sort()
+        for (_, ended, a), (started, _, b) in zip(spans, spans[1:], strict=False):
+            assert ended <= started, f"{worker} ran {a} and {b} at once"
 
 
 def test_redis_killed_and_restarted_while_jobs_are_queued_loses_nothing(broker):
