@@ -6,14 +6,15 @@ from __future__ import annotations
 import io
 import json
 import uuid
+from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 from safetensors.numpy import save as save_safetensors
 
 from tests.factories import small_cnn, train_request
-from tests.services import wait_job
+from tests.services import Stack, wait_job
 
 # The hand-made example of DESIGN.md: a 5x5x3 input, two 3x3x3 filters, padding 1, stride 2.
 X = np.array([
@@ -198,6 +199,58 @@ def test_an_uploaded_image_is_converted_to_the_model_input(client):
     assert maps(client, job["id"], "0-conv2d").shape == (1, 4, 8, 8)
 
 
+@pytest.mark.parametrize("channels", [1, 3])
+def test_an_uploaded_jpeg_is_oriented_converted_and_resized_to_the_model_input(client,
+                                                                                channels):
+    # 40 wide, 20 high, no two pixels alike; EXIF orientation 6 says "turn 90 degrees
+    # clockwise to show", so the picture is 20 wide, 40 high.
+    yy, xx = np.mgrid[0:20, 0:40]
+    pixels = np.stack([xx * 6, yy * 12, 255 - xx * 3 - yy * 5], axis=-1).astype(np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    Image.fromarray(pixels, "RGB").save(buf, "JPEG", quality=95, exif=exif)
+    jpeg = buf.getvalue()
+    r = upload_inputs(client, jpeg, "photo.jpg")
+    assert r.status_code == 201, r.text
+    assert r.json()["meta"] == {"format": "jpeg", "width": 40, "height": 20, "mode": "RGB",
+                                "count": 1}
+
+    # A 1x1 convolution with identity weights: its maps are the model input itself.
+    h, w = 6, 10
+    model = {"input_shape": [channels, h, w], "layers": [
+        {"type": "conv2d", "out_channels": channels, "kernel_size": 1}]}
+    weights = {"layers.0.weight": np.eye(channels, dtype=np.float32)[:, :, None, None],
+               "layers.0.bias": np.zeros(channels, dtype=np.float32)}
+    ckpt = upload_checkpoint(client, save_safetensors(weights), model)
+    assert ckpt.status_code == 201, ckpt.text
+    job = run_job(client, source={"checkpoint_id": ckpt.json()["id"]},
+                  inputs={"input_id": r.json()["id"]})
+    assert job["result"]["images"] == 1
+    got = maps(client, job["id"], "0-conv2d")
+    assert got.shape == (1, channels, h, w) and got.dtype == np.float32
+
+    # The rule of docs/feature-maps.md, done here with Pillow: orient, convert, resize, scale.
+    shown = ImageOps.exif_transpose(Image.open(io.BytesIO(jpeg)))
+    assert shown.size == (20, 40)
+    want = np.asarray(shown.convert("L" if channels == 1 else "RGB")
+                      .resize((w, h), Image.Resampling.BILINEAR), dtype=np.float32) / 255.0
+    want = want[None] if channels == 1 else want.transpose(2, 0, 1)
+    assert np.allclose(got[0], want, atol=1e-6), np.abs(got[0] - want).max()
+    # not the same as ignoring the orientation (the test image tells the two apart)
+    unturned = np.asarray(Image.open(io.BytesIO(jpeg)).convert("L" if channels == 1 else "RGB")
+                          .resize((w, h), Image.Resampling.BILINEAR), dtype=np.float32) / 255.0
+    unturned = unturned[None] if channels == 1 else unturned.transpose(2, 0, 1)
+    assert np.abs(unturned - want).max() > 0.1
+
+
+def stored_files(stack: Stack) -> set[str]:
+    """Every file and folder under the stack's artifact root (uploads, job artifacts, and any
+    temporary file a write left behind)."""
+    root = Path(stack.env.get("CONVOY_ARTIFACT_ROOT") or stack.home / "artifacts")
+    return {str(p.relative_to(root)) for p in root.rglob("*")} if root.exists() else set()
+
+
 def counts(client) -> tuple[int, int, int]:  # type: ignore[no-untyped-def]
     jobs = client.get("/v1/jobs", params={"kind": "feature_maps", "limit": 200}).json()
     return (len(jobs["items"]), len(client.get("/v1/checkpoints").json()),
@@ -206,8 +259,8 @@ def counts(client) -> tuple[int, int, int]:  # type: ignore[no-untyped-def]
 
 @pytest.mark.parametrize("case", ["not_safetensors", "mismatch", "missing", "bad_image", "bomb",
                                   "index", "layer", "npy_shape"])
-def test_bad_input_is_refused_naming_it_and_leaves_nothing(client, case):
-    before = counts(client)
+def test_bad_input_is_refused_naming_it_and_leaves_nothing(client, stack, case):
+    before, on_disk = counts(client), stored_files(stack)
     fields = {"source": {"model": small_cnn(4), "seed": 0},
               "inputs": {"dataset": "digits", "indices": [0, 1]}}
     if case == "not_safetensors":
@@ -228,7 +281,7 @@ def test_bad_input_is_refused_naming_it_and_leaves_nothing(client, case):
         assert r.status_code == 413 and "max_image_pixels" in r.text
     elif case == "npy_shape":
         iid = upload_inputs(client, npy(X[None])).json()["id"]
-        before = counts(client)
+        before, on_disk = counts(client), stored_files(stack)
         r = client.post("/v1/jobs", json={"kind": "feature_maps", **fields,
                                           "inputs": {"input_id": iid}})
         assert r.status_code == 422 and "input_id" in r.text
@@ -244,6 +297,7 @@ def test_bad_input_is_refused_naming_it_and_leaves_nothing(client, case):
         assert r.json()["detail"][0]["loc"] == where
         assert ("1797" if case == "index" else "7-conv2d") in r.json()["detail"][0]["msg"]
     assert counts(client) == before
+    assert stored_files(stack) == on_disk, "a refused request wrote to the artifact root"
 
 
 def test_another_tenants_uploads_and_maps_are_not_found(client, stack):
