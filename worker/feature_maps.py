@@ -231,9 +231,13 @@ class FeatureMapsRun:
             "timings": self.timings.as_dict(),
             "images_per_second": round(len(x) / max(self.timings.forward_s, 1e-9), 1),
         }
+        line = (f"succeeded: {len(wanted)} layers of {len(x)} images in "
+                f"{time.perf_counter() - t0:.1f} s, {len(rows)} artifacts "
+                f"({result['artifact_bytes']} bytes)")
         with session_scope(self.settings.database_url) as session:
-            jobs.finish_job(session, job_id=self.job.id, worker_id=self.worker_id,
-                            state="succeeded", result=result)
+            if jobs.finish_job(session, job_id=self.job.id, worker_id=self.worker_id,
+                               state="succeeded", result=result):
+                jobs.log(session, job_id=self.job.id, message=line)
 
 
 def run_feature_maps(settings: Settings, job: Job, worker_id: str) -> None:

@@ -4,6 +4,7 @@ task with a job id; also callable directly (tests, benchmarks)."""
 from __future__ import annotations
 
 import logging
+import time
 import traceback
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -33,6 +34,23 @@ def pick_device(wanted: str) -> torch.device:
     if wanted == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(wanted)
+
+
+def device_text(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return str(device)
+
+
+def note(settings: Settings, job_id: str, message: str) -> None:
+    """One info line in the job's log, in its own short transaction: once per attempt, never
+    from the training loop."""
+
+    def write() -> None:
+        with session_scope(settings.database_url) as session:
+            jobs.log(session, job_id=job_id, message=message)
+
+    retry_db(write, what=f"job {job_id} log", within_s=settings.db_retry_seconds)
 
 
 def load_split(ref: Any, *, settings: Settings, tenant: str) -> datasets.Split:
@@ -73,6 +91,7 @@ class TrainRun:
         self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt")
         self.pending: Future[None] | None = None
         self.lease_lost = False
+        self.started = time.monotonic()
 
     def db(self):  # type: ignore[no-untyped-def]
         return session_scope(self.settings.database_url)
@@ -150,10 +169,19 @@ class TrainRun:
                    progress=self.progress) as lease:
             result = self._train(lease)
 
+        seconds = time.monotonic() - self.started
+        resumed = int(result.get("resumed_from_epoch") or 0)
+        line = (f"succeeded: {result.get('epochs_done')} epochs in {seconds:.1f} s, "
+                f"val_accuracy {result.get('val_accuracy', float('nan')):.4f}"
+                + (f" (resumed from epoch {resumed})" if resumed else ""))
+
         def finish() -> bool:
             with self.db() as session:
-                return jobs.finish_job(session, job_id=self.job.id, worker_id=self.worker_id,
+                done = jobs.finish_job(session, job_id=self.job.id, worker_id=self.worker_id,
                                        state="succeeded", result=result)
+                if done:  # not when the lease was lost: another attempt owns the outcome
+                    jobs.log(session, job_id=self.job.id, message=line)
+                return done
 
         retry_db(finish, what=f"job {self.job.id} outcome",
                  within_s=self.settings.db_retry_seconds)
@@ -233,6 +261,9 @@ def run_job(job_id: str, *, settings: Settings, worker_id: str) -> str:
         log.info("job %s not claimable (duplicate message, canceled or running elsewhere)", job_id)
         return "skipped"
     try:
+        device = pick_device(str((job.request or {}).get("device") or "auto"))
+        note(settings, job_id, f"attempt {job.attempt} started on worker {worker_id}, "
+                               f"device {device_text(device)}")
         if job.kind == "train":
             TrainRun(settings, job, worker_id).run()
         elif job.kind == "feature_maps":
