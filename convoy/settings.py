@@ -31,6 +31,8 @@ class Settings(BaseSettings):
     # Measured on 2 cores (bench/RESULTS.md): one thread per worker process avoids
     # oversubscription that made a small CNN 50x slower when the other core was busy.
     torch_threads: int = 1
+    # pay the first job's one-time costs (imports, torch set-up) when the worker starts
+    worker_warm_up: bool = True
     worker_id: str = ""
     lease_seconds: float = 30.0
     heartbeat_seconds: float = 5.0

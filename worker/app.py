@@ -6,10 +6,11 @@ from __future__ import annotations
 import os
 import socket
 
-from celery.signals import worker_process_init, worker_shutting_down
+from celery.signals import worker_process_init, worker_ready, worker_shutting_down
 
 from convoy.queue import make_celery
 from convoy.settings import get_settings
+from worker import warmup
 from worker.lease import SHUTTING_DOWN
 
 settings = get_settings()
@@ -31,3 +32,5 @@ worker_process_init.connect(lambda **_: set_threads(), weak=False)
 # Warm shutdown (SIGTERM, first Ctrl-C) stops a training job between steps and hands it
 # back to the queue (worker.runner); a cold shutdown (second signal, SIGQUIT) does not wait.
 worker_shutting_down.connect(lambda **_: SHUTTING_DOWN.set(), weak=False)
+if settings.worker_warm_up:
+    worker_ready.connect(lambda **_: warmup.start(), weak=False)

@@ -20,7 +20,7 @@ from db import jobs
 from db.session import session_scope
 from db.tables import Artifact, Job, Upload
 from models.build import build_model
-from worker import checkpoints
+from worker import checkpoints, warmup
 from worker.dbretry import is_disconnect, retry_db
 from worker.lease import SHUTTING_DOWN, Lease
 from worker.train import DeviceData, EpochReport, NonFiniteLoss, Progress, Stopped, train
@@ -245,6 +245,7 @@ class TrainRun:
 
 def run_job(job_id: str, *, settings: Settings, worker_id: str) -> str:
     """Claim and run one attempt of a job. Returns what happened, for logs and tests."""
+    warmup.wait()
 
     def claim() -> Job | None:
         with session_scope(settings.database_url) as session:

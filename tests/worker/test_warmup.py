@@ -1,0 +1,48 @@
+"""A starting worker warms up (digits parsed, one tiny training run) on a thread while it
+waits for work; a job that arrives meanwhile waits for it, so the warm-up never changes
+what a seed gives."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load
+
+from tests.factories import train_request
+from tests.reliability.infra import make_stack, stop_fast
+from tests.services import REDIS, Stack, create_pg_database, drop_pg_database, wait_job
+
+
+@pytest.fixture
+def fresh(tmp_path: Path) -> Iterator[Stack]:
+    url = create_pg_database()
+    stack = make_stack(tmp_path, database_url=url, broker_url=f"{REDIS}/0")
+    try:
+        stack.start_api()
+        yield stack
+    finally:
+        stop_fast(stack)
+        drop_pg_database(url)
+
+
+def test_a_job_that_meets_the_warm_up_gives_the_same_run_as_one_after_it(fresh):
+    request = train_request(2, batch_size=32)
+    with fresh.client() as client:
+        first = client.post("/v1/jobs", json=request).json()["id"]  # queued before the worker
+        fresh.start_worker("w0")  # returns once the worker is ready: the warm-up is starting
+        a = wait_job(client, first)
+        b = wait_job(client, client.post("/v1/jobs", json=request).json()["id"])
+        assert a["state"] == b["state"] == "succeeded"
+        assert a["result"]["val_loss"] == b["result"]["val_loss"]
+        blobs = [load(client.get(f"/v1/jobs/{j['id']}/checkpoints/last").content) for j in (a, b)]
+    assert all((blobs[0][k] == blobs[1][k]).all() for k in blobs[0])
+    # the first job reached the worker during the warm-up and was claimed after it
+    log = fresh.log_text("w0")
+    assert log.index("Task convoy.train") < log.index("warm-up done")
+    warm = re.search(r"warm-up done in [0-9.]+ s at (\S+)", log)
+    assert warm, log[-2000:]
+    assert datetime.fromisoformat(a["started_at"]) >= datetime.fromisoformat(warm.group(1))

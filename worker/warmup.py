@@ -1,0 +1,56 @@
+"""One-time costs paid when a worker starts instead of by its first job: importing and
+parsing scikit-learn's digits (~0.8 s here) and torch's lazy set-up of autograd, oneDNN and
+the optimizer (~0.8 s) made a worker's first 1-epoch digits job take 1.7 s in the worker
+against 0.02 s for the next one (bench/RESULTS.md)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from datetime import UTC, datetime
+
+log = logging.getLogger(__name__)
+
+_done = threading.Event()
+_done.set()  # nothing to wait for until start() is called
+
+
+def _run() -> None:
+    t0 = time.perf_counter()
+    try:
+        import torch
+
+        from convoy import datasets
+        from convoy.jobspec import TrainConfig
+        from models.build import build_model
+        from models.spec import ModelSpec
+        from worker.train import DeviceData, make_optimizer, train
+
+        split = datasets.load_digits()
+        model = build_model(ModelSpec.model_validate({
+            "input_shape": [1, 8, 8], "num_classes": 10, "layers": [
+                {"type": "conv2d", "out_channels": 4, "kernel_size": 3, "padding": 1},
+                {"type": "relu"}, {"type": "maxpool2d", "kernel_size": 2},
+                {"type": "flatten"}, {"type": "linear", "out_features": 10}]}))
+        cfg = TrainConfig(epochs=1, batch_size=256)
+        data = DeviceData.from_numpy(split, torch.device("cpu"))
+        train(model, data, cfg, optimizer=make_optimizer(model, cfg))
+        log.info("warm-up done in %.2f s at %s", time.perf_counter() - t0,
+                 datetime.now(UTC).isoformat())
+    except Exception:  # a failed warm-up only means the first job pays these costs
+        log.warning("warm-up failed", exc_info=True)
+    finally:
+        _done.set()
+
+
+def start() -> None:
+    """Warm up on a background thread while the worker waits for its first message."""
+    _done.clear()
+    threading.Thread(target=_run, name="warm-up", daemon=True).start()
+
+
+def wait(timeout: float = 60.0) -> None:
+    """A job waits for a warm-up still running: both use torch's global random generator,
+    and a job's seed must give the same run whether or not it overlapped the warm-up."""
+    _done.wait(timeout)
