@@ -28,14 +28,19 @@ def _run() -> None:
         from worker.train import DeviceData, make_optimizer, train
 
         split = datasets.load_digits()
-        model = build_model(ModelSpec.model_validate({
+        spec = ModelSpec.model_validate({
             "input_shape": [1, 8, 8], "num_classes": 10, "layers": [
                 {"type": "conv2d", "out_channels": 4, "kernel_size": 3, "padding": 1},
                 {"type": "relu"}, {"type": "maxpool2d", "kernel_size": 2},
-                {"type": "flatten"}, {"type": "linear", "out_features": 10}]}))
+                {"type": "flatten"}, {"type": "linear", "out_features": 10}]})
         cfg = TrainConfig(epochs=1, batch_size=256)
-        data = DeviceData.from_numpy(split, torch.device("cpu"))
-        train(model, data, cfg, optimizer=make_optimizer(model, cfg))
+        # a GPU worker also creates its CUDA context and loads its kernels now (seconds)
+        devices = [torch.device("cpu")] + ([torch.device("cuda")]
+                                           if torch.cuda.is_available() else [])
+        for device in devices:
+            model = build_model(spec).to(device)
+            data = DeviceData.from_numpy(split, device)
+            train(model, data, cfg, optimizer=make_optimizer(model, cfg))
         log.info("warm-up done in %.2f s at %s", time.perf_counter() - t0,
                  datetime.now(UTC).isoformat())
     except Exception:  # a failed warm-up only means the first job pays these costs
