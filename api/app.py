@@ -4,10 +4,10 @@ start-up work (bootstrap token, reconciler)."""
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from typing import Any
+from urllib.parse import unquote_plus
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
@@ -41,14 +41,26 @@ UPLOAD_PATHS = ("/v1/datasets", "/v1/checkpoints", "/v1/inputs")
 
 class RedactTokens(logging.Filter):
     """`?token=` (EventSource sends no headers) must not reach the access log: the secret
-    would sit in plain text in every log file and log shipper."""
+    would sit in plain text in every log file and log shipper. Keys are compared decoded, as
+    Starlette reads them (`?%74oken=` is `token` too)."""
 
-    PATTERN = re.compile(r"(?i)((?:^|[?&])token=)[^&\s]*")
+    @staticmethod
+    def redact(path: str) -> str:
+        head, sep, query = path.partition("?")
+        if not sep:
+            return path
+        params = []
+        for param in query.split("&"):
+            key, eq, _ = param.partition("=")
+            secret = unquote_plus(key).strip().lower() == "token"
+            params.append(f"{key}{eq or '='}[redacted]" if secret else param)
+        return head + "?" + "&".join(params)
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.args, tuple) and "token=" in str(record.args).lower():
-            record.args = tuple(self.PATTERN.sub(r"\1[redacted]", a) if isinstance(a, str)
-                                else a for a in record.args)
+        if isinstance(record.args, tuple) and any(isinstance(a, str) and "?" in a
+                                                  for a in record.args):
+            record.args = tuple(self.redact(a) if isinstance(a, str) else a
+                                for a in record.args)
         return True
 
 

@@ -113,9 +113,13 @@ def run(settings: Settings) -> int:
     elif settings.bootstrap_token:
         print(f"Token: the one in CONVOY_BOOTSTRAP_TOKEN\n  export CONVOY_URL={url} "
               "CONVOY_TOKEN=\"$CONVOY_BOOTSTRAP_TOKEN\"\n", flush=True)
-    else:
+    elif settings.token_file and settings.token_file.is_file():
         print(f"Token: saved in {settings.token_file} on the first start\n  export "
               f"CONVOY_URL={url} CONVOY_TOKEN=$(cat {settings.token_file})\n", flush=True)
+    else:
+        print(f"Token: shown on the first start only ({settings.token_file} is gone); to get "
+              "a new admin token, restart with CONVOY_BOOTSTRAP_TOKEN set to a secret of "
+              "your choice\n", flush=True)
     # uvicorn turns Ctrl-C into a graceful shutdown, then raises the signal again once it
     # has finished: that KeyboardInterrupt is the normal way out here.
     with contextlib.suppress(KeyboardInterrupt):

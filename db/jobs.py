@@ -239,8 +239,10 @@ def finish_job(
     state: str,
     result: dict[str, Any] | None = None,
     error: str | None = None,
+    log_line: str | None = None,
 ) -> bool:
-    """running -> succeeded | failed, only by the worker that holds the lease."""
+    """running -> succeeded | failed, only by the worker that holds the lease; `log_line`
+    goes to the job's log in the same transaction (a client that sees the outcome sees it)."""
     assert state in ("succeeded", "failed")
     now = utcnow()
     values: dict[str, Any] = {"state": state, "finished_at": now, "updated_at": now, "error": error}
@@ -253,6 +255,8 @@ def finish_job(
         .execution_options(synchronize_session=False)
     ).rowcount == 1  # type: ignore[attr-defined]
     _end_attempt(session, job_id=job_id, worker_id=worker_id, outcome=state if done else "lost")
+    if done and log_line:  # not when the lease was lost: another attempt owns the outcome
+        log(session, job_id=job_id, message=log_line)
     session.commit()
     return done
 
@@ -286,14 +290,15 @@ def release_job(session: Session, *, job_id: str, worker_id: str) -> bool:
             worker_id=None, heartbeat_at=None, enqueued_at=now, updated_at=now)
         .execution_options(synchronize_session=False)
     ).rowcount == 1  # type: ignore[attr-defined]
-    _end_attempt(session, job_id=job_id, worker_id=worker_id, outcome="released" if done
-                 else "lost")
-    if done:
-        log(session, job_id=job_id, level="warning",
-            message=f"worker {worker_id} shut down: job handed back, the next attempt resumes "
-                    "from its last checkpoint (not counted toward max_attempts)")
+    if not done:  # canceled meanwhile, or the lease was lost: the caller ends the attempt
+        session.rollback()
+        return False
+    _end_attempt(session, job_id=job_id, worker_id=worker_id, outcome="released")
+    log(session, job_id=job_id, level="warning",
+        message=f"worker {worker_id} shut down: job handed back, the next attempt resumes "
+                "from its last checkpoint (not counted toward max_attempts)")
     session.commit()
-    return done
+    return True
 
 
 def cancel_job(session: Session, *, job_id: str, tenant: str | None) -> Job:

@@ -235,9 +235,8 @@ class FeatureMapsRun:
                 f"{time.perf_counter() - t0:.1f} s, {len(rows)} artifacts "
                 f"({result['artifact_bytes']} bytes)")
         with session_scope(self.settings.database_url) as session:
-            if jobs.finish_job(session, job_id=self.job.id, worker_id=self.worker_id,
-                               state="succeeded", result=result):
-                jobs.log(session, job_id=self.job.id, message=line)
+            jobs.finish_job(session, job_id=self.job.id, worker_id=self.worker_id,
+                            state="succeeded", result=result, log_line=line)
 
 
 def run_feature_maps(settings: Settings, job: Job, worker_id: str) -> None:

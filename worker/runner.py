@@ -177,11 +177,8 @@ class TrainRun:
 
         def finish() -> bool:
             with self.db() as session:
-                done = jobs.finish_job(session, job_id=self.job.id, worker_id=self.worker_id,
-                                       state="succeeded", result=result)
-                if done:  # not when the lease was lost: another attempt owns the outcome
-                    jobs.log(session, job_id=self.job.id, message=line)
-                return done
+                return jobs.finish_job(session, job_id=self.job.id, worker_id=self.worker_id,
+                                       state="succeeded", result=result, log_line=line)
 
         retry_db(finish, what=f"job {self.job.id} outcome",
                  within_s=self.settings.db_retry_seconds)
@@ -277,9 +274,10 @@ def run_job(job_id: str, *, settings: Settings, worker_id: str) -> str:
         def stopped() -> str:
             with session_scope(settings.database_url) as session:
                 state = jobs.job_state(session, job_id=job_id)
-                if SHUTTING_DOWN.is_set() and state == "running" and jobs.release_job(
-                        session, job_id=job_id, worker_id=worker_id):
-                    return "released"
+                if SHUTTING_DOWN.is_set() and state == "running":
+                    if jobs.release_job(session, job_id=job_id, worker_id=worker_id):
+                        return "released"
+                    state = jobs.job_state(session, job_id=job_id)  # a cancel came first
                 jobs.end_attempt(session, job_id=job_id, worker_id=worker_id,
                                  outcome="canceled" if state == "canceled" else "lost")
                 return "stopped"

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from convoy.queue import FEATURE_MAPS_TASK, TRAIN_TASK, enqueue
+from worker import warmup
 from worker.app import app, settings, worker_id
 from worker.lease import SHUTTING_DOWN
 from worker.runner import run_job
 
 
 def run(job_id: str, kind: str) -> str:
+    warmup.wait()  # before the check below: a shutdown may begin during the warm-up
     if SHUTTING_DOWN.is_set():
         # A message that reaches a worker already stopping (its own handed-back job among
         # them): sent on to the next worker, nothing claimed.

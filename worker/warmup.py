@@ -55,7 +55,9 @@ def start() -> None:
     threading.Thread(target=_run, name="warm-up", daemon=True).start()
 
 
-def wait(timeout: float = 60.0) -> None:
-    """A job waits for a warm-up still running: both use torch's global random generator,
-    and a job's seed must give the same run whether or not it overlapped the warm-up."""
-    _done.wait(timeout)
+def wait() -> None:
+    """A job waits for a warm-up still running, however long it takes (a first CUDA start can
+    be slow): both use torch's global random generator, and a job's seed must give the same
+    run whether or not it met the warm-up."""
+    while not _done.wait(60):
+        log.warning("a job is waiting for the worker's warm-up (over 60 s so far)")

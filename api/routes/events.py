@@ -64,7 +64,7 @@ def state_history(job: Job, attempts: list[JobAttempt]) -> list[dict[str, Any]]:
     for i, attempt in enumerate(attempts):
         history.append({"state": "running", "attempt": attempt.attempt,
                         "worker": attempt.worker_id, "at": attempt.started_at.isoformat()})
-        requeued = attempt.outcome == "lease_expired" and (
+        requeued = attempt.outcome in ("lease_expired", "released") and (
             i + 1 < len(attempts) or (job.state == "queued" and job.attempt > attempt.attempt))
         if requeued:
             history.append({"state": "queued", "attempt": attempt.attempt + 1,

@@ -19,7 +19,7 @@ from db import jobs
 from db.base import utcnow
 from db.migrate import upgrade
 from db.session import session_scope
-from db.tables import Job, Metric
+from db.tables import Job, JobAttempt, Metric
 from tests.reliability.infra import tiny_job
 from tests.services import REDIS, create_pg_database, drop_pg_database
 
@@ -134,3 +134,29 @@ def test_a_retried_epoch_write_records_each_metric_once(settings):
         rows = session.execute(select(Metric.name, Metric.epoch).where(Metric.job_id == job_id)
                                .order_by(Metric.name)).all()
         assert rows == [("train_loss", 1), ("val_loss", 1)]
+
+
+def test_release_hands_back_only_a_job_this_worker_still_runs(settings):
+    """A stopping worker's release: queued again with attempt + 1 and max_attempts + 1; a
+    second release, another worker's, or one after a cancel changes nothing and leaves the
+    attempt for the caller to end as it really ended."""
+    [job_id, canceled] = make_jobs(settings, 2, age_s=0)
+    with session_scope(settings.database_url) as session:
+        assert jobs.claim_job(session, job_id=job_id, worker_id="w") is not None
+        before = jobs.get_job(session, job_id=job_id).max_attempts
+        assert not jobs.release_job(session, job_id=job_id, worker_id="other")
+        assert jobs.release_job(session, job_id=job_id, worker_id="w")
+        assert not jobs.release_job(session, job_id=job_id, worker_id="w")
+        session.expire_all()
+        job = jobs.get_job(session, job_id=job_id)
+        assert (job.state, job.attempt, job.max_attempts, job.worker_id) == (
+            "queued", 2, before + 1, None)
+        assert session.scalars(select(JobAttempt.outcome).where(
+            JobAttempt.job_id == job_id)).all() == ["released"]
+
+        assert jobs.claim_job(session, job_id=canceled, worker_id="w") is not None
+        jobs.cancel_job(session, job_id=canceled, tenant=None)
+        assert not jobs.release_job(session, job_id=canceled, worker_id="w")
+        attempt = session.scalars(select(JobAttempt).where(JobAttempt.job_id == canceled)).one()
+        assert attempt.ended_at is None  # not marked "lost": the runner records "canceled"
+        assert jobs.job_state(session, job_id=canceled) == "canceled"

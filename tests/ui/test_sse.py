@@ -122,3 +122,24 @@ def test_state_history_shows_a_requeue_after_a_lost_worker():
     assert [h["state"] for h in state_history(_job("failed", 1), [lost])] == [
         "queued", "running", "failed"]
     assert [h["state"] for h in state_history(_job("canceled", 1), [])] == ["queued", "canceled"]
+
+
+def test_state_history_shows_a_job_handed_back_by_a_stopping_worker_as_queued():
+    released = _attempt(1, "released")
+    assert [(h["state"], h["attempt"]) for h in state_history(_job("queued", 2), [released])] == [
+        ("queued", 1), ("running", 1), ("queued", 2)]
+    history = state_history(_job("succeeded", 2), [released, _attempt(2, "succeeded")])
+    assert [h["state"] for h in history] == ["queued", "running", "queued", "running",
+                                             "succeeded"]
+
+
+def test_access_log_redaction_reads_keys_as_starlette_does():
+    from api.app import RedactTokens
+
+    redact = RedactTokens.redact
+    assert redact("/v1/jobs/j/events?token=cvy_s") == "/v1/jobs/j/events?token=[redacted]"
+    # percent-encoded or upper-case keys are the same parameter to the server
+    assert redact("/e?a=1&%74oken=cvy_s&b=2") == "/e?a=1&%74oken=[redacted]&b=2"
+    assert redact("/e?TOKEN=cvy_s") == "/e?TOKEN=[redacted]"
+    assert redact("/e?tokens=1&x=token") == "/e?tokens=1&x=token"
+    assert redact("/v1/jobs") == "/v1/jobs"
