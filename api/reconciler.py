@@ -13,7 +13,7 @@ from typing import Any
 
 from celery import Celery
 
-from convoy.queue import enqueue
+from convoy.queue import enqueue, gpu_queue
 from convoy.settings import Settings
 from db import jobs
 from db.session import session_scope
@@ -43,7 +43,8 @@ def redis_queue_keys(queue: str) -> list[str]:
 
 
 def redis_held_ids(settings: Settings, *, queued: int) -> set[str] | None:
-    """Job ids with a message waiting in the Redis broker's lists for our queue.
+    """Job ids with a message waiting in the Redis broker's lists for our queues (the main one
+    and the GPU one).
 
     None when the lists hold at least `queued` messages: nothing looks lost, so they are not
     read (a backlog of thousands costs one LLEN per pass, not a scan). Delivered-but-unacked
@@ -53,7 +54,7 @@ def redis_held_ids(settings: Settings, *, queued: int) -> set[str] | None:
 
     client = redis.Redis.from_url(settings.broker_url, socket_timeout=5)
     try:
-        keys = redis_queue_keys(settings.queue)
+        keys = redis_queue_keys(settings.queue) + redis_queue_keys(gpu_queue(settings.queue))
         pipe = client.pipeline()
         for key in keys:
             pipe.llen(key)
@@ -85,16 +86,18 @@ def reconcile_once(settings: Settings, celery: Celery, *, expire_leases: bool = 
             max_backoff_seconds=None if inspect_redis else 10 * settings.requeue_after_seconds,
         )
         queued = jobs.count_queued(session) if due and inspect_redis else 0
-        kinds = dict(due) | jobs.kinds_of(session, job_ids=expired)
+        routes = jobs.routes_of(session, job_ids=[*expired, *(i for i, _ in due)])
     if due and inspect_redis:
         held = redis_held_ids(settings, queued=queued)
         due = [] if held is None else [(i, k) for i, k in due if i not in held]
     sent: list[str] = []
     try:
         for job_id in expired:
-            enqueue(celery, kind=kinds[job_id], job_id=job_id)
-        for job_id, kind in due:
-            enqueue(celery, kind=kind, job_id=job_id)
+            kind, gpu = routes[job_id]
+            enqueue(celery, kind=kind, job_id=job_id, gpu=gpu)
+        for job_id, _ in due:
+            kind, gpu = routes[job_id]
+            enqueue(celery, kind=kind, job_id=job_id, gpu=gpu)
             sent.append(job_id)
     finally:
         if sent:

@@ -36,7 +36,13 @@ def cmd_api(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     from convoy.embedded import worker_command
 
-    cmd = worker_command(_settings(), name=args.name)
+    settings = _settings()
+    gpu = settings.worker_gpu_queue
+    if gpu is None:  # a GPU worker also takes the jobs that ask for CUDA
+        import torch
+
+        gpu = torch.cuda.is_available()
+    cmd = worker_command(settings, name=args.name, gpu=gpu)
     os.execv(cmd[0], cmd)
 
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 
+from convoy.queue import gpu_queue
 from convoy.settings import Settings
 
 # A warm shutdown hands a training job back to the queue between two steps (worker/app.py);
@@ -19,10 +20,13 @@ WORKER_STOP_GRACE_SECONDS = 5.0
 PR_SET_PDEATHSIG = 1
 
 
-def worker_command(settings: Settings, *, name: str = "worker") -> list[str]:
+def worker_command(settings: Settings, *, name: str = "worker", gpu: bool = True
+                   ) -> list[str]:
+    """A solo Celery worker on the main queue, and on the GPU queue when `gpu`."""
+    queues = [settings.queue, *([gpu_queue(settings.queue)] if gpu else [])]
     return [
         sys.executable, "-m", "celery", "-A", "worker.app", "worker",
-        "--pool", "solo", "--concurrency", "1", "-Q", settings.queue,
+        "--pool", "solo", "--concurrency", "1", "-Q", ",".join(queues),
         "--without-gossip", "--without-mingle", "--without-heartbeat",
         "-n", f"{name}@%h", "--loglevel", "INFO",
     ]
@@ -66,7 +70,10 @@ def _die_with_parent(parent_pid: int) -> None:
 
 def start_worker(settings: Settings) -> subprocess.Popen:
     parent = os.getpid()
-    return subprocess.Popen(worker_command(settings), env=child_env(settings),
+    # the only worker here: it also takes jobs asking for CUDA (and fails them clearly
+    # without a GPU rather than leave them queued for a GPU worker that never comes)
+    cmd = worker_command(settings, gpu=settings.worker_gpu_queue is not False)
+    return subprocess.Popen(cmd, env=child_env(settings),
                             preexec_fn=lambda: _die_with_parent(parent))
 
 

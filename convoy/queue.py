@@ -3,6 +3,8 @@ the worker (worker/app.py) adds the tasks. JSON only, never pickle."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from celery import Celery
 
 from convoy.settings import Settings
@@ -46,5 +48,18 @@ def make_celery(settings: Settings, *, include: list[str] | None = None) -> Cele
     return app
 
 
-def enqueue(app: Celery, *, kind: str, job_id: str, countdown: float | None = None) -> None:
-    app.send_task(TASK_FOR_KIND[kind], args=[job_id], countdown=countdown)
+def gpu_queue(queue: str) -> str:
+    """Where jobs that ask for `device: cuda` wait: only workers with a GPU read it (a CPU
+    worker in a mixed fleet would fail them), and every worker reads the main queue."""
+    return f"{queue}-gpu"
+
+
+def needs_gpu(request: dict[str, Any] | None) -> bool:
+    return (request or {}).get("device") == "cuda"
+
+
+def enqueue(app: Celery, *, kind: str, job_id: str, gpu: bool = False,
+            countdown: float | None = None) -> None:
+    queue = app.conf.task_default_queue
+    app.send_task(TASK_FOR_KIND[kind], args=[job_id], countdown=countdown,
+                  queue=gpu_queue(queue) if gpu else queue)

@@ -24,6 +24,9 @@ class Settings(BaseSettings):
     broker_url: str = ""  # default: kombu's SQLAlchemy transport over SQLite in home
     artifact_root: Path | None = None  # default: home/artifacts
     queue: str = "convoy"
+    # Whether `convoy worker` also reads the GPU queue (jobs with device "cuda"); unset: when
+    # the worker has a CUDA device. The embedded worker always reads it.
+    worker_gpu_queue: bool | None = None
     bootstrap_token: str | None = None
     # A fresh token for the first admin is printed here when no bootstrap token is set.
     token_file: Path | None = None

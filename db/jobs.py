@@ -403,11 +403,13 @@ def count_queued(session: Session) -> int:
     return session.scalar(select(func.count()).select_from(Job).where(Job.state == "queued")) or 0
 
 
-def kinds_of(session: Session, *, job_ids: Iterable[str]) -> dict[str, str]:
+def routes_of(session: Session, *, job_ids: Iterable[str]) -> dict[str, tuple[str, bool]]:
+    """id -> (kind, needs a GPU): what a message for the job is sent as, and to which queue."""
     ids = list(job_ids)
     if not ids:
         return {}
-    return dict(session.execute(select(Job.id, Job.kind).where(Job.id.in_(ids))).tuples().all())
+    rows = session.execute(select(Job.id, Job.kind, Job.request).where(Job.id.in_(ids)))
+    return {i: (kind, (request or {}).get("device") == "cuda") for i, kind, request in rows}
 
 
 def mark_sent(session: Session, *, job_ids: Iterable[str], now: datetime | None = None) -> None:

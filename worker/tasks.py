@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 from convoy.queue import FEATURE_MAPS_TASK, TRAIN_TASK, enqueue
+from db import jobs
+from db.session import session_scope
 from worker import warmup
 from worker.app import app, settings, worker_id
 from worker.lease import SHUTTING_DOWN
 from worker.runner import run_job
+
+
+def send_again(job_id: str, kind: str, countdown: float | None = None) -> None:
+    """The job's message once more, to the queue it came from (a GPU job to the GPU queue)."""
+    with session_scope(settings.database_url) as session:
+        _, gpu = jobs.routes_of(session, job_ids=[job_id]).get(job_id, (kind, False))
+    enqueue(app, kind=kind, job_id=job_id, gpu=gpu, countdown=countdown)
 
 
 def run(job_id: str, kind: str) -> str:
@@ -14,17 +23,17 @@ def run(job_id: str, kind: str) -> str:
     if SHUTTING_DOWN.is_set():
         # A message that reaches a worker already stopping (its own handed-back job among
         # them): sent on to the next worker, nothing claimed.
-        enqueue(app, kind=kind, job_id=job_id)
+        send_again(job_id, kind)
         return "passed on"
     outcome = run_job(job_id, settings=settings, worker_id=worker_id())
     if outcome == "released":
         # This worker is shutting down; the job is queued again for the next free worker
         # (should this send be lost, the reconciler resends queued jobs).
-        enqueue(app, kind=kind, job_id=job_id)
+        send_again(job_id, kind)
     elif outcome == "deferred":
         # Its tenant is at max_running_per_tenant: this worker moves on to other tenants' jobs
         # and the message comes back later (the reconciler resends it if this one is lost).
-        enqueue(app, kind=kind, job_id=job_id, countdown=settings.tenant_defer_seconds)
+        send_again(job_id, kind, countdown=settings.tenant_defer_seconds)
     return outcome
 
 

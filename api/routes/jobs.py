@@ -77,7 +77,7 @@ def submit_job(
     # stays queued and the reconciler sends it later; nothing submitted is lost.
     session.commit()
     try:
-        enqueue(celery, kind=job.kind, job_id=job.id)
+        enqueue(celery, kind=job.kind, job_id=job.id, gpu=body.device == "cuda")
     except Exception:  # noqa: BLE001 - the reconciler retries
         import logging
 

@@ -13,7 +13,7 @@ import redis
 from sqlalchemy import func, select, update
 
 from api.reconciler import _job_id_of, reconcile_once, redis_queue_keys
-from convoy.queue import enqueue, make_celery
+from convoy.queue import enqueue, gpu_queue, make_celery
 from convoy.settings import Settings
 from db import jobs
 from db.base import utcnow
@@ -160,3 +160,28 @@ def test_release_hands_back_only_a_job_this_worker_still_runs(settings):
         attempt = session.scalars(select(JobAttempt).where(JobAttempt.job_id == canceled)).one()
         assert attempt.ended_at is None  # not marked "lost": the runner records "canceled"
         assert jobs.job_state(session, job_id=canceled) == "canceled"
+
+
+def test_gpu_jobs_are_sent_held_and_resent_on_the_gpu_queue(settings):
+    celery = make_celery(settings)
+    r = redis.Redis.from_url(settings.broker_url)
+    gpu_key = gpu_queue(settings.queue)
+    [cpu_job, gpu_job] = make_jobs(settings, 2, age_s=60)
+    with session_scope(settings.database_url) as session:
+        session.execute(update(Job).where(Job.id == gpu_job).values(
+            request={**tiny_job(), "device": "cuda"}))
+    for job_id, gpu in ((cpu_job, False), (gpu_job, True)):
+        enqueue(celery, kind="train", job_id=job_id, gpu=gpu)
+    assert [_job_id_of(m) for m in r.lrange(settings.queue, 0, -1)] == [cpu_job]
+    assert [_job_id_of(m) for m in r.lrange(gpu_key, 0, -1)] == [gpu_job]
+    # a message waiting on the GPU queue counts as held: nothing is resent
+    assert reconcile_once(settings, celery) == {"requeued": [], "resent": []}
+    # both lost (a Redis restart): each is resent to its own queue
+    r.delete(*redis_queue_keys(settings.queue), *redis_queue_keys(gpu_key))
+    assert sorted(reconcile_once(settings, celery)["resent"]) == sorted([cpu_job, gpu_job])
+    assert [_job_id_of(m) for m in r.lrange(settings.queue, 0, -1)] == [cpu_job]
+    assert [_job_id_of(m) for m in r.lrange(gpu_key, 0, -1)] == [gpu_job]
+    r.delete(*redis_queue_keys(settings.queue), *redis_queue_keys(gpu_key))
+    with session_scope(settings.database_url) as session:
+        session.execute(update(Job).where(Job.id.in_([cpu_job, gpu_job]))
+                        .values(state="canceled"))

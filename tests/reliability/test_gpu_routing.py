@@ -1,0 +1,52 @@
+"""Mixed fleets: a job that asks for CUDA waits on the GPU queue, which `convoy worker` reads
+only on a machine with a CUDA device (or when told to); a CPU worker never takes it."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.reliability.infra import attempts, make_stack, stop_fast, tiny_job
+from tests.services import REDIS, Stack, create_pg_database, drop_pg_database, wait_job
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Iterator[Stack]:
+    url = create_pg_database()
+    stack = make_stack(tmp_path, database_url=url, broker_url=f"{REDIS}/0")
+    try:
+        stack.start_api()
+        yield stack
+    finally:
+        stop_fast(stack)
+        drop_pg_database(url)
+
+
+def convoy_worker(stack: Stack, name: str) -> None:
+    stack.start_worker(name, cmd=[sys.executable, "-m", "convoy.cli", "worker", "--name", name])
+
+
+def test_a_cuda_job_waits_for_a_gpu_worker_and_a_cpu_worker_never_takes_it(fleet):
+    env_url = fleet.env["CONVOY_DATABASE_URL"]
+    convoy_worker(fleet, "cpu")  # no CUDA on this machine: the main queue only
+    assert f"{fleet.env['CONVOY_QUEUE']}-gpu" not in fleet.log_text("cpu")
+    with fleet.client() as client:
+        gpu_job = client.post("/v1/jobs", json={**tiny_job(1), "device": "cuda"}).json()["id"]
+        cpu_job = client.post("/v1/jobs", json=tiny_job(2)).json()["id"]
+        assert wait_job(client, cpu_job)["state"] == "succeeded"
+        time.sleep(1.0)  # the CPU worker is idle, and the GPU job's message is there for it
+        assert client.get(f"/v1/jobs/{gpu_job}").json()["state"] == "queued"
+        assert attempts(env_url, gpu_job) == []
+
+        # a worker told it has a GPU (this machine has none, so the job then fails, clearly)
+        fleet.env["CONVOY_WORKER_GPU_QUEUE"] = "true"
+        convoy_worker(fleet, "gpu")
+        assert f"{fleet.env['CONVOY_QUEUE']}-gpu" in fleet.log_text("gpu")
+        done = wait_job(client, gpu_job)
+    assert done["state"] == "failed"
+    assert "device 'cuda' was asked for but this worker has no CUDA device" in done["error"]
+    assert [(a, w) for a, w, *_ in attempts(env_url, gpu_job)] == [(1, "gpu")]
