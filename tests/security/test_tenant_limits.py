@@ -138,6 +138,11 @@ def two_workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         for t in starts:
             t.join(timeout=120)
         assert len(s.workers) == 2
+        # the workers' start-up warm-up over, so both take their first message at once
+        for name in ("w0", "w1"):
+            deadline = time.monotonic() + 60
+            while "warm-up done" not in s.log_text(name) and time.monotonic() < deadline:
+                time.sleep(0.05)
         yield s
     finally:
         for w in s.workers:  # nothing left to finish: no warm shutdown to wait for
@@ -152,7 +157,7 @@ def test_running_limit_end_to_end(two_workers: Stack) -> None:
     with two_workers.client() as admin:
         a, b = make_token(admin, "run-a")["token"], make_token(admin, "run-b")["token"]
     with two_workers.client(a) as ca, two_workers.client(b) as cb:
-        job = train_request(3, model=small_cnn(8))
+        job = train_request(6, model=small_cnn(8))  # still running when A's second is tried
         a_ids = [ca.post("/v1/jobs", json=job).json()["id"] for _ in range(2)]
         b_id = cb.post("/v1/jobs", json=job).json()["id"]
         most_a_running = 0
