@@ -3,8 +3,6 @@ the worker (worker/app.py) adds the tasks. JSON only, never pickle."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from celery import Celery
 
 from convoy.settings import Settings
@@ -52,10 +50,6 @@ def gpu_queue(queue: str) -> str:
     """Where jobs that ask for `device: cuda` wait: only workers with a GPU read it (a CPU
     worker in a mixed fleet would fail them), and every worker reads the main queue."""
     return f"{queue}-gpu"
-
-
-def needs_gpu(request: dict[str, Any] | None) -> bool:
-    return (request or {}).get("device") == "cuda"
 
 
 def enqueue(app: Celery, *, kind: str, job_id: str, gpu: bool = False,
