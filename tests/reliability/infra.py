@@ -11,6 +11,7 @@ import subprocess
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from glob import glob
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,14 @@ from typing import Any
 import psycopg
 import redis
 
-from tests.services import Stack, free_port, stack_env
+from tests.services import (
+    REDIS,
+    Stack,
+    create_pg_database,
+    drop_pg_database,
+    free_port,
+    stack_env,
+)
 
 PG_BIN = Path(sorted(glob("/usr/lib/postgresql/*/bin"))[-1]) if glob(
     "/usr/lib/postgresql/*/bin") else Path("/usr/bin")
@@ -172,3 +180,17 @@ def stop_fast(stack: Stack) -> None:
     for proc in [*stack.workers, *([stack.api] if stack.api else [])]:
         Stack.kill(proc, signal.SIGKILL)
     stack.stop()
+
+
+@contextlib.contextmanager
+def api_without_workers(home: Path, **settings: Any) -> Iterator[Stack]:
+    """An API on a database of its own (PostgreSQL) and Redis, no worker yet: for tests that
+    start their workers themselves. Torn down without graceful shutdowns."""
+    url = create_pg_database()
+    stack = make_stack(home, database_url=url, broker_url=f"{REDIS}/0", **settings)
+    try:
+        stack.start_api()
+        yield stack
+    finally:
+        stop_fast(stack)
+        drop_pg_database(url)

@@ -10,20 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.reliability.infra import attempts, make_stack, stop_fast, tiny_job
-from tests.services import REDIS, Stack, create_pg_database, drop_pg_database, wait_job
+from tests.reliability.infra import api_without_workers, attempts, tiny_job
+from tests.services import Stack, wait_job
 
 
 @pytest.fixture
 def fleet(tmp_path: Path) -> Iterator[Stack]:
-    url = create_pg_database()
-    stack = make_stack(tmp_path, database_url=url, broker_url=f"{REDIS}/0")
-    try:
-        stack.start_api()
+    with api_without_workers(tmp_path) as stack:
         yield stack
-    finally:
-        stop_fast(stack)
-        drop_pg_database(url)
 
 
 def convoy_worker(stack: Stack, name: str) -> None:

@@ -11,31 +11,24 @@ from pathlib import Path
 import pytest
 
 from tests.reliability.infra import (
+    api_without_workers,
     attempts,
-    make_stack,
     metric_epochs,
     slow_job,
-    stop_fast,
     tiny_job,
     wait_for,
 )
-from tests.services import REDIS, Stack, create_pg_database, drop_pg_database, wait_job
+from tests.services import Stack, wait_job
 
 EPOCHS = 3
 
 
 @pytest.fixture(scope="module")
 def faults(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    url = create_pg_database()
-    stack = make_stack(Path(tmp_path_factory.mktemp("faults")), database_url=url,
-                       broker_url=f"{REDIS}/0", lease_seconds=3, reconcile_interval_seconds=0.5)
-    try:
-        stack.start_api()
+    with api_without_workers(Path(tmp_path_factory.mktemp("faults")), lease_seconds=3,
+                             reconcile_interval_seconds=0.5) as stack:
         stack.start_worker("w0")
         yield stack
-    finally:
-        stop_fast(stack)
-        drop_pg_database(url)
 
 
 def live_worker(stack: Stack) -> None:

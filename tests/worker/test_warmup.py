@@ -13,20 +13,14 @@ import pytest
 from safetensors.torch import load
 
 from tests.factories import train_request
-from tests.reliability.infra import make_stack, stop_fast
-from tests.services import REDIS, Stack, create_pg_database, drop_pg_database, wait_job
+from tests.reliability.infra import api_without_workers
+from tests.services import Stack, wait_job
 
 
 @pytest.fixture
 def fresh(tmp_path: Path) -> Iterator[Stack]:
-    url = create_pg_database()
-    stack = make_stack(tmp_path, database_url=url, broker_url=f"{REDIS}/0")
-    try:
-        stack.start_api()
+    with api_without_workers(tmp_path) as stack:
         yield stack
-    finally:
-        stop_fast(stack)
-        drop_pg_database(url)
 
 
 def test_a_job_that_meets_the_warm_up_gives_the_same_run_as_one_after_it(fresh):
