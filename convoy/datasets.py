@@ -4,7 +4,7 @@ Numpy only: the API reads the metadata, the worker turns the arrays into tensors
 
 from __future__ import annotations
 
-import io
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Annotated, Any, Literal
@@ -12,7 +12,12 @@ from typing import Annotated, Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from convoy import npyfile
+
 DIGITS_SAMPLES = 1797
+# Labels index the classifier's outputs, and a linear layer has at most 1,000,000
+# (models.spec): a larger label could never be trained on.
+MAX_CLASSES = 1_000_000
 SHAPES = ("square", "disc", "cross", "triangle", "ring", "bar")
 
 
@@ -28,7 +33,7 @@ class SyntheticRef(BaseModel):
     size: Annotated[int, Field(ge=8, le=512)] = 32
     channels: Annotated[int, Field(ge=1, le=16)] = 3
     num_classes: Annotated[int, Field(ge=2, le=len(SHAPES))] = 4
-    seed: int = 0
+    seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = 0  # numpy refuses negative seeds
 
 
 class UploadRef(BaseModel):
@@ -130,39 +135,97 @@ def load_synthetic(ref: SyntheticRef) -> Split:
 
 
 class BadDataset(ValueError):
-    pass
+    """An unusable dataset upload; `status` is 413 when it is only too large, else 422."""
+
+    def __init__(self, message: str, status: int = 422) -> None:
+        super().__init__(message)
+        self.status = status
 
 
-def parse_npz(data: bytes, *, max_pixels: int) -> tuple[np.ndarray, np.ndarray]:
-    """An uploaded dataset: an .npz with `x` (N, C, H, W) or (N, H, W) and integer `y` (N,).
-    Never unpickles (allow_pickle=False)."""
+@dataclass(frozen=True)
+class NpzSummary:
+    """What the API keeps of an uploaded .npz: x's per-sample shape, and the labels."""
+    input_shape: tuple[int, int, int]
+    y: np.ndarray
+
+
+def _open_npz(data: bytes, *, max_pixels: int, max_bytes: int) -> npyfile.Npz:
+    """The archive with x's and y's headers checked against the limits; no data read yet."""
     try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as archive:
-            if "x" not in archive or "y" not in archive:
-                raise BadDataset("the .npz must hold arrays named 'x' and 'y'")
-            x, y = archive["x"], archive["y"]
-    except BadDataset:
-        raise
-    except Exception as exc:  # zip errors, pickled object arrays, truncated files
-        raise BadDataset(f"not a readable .npz without pickles: {exc}") from exc
-    if x.ndim == 3:
-        x = x[:, None]
-    if x.ndim != 4:
+        archive = npyfile.Npz(data, ("x", "y"), max_bytes=max_bytes)
+    except npyfile.BadArray as exc:
+        raise BadDataset(str(exc), status=exc.status) from None
+    x, y = archive.header("x"), archive.header("y")
+    shape = x.shape if len(x.shape) != 3 else (x.shape[0], 1, *x.shape[1:])
+    if len(shape) != 4:
         raise BadDataset(f"x must have shape (N, C, H, W) or (N, H, W); got {list(x.shape)}")
-    if not (np.issubdtype(x.dtype, np.number) and not np.iscomplexobj(x)):
-        raise BadDataset(f"x must be numeric; got dtype {x.dtype}")
-    if y.ndim != 1 or len(y) != len(x) or not np.issubdtype(y.dtype, np.integer):
-        raise BadDataset(f"y must be integers of shape ({len(x)},); got {y.dtype} {list(y.shape)}")
-    if len(x) < 2:
+    if x.dtype.kind not in "iuf":
+        raise BadDataset(f"x must be real numbers; got dtype {x.dtype}")
+    if len(y.shape) != 1 or y.shape[0] != shape[0] or y.dtype.kind not in "iu":
+        raise BadDataset(f"y must be integers of shape ({shape[0]},); got {y.dtype} "
+                         f"{list(y.shape)}")
+    if shape[0] < 2:
         raise BadDataset("need at least 2 samples")
-    if x.shape[2] * x.shape[3] > max_pixels or x.shape[1] > 64:
-        raise BadDataset(f"images of {list(x.shape[1:])} are larger than allowed")
+    if shape[2] * shape[3] > max_pixels or shape[1] > 64:
+        raise BadDataset(f"images of {list(shape[1:])} are larger than allowed (max_image_pixels="
+                         f"{max_pixels}, at most 64 channels)", status=413)
+    as_float32 = math.prod(shape) * 4
+    if as_float32 > max_bytes:
+        raise BadDataset(f"x {list(x.shape)} takes {as_float32} bytes as float32, over "
+                         f"max_dataset_bytes={max_bytes}", status=413)
+    return archive
+
+
+def _labels(archive: npyfile.Npz) -> np.ndarray:
+    try:
+        y = archive.load("y")
+    except npyfile.BadArray as exc:
+        raise BadDataset(str(exc)) from None
     if y.min() < 0:
         raise BadDataset("labels in y must be >= 0")
-    x = x.astype(np.float32)
+    if y.max() >= MAX_CLASSES:
+        raise BadDataset(f"labels in y must be < {MAX_CLASSES}; got {int(y.max())}")
+    return y.astype(np.int64)
+
+
+def inspect_npz(data: bytes, *, max_pixels: int, max_bytes: int) -> NpzSummary:
+    """Checks an uploaded .npz as parse_npz would, streaming x in chunks: memory stays at one
+    chunk beyond the upload itself, whatever the archive unpacks to."""
+    with _open_npz(data, max_pixels=max_pixels, max_bytes=max_bytes) as archive:
+        y = _labels(archive)
+        header = archive.header("x")
+        try:
+            for block in archive.chunks("x"):
+                if header.dtype.kind == "f" and not np.isfinite(block).all():
+                    raise BadDataset("x holds NaN or infinite values")
+        except npyfile.BadArray as exc:
+            raise BadDataset(str(exc)) from None
+        shape = header.shape if len(header.shape) == 4 else (header.shape[0], 1,
+                                                             *header.shape[1:])
+    return NpzSummary((shape[1], shape[2], shape[3]), y)
+
+
+def parse_npz(data: bytes, *, max_pixels: int, max_bytes: int | None = None
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """An uploaded dataset: an .npz with `x` (N, C, H, W) or (N, H, W) and integer `y` (N,).
+    Never unpickles; sizes are checked from the headers before anything is decompressed
+    (convoy.npyfile). `max_bytes` defaults to the max_dataset_bytes setting."""
+    if max_bytes is None:
+        from convoy.settings import get_settings
+
+        max_bytes = get_settings().max_dataset_bytes
+    with _open_npz(data, max_pixels=max_pixels, max_bytes=max_bytes) as archive:
+        y = _labels(archive)
+        try:
+            x = archive.load("x")
+        except npyfile.BadArray as exc:
+            raise BadDataset(str(exc)) from None
+    if x.ndim == 3:
+        x = x[:, None]
+    x = x.astype(np.float32, copy=False)
     if not np.isfinite(x).all():
         raise BadDataset("x holds NaN or infinite values")
-    return x, y.astype(np.int64)
+    return x, y
 
 
 def split_uploaded(x: np.ndarray, y: np.ndarray) -> Split:

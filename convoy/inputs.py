@@ -9,6 +9,7 @@ filtering (the aspect ratio is not kept), scaled from 0..255 to 0..1 as float32.
 from __future__ import annotations
 
 import io
+import math
 import warnings
 from typing import Any
 
@@ -36,8 +37,28 @@ def sniff(data: bytes) -> str:
     raise BadInput("not a .npy array, a PNG or a JPEG image")
 
 
-def parse_npy(data: bytes, *, max_pixels: int) -> np.ndarray:
-    """(N, C, H, W) float32 from a .npy file; (N, H, W) gets C = 1. Never unpickles."""
+def parse_npy(data: bytes, *, max_pixels: int, max_bytes: int | None = None) -> np.ndarray:
+    """(N, C, H, W) float32 from a .npy file; (N, H, W) gets C = 1. Never unpickles. The
+    header's shape and dtype are checked against the file's length and the limits before the
+    data is read (`max_bytes`, for the float32 result, defaults to max_dataset_bytes)."""
+    from convoy import npyfile
+
+    if max_bytes is None:
+        from convoy.settings import get_settings
+
+        max_bytes = get_settings().max_dataset_bytes
+    try:
+        header = npyfile.npy_header(data, "the array")
+    except npyfile.BadArray as exc:
+        raise BadInput(str(exc)) from None
+    shape = header.shape
+    if len(shape) in (3, 4) and (shape[-1] * shape[-2] > max_pixels
+                                 or (len(shape) == 4 and shape[1] > 64)):
+        raise BadInput(f"inputs of {list(shape[1:])} are larger than allowed (max_image_pixels="
+                       f"{max_pixels}, at most 64 channels)", status=413)
+    if math.prod(shape) * 4 > max_bytes:
+        raise BadInput(f"the array {list(shape)} takes {math.prod(shape) * 4} bytes as float32, "
+                       f"over max_dataset_bytes={max_bytes}", status=413)
     try:
         x = np.load(io.BytesIO(data), allow_pickle=False)
     except Exception as exc:  # object arrays (pickles), truncated headers
@@ -56,7 +77,7 @@ def parse_npy(data: bytes, *, max_pixels: int) -> np.ndarray:
     if h * w > max_pixels or c > 64:
         raise BadInput(f"inputs of {[c, h, w]} are larger than allowed (max_image_pixels="
                        f"{max_pixels}, at most 64 channels)", status=413)
-    x = x.astype(np.float32)
+    x = x.astype(np.float32, copy=False)
     if not np.isfinite(x).all():
         raise BadInput("the array holds NaN or infinite values")
     return x

@@ -57,6 +57,9 @@ class Settings(BaseSettings):
     max_input_side: int = 1024
     max_request_bytes: int = 1024 * 1024
     max_upload_bytes: int = 256 * 1024 * 1024
+    # An uploaded .npz's arrays once unpacked (x counted as float32): checked from the archive's
+    # and the arrays' headers before anything is decompressed (issue 11, item 2).
+    max_dataset_bytes: int = 512 * 1024 * 1024
     max_json_map_values: int = 100_000
     # Enforced when a worker claims a job: past it the job stays queued and its message is
     # sent again after tenant_defer_seconds, so the worker serves other tenants meanwhile.
