@@ -29,6 +29,7 @@ from api.routes import (
     tokens,
     uploads,
 )
+from api.textguard import RejectUnencodableJSON
 from convoy.artifacts import get_store
 from convoy.queue import make_celery
 from convoy.settings import Settings, get_settings
@@ -172,6 +173,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (feature_maps, uploads):  # feature-map jobs and their uploads (issue 3)
         app.include_router(module.router)
     dashboard.mount_static(app)
+    app.add_middleware(RejectUnencodableJSON)  # inside BodyLimit: reads capped bodies only
     app.add_middleware(BodyLimit, settings=settings)
     app.add_middleware(RejectNul)  # outermost: runs before the body is read
     return app

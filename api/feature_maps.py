@@ -4,7 +4,6 @@ Plain Python and numpy: the API never imports torch."""
 
 from __future__ import annotations
 
-import json
 import math
 from functools import lru_cache
 from typing import Any
@@ -19,6 +18,7 @@ from convoy import datasets
 from convoy.featuremaps import UnknownLayer, layer_names, map_bytes, pooled_shape, resolve_layers
 from convoy.jobspec import FeatureMapsJobRequest
 from convoy.settings import Settings
+from convoy.textsafe import BadJSON, loads_bounded
 from db.tables import Artifact, Job, Upload
 from models.spec import ModelSpec, pair
 
@@ -56,30 +56,49 @@ def expected_tensors(spec: ModelSpec, summary: dict[str, Any]) -> dict[str, tupl
     return out
 
 
+def _count(value: Any) -> bool:
+    """A JSON integer >= 0 (not a float like 16.0, not a bool, not 1e400)."""
+    return type(value) is int and value >= 0
+
+
 def safetensors_header(data: bytes) -> dict[str, dict[str, Any]]:
-    """The tensor table of a safetensors file, checked as the format requires (dtype sizes,
-    offsets that tile the data section exactly); ValueError when it is not one."""
+    """The tensor table of a safetensors file, checked as the format (and the worker's loader)
+    requires: integer shapes and offsets, known dtype sizes, offsets that tile the data
+    section exactly, `__metadata__` a map of strings to strings; ValueError when it is not
+    one. Hostile headers (nested 50,000 deep, offsets null or text, `shape: [1e400]`) are
+    ValueErrors too, never anything else."""
     if len(data) < 8:
         raise ValueError("too short to be a safetensors file")
     n = int.from_bytes(data[:8], "little")
     if n < 2 or n > min(len(data) - 8, 100 * 1024 * 1024):
         raise ValueError("not a safetensors file (bad header length)")
     try:
-        header = json.loads(data[8:8 + n])
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise ValueError("not a safetensors file (header is not JSON)") from None
+        header = loads_bounded(data[8:8 + n], max_depth=None)
+    except BadJSON as exc:
+        raise ValueError(f"not a safetensors file (header: {exc})") from None
     if not isinstance(header, dict):
         raise ValueError("not a safetensors file (header is not a table)")
-    header.pop("__metadata__", None)
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and not (isinstance(metadata, dict) and all(
+            isinstance(v, str) for v in metadata.values())):
+        raise ValueError("not a safetensors file (__metadata__ must map strings to strings)")
     spans = []
     for name, info in header.items():
-        try:
-            dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
-            size = math.prod(int(d) for d in shape) * DTYPE_BYTES[dtype]
-        except (KeyError, TypeError, ValueError):
-            raise ValueError(f"not a safetensors file (bad entry for {name[:80]!r})") from None
-        if end - begin != size:
-            raise ValueError(f"tensor {name[:80]!r}: its bytes do not match its shape")
+        label = f"tensor {name[:80]!r}"
+        if not isinstance(info, dict):
+            raise ValueError(f"{label}: an entry is {{dtype, shape, data_offsets}}")
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:
+            raise ValueError(f"{label}: dtype must be one of {sorted(DTYPE_BYTES)}")
+        if not isinstance(shape, list) or len(shape) > 8 or not all(map(_count, shape)):
+            raise ValueError(f"{label}: shape must be a list of at most 8 integers >= 0")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_count, offsets))
+                and offsets[0] <= offsets[1]):
+            raise ValueError(f"{label}: data_offsets must be two integers [begin, end] "
+                             "with 0 <= begin <= end")
+        begin, end = offsets
+        if end - begin != math.prod(shape) * DTYPE_BYTES[dtype]:
+            raise ValueError(f"{label}: its bytes do not match its shape")
         spans.append((begin, end))
     position = 0
     for begin, end in sorted(spans):

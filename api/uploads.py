@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from fastapi import HTTPException, UploadFile
 
+from api.textguard import unencodable_detail
 from convoy.settings import Settings
+from convoy.textsafe import unencodable
 
 CHUNK = 1 << 20
 
@@ -29,3 +31,11 @@ def display_name(filename: str | None) -> str:
     """A user's file name kept only for display: no paths, no control characters."""
     base = (filename or "").replace("\\", "/").rsplit("/", 1)[-1]
     return "".join(ch for ch in base if ch.isprintable())[:128]
+
+
+def check_form_text(*fields: tuple[str, str | None]) -> None:
+    """422 naming the field for form text that UTF-8 cannot encode: a multipart body may
+    declare a charset (utf-7, say) whose decoding yields lone surrogates (issue 11, item 3)."""
+    for field, value in fields:
+        if value is not None and unencodable(value):
+            raise HTTPException(422, [unencodable_detail(["body", field], field)])

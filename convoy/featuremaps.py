@@ -18,6 +18,11 @@ class UnknownLayer(ValueError):
         self.position = position
 
 
+def is_index(text: str, max_digits: int = 6) -> bool:
+    """A plain decimal index written in ASCII digits (0-9), at most `max_digits` long."""
+    return 0 < len(text) <= max_digits and text.isascii() and text.isdigit()
+
+
 def layer_name(index: int, layer_type: str) -> str:
     return f"{index}-{layer_type}"
 
@@ -35,7 +40,9 @@ def resolve_layers(summary: dict[str, Any], wanted: list[str] | None) -> list[in
     picked: set[int] = set()
     for position, item in enumerate(wanted):
         key = item.strip()
-        if key.isdigit() and int(key) < len(names):
+        # ASCII digits only: str.isdigit() is true for "¹" (int() refuses it) and "٣" (which
+        # int() reads as 3); neither names a layer (issue 11, item 7)
+        if is_index(key) and int(key) < len(names):
             picked.add(int(key))
         elif key in by_name:
             picked.add(by_name[key])

@@ -9,11 +9,14 @@ from functools import lru_cache
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
+from convoy.textsafe import loads_replacing
+
 
 @lru_cache
 def get_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30},
+                               json_deserializer=loads_replacing)
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn, _record):  # type: ignore[no-untyped-def]
@@ -26,7 +29,9 @@ def get_engine(url: str) -> Engine:
 
         return engine
     # pre_ping: a PostgreSQL restart must not leave dead connections in the pool.
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    # json_deserializer: a stored lone surrogate reads back as U+FFFD (issue 11, item 3).
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20,
+                         json_deserializer=loads_replacing)
 
 
 @lru_cache

@@ -7,10 +7,11 @@ from typing import Annotated
 import numpy as np
 from fastapi import APIRouter, File, Form, HTTPException, Response, UploadFile
 from sqlalchemy import select
+from starlette.concurrency import run_in_threadpool
 
 from api.deps import PrincipalDep, SessionDep, SettingsDep, StoreDep
 from api.schemas import DatasetOut
-from api.uploads import display_name, read_capped
+from api.uploads import check_form_text, display_name, read_capped
 from convoy import datasets
 from convoy.artifacts import upload_key
 from db.base import utcnow
@@ -43,30 +44,40 @@ async def upload_dataset(
     response: Response,
     name: Annotated[str, Form(max_length=128)] = "",
 ) -> DatasetOut:
+    check_form_text(("name", name), ("file", file.filename))
     data = await read_capped(file, settings)
-    try:
-        x, y = datasets.parse_npz(data, max_pixels=settings.max_image_pixels)
-    except datasets.BadDataset as exc:
-        raise HTTPException(422, [{"loc": ["body", "file"], "msg": str(exc),
-                                   "type": "value_error"}]) from None
-    upload_id = new_id()
-    key = upload_key("datasets", upload_id, ".npz")
-    size, sha = store.put_bytes(key, data)
-    row = Upload(
-        id=upload_id, tenant=principal.tenant, kind="dataset",
-        name=display_name(name or file.filename), key=key, size=size, sha256=sha,
-        meta={"input_shape": list(x.shape[1:]), "num_classes": int(np.max(y)) + 1,
-              "samples": len(x)},
-        created_at=utcnow(),
-    )
-    session.add(row)
-    try:
-        session.commit()
-    except Exception:
-        store.delete(key)  # no file without its row
-        raise
-    response.headers["Location"] = f"/v1/datasets/{upload_id}"
-    return dataset_out(row)
+
+    def store_dataset() -> DatasetOut:
+        # CPU work (unpacking, checking every value) and blocking I/O (the store, the
+        # database) run on the thread pool, never on the event loop.
+        try:
+            found = datasets.inspect_npz(data, max_pixels=settings.max_image_pixels,
+                                         max_bytes=settings.max_dataset_bytes)
+        except datasets.BadDataset as exc:
+            if exc.status == 413:
+                raise HTTPException(413, f"file: {exc}") from None
+            raise HTTPException(422, [{"loc": ["body", "file"], "msg": str(exc),
+                                       "type": "value_error"}]) from None
+        upload_id = new_id()
+        key = upload_key("datasets", upload_id, ".npz")
+        size, sha = store.put_bytes(key, data)
+        row = Upload(
+            id=upload_id, tenant=principal.tenant, kind="dataset",
+            name=display_name(name or file.filename), key=key, size=size, sha256=sha,
+            meta={"input_shape": list(found.input_shape),
+                  "num_classes": int(np.max(found.y)) + 1, "samples": len(found.y)},
+            created_at=utcnow(),
+        )
+        session.add(row)
+        try:
+            session.commit()
+        except Exception:
+            store.delete(key)  # no file without its row
+            raise
+        response.headers["Location"] = f"/v1/datasets/{upload_id}"
+        return dataset_out(row)
+
+    return await run_in_threadpool(store_dataset)
 
 
 @router.get("", response_model=list[DatasetOut])

@@ -14,6 +14,7 @@ from sqlalchemy import select
 
 from api.deps import PrincipalDep, SessionDep, SettingsDep, StoreDep
 from api.routes.jobs import load_job
+from convoy.featuremaps import is_index
 from db.tables import Artifact
 
 router = APIRouter(prefix="/v1/jobs", tags=["feature-maps"])
@@ -58,7 +59,7 @@ def _find(session, job_id: str, tenant: str, kind: str, layer: str) -> Artifact 
     query = select(Artifact).where(Artifact.job_id == job_id, Artifact.tenant == tenant,
                                    Artifact.kind == kind)
     found = session.scalars(query.where(Artifact.name == layer[:128])).first()
-    if found is None and layer.isdigit() and len(layer) < 6:
+    if found is None and is_index(layer, max_digits=5):  # ASCII digits only ("¹" is no index)
         found = session.scalars(query.where(Artifact.name.startswith(f"{int(layer)}-"))).first()
     return found
 

@@ -3,20 +3,22 @@ PNG/JPEG). Every file is checked before a byte is stored; every query filters by
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, HTTPException, Response, UploadFile
 from pydantic import ValidationError
 from sqlalchemy import select
+from starlette.concurrency import run_in_threadpool
 
 from api.deps import PrincipalDep, SessionDep, SettingsDep, StoreDep
 from api.feature_maps import check_checkpoint
 from api.schemas import UploadOut
 from api.submit import summarize_or_422, unprocessable
-from api.uploads import display_name, read_capped
+from api.textguard import unencodable_detail
+from api.uploads import check_form_text, display_name, read_capped
 from convoy import inputs
 from convoy.artifacts import upload_key
+from convoy.textsafe import BadJSON, first_unencodable, loads_bounded
 from db.base import utcnow
 from db.jobs import new_id
 from db.tables import Upload
@@ -64,6 +66,26 @@ def _get(session, tenant: str, kind: str, upload_id: str) -> UploadOut:  # type:
     return upload_out(row)
 
 
+def parse_model(model: str) -> tuple[ModelSpec, dict[str, Any]]:
+    """The checkpoint's spec from the `model` form field, or a 422 naming `model`: hostile
+    JSON (nested 100,000 deep, a 5,000-digit integer, a lone surrogate) included."""
+    try:
+        raw = loads_bounded(model)
+    except BadJSON as exc:
+        raise unprocessable("model", f"not a valid model spec: {exc}") from None
+    bad = first_unencodable(raw)
+    if bad is not None:
+        raise HTTPException(422, [unencodable_detail(["body", "model", *bad], "model")])
+    try:
+        spec = ModelSpec.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise unprocessable("model", f"not a valid model spec{' at ' + where if where else ''}"
+                                     f": {first['msg']}") from None
+    return spec, summarize_or_422(spec)
+
+
 @router.post("/v1/checkpoints", status_code=201, response_model=UploadOut)
 async def upload_checkpoint(
     file: Annotated[UploadFile, File(description=".safetensors named layers.{i}.weight/bias")],
@@ -75,23 +97,22 @@ async def upload_checkpoint(
     response: Response,
     name: Annotated[str, Form(max_length=128)] = "",
 ) -> UploadOut:
-    try:
-        spec = ModelSpec.model_validate(json.loads(model))
-    except (json.JSONDecodeError, ValidationError) as exc:
-        msg = exc.errors()[0]["msg"] if isinstance(exc, ValidationError) else str(exc)
-        where = ".".join(str(p) for p in exc.errors()[0]["loc"]) \
-            if isinstance(exc, ValidationError) else ""
-        raise unprocessable("model", f"not a valid model spec{' at ' + where if where else ''}"
-                                     f": {msg}") from None
-    summary = summarize_or_422(spec)
+    check_form_text(("model", model), ("name", name), ("file", file.filename))
+    spec, summary = await run_in_threadpool(parse_model, model)
     data = await read_capped(file, settings)
-    tensors = check_checkpoint(data, spec, summary)
-    row = _save(session, store, tenant=principal.tenant, kind="checkpoint",
-                name=display_name(name or file.filename), data=data, suffix=".safetensors",
-                meta={"model": spec.model_dump(mode="json"), "tensors": tensors,
-                      "total_params": summary["total_params"]})
-    response.headers["Location"] = f"/v1/checkpoints/{row.id}"
-    return upload_out(row)
+
+    def store_checkpoint() -> UploadOut:
+        # parsing the header (up to 100 MB of JSON) and the blocking writes: thread pool
+        tensors = check_checkpoint(data, spec, summary)
+        row = _save(session, store, tenant=principal.tenant, kind="checkpoint",
+                    name=display_name(name or file.filename), data=data,
+                    suffix=".safetensors",
+                    meta={"model": spec.model_dump(mode="json"), "tensors": tensors,
+                          "total_params": summary["total_params"]})
+        response.headers["Location"] = f"/v1/checkpoints/{row.id}"
+        return upload_out(row)
+
+    return await run_in_threadpool(store_checkpoint)
 
 
 @router.get("/v1/checkpoints", response_model=list[UploadOut])
@@ -115,24 +136,32 @@ async def upload_inputs(
     response: Response,
     name: Annotated[str, Form(max_length=128)] = "",
 ) -> UploadOut:
+    check_form_text(("name", name), ("file", file.filename))
     data = await read_capped(file, settings)
-    try:
-        kind = inputs.sniff(data)
-        if kind == "npy":
-            x = inputs.parse_npy(data, max_pixels=settings.max_image_pixels)
-            meta: dict[str, Any] = {"format": "npy", "count": int(x.shape[0]),
-                                    "shape": list(x.shape[1:])}
-        else:
-            meta = inputs.image_meta(data, max_pixels=settings.max_image_pixels)
-    except inputs.BadInput as exc:
-        if exc.status == 413:
-            raise HTTPException(413, f"file: {exc}") from None
-        raise unprocessable("file", str(exc)) from None
-    row = _save(session, store, tenant=principal.tenant, kind="input",
-                name=display_name(name or file.filename), data=data,
-                suffix=".npy" if meta["format"] == "npy" else f".{meta['format']}", meta=meta)
-    response.headers["Location"] = f"/v1/inputs/{row.id}"
-    return upload_out(row)
+
+    def store_inputs() -> UploadOut:
+        # decoding an image or checking every value is CPU work: thread pool
+        try:
+            kind = inputs.sniff(data)
+            if kind == "npy":
+                x = inputs.parse_npy(data, max_pixels=settings.max_image_pixels,
+                                     max_bytes=settings.max_dataset_bytes)
+                meta: dict[str, Any] = {"format": "npy", "count": int(x.shape[0]),
+                                        "shape": list(x.shape[1:])}
+            else:
+                meta = inputs.image_meta(data, max_pixels=settings.max_image_pixels)
+        except inputs.BadInput as exc:
+            if exc.status == 413:
+                raise HTTPException(413, f"file: {exc}") from None
+            raise unprocessable("file", str(exc)) from None
+        row = _save(session, store, tenant=principal.tenant, kind="input",
+                    name=display_name(name or file.filename), data=data,
+                    suffix=".npy" if meta["format"] == "npy" else f".{meta['format']}",
+                    meta=meta)
+        response.headers["Location"] = f"/v1/inputs/{row.id}"
+        return upload_out(row)
+
+    return await run_in_threadpool(store_inputs)
 
 
 @router.get("/v1/inputs", response_model=list[UploadOut])
