@@ -85,14 +85,15 @@ def read_header(fp: IO[bytes], what: str) -> NpyHeader:
     return NpyHeader(tuple(shape), dtype, bool(fortran), counting.count)
 
 
-def check_npz_directory(data: bytes, *, what: str = "file") -> None:
+def check_npz_directory(data: bytes, *, what: str = "") -> None:
     """Refuses archives with too many entries before zipfile lists them all."""
     try:
         end = zipfile._EndRecData(io.BytesIO(data))  # noqa: SLF001 - stdlib, stable since 2.x
     except Exception:  # noqa: BLE001 - left to zipfile's own error below
         return
-    if end and end[zipfile._ECD_ENTRIES_TOTAL] > MAX_MEMBERS:  # noqa: SLF001
-        raise BadArray(f"{what}: the archive lists {end[zipfile._ECD_ENTRIES_TOTAL]} entries; "  # noqa: SLF001
+    entries = end[zipfile._ECD_ENTRIES_TOTAL] if end else 0  # noqa: SLF001
+    if entries > MAX_MEMBERS:
+        raise BadArray(f"{what + ': ' if what else ''}the archive lists {entries} entries; "
                        f"at most {MAX_MEMBERS}")
 
 
@@ -106,22 +107,23 @@ class Npz:
     """An open .npz whose named members' headers and declared sizes have been checked."""
 
     def __init__(self, data: bytes, names: tuple[str, ...], *, max_bytes: int,
-                 what: str = "file") -> None:
+                 what: str = "") -> None:
         self.what, self.max_bytes = what, max_bytes
         check_npz_directory(data, what=what)
         try:
             self.zip = zipfile.ZipFile(io.BytesIO(data))
         except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
-            raise BadArray(f"{what}: not a readable .npz (zip) archive: {exc}") from None
+            raise BadArray(f"{what + ': ' if what else ''}not a readable .npz (zip) archive: "
+                           f"{exc}") from None
         by_name = {info.filename: info for info in self.zip.infolist()}
         missing = [n for n in names if f"{n}.npy" not in by_name]
         if missing:
-            raise BadArray(f"{what}: the .npz must hold arrays named {list(names)}; "
-                           f"missing {missing}")
+            raise BadArray(f"{what + ': ' if what else ''}the .npz must hold arrays named "
+                           f"{list(names)}; missing {missing}")
         self.members: dict[str, NpzMember] = {}
         for name in names:
             info = by_name[f"{name}.npy"]
-            label = f"{what}: array {name!r}"
+            label = _label(what, name)
             if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
                 raise BadArray(f"{label}: compression method {info.compress_type} is not "
                                "supported (use numpy.savez or savez_compressed)")
@@ -152,7 +154,7 @@ class Npz:
         """The member's values as flat arrays of at most CHUNK bytes, in file order; reads
         exactly the bytes its header promised, then lets zipfile check the CRC."""
         member = self.members[name]
-        header, label = member.header, f"{self.what}: array {name!r}"
+        header, label = member.header, _label(self.what, name)
         itemsize = header.dtype.itemsize or 1
         step = max(itemsize, CHUNK // itemsize * itemsize)
         try:
@@ -189,6 +191,10 @@ class Npz:
 
     def __exit__(self, *_: object) -> None:
         self.close()
+
+
+def _label(what: str, name: str) -> str:
+    return f"{what}: array {name!r}" if what else f"array {name!r}"
 
 
 def _read_exact(fp: IO[bytes], n: int, label: str) -> bytes:

@@ -257,6 +257,11 @@ def test_ordinary_npz_and_npy_uploads_still_work(tenant: httpx.Client) -> None:
         r = tenant.post("/v1/datasets", files={"file": ("ok.npz", blob)})
         assert r.status_code == 201, r.text
         assert r.json()["input_shape"] == [1, 8, 8] and r.json()["samples"] == 40
+    # the worker reads it with the same bounded reader and trains on it
+    r = tenant.post("/v1/jobs", json=train_request(1, model=small_cnn(4),
+                                                   dataset={"id": r.json()["id"]}))
+    assert r.status_code == 201, r.text
+    assert wait_job(tenant, r.json()["id"], timeout=50)["state"] == "succeeded"
     npy = io.BytesIO()
     np.save(npy, np.zeros((2, 8, 8), dtype=np.uint8))
     r = tenant.post("/v1/inputs", files={"file": ("ok.npy", npy.getvalue())})
