@@ -204,12 +204,14 @@ def dataset_ref(raw: Any) -> Any:
     return raw
 
 
-def split_size(session: Session, ref: Any, split: str, *, tenant: str, store: Any
-               ) -> tuple[tuple[int, ...], int]:
+def split_size(session: Session, ref: Any, split: str, *, tenant: str, store: Any,
+               max_bytes: int | None = None) -> tuple[tuple[int, ...], int]:
     """The dataset's input shape and the number of samples in the split."""
     if isinstance(ref, datasets.DigitsRef):
         return (1, 8, 8), _digits_split_sizes()[split]
     if isinstance(ref, datasets.SyntheticRef):
+        if too_large := datasets.oversized(ref, max_bytes):
+            raise unprocessable("inputs.dataset.samples", too_large)
         # split sizes depend only on the class counts, not on the drawn images
         y = np.arange(ref.samples, dtype=np.int64) % ref.num_classes
         return (ref.channels, ref.size, ref.size), _sizes_from_labels(y, False)[split]
@@ -225,7 +227,7 @@ def split_size(session: Session, ref: Any, split: str, *, tenant: str, store: An
 
 
 def resolve_inputs(session: Session, req: FeatureMapsJobRequest, summary: dict[str, Any], *,
-                   tenant: str, store: Any) -> dict[str, Any]:
+                   tenant: str, store: Any, max_bytes: int | None = None) -> dict[str, Any]:
     inp = req.inputs
     want = tuple(summary["input_shape"])
     if (inp.dataset is None) == (inp.input_id is None):
@@ -233,7 +235,8 @@ def resolve_inputs(session: Session, req: FeatureMapsJobRequest, summary: dict[s
                                       "(an uploaded .npy or image)")
     if inp.dataset is not None:
         ref = dataset_ref(inp.dataset)
-        shape, count = split_size(session, ref, inp.split, tenant=tenant, store=store)
+        shape, count = split_size(session, ref, inp.split, tenant=tenant, store=store,
+                                  max_bytes=max_bytes)
         what = f"split {inp.split!r} of dataset {datasets.describe(ref.model_dump())}"
         info: dict[str, Any] = {"dataset": ref.model_dump(mode="json"), "split": inp.split}
         if shape != want:
@@ -284,7 +287,8 @@ def check_feature_maps(session: Session, req: FeatureMapsJobRequest, settings: S
     pool = req.pool.model_dump(by_alias=True) if req.pool else None
     if pool is not None and not pool["global"] and pool["kernel_size"] is None:
         raise unprocessable("pool.kernel_size", "give a kernel_size, or global: true")
-    inputs = resolve_inputs(session, req, summary, tenant=tenant, store=store)
+    inputs = resolve_inputs(session, req, summary, tenant=tenant, store=store,
+                            max_bytes=settings.max_dataset_bytes)
     check_model_limits(summary, settings, batch_size=min(inputs["count"], 256), field=field)
     names = layer_names(summary)
     stored = unpooled = 0

@@ -69,6 +69,19 @@ def builtin_info(ref: DigitsRef | SyntheticRef) -> DatasetInfo:
     return DatasetInfo((ref.channels, ref.size, ref.size), ref.num_classes, ref.samples)
 
 
+def oversized(ref: Any, max_bytes: int | None) -> str | None:
+    """Why a generated dataset would not fit in a worker's memory (its x as float32 over
+    max_dataset_bytes), or None: said at submission, not as a MemoryError at run time."""
+    if not isinstance(ref, SyntheticRef) or max_bytes is None:
+        return None
+    size = ref.samples * ref.channels * ref.size * ref.size * 4
+    if size <= max_bytes:
+        return None
+    return (f"{ref.samples} samples of {[ref.channels, ref.size, ref.size]} take {size} bytes "
+            f"as float32, over max_dataset_bytes={max_bytes}; use fewer samples or smaller "
+            "images")
+
+
 def _stratified_split(x: np.ndarray, y: np.ndarray, val_fraction: float, seed: int) -> Split:
     rng = np.random.default_rng(seed)
     val_idx: list[np.ndarray] = []

@@ -583,6 +583,26 @@ def test_synthetic_dataset_seed_out_of_range_is_422(tenant: httpx.Client, seed: 
     assert job_ids(tenant) == before
 
 
+def test_synthetic_dataset_too_large_for_a_worker_is_422(tenant: httpx.Client) -> None:
+    """200,000 samples of 16x512x512 would be 3.4 TB of float32: refused at submission
+    (train and feature-map jobs), not a MemoryError in the worker."""
+    before = job_ids(tenant)
+    huge = {"name": "synthetic", "samples": 200_000, "size": 512, "channels": 16,
+            "num_classes": 4}
+    model = {"input_shape": [16, 512, 512], "num_classes": 4,
+             "layers": [{"type": "adaptive_avgpool2d", "output_size": 1}, {"type": "flatten"},
+                        {"type": "linear", "out_features": 4}]}
+    r = tenant.post("/v1/jobs", json=train_request(1, model=model, dataset=huge))
+    assert r.status_code == 422, r.text
+    assert error_locs(r) == [["body", "dataset", "samples"]], r.text
+    assert "max_dataset_bytes=" in r.json()["detail"][0]["msg"]
+    r = tenant.post("/v1/jobs", json={**feature_request(None), "source": {"model": model},
+                                      "inputs": {"dataset": huge, "indices": [0]}})
+    assert r.status_code == 422, r.text
+    assert error_locs(r) == [["body", "inputs", "dataset", "samples"]], r.text
+    assert job_ids(tenant) == before
+
+
 def test_synthetic_dataset_with_a_valid_seed_trains(tenant: httpx.Client) -> None:
     body = train_request(1, model=small_cnn(4, input_shape=(1, 8, 8), num_classes=4),
                          dataset={"name": "synthetic", "size": 8, "channels": 1,
