@@ -44,7 +44,9 @@ class RejectUnencodableJSON:
             if not message.get("more_body", False):
                 break
         body = b"".join(chunks)
-        if SURROGATE_ESCAPE.search(body):
+        # json.loads also reads UTF-16 and UTF-32 bodies, whose escapes the byte search
+        # cannot see: those are always walked
+        if SURROGATE_ESCAPE.search(body) or json.detect_encoding(body) != "utf-8":
             try:
                 path = first_unencodable(json.loads(body))
             except (ValueError, RecursionError):

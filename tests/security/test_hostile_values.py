@@ -291,6 +291,12 @@ def test_lone_surrogate_in_a_job_body_is_422_naming_the_field_and_nothing_is_sto
     r = raw_json(tenant, "/v1/jobs", body)
     assert r.status_code == 422, r.text
     assert error_locs(r)[0][:4] == ["body", "model", "layers", 0], r.text
+    # the same escape in a UTF-16 body (json.loads detects and reads that encoding too)
+    body = train_request(1, model={**small_cnn(4), "preset": "\ud800"})
+    r = tenant.post("/v1/jobs", content=json.dumps(body).encode("utf-16"),
+                    headers={"content-type": "application/json"})
+    assert r.status_code == 422, r.text
+    assert ["body", "model", "preset"] in error_locs(r), r.text
     assert job_ids(tenant) == before
     # the listings still answer
     assert tenant.get("/v1/jobs").status_code == 200
