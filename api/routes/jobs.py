@@ -210,7 +210,11 @@ def download_checkpoint(job_id: str, name: str, session: SessionDep, principal: 
     if not match:
         raise HTTPException(404, f"checkpoint {name[:80]!r} not found for job {job_id}")
     artifact = match[0]
-    body = store.get_bytes(artifact.key)
+    try:
+        body = store.get_bytes(artifact.key)
+    except FileNotFoundError:
+        raise HTTPException(404, f"checkpoint {artifact.name} of job {job_id}: its file is "
+                                 "missing from the artifact store") from None
     # X-Sha256 is the digest of the bytes sent, never the row's copied over: a damaged file
     # must not come with a header vouching for it. When they differ, X-Stored-Sha256 says
     # what was written, so a client can tell the download is not that file.

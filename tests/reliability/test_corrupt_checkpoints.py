@@ -14,17 +14,27 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
 from tests.reliability.infra import (
     api_without_workers,
     metric_epochs,
     slow_job,
+    sync_url,
     wait_for,
 )
 from tests.services import Stack, wait_job
 
 EPOCHS = 3
+
+
+def train_job() -> dict[str, Any]:
+    """slow_job's model on half its samples: epochs of about half a second, long enough to
+    kill the worker between two checkpoints, short enough for three runs in a test."""
+    job = slow_job(EPOCHS)
+    job["dataset"]["samples"] = 4096
+    return job
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +49,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 def clean(stack: Stack) -> dict[str, Any]:
     """The same spec and seed, never interrupted: the result a resumed run must equal."""
     with stack.client() as client:
-        job_id = client.post("/v1/jobs", json=slow_job(EPOCHS)).json()["id"]
+        job_id = client.post("/v1/jobs", json=train_job()).json()["id"]
         done = wait_job(client, job_id, timeout=50)
     assert done["state"] == "succeeded", done["error"]
     assert done["result"]["resumed_from_epoch"] == 0
@@ -55,7 +65,7 @@ def killed_after_checkpoint(stack: Stack, client: Any, k: int) -> str:
     """A train job whose worker was SIGKILLed right after checkpoint k was recorded (the job
     still `running`, epoch k + 1 under way)."""
     worker = live_worker(stack)
-    job_id = client.post("/v1/jobs", json=slow_job(EPOCHS)).json()["id"]
+    job_id = client.post("/v1/jobs", json=train_job()).json()["id"]
     wait_for(lambda: len(client.get(f"/v1/jobs/{job_id}/checkpoints").json()) >= k,
              timeout=40, every=0.05, what=f"checkpoint {k} of {job_id}")
     Stack.kill(worker, signal.SIGKILL)
@@ -143,14 +153,24 @@ def test_a_broken_header_in_the_newest_checkpoint_resumes_from_the_newest_intact
 
 
 def test_with_no_intact_checkpoint_the_job_starts_over(stack, clean):
-    """The only checkpoint's optimizer file is damaged: nothing to resume from, so epoch 0."""
+    """Epoch 2's header is broken and its row agrees with the broken bytes (the damage came
+    before hashing: only parsing can tell); epoch 1's optimizer file has flipped bytes.
+    Nothing is left to resume from, so the attempt starts over from epoch 0."""
     with stack.client() as client:
-        job_id = killed_after_checkpoint(stack, client, 1)
+        job_id = killed_after_checkpoint(stack, client, 2)
+        newest = checkpoint_path(stack, job_id, "epoch-0002.safetensors")
+        break_header(newest)
+        data = newest.read_bytes()
+        with psycopg.connect(sync_url(stack.env["CONVOY_DATABASE_URL"])) as conn:
+            conn.execute("UPDATE artifacts SET size = %s, sha256 = %s WHERE job_id = %s AND "
+                         "name = 'epoch-0002.safetensors'",
+                         (len(data), hashlib.sha256(data).hexdigest(), job_id))
         flip_tensor_bytes(checkpoint_path(stack, job_id, "epoch-0001.optimizer.safetensors"))
         stack.start_worker(f"w{len(stack.workers)}")
         resumed_like_clean(client, job_id, clean, start=0)
         logs = logs_of(client, job_id)
-        assert any("epoch-0001.optimizer.safetensors: sha256 mismatch" in m
+        assert any("epoch-0002.safetensors: unreadable (" in m
+                   and "epoch-0001.optimizer.safetensors: sha256 mismatch" in m
                    and "no intact checkpoint left" in m and "starts over from epoch 0" in m
                    for m in logs), logs
 
@@ -161,7 +181,7 @@ def test_a_feature_map_job_refuses_a_damaged_source_checkpoint_by_name(stack, cl
         flip_tensor_bytes(checkpoint_path(stack, clean["id"], "epoch-0003.safetensors"))
         r = client.post("/v1/jobs", json={
             "kind": "feature_maps", "source": {"job_id": clean["id"]},
-            "inputs": {"dataset": slow_job()["dataset"], "indices": [0]}, "layers": None,
+            "inputs": {"dataset": train_job()["dataset"], "indices": [0]}, "layers": None,
             "device": "cpu"})
         assert r.status_code == 201, r.text
         done = wait_job(client, r.json()["id"], timeout=40)
