@@ -30,7 +30,7 @@ from api.routes import (
     uploads,
 )
 from api.textguard import RejectUnencodableJSON
-from convoy.artifacts import get_store
+from convoy.artifacts import StoreUnavailable, get_store
 from convoy.queue import make_celery
 from convoy.settings import Settings, get_settings
 from db.session import session_scope
@@ -143,6 +143,13 @@ async def validation_error(_: Request, exc: RequestValidationError) -> JSONRespo
     return JSONResponse({"detail": errors}, status_code=422)
 
 
+async def store_unavailable(_: Request, exc: StoreUnavailable) -> JSONResponse:
+    """507 naming the store and the reason (full, read-only...), not a bare 500."""
+    log.error("%s", exc)
+    return JSONResponse({"detail": exc.public()}, status_code=507,
+                        headers={"Retry-After": "60"})
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     redact_access_log()
@@ -166,6 +173,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(RequestValidationError, validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(HTTPException, http_error)  # type: ignore[arg-type]
     app.add_exception_handler(DataError, data_error)  # type: ignore[arg-type]
+    app.add_exception_handler(StoreUnavailable, store_unavailable)  # type: ignore[arg-type]
     for module in (health, jobs, models, datasets, tokens):
         app.include_router(module.router)
     for module in (events, dashboard):  # the live stream and the web UI (issue 6)

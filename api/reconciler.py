@@ -73,11 +73,13 @@ def redis_held_ids(settings: Settings, *, queued: int) -> set[str] | None:
 
 def reconcile_once(settings: Settings, celery: Celery, *, expire_leases: bool = True
                    ) -> dict[str, list[str]]:
-    """Requeue running jobs whose lease expired; resend queued jobs whose message is lost.
-    Returns the ids it acted on."""
+    """Requeue running jobs whose lease expired; close attempt rows their dead worker left
+    open; resend queued jobs whose message is lost. Returns the ids it acted on."""
     inspect_redis = settings.broker_url.startswith(("redis://", "rediss://"))
     with session_scope(settings.database_url) as session:
         expired = jobs.requeue_expired(session, lease_seconds=settings.lease_seconds) \
+            if expire_leases else []
+        closed = jobs.close_orphaned_attempts(session, lease_seconds=settings.lease_seconds) \
             if expire_leases else []
         # With Redis we can see which messages exist, so resend exactly the missing ones;
         # other brokers get a per-job backoff instead.
@@ -103,6 +105,8 @@ def reconcile_once(settings: Settings, celery: Celery, *, expire_leases: bool = 
         if sent:
             with session_scope(settings.database_url) as session:
                 jobs.mark_sent(session, job_ids=sent)
+    if closed:
+        log.info("reconciler: closed orphaned attempts %s", closed)
     return {"requeued": expired, "resent": sent}
 
 

@@ -148,7 +148,7 @@ def breakdown(mode: str, stack: Any, epochs_list: list[int], repeats: int) -> No
         watch = Stopwatch()
         for owner, attr, label in (
             (jobs_db, "claim_job", "db: claim"),
-            (runner.TrainRun, "last_checkpoint", "db: resume lookup"),
+            (runner.TrainRun, "checkpoint_rows", "db: resume lookup"),
             (runner, "load_split", "dataset load"),
             (runner.DeviceData, "from_numpy", "dataset to device"),
             (runner, "build_model", "model build"),

@@ -49,6 +49,10 @@ class Settings(BaseSettings):
     broker_polling_interval: float = 0.1
 
     max_attempts: int = 3
+    # A storage error on a worker (full, read-only store) ends the attempt and queues the job
+    # again after this many seconds, doubling per attempt up to store_retry_max_seconds.
+    store_retry_seconds: Annotated[float, Field(ge=0)] = 10.0
+    store_retry_max_seconds: Annotated[float, Field(ge=0)] = 300.0
     max_params: int = 50_000_000
     max_activation_bytes: int = 4 * 1024**3
     max_epochs: int = 1000

@@ -301,6 +301,89 @@ def release_job(session: Session, *, job_id: str, worker_id: str) -> bool:
     return True
 
 
+def retry_after_storage_error(session: Session, *, job_id: str, worker_id: str, error: str,
+                              backoff_seconds: float) -> str:
+    """The lease holder's attempt hit a storage error (full, read-only store...): not the
+    job's fault, so running -> queued with attempt + 1, to be sent again in
+    `backoff_seconds`; past max_attempts running -> failed with that error. The attempt ends
+    `store_error` and the job's log says why. Returns "retry", "failed", or "stopped" when
+    the job was no longer this worker's (canceled meanwhile, lease lost)."""
+    now = utcnow()
+    job = session.execute(select(Job.attempt, Job.max_attempts).where(
+        _owned(job_id, worker_id))).first()
+    if job is None:
+        state = job_state(session, job_id=job_id)
+        _end_attempt(session, job_id=job_id, worker_id=worker_id,
+                     outcome="canceled" if state == "canceled" else "lost")
+        session.commit()
+        return "stopped"
+    attempt, max_attempts = job
+    if attempt < max_attempts:
+        # enqueued_at is when the delayed message becomes due, so the reconciler does not
+        # resend it (early) while it waits out the backoff.
+        values: dict[str, Any] = {
+            "state": "queued", "attempt": attempt + 1, "worker_id": None,
+            "heartbeat_at": None, "updated_at": now,
+            "enqueued_at": now + timedelta(seconds=backoff_seconds)}
+        line = (f"attempt {attempt} stopped by a storage error: {error}; queued again, "
+                f"attempt {attempt + 1} of {max_attempts} in {backoff_seconds:g} s")
+    else:
+        values = {"state": "failed", "finished_at": now, "updated_at": now,
+                  "error": f"{error} (on each of {max_attempts} attempts)"}
+        line = (f"attempt {attempt} stopped by a storage error: {error}; no attempts left "
+                f"(max_attempts {max_attempts}): failed")
+    done = session.execute(
+        update(Job).where(_owned(job_id, worker_id), Job.attempt == attempt).values(**values)
+        .execution_options(synchronize_session=False)
+    ).rowcount == 1  # type: ignore[attr-defined]
+    if not done:  # canceled between the two statements
+        session.rollback()
+        return retry_after_storage_error(session, job_id=job_id, worker_id=worker_id,
+                                         error=error, backoff_seconds=backoff_seconds)
+    _end_attempt(session, job_id=job_id, worker_id=worker_id, outcome="store_error")
+    log(session, job_id=job_id, level="error", message=line)
+    session.commit()
+    return "retry" if values["state"] == "queued" else "failed"
+
+
+def close_orphaned_attempts(session: Session, *, lease_seconds: float,
+                            now: datetime | None = None) -> list[tuple[str, int]]:
+    """Attempt rows still open (no ended_at) whose job no longer runs under them and whose
+    lease expired: the worker died without closing its attempt (say, SIGKILLed while the job
+    was canceled), and nothing else ever would. Each gets ended_at and an outcome: `canceled`
+    when the job was canceled (what ended the attempt), otherwise `lost`. Returns the
+    (job id, attempt) pairs closed."""
+    now = now or utcnow()
+    cutoff = now - timedelta(seconds=lease_seconds)
+    rows = session.execute(
+        select(JobAttempt.id, JobAttempt.job_id, JobAttempt.attempt, JobAttempt.worker_id,
+               Job.state, Job.worker_id, Job.attempt, Job.heartbeat_at)
+        .join(Job, Job.id == JobAttempt.job_id)
+        .where(JobAttempt.ended_at.is_(None), JobAttempt.started_at < cutoff)
+    ).all()
+    closed: list[tuple[str, int]] = []
+    for row_id, job_id, attempt, worker, state, owner, current, heartbeat_at in rows:
+        if state == "running" and owner == worker and current == attempt:
+            continue  # its own lease: requeue_expired's business
+        if heartbeat_at is not None and heartbeat_at >= cutoff:
+            continue  # the worker may still be stopping and close it itself
+        outcome = "canceled" if state == "canceled" else "lost"
+        done = session.execute(
+            update(JobAttempt).where(JobAttempt.id == row_id, JobAttempt.ended_at.is_(None))
+            .values(ended_at=now, outcome=outcome)
+            .execution_options(synchronize_session=False)
+        ).rowcount == 1  # type: ignore[attr-defined]
+        if done:
+            seen = heartbeat_at.isoformat(timespec="seconds") if heartbeat_at else "never"
+            log(session, job_id=job_id, level="warning",
+                message=f"attempt {attempt} of worker {worker} closed as {outcome}: the job is "
+                        f"{state} and the worker never ended the attempt (last heartbeat "
+                        f"{seen})")
+            closed.append((job_id, attempt))
+    session.commit()
+    return closed
+
+
 def cancel_job(session: Session, *, job_id: str, tenant: str | None) -> Job:
     """queued | running -> canceled; a running worker sees it between steps and stops."""
     job = get_job(session, job_id=job_id, tenant=tenant)

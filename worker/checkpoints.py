@@ -49,7 +49,8 @@ def load_model_state(data: bytes) -> dict[str, torch.Tensor]:
     return load(data)
 
 
-def restore_optimizer(optimizer: torch.optim.Optimizer, data: bytes, device: torch.device) -> None:
+def optimizer_state(data: bytes, device: torch.device) -> dict[str, Any]:
+    """The optimizer state_dict an optimizer file holds (parsed, not applied)."""
     tensors = load(data)
     meta = read_meta(data)
     state: dict[int, dict[str, Any]] = {}
@@ -58,4 +59,21 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, data: bytes, device: tor
         state.setdefault(int(idx), {})[name] = value.to(device)
     for idx, values in meta.get("scalars", {}).items():
         state.setdefault(int(idx), {}).update(values)
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, data: bytes, device: torch.device) -> None:
+    optimizer.load_state_dict(optimizer_state(data, device))
+
+
+def check_model_state(state: dict[str, torch.Tensor], model: nn.Module) -> None:
+    """ValueError unless `state` has exactly the model's tensor names and shapes, so that
+    loading it cannot fail half-way."""
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    missing = [k for k in want if k not in got]
+    extra = [k for k in got if k not in want]
+    wrong = [k for k in want if k in got and got[k] != want[k]]
+    if missing or extra or wrong:
+        raise ValueError(f"tensors do not fit the model (missing {missing[:3]}, unexpected "
+                         f"{extra[:3]}, wrong shape {wrong[:3]})")

@@ -14,7 +14,7 @@ from safetensors.torch import load as load_safetensors
 from sqlalchemy import select
 
 from convoy import datasets, inputs
-from convoy.artifacts import get_store, job_key
+from convoy.artifacts import CorruptArtifact, get_store, job_key
 from convoy.featuremaps import layer_names
 from convoy.jobspec import FeatureMapsJobRequest
 from convoy.settings import Settings
@@ -24,7 +24,6 @@ from db.tables import Artifact, Job, Upload
 from models.build import build_model
 from models.capture import capture, channels_last
 from models.spec import ModelSpec
-from worker import checkpoints
 from worker.lease import Lease
 from worker.render import channel_stats, npy_bytes, png_images
 from worker.runner import load_split, pick_device
@@ -46,8 +45,20 @@ class Timings:
         return {k: round(v, 4) for k, v in vars(self).items() if k != "marks"}
 
 
-def _state_of_upload(store, row: Upload) -> dict[str, torch.Tensor]:  # type: ignore[no-untyped-def]
-    return load_safetensors(store.get_bytes(row.key))
+def _verified_state(store, row: Artifact | Upload, what: str  # type: ignore[no-untyped-def]
+                    ) -> dict[str, torch.Tensor]:
+    """The tensors of a source checkpoint whose file matches its row (size, sha256) and
+    parses; otherwise CorruptArtifact naming it: a damaged checkpoint is never extracted
+    from, and the job fails saying which file (no silent fallback to another one)."""
+    try:
+        blob = store.get_verified(row.key, name=what, size=row.size, sha256=row.sha256)
+    except CorruptArtifact as exc:
+        raise CorruptArtifact(f"source checkpoint {exc}; not used") from None
+    try:
+        return load_safetensors(blob)
+    except Exception as exc:  # noqa: BLE001 - any parse failure: the file is unusable
+        raise CorruptArtifact(f"source checkpoint {what}: unreadable ({type(exc).__name__}: "
+                              f"{str(exc)[:200]}); not used") from exc
 
 
 def load_model(settings: Settings, job: Job, spec: ModelSpec, source: dict[str, Any],
@@ -62,12 +73,12 @@ def load_model(settings: Settings, job: Job, spec: ModelSpec, source: dict[str, 
             row: Any = session.scalars(select(Artifact).where(
                 Artifact.job_id == source["job_id"], Artifact.tenant == job.tenant,
                 Artifact.kind == "checkpoint", Artifact.name == source["checkpoint"])).one()
-            state = checkpoints.load_model_state(store.get_bytes(row.key))
+            state = _verified_state(store, row, f"{row.name} of job {source['job_id']}")
         else:
             row = session.scalars(select(Upload).where(
                 Upload.id == source["checkpoint_id"], Upload.tenant == job.tenant,
                 Upload.kind == "checkpoint")).one()
-            state = _state_of_upload(store, row)
+            state = _verified_state(store, row, f"upload {row.id}")
     for name, tensor in model.state_dict().items():
         if name.endswith("num_batches_tracked") and name not in state:
             state[name] = torch.zeros_like(tensor)
@@ -212,8 +223,7 @@ class FeatureMapsRun:
             except Stopped:
                 raise  # the lease moved on: another attempt may be writing these keys now
             except BaseException:
-                for key in self.written:  # no file without its row
-                    self.store.delete(key)
+                self.store.discard(self.written)  # no file without its row
                 raise
             t = time.perf_counter()
             with session_scope(self.settings.database_url) as session:

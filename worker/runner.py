@@ -13,7 +13,13 @@ import torch
 from sqlalchemy import select
 
 from convoy import datasets
-from convoy.artifacts import checkpoint_name, get_store, job_key
+from convoy.artifacts import (
+    CorruptArtifact,
+    StoreUnavailable,
+    checkpoint_name,
+    get_store,
+    job_key,
+)
 from convoy.jobspec import TrainJobRequest
 from convoy.settings import Settings
 from db import jobs
@@ -72,7 +78,7 @@ def load_split(ref: Any, *, settings: Settings, tenant: str) -> datasets.Split:
 
 
 def failure_message(exc: BaseException) -> str:
-    if isinstance(exc, NonFiniteLoss):
+    if isinstance(exc, NonFiniteLoss | CorruptArtifact):
         return str(exc)
     if isinstance(exc, torch.OutOfMemoryError):
         return ("CUDA out of memory: the model and batch do not fit on this GPU; "
@@ -96,13 +102,17 @@ class TrainRun:
     def db(self):  # type: ignore[no-untyped-def]
         return session_scope(self.settings.database_url)
 
-    def last_checkpoint(self) -> Artifact | None:
+    def checkpoint_rows(self) -> tuple[list[Artifact], dict[str, Artifact]]:
+        """The job's model checkpoint rows, newest first, and its optimizer rows by name."""
         with self.db() as session:
-            return session.scalars(
+            rows = list(session.scalars(
                 select(Artifact)
-                .where(Artifact.job_id == self.job.id, Artifact.kind == "checkpoint")
+                .where(Artifact.job_id == self.job.id,
+                       Artifact.kind.in_(("checkpoint", "optimizer")))
                 .order_by(Artifact.name.desc())
-            ).first()
+            ))
+        return ([r for r in rows if r.kind == "checkpoint"],
+                {r.name: r for r in rows if r.kind == "optimizer"})
 
     def on_epoch(self, report: EpochReport) -> None:
         # Snapshot on this thread (tensors copied to CPU now), write on the writer thread:
@@ -135,14 +145,24 @@ class TrainRun:
             self.lease_lost = True
             return
         name = checkpoint_name(epoch)
-        rows = []
-        for kind, blob, fname in (("checkpoint", model_blob, name),
-                                  ("optimizer", optim_blob, name.replace(".safetensors",
-                                                                         ".optimizer.safetensors"))):
-            key = job_key(self.job.id, "checkpoints", fname)
-            size, sha = self.store.put_bytes(key, blob)
-            rows.append(Artifact(job_id=self.job.id, tenant=self.job.tenant, kind=kind, name=fname,
-                                 key=key, size=size, sha256=sha, meta={"epoch": epoch}))
+        rows: list[Artifact] = []
+        try:
+            for kind, blob, fname in (("checkpoint", model_blob, name),
+                                      ("optimizer", optim_blob,
+                                       name.replace(".safetensors", ".optimizer.safetensors"))):
+                key = job_key(self.job.id, "checkpoints", fname)
+                size, sha = self.store.put_bytes(key, blob)
+                rows.append(Artifact(job_id=self.job.id, tenant=self.job.tenant, kind=kind,
+                                     name=fname, key=key, size=size, sha256=sha,
+                                     meta={"epoch": epoch}))
+        except BaseException:
+            # No file without its row: the model file written before the optimizer file hit a
+            # full store goes too (a row an earlier attempt left for this name then points at
+            # nothing, which resume treats as a damaged checkpoint and skips).
+            left = self.store.discard(r.key for r in rows)
+            if left:
+                log.error("job %s: could not remove %s after a failed write", self.job.id, left)
+            raise
 
         def record() -> bool:
             with self.db() as session:
@@ -196,10 +216,7 @@ class TrainRun:
         from worker.train import make_optimizer
 
         optimizer = make_optimizer(model, req.train)
-        start_epoch, resumed_metrics = 0, {}
-        last = self.last_checkpoint()
-        if last is not None:
-            start_epoch, resumed_metrics = self._resume(last, model, optimizer, device)
+        start_epoch, resumed_metrics = self._resume(model, optimizer, device)
         trained = torch.compile(model) if req.train.compile else model
         try:
             result = train(
@@ -225,19 +242,96 @@ class TrainRun:
         result["resumed_from_epoch"] = start_epoch
         return result
 
-    def _resume(self, last: Artifact, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+    def _resume(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                 device: torch.device) -> tuple[int, dict[str, float]]:
-        blob = self.store.get_bytes(last.key)
-        model.load_state_dict(checkpoints.load_model_state(blob))
-        meta = checkpoints.read_meta(blob)
-        epoch = int(meta["epoch"])
-        optim_key = last.key.replace(".safetensors", ".optimizer.safetensors")
-        if self.store.exists(optim_key):
-            checkpoints.restore_optimizer(optimizer, self.store.get_bytes(optim_key), device)
-        with self.db() as session:
-            jobs.log(session, job_id=self.job.id,
-                     message=f"attempt {self.job.attempt} resumes from {last.name} (epoch {epoch})")
-        return epoch, dict(meta.get("metrics") or {})
+        """Load the newest intact checkpoint: its model and optimizer files must match their
+        rows (size and sha256) and parse. A damaged one is skipped, and the job's log says
+        which and why; with none intact the attempt starts over from epoch 0 (the model as
+        freshly seeded). Returns (epoch, that epoch's metrics)."""
+        models, optimizers = self.checkpoint_rows()
+        if not models:
+            return 0, {}
+        damaged: list[str] = []
+        for row in models:
+            try:
+                epoch, metrics, model_state, optim_state = self._read_checkpoint(
+                    row, optimizers, model, device)
+            except CorruptArtifact as exc:
+                damaged.append(str(exc))
+                continue
+            try:
+                # validates the groups against the parameters before it changes anything
+                optimizer.load_state_dict(optim_state)
+            except (ValueError, KeyError, TypeError, IndexError) as exc:
+                damaged.append(f"{row.name.replace('.safetensors', '.optimizer.safetensors')}"
+                               f": does not fit the optimizer ({exc})")
+                continue
+            model.load_state_dict(model_state)  # names and shapes checked: cannot fail
+            message = f"attempt {self.job.attempt} resumes from {row.name} (epoch {epoch})"
+            if damaged:
+                message = f"{'; '.join(damaged)}; resuming from {row.name}. {message}"
+            self._log(message, level="warning" if damaged else "info")
+            return epoch, metrics
+        self._log(f"{'; '.join(damaged)}; no intact checkpoint left: attempt "
+                  f"{self.job.attempt} starts over from epoch 0", level="warning")
+        return 0, {}
+
+    def _read_checkpoint(self, row: Artifact, optimizers: dict[str, Artifact],
+                         model: torch.nn.Module, device: torch.device
+                         ) -> tuple[int, dict[str, float], dict[str, Any], dict[str, Any]]:
+        """Verify and parse one checkpoint (model and optimizer files), applying nothing:
+        CorruptArtifact naming the file when it cannot be used."""
+        optim_name = row.name.replace(".safetensors", ".optimizer.safetensors")
+        optim_row = optimizers.get(optim_name)
+        if optim_row is None:
+            raise CorruptArtifact(f"{optim_name}: no row for the optimizer state")
+        blob = self.store.get_verified(row.key, name=row.name, size=row.size,
+                                       sha256=row.sha256)
+        optim_blob = self.store.get_verified(optim_row.key, name=optim_name,
+                                             size=optim_row.size, sha256=optim_row.sha256)
+        try:
+            state = checkpoints.load_model_state(blob)
+            checkpoints.check_model_state(state, model)
+            meta = checkpoints.read_meta(blob)
+            epoch = int(meta["epoch"])
+        except Exception as exc:  # noqa: BLE001 - any parse failure: the file is unusable
+            raise CorruptArtifact(f"{row.name}: unreadable ({type(exc).__name__}: "
+                                  f"{str(exc)[:200]})") from exc
+        try:
+            optim_state = checkpoints.optimizer_state(optim_blob, device)
+        except Exception as exc:  # noqa: BLE001
+            raise CorruptArtifact(f"{optim_name}: unreadable ({type(exc).__name__}: "
+                                  f"{str(exc)[:200]})") from exc
+        return epoch, dict(meta.get("metrics") or {}), state, optim_state
+
+    def _log(self, message: str, level: str = "info") -> None:
+        def write() -> None:
+            with self.db() as session:
+                jobs.log(session, job_id=self.job.id, message=message, level=level)
+
+        retry_db(write, what=f"job {self.job.id} log", within_s=self.settings.db_retry_seconds)
+
+
+def store_backoff(settings: Settings, attempt: int) -> float:
+    """Seconds before the next attempt after a storage error on attempt `attempt`: doubling
+    from store_retry_seconds, capped at store_retry_max_seconds."""
+    return min(settings.store_retry_seconds * 2 ** max(0, attempt - 1),
+               settings.store_retry_max_seconds)
+
+
+def retry_after_store_error(settings: Settings, *, job_id: str, worker_id: str,
+                            exc: StoreUnavailable) -> str:
+    """End the attempt with outcome `store_error`; queue the job again ("retry") or fail it
+    when its attempts ran out ("failed"); "stopped" when it was canceled meanwhile."""
+    def record() -> str:
+        with session_scope(settings.database_url) as session:
+            attempt = jobs.get_job(session, job_id=job_id).attempt
+            return jobs.retry_after_storage_error(
+                session, job_id=job_id, worker_id=worker_id, error=str(exc),
+                backoff_seconds=store_backoff(settings, attempt))
+
+    return retry_db(record, what=f"job {job_id} storage error",
+                    within_s=settings.db_retry_seconds)
 
 
 def run_job(job_id: str, *, settings: Settings, worker_id: str) -> str:
@@ -283,6 +377,11 @@ def run_job(job_id: str, *, settings: Settings, worker_id: str) -> str:
                 return "stopped"
 
         return retry_db(stopped, what=f"job {job_id} stop", within_s=settings.db_retry_seconds)
+    except StoreUnavailable as exc:
+        # Full, read-only, unwritable store: not the job's fault. The attempt ends, and the job
+        # is queued again after a backoff (failed only when its attempts run out).
+        log.warning("job %s: %s", job_id, exc)
+        return retry_after_store_error(settings, job_id=job_id, worker_id=worker_id, exc=exc)
     except Exception as exc:
         if is_disconnect(exc):
             # The database stayed away longer than db_retry_seconds: not the job's fault. Leave

@@ -8,7 +8,7 @@ from db.session import session_scope
 from worker import warmup
 from worker.app import app, settings, worker_id
 from worker.lease import SHUTTING_DOWN
-from worker.runner import run_job
+from worker.runner import run_job, store_backoff
 
 
 def send_again(job_id: str, kind: str, countdown: float | None = None) -> None:
@@ -30,6 +30,12 @@ def run(job_id: str, kind: str) -> str:
         # This worker is shutting down; the job is queued again for the next free worker
         # (should this send be lost, the reconciler resends queued jobs).
         send_again(job_id, kind)
+    elif outcome == "retry":
+        # A storage error (full or read-only store): the job is queued again and its message
+        # comes back after the backoff (the reconciler resends it if this one is lost).
+        with session_scope(settings.database_url) as session:
+            attempt = jobs.get_job(session, job_id=job_id).attempt
+        send_again(job_id, kind, countdown=store_backoff(settings, attempt - 1))
     elif outcome == "deferred":
         # Its tenant is at max_running_per_tenant: this worker moves on to other tenants' jobs
         # and the message comes back later (the reconciler resends it if this one is lost).

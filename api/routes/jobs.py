@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import logging
 from datetime import datetime
 from typing import Annotated, Literal
 
@@ -208,9 +210,20 @@ def download_checkpoint(job_id: str, name: str, session: SessionDep, principal: 
     if not match:
         raise HTTPException(404, f"checkpoint {name[:80]!r} not found for job {job_id}")
     artifact = match[0]
-    return Response(
-        store.get_bytes(artifact.key),
-        media_type="application/octet-stream",
-        headers={"Content-Disposition": f'attachment; filename="{artifact.name}"',
-                 "X-Checkpoint-Name": artifact.name, "X-Sha256": artifact.sha256},
-    )
+    try:
+        body = store.get_bytes(artifact.key)
+    except FileNotFoundError:
+        raise HTTPException(404, f"checkpoint {artifact.name} of job {job_id}: its file is "
+                                 "missing from the artifact store") from None
+    # X-Sha256 is the digest of the bytes sent, never the row's copied over: a damaged file
+    # must not come with a header vouching for it. When they differ, X-Stored-Sha256 says
+    # what was written, so a client can tell the download is not that file.
+    sent = hashlib.sha256(body).hexdigest()
+    headers = {"Content-Disposition": f'attachment; filename="{artifact.name}"',
+               "X-Checkpoint-Name": artifact.name, "X-Sha256": sent}
+    if sent != artifact.sha256:
+        headers["X-Stored-Sha256"] = artifact.sha256
+        logging.getLogger(__name__).warning("checkpoint %s of job %s does not match its row "
+                                            "(sha256 %s, stored %s)", artifact.name, job_id,
+                                            sent, artifact.sha256)
+    return Response(body, media_type="application/octet-stream", headers=headers)
