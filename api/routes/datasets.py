@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Annotated
 
 import numpy as np
-from fastapi import APIRouter, File, Form, HTTPException, Response, UploadFile
+from fastapi import APIRouter, File, Form, HTTPException, Request, Response, UploadFile
 from sqlalchemy import select
 
 from api.deps import PrincipalDep, SessionDep, SettingsDep, StoreDep
+from api.idempotency import UploadKey, upload_replay
 from api.schemas import DatasetOut
 from api.uploads import display_name, read_capped
 from convoy import datasets
@@ -41,9 +42,16 @@ async def upload_dataset(
     principal: PrincipalDep,
     store: StoreDep,
     response: Response,
+    request: Request,
     name: Annotated[str, Form(max_length=128)] = "",
 ) -> DatasetOut:
     data = await read_capped(file, settings)
+    idem, again = await upload_replay(request, session, settings, tenant=principal.tenant,
+                                      kind="dataset", route="POST /v1/datasets",
+                                      parts=(data, name, file.filename))
+    if again is not None:  # a retry with the same Idempotency-Key and body
+        response.status_code = 200
+        return dataset_out(again)
     try:
         x, y = datasets.parse_npz(data, max_pixels=settings.max_image_pixels)
     except datasets.BadDataset as exc:
@@ -61,7 +69,8 @@ async def upload_dataset(
     )
     session.add(row)
     try:
-        session.commit()
+        with UploadKey(session, idem):
+            session.commit()
     except Exception:
         store.delete(key)  # no file without its row
         raise

@@ -6,12 +6,13 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any
 
-from fastapi import APIRouter, File, Form, HTTPException, Response, UploadFile
+from fastapi import APIRouter, File, Form, HTTPException, Request, Response, UploadFile
 from pydantic import ValidationError
 from sqlalchemy import select
 
 from api.deps import PrincipalDep, SessionDep, SettingsDep, StoreDep
 from api.feature_maps import check_checkpoint
+from api.idempotency import UploadKey, upload_replay
 from api.schemas import UploadOut
 from api.submit import summarize_or_422, unprocessable
 from api.uploads import display_name, read_capped
@@ -73,6 +74,7 @@ async def upload_checkpoint(
     principal: PrincipalDep,
     store: StoreDep,
     response: Response,
+    request: Request,
     name: Annotated[str, Form(max_length=128)] = "",
 ) -> UploadOut:
     try:
@@ -85,11 +87,18 @@ async def upload_checkpoint(
                                      f": {msg}") from None
     summary = summarize_or_422(spec)
     data = await read_capped(file, settings)
+    idem, again = await upload_replay(request, session, settings, tenant=principal.tenant,
+                                      kind="checkpoint", route="POST /v1/checkpoints",
+                                      parts=(data, model, name, file.filename))
+    if again is not None:  # a retry with the same Idempotency-Key and body
+        response.status_code = 200
+        return upload_out(again)
     tensors = check_checkpoint(data, spec, summary)
-    row = _save(session, store, tenant=principal.tenant, kind="checkpoint",
-                name=display_name(name or file.filename), data=data, suffix=".safetensors",
-                meta={"model": spec.model_dump(mode="json"), "tensors": tensors,
-                      "total_params": summary["total_params"]})
+    with UploadKey(session, idem):
+            row = _save(session, store, tenant=principal.tenant, kind="checkpoint",
+                    name=display_name(name or file.filename), data=data, suffix=".safetensors",
+                    meta={"model": spec.model_dump(mode="json"), "tensors": tensors,
+                          "total_params": summary["total_params"]})
     response.headers["Location"] = f"/v1/checkpoints/{row.id}"
     return upload_out(row)
 
@@ -113,9 +122,16 @@ async def upload_inputs(
     principal: PrincipalDep,
     store: StoreDep,
     response: Response,
+    request: Request,
     name: Annotated[str, Form(max_length=128)] = "",
 ) -> UploadOut:
     data = await read_capped(file, settings)
+    idem, again = await upload_replay(request, session, settings, tenant=principal.tenant,
+                                      kind="input", route="POST /v1/inputs",
+                                      parts=(data, name, file.filename))
+    if again is not None:  # a retry with the same Idempotency-Key and body
+        response.status_code = 200
+        return upload_out(again)
     try:
         kind = inputs.sniff(data)
         if kind == "npy":
@@ -128,9 +144,11 @@ async def upload_inputs(
         if exc.status == 413:
             raise HTTPException(413, f"file: {exc}") from None
         raise unprocessable("file", str(exc)) from None
-    row = _save(session, store, tenant=principal.tenant, kind="input",
-                name=display_name(name or file.filename), data=data,
-                suffix=".npy" if meta["format"] == "npy" else f".{meta['format']}", meta=meta)
+    with UploadKey(session, idem):
+        row = _save(session, store, tenant=principal.tenant, kind="input",
+                    name=display_name(name or file.filename), data=data,
+                    suffix=".npy" if meta["format"] == "npy" else f".{meta['format']}",
+                    meta=meta)
     response.headers["Location"] = f"/v1/inputs/{row.id}"
     return upload_out(row)
 
