@@ -5,13 +5,14 @@ from __future__ import annotations
 import base64
 import binascii
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Body, HTTPException, Query, Request, Response
+from fastapi import APIRouter, Body, Depends, HTTPException, Query, Request, Response
 from sqlalchemy import and_, or_, select
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from api.auth import job_for_token
+from api.auth import Principal, job_for_token
 from api.deps import (
     CeleryDep,
     PrincipalDep,
@@ -24,8 +25,9 @@ from api.deps import (
 from api.idempotency import canonical_json, conflict, idem_for
 from api.schemas import CheckpointOut, JobOut, JobPage, LogLine, MetricPoint, MetricsOut
 from api.submit import check_timeout, check_train
-from convoy.jobspec import JobRequest, TrainJobRequest, dump
+from convoy.jobspec import FeatureMapsJobRequest, JobRequest, TrainJobRequest, dump
 from convoy.queue import enqueue
+from convoy.settings import Settings
 from db import jobs as jobs_db
 from db.idempotency import KeyReused
 from db.tables import Artifact, Job, JobLog, Metric
@@ -48,6 +50,21 @@ def load_job(session, job_id: str, tenant: str) -> Job:  # type: ignore[no-untyp
         raise HTTPException(404, f"job {job_id[:64]} not found") from None
 
 
+async def _submitter(request: Request, session: SessionDep) -> Principal:
+    """The token check of a submission in one thread-pool trip that hands its connection back
+    to the pool before returning: between the check and the handler no connection is held, so
+    a burst of submissions (each waiting for the tenant's lock, item 8) cannot leave every
+    pooled connection with a request that waits for a thread."""
+
+    def check() -> Principal:
+        try:
+            return principal_from(request, session)
+        finally:
+            session.rollback()  # a read: ends the transaction, returns the connection
+
+    return await run_in_threadpool(check)
+
+
 @router.post("", status_code=201, response_model=JobOut,
              responses={200: {"model": JobOut, "description": "the job an earlier request "
                               "with the same Idempotency-Key and body created"}})
@@ -55,11 +72,20 @@ def submit_job(
     body: Annotated[JobRequest, Body()],
     session: SessionDep,
     settings: SettingsDep,
-    principal: PrincipalDep,
+    principal: Annotated[Principal, Depends(_submitter)],
     celery: CeleryDep,
     request: Request,
     response: Response,
 ) -> JobOut:
+    try:
+        return _submit(body, session, settings, principal, celery, request, response)
+    finally:
+        session.close()  # here, on this thread: no second trip to the pool to close it
+
+
+def _submit(body: TrainJobRequest | FeatureMapsJobRequest, session: Session,
+            settings: Settings, principal: Principal, celery: Any, request: Request,
+            response: Response) -> JobOut:
     request_json = dump(body)
     idem = idem_for(request, tenant=principal.tenant, route="POST /v1/jobs",
                     parts=[canonical_json(request_json)])
