@@ -232,7 +232,9 @@ def test_job_timeout_default_and_maximum(api: Stack) -> None:
         assert "max_job_timeout_seconds" in r.json()["detail"][0]["msg"]
         for bad in (0, -1, "soon"):
             assert c.post("/v1/jobs", json={**tiny_job(4), "timeout": bad}).status_code == 422
-        assert c.post("/v1/jobs", json={**tiny_job(4), "timeout": 60}).status_code == 201
+        r = c.post("/v1/jobs", json={**tiny_job(4), "timeout": 60})
+        assert r.status_code == 201 and r.json()["timeout_seconds"] == 60
+        assert c.post("/v1/jobs", json=tiny_job(5)).json()["timeout_seconds"] == 24 * 3600
     with psycopg.connect(sync_url(api.env["CONVOY_DATABASE_URL"])) as conn:
         timeouts = {row[0] for row in conn.execute("SELECT timeout_seconds FROM jobs")}
     assert None not in timeouts and 60.0 in timeouts and 24 * 3600.0 in timeouts
