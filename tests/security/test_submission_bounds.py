@@ -21,7 +21,7 @@ import pytest
 
 from tests.reliability.infra import api_without_workers, make_stack, stop_fast, sync_url, tiny_job
 from tests.security.conftest import make_token
-from tests.services import REDIS, Stack
+from tests.services import REDIS, TOKEN, Stack
 
 QUOTA = 5
 CONCURRENT = 150
@@ -150,6 +150,27 @@ def test_concurrent_requests_with_one_key_create_one_job(api: Stack) -> None:
     codes = sorted(r.status_code for r in answers)
     assert codes == [200] * 19 + [201], codes
     assert len({r.json()["id"] for r in answers}) == 1
+
+
+def test_idempotency_keys_on_sqlite(tmp_path: Path) -> None:
+    """The embedded mode's database: replay, conflict and a race on one key."""
+    stack = make_stack(tmp_path, database_url=f"sqlite:///{tmp_path / 'convoy.db'}",
+                       broker_url=f"{REDIS}/0", requeue_after_seconds=3600)
+    try:
+        stack.start_api()
+        with stack.client() as c:
+            first = c.post("/v1/jobs", json=tiny_job(1), headers={"Idempotency-Key": "k1"})
+            again = c.post("/v1/jobs", json=tiny_job(1), headers={"Idempotency-Key": "k1"})
+            assert (first.status_code, again.status_code) == (201, 200), again.text
+            assert again.json()["id"] == first.json()["id"]
+            assert c.post("/v1/jobs", json=tiny_job(2),
+                          headers={"Idempotency-Key": "k1"}).status_code == 409
+        answers = post_all(stack, TOKEN, [tiny_job(3)] * 20,
+                           [{"Idempotency-Key": "k2"}] * 20)
+        assert sorted(r.status_code for r in answers) == [200] * 19 + [201]
+        assert len({r.json()["id"] for r in answers}) == 1
+    finally:
+        stop_fast(stack)
 
 
 def test_expired_keys_are_forgotten(api: Stack) -> None:
