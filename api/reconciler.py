@@ -129,6 +129,23 @@ class Reconciler:
     def _run(self) -> None:
         while not self._stop.wait(self.settings.reconcile_interval_seconds):
             self.pass_once()
+            self.purge_idempotency_keys()
+
+    _purged_at = 0.0
+
+    def purge_idempotency_keys(self, *, every_s: float = 60.0) -> int:
+        """Idempotency keys past idempotency_ttl_seconds are deleted (at most once a minute)."""
+        if time.monotonic() - self._purged_at < every_s:
+            return 0
+        self._purged_at = time.monotonic()
+        from db.idempotency import purge_expired
+
+        try:
+            with session_scope(self.settings.database_url) as session:
+                return purge_expired(session, ttl_seconds=self.settings.idempotency_ttl_seconds)
+        except Exception:  # the database is down: next time
+            log.warning("purge of expired idempotency keys failed", exc_info=True)
+            return 0
 
     def pass_once(self) -> dict[str, Any] | None:
         grace = self._failed_at is not None and \

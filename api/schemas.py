@@ -24,6 +24,8 @@ class JobOut(BaseModel):
     summary: dict[str, Any] | None
     result: dict[str, Any] | None
     request: dict[str, Any]
+    # running time allowed across attempts, seconds (None for jobs from before it existed)
+    timeout_seconds: float | None = None
 
 
 class JobPage(BaseModel):

@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 
 from convoy import datasets
 from convoy.jobspec import TrainJobRequest
-from convoy.settings import Settings
+from convoy.settings import Settings, get_settings
 from db.tables import Upload
 from models.spec import ModelSpec, SpecError, infer
 
@@ -21,9 +21,16 @@ def unprocessable(field: str, message: str) -> HTTPException:
                                 "type": "value_error"}])
 
 
-def summarize_or_422(spec: ModelSpec, *, field: str = "model") -> dict[str, Any]:
+def summarize_or_422(spec: ModelSpec, *, field: str = "model",
+                     settings: Settings | None = None) -> dict[str, Any]:
+    """The spec's summary, or a 422 naming the layer. Bounded cost: at most max_model_layers
+    layers, no map larger than max_feature_side, and inference is O(layers)."""
+    settings = settings or get_settings()
+    if len(spec.layers) > settings.max_model_layers:
+        raise unprocessable(f"{field}.layers", f"{len(spec.layers)} layers exceed the limit "
+                                               f"max_model_layers={settings.max_model_layers}")
     try:
-        return infer(spec)
+        return infer(spec, max_side=settings.max_feature_side)
     except SpecError as exc:
         loc = f"{field}.layers.{exc.index}" if exc.index is not None else field
         message = str(exc)
@@ -67,7 +74,7 @@ def dataset_info(session: Session, ref: Any, *, tenant: str) -> datasets.Dataset
 def check_train(session: Session, req: TrainJobRequest, settings: Settings, *,
                 tenant: str) -> dict[str, Any]:
     """The summary of a valid train request, or a 422 naming the field and the reason."""
-    summary = summarize_or_422(req.model)
+    summary = summarize_or_422(req.model, settings=settings)
     cfg = req.train
     if cfg.epochs > settings.max_epochs:
         raise unprocessable("train.epochs", f"{cfg.epochs} exceeds the limit max_epochs="
@@ -88,4 +95,43 @@ def check_train(session: Session, req: TrainJobRequest, settings: Settings, *,
         raise unprocessable("model.layers", f"the model outputs {out} but the dataset has "
                                             f"{info.num_classes} classes; end with a linear "
                                             f"layer of {info.num_classes} outputs")
+    check_work(summary, info.samples, cfg.epochs, settings, tenant=tenant)
     return summary
+
+
+# forward, and backward at about twice the forward's cost
+TRAIN_FLOPS_FACTOR = 3
+
+
+def job_flops_limit(settings: Settings, tenant: str) -> float:
+    return settings.max_job_flops_by_tenant.get(tenant, settings.max_job_flops)
+
+
+def check_work(summary: dict[str, Any], samples: int, epochs: int, settings: Settings, *,
+               tenant: str) -> None:
+    """A train job's estimated work (FLOPs per sample x 3 x samples x epochs) against the
+    tenant's limit: a tiny model with a huge padding would otherwise be accepted and run for
+    days. Admins are not exempt (the limit protects the workers)."""
+    per_sample = int(summary["total_flops"])
+    work = per_sample * TRAIN_FLOPS_FACTOR * samples * epochs
+    limit = job_flops_limit(settings, tenant)
+    if work > limit:
+        raise unprocessable("train.epochs",
+                            f"estimated work {work:.3g} FLOPs ({per_sample} FLOPs per sample "
+                            f"for the model x {TRAIN_FLOPS_FACTOR} for forward and backward x "
+                            f"{samples} samples x {epochs} epochs) exceeds the limit "
+                            f"max_job_flops={limit:.3g} of tenant {tenant!r}; use fewer epochs, "
+                            "a smaller model or smaller inputs")
+
+
+def check_timeout(req: Any, settings: Settings) -> float:
+    """The job's running-time limit in seconds: the request's `timeout`, or the default; 422
+    past max_job_timeout_seconds."""
+    timeout = getattr(req, "timeout", None)
+    if timeout is None:
+        return min(settings.job_timeout_seconds, settings.max_job_timeout_seconds)
+    if timeout > settings.max_job_timeout_seconds:
+        raise unprocessable("timeout", f"{timeout:g} s exceeds the limit "
+                                       f"max_job_timeout_seconds="
+                                       f"{settings.max_job_timeout_seconds:g}")
+    return float(timeout)

@@ -100,7 +100,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
         request["device"] = args.device
     with _client(args) as convoy:
         started = time.monotonic()
-        job = convoy.submit(request)
+        # retried with one Idempotency-Key after a connection error or a 5xx: never two jobs
+        job = convoy.submit(request, idempotency_key=args.idempotency_key)
         print(f"submitted {job.kind} job {job.id} ({job.state})", flush=True)
         if not args.wait:
             return 0
@@ -207,6 +208,9 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--epochs", type=int, help="override train.epochs")
     p.add_argument("--name", help="override the job name")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="override the device")
+    p.add_argument("--idempotency-key", help="send this Idempotency-Key (default: a fresh one, "
+                   "reused by the automatic retries); running the command again with the same "
+                   "key and file gives the same job, never a second one")
     p = add("jobs", cmd_jobs, "list jobs, newest first")
     p.add_argument("--state")
     p.add_argument("--kind")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,10 @@ class Convoy:
     """`Convoy(url, token)`; both default to CONVOY_URL and CONVOY_TOKEN."""
 
     def __init__(self, url: str | None = None, token: str | None = None, *,
-                 timeout: float = 30.0) -> None:
+                 timeout: float = 30.0, retries: int = 5, retry_backoff: float = 0.5) -> None:
+        # A submission is retried (same Idempotency-Key) after a connection error or a 5xx,
+        # `retries` times, waiting retry_backoff, then twice as long each time (at most 10 s).
+        self.retries, self.retry_backoff = retries, retry_backoff
         self.url = (url or os.environ.get("CONVOY_URL") or "http://127.0.0.1:8000").rstrip("/")
         token = token or os.environ.get("CONVOY_TOKEN")
         if not token:
@@ -52,7 +56,33 @@ class Convoy:
         self.http.close()
 
     def _call(self, method: str, path: str, **kw: Any) -> httpx.Response:
-        r = self.http.request(method, path, **kw)
+        return self._checked(self.http.request(method, path, **kw))
+
+    def _post_idempotent(self, path: str, *, idempotency_key: str | None = None,
+                         **kw: Any) -> httpx.Response:
+        """POST with an Idempotency-Key: one fresh key per logical request, sent again with
+        every retry, so a retry after a lost answer (connection reset, API restarted, 5xx)
+        gets the resource the first try created instead of a duplicate."""
+        key = idempotency_key or uuid.uuid4().hex
+        headers = {**kw.pop("headers", {}), "Idempotency-Key": key}
+        delay = self.retry_backoff
+        for attempt in range(self.retries + 1):
+            last = attempt == self.retries
+            try:
+                r = self.http.request("POST", path, headers=headers, **kw)
+            except httpx.TransportError:
+                if last:
+                    raise
+                wait = delay
+            else:
+                if r.status_code < 500 or last:
+                    return self._checked(r)
+                wait = _retry_after(r, delay)
+            time.sleep(wait)
+            delay = min(delay * 2, 10.0)
+        raise AssertionError("unreachable")
+
+    def _checked(self, r: httpx.Response) -> httpx.Response:
         if r.status_code >= 400:
             try:
                 detail = r.json().get("detail", r.text)
@@ -63,8 +93,11 @@ class Convoy:
 
     # ---- jobs ---------------------------------------------------------------------------
 
-    def submit(self, request: dict[str, Any]) -> Job:
-        return Job.from_json(self._call("POST", "/v1/jobs", json=request).json())
+    def submit(self, request: dict[str, Any], *, idempotency_key: str | None = None) -> Job:
+        """Submit a job; retried with one Idempotency-Key (a fresh one unless given), so it
+        is created at most once however often the answer is lost."""
+        return Job.from_json(self._post_idempotent("/v1/jobs", json=request,
+                                                   idempotency_key=idempotency_key).json())
 
     def get(self, job_id: str) -> Job:
         return Job.from_json(self._call("GET", f"/v1/jobs/{job_id}").json())
@@ -172,6 +205,13 @@ class Convoy:
         index = folder / "layers.json"
         index.write_text(json.dumps([layer.raw for layer in layers], indent=2))
         return [*written, index]
+
+
+def _retry_after(r: httpx.Response, default: float) -> float:
+    try:
+        return min(max(float(r.headers.get("retry-after", default)), 0.0), 10.0)
+    except ValueError:
+        return default
 
 
 def parse_sse(lines: Iterator[str]) -> Iterator[Event]:

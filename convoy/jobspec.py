@@ -30,6 +30,8 @@ class TrainConfig(BaseModel):
 
 
 Device = Literal["auto", "cpu", "cuda"]
+# Running time allowed (seconds, summed over attempts); None: the server's default.
+Timeout = Annotated[float, Field(gt=0, allow_inf_nan=False)] | None
 
 
 class TrainJobRequest(BaseModel):
@@ -42,6 +44,7 @@ class TrainJobRequest(BaseModel):
     train: TrainConfig = TrainConfig()
     device: Device = "auto"
     max_attempts: Annotated[int, Field(ge=1, le=20)] | None = None
+    timeout: Timeout = None
 
 
 class CheckpointSource(BaseModel):
@@ -84,6 +87,7 @@ class FeatureMapsJobRequest(BaseModel):
     png: bool = True
     device: Device = "auto"
     max_attempts: Annotated[int, Field(ge=1, le=20)] | None = None
+    timeout: Timeout = None
 
 
 JobRequest = Annotated[TrainJobRequest | FeatureMapsJobRequest, Field(discriminator="kind")]

@@ -72,6 +72,26 @@ class Settings(BaseSettings):
     max_queued_per_tenant: int = 1000
     max_feature_map_bytes: int = 2 * 1024**3
 
+    # --- issue 11, items 9 and 11 (idempotency, time and CPU bounds) ---
+    # How long an Idempotency-Key is remembered (then purged by the reconciler, or replaced
+    # when it is seen again after that).
+    idempotency_ttl_seconds: Annotated[float, Field(gt=0)] = 24 * 3600.0
+    # A train job's estimated work: the model's FLOPs per sample x 3 (forward and backward)
+    # x the dataset's samples x epochs. The default is about 15 minutes of one CPU core at
+    # the ~11 GFLOP/s a small CNN trains at here (seconds on a GPU: raise it for GPU workers);
+    # per-tenant overrides as JSON, e.g. {"research": 1e16}. Admins are not exempt: the
+    # limit protects the workers, whoever submits.
+    max_job_flops: Annotated[float, Field(gt=0)] = 1e13
+    max_job_flops_by_tenant: dict[str, float] = {}
+    # A job's running time (every attempt's, from claim to its end; not time queued): the
+    # default when the request gives no `timeout`, and the most a request may ask for.
+    job_timeout_seconds: Annotated[float, Field(gt=0)] = 24 * 3600.0
+    max_job_timeout_seconds: Annotated[float, Field(gt=0)] = 7 * 24 * 3600.0
+    # Bounds on a model spec (summary and jobs): number of layers, and the side of any
+    # layer's output (padding can grow the maps layer after layer).
+    max_model_layers: Annotated[int, Field(ge=1)] = 256
+    max_feature_side: Annotated[int, Field(ge=1)] = 8192
+
     @model_validator(mode="after")
     def _defaults_from_home(self) -> Settings:
         home = self.home.resolve()

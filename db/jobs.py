@@ -39,6 +39,7 @@ def create_job(
     request: dict[str, Any],
     summary: dict[str, Any] | None,
     max_attempts: int,
+    timeout_seconds: float | None = None,
 ) -> Job:
     now = utcnow()
     job = Job(
@@ -54,9 +55,71 @@ def create_job(
         created_at=now,
         updated_at=now,
         enqueued_at=now,
+        timeout_seconds=timeout_seconds,
     )
     session.add(job)
     return job
+
+
+class QueueFull(RuntimeError):
+    def __init__(self, queued: int, limit: int) -> None:
+        super().__init__(f"tenant has {queued} queued jobs, the limit max_queued_per_tenant "
+                         f"is {limit}")
+        self.queued, self.limit = queued, limit
+
+
+def lock_tenant_writes(session: Session, tenant: str) -> None:
+    """Serialise the tenant's submissions until the transaction ends, so a count and the
+    insert it allows cannot interleave with another's. PostgreSQL: a transaction-scoped
+    advisory lock (its own namespace: claims are not held up by it). SQLite: BEGIN IMMEDIATE
+    takes the database's write lock now, before the count, instead of at the INSERT (a
+    deferred transaction reads first and so lets every concurrent request count the same)."""
+    conn = session.connection()
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("SELECT pg_advisory_xact_lock(hashtext('convoy-submit'), "
+                          "hashtext(:tenant))"), {"tenant": tenant})
+    elif conn.dialect.name == "sqlite":
+        raw = conn.connection.dbapi_connection
+        # a transaction already writing holds the write lock; otherwise take it now
+        if raw is not None and not raw.in_transaction:
+            raw.execute("BEGIN IMMEDIATE")
+
+
+def create_job_once(
+    session: Session,
+    *,
+    tenant: str,
+    max_queued: int,
+    idem: Any = None,
+    idem_ttl_seconds: float = 24 * 3600.0,
+    **fields: Any,
+) -> tuple[Job, bool]:
+    """(job, created): the tenant's new queued job, committed, within max_queued; or, for an
+    idempotency key (db.idempotency.Idem) already used with the same body, the job it created
+    (created False). QueueFull past the quota; db.idempotency.KeyReused for a key used with
+    another body. The quota count, the key check and the inserts share one transaction under
+    the tenant's lock."""
+    from db import idempotency
+
+    lock_tenant_writes(session, tenant)
+    if idem is not None:
+        existing = idempotency.find(session, idem, ttl_seconds=idem_ttl_seconds)
+        job = session.get(Job, existing, populate_existing=True) if existing else None
+        if job is not None:
+            session.commit()
+            return job, False
+        if existing is not None:  # its job is gone: the key starts afresh
+            idempotency.forget(session, idem)
+    queued = session.scalar(select(func.count()).select_from(Job)
+                            .where(Job.tenant == tenant, Job.state == "queued")) or 0
+    if queued >= max_queued:
+        session.rollback()
+        raise QueueFull(queued, max_queued)
+    job = create_job(session, tenant=tenant, **fields)
+    if idem is not None:
+        idempotency.remember(session, idem, job.id)
+    session.commit()
+    return job, True
 
 
 def get_job(session: Session, *, job_id: str, tenant: str | None = None) -> Job:
@@ -132,6 +195,19 @@ def claim_job(session: Session, *, job_id: str, worker_id: str,
     session.add(JobAttempt(job_id=job_id, attempt=job.attempt, worker_id=worker_id, started_at=now))
     session.commit()
     return job
+
+
+def timeout_and_prior_seconds(session: Session, *, job_id: str) -> tuple[float | None, float]:
+    """(the job's timeout, the running time of its ended attempts) in seconds. An attempt
+    counts from its claim to its end (for a lost worker: until its lease expired); time spent
+    queued does not count, nor an attempt row never closed."""
+    timeout = session.scalar(select(Job.timeout_seconds).where(Job.id == job_id))
+    rows = session.execute(
+        select(JobAttempt.started_at, JobAttempt.ended_at)
+        .where(JobAttempt.job_id == job_id, JobAttempt.ended_at.is_not(None))
+    ).all()
+    prior = sum(max(0.0, (end - start).total_seconds()) for start, end in rows)
+    return (float(timeout) if timeout is not None else None), prior
 
 
 def _owned(job_id: str, worker_id: str) -> Any:

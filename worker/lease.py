@@ -11,13 +11,17 @@ import time
 
 from db import jobs
 from db.session import session_scope
-from worker.train import Progress
+from worker.train import Progress, Stopped
 
 log = logging.getLogger(__name__)
 
 # Set by the worker's warm shutdown (SIGTERM, Ctrl-C; worker/app.py): a training job stops
 # between steps and is handed back to the queue instead of holding the shutdown up.
 SHUTTING_DOWN = threading.Event()
+
+
+class JobTimedOut(Exception):
+    """The job ran past its `timeout`: it fails with this reason (checkpoints are kept)."""
 
 
 class Lease:
@@ -27,6 +31,13 @@ class Lease:
         self.every_s = every_s
         self.progress = progress
         self.lost = threading.Event()
+        self.timed_out = threading.Event()
+        # The job's timeout and the running time of its earlier attempts, read by the thread
+        # on its first tick (None: not read yet, or the job has no timeout).
+        self.timeout_s: float | None = None
+        self.prior_s = 0.0
+        self._limits_read = False
+        self._t0 = time.monotonic()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"lease-{job_id}", daemon=True)
 
@@ -34,9 +45,29 @@ class Lease:
         self._thread.start()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, exc: object, _tb: object) -> None:
         self._stop.set()
         self._thread.join()
+        if isinstance(exc, Stopped) and self.timed_out.is_set() and not self.lost.is_set():
+            raise JobTimedOut(f"timed out after {self.elapsed():.0f} s (timeout "
+                              f"{self.timeout_s:g} s, counting every attempt's running "
+                              "time); its checkpoints are kept") from None
+
+    def elapsed(self) -> float:
+        """This job's running time: earlier attempts' plus this one's so far."""
+        return self.prior_s + time.monotonic() - self._t0
+
+    def _read_limits(self, session) -> None:  # type: ignore[no-untyped-def]
+        self.timeout_s, self.prior_s = jobs.timeout_and_prior_seconds(session,
+                                                                      job_id=self.job_id)
+        self._limits_read = True
+
+    def _check_timeout(self) -> None:
+        if self.timeout_s is not None and self.elapsed() > self.timeout_s:
+            if not self.timed_out.is_set():
+                log.warning("job %s timed out after %.1f s (timeout %g s)", self.job_id,
+                            self.elapsed(), self.timeout_s)
+            self.timed_out.set()
 
     def _run(self) -> None:
         # Renew every `every_s`; in between, a read-only look each second, so a cancel stops
@@ -47,6 +78,8 @@ class Lease:
             renew = time.monotonic() - last_renewal >= self.every_s - 1e-3
             try:
                 with session_scope(self.db_url) as session:
+                    if not self._limits_read:
+                        self._read_limits(session)
                     if renew:
                         held = jobs.heartbeat(session, job_id=self.job_id,
                                               worker_id=self.worker_id,
@@ -62,6 +95,9 @@ class Lease:
             if not held:
                 self.lost.set()
                 return
+            # Past its timeout the job stops between steps, like a cancel; the thread goes on
+            # renewing the lease so the worker can record the failure as the lease holder.
+            self._check_timeout()
 
     def should_stop(self) -> bool:
-        return self.lost.is_set()
+        return self.lost.is_set() or self.timed_out.is_set()

@@ -28,7 +28,7 @@ from db.tables import Artifact, Job, Upload
 from models.build import build_model
 from worker import checkpoints, warmup
 from worker.dbretry import is_disconnect, retry_db
-from worker.lease import SHUTTING_DOWN, Lease
+from worker.lease import SHUTTING_DOWN, JobTimedOut, Lease
 from worker.train import DeviceData, EpochReport, NonFiniteLoss, Progress, Stopped, train
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ def load_split(ref: Any, *, settings: Settings, tenant: str) -> datasets.Split:
 
 
 def failure_message(exc: BaseException) -> str:
-    if isinstance(exc, NonFiniteLoss | CorruptArtifact):
+    if isinstance(exc, NonFiniteLoss | CorruptArtifact | JobTimedOut):
         return str(exc)
     if isinstance(exc, torch.OutOfMemoryError):
         return ("CUDA out of memory: the model and batch do not fit on this GPU; "

@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Annotated
 
 import numpy as np
-from fastapi import APIRouter, File, Form, HTTPException, Response, UploadFile
+from fastapi import APIRouter, File, Form, HTTPException, Request, Response, UploadFile
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import PrincipalDep, SessionDep, SettingsDep, StoreDep
+from api.idempotency import UploadKey, upload_replay
 from api.schemas import DatasetOut
 from api.uploads import check_form_text, display_name, read_capped
 from convoy import datasets
@@ -42,10 +43,17 @@ async def upload_dataset(
     principal: PrincipalDep,
     store: StoreDep,
     response: Response,
+    request: Request,
     name: Annotated[str, Form(max_length=128)] = "",
 ) -> DatasetOut:
     check_form_text(("name", name), ("file", file.filename))
     data = await read_capped(file, settings)
+    idem, again = await upload_replay(request, session, settings, tenant=principal.tenant,
+                                      kind="dataset", route="POST /v1/datasets",
+                                      parts=(data, name, file.filename))
+    if again is not None:  # a retry with the same Idempotency-Key and body
+        response.status_code = 200
+        return dataset_out(again)
 
     def store_dataset() -> DatasetOut:
         # CPU work (unpacking, checking every value) and blocking I/O (the store, the
@@ -70,7 +78,8 @@ async def upload_dataset(
         )
         session.add(row)
         try:
-            session.commit()
+            with UploadKey(session, idem):
+                session.commit()
         except Exception:
             store.delete(key)  # no file without its row
             raise

@@ -7,13 +7,14 @@ import binascii
 import hashlib
 import logging
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Body, HTTPException, Query, Request, Response
-from sqlalchemy import and_, func, or_, select
+from fastapi import APIRouter, Body, Depends, HTTPException, Query, Request, Response
+from sqlalchemy import and_, or_, select
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from api.auth import job_for_token
+from api.auth import Principal, job_for_token
 from api.deps import (
     CeleryDep,
     PrincipalDep,
@@ -23,11 +24,14 @@ from api.deps import (
     bearer_secret,
     principal_from,
 )
+from api.idempotency import canonical_json, conflict, idem_for
 from api.schemas import CheckpointOut, JobOut, JobPage, LogLine, MetricPoint, MetricsOut
-from api.submit import check_train
-from convoy.jobspec import JobRequest, TrainJobRequest, dump
+from api.submit import check_timeout, check_train
+from convoy.jobspec import FeatureMapsJobRequest, JobRequest, TrainJobRequest, dump
 from convoy.queue import enqueue
+from convoy.settings import Settings
 from db import jobs as jobs_db
+from db.idempotency import KeyReused
 from db.tables import Artifact, Job, JobLog, Metric
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -48,36 +52,71 @@ def load_job(session, job_id: str, tenant: str) -> Job:  # type: ignore[no-untyp
         raise HTTPException(404, f"job {job_id[:64]} not found") from None
 
 
-@router.post("", status_code=201, response_model=JobOut)
+async def _submitter(request: Request, session: SessionDep) -> Principal:
+    """The token check of a submission in one thread-pool trip that hands its connection back
+    to the pool before returning: between the check and the handler no connection is held, so
+    a burst of submissions (each waiting for the tenant's lock, item 8) cannot leave every
+    pooled connection with a request that waits for a thread."""
+
+    def check() -> Principal:
+        try:
+            return principal_from(request, session)
+        finally:
+            session.rollback()  # a read: ends the transaction, returns the connection
+
+    return await run_in_threadpool(check)
+
+
+@router.post("", status_code=201, response_model=JobOut,
+             responses={200: {"model": JobOut, "description": "the job an earlier request "
+                              "with the same Idempotency-Key and body created"}})
 def submit_job(
     body: Annotated[JobRequest, Body()],
     session: SessionDep,
     settings: SettingsDep,
-    principal: PrincipalDep,
+    principal: Annotated[Principal, Depends(_submitter)],
     celery: CeleryDep,
+    request: Request,
     response: Response,
 ) -> JobOut:
+    try:
+        return _submit(body, session, settings, principal, celery, request, response)
+    finally:
+        session.close()  # here, on this thread: no second trip to the pool to close it
+
+
+def _submit(body: TrainJobRequest | FeatureMapsJobRequest, session: Session,
+            settings: Settings, principal: Principal, celery: Any, request: Request,
+            response: Response) -> JobOut:
+    request_json = dump(body)
+    idem = idem_for(request, tenant=principal.tenant, route="POST /v1/jobs",
+                    parts=[canonical_json(request_json)])
     if isinstance(body, TrainJobRequest):
         summary = check_train(session, body, settings, tenant=principal.tenant)
     else:
         from api.feature_maps import check_feature_maps
 
         summary = check_feature_maps(session, body, settings, tenant=principal.tenant)
-    queued = session.scalar(
-        select(func.count()).select_from(Job)
-        .where(Job.tenant == principal.tenant, Job.state == "queued")
-    )
-    if queued >= settings.max_queued_per_tenant:
-        raise HTTPException(429, f"tenant has {queued} queued jobs, the limit "
-                                 f"max_queued_per_tenant is {settings.max_queued_per_tenant}",
-                            headers={"Retry-After": "30"})
-    job = jobs_db.create_job(
-        session, tenant=principal.tenant, kind=body.kind, name=body.name, request=dump(body),
-        summary=summary, max_attempts=body.max_attempts or settings.max_attempts,
-    )
-    # Commit before enqueue: the worker must find the row. If the broker is down the job
+    timeout = check_timeout(body, settings)
+    # The quota count, the idempotency key and the insert in one transaction under the
+    # tenant's lock: concurrent submissions can neither pass the quota nor reuse a key twice.
+    try:
+        job, created = jobs_db.create_job_once(
+            session, tenant=principal.tenant, max_queued=settings.max_queued_per_tenant,
+            idem=idem, idem_ttl_seconds=settings.idempotency_ttl_seconds,
+            kind=body.kind, name=body.name, request=request_json, summary=summary,
+            max_attempts=body.max_attempts or settings.max_attempts, timeout_seconds=timeout,
+        )
+    except jobs_db.QueueFull as exc:
+        raise HTTPException(429, str(exc), headers={"Retry-After": "30"}) from None
+    except KeyReused as exc:
+        raise conflict(exc) from None
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    if not created:  # a retry: the job exists (and was sent, or the reconciler sends it)
+        response.status_code = 200
+        return job_out(job)
+    # Committed before enqueue: the worker must find the row. If the broker is down the job
     # stays queued and the reconciler sends it later; nothing submitted is lost.
-    session.commit()
     try:
         enqueue(celery, kind=job.kind, job_id=job.id, gpu=body.device == "cuda")
     except Exception:  # noqa: BLE001 - the reconciler retries
@@ -85,7 +124,6 @@ def submit_job(
 
         logging.getLogger(__name__).warning("enqueue of %s failed; reconciler will retry",
                                             job.id, exc_info=True)
-    response.headers["Location"] = f"/v1/jobs/{job.id}"
     return job_out(job)
 
 

@@ -6,7 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from api.deps import PrincipalDep
+from api.deps import PrincipalDep, SettingsDep
 from api.submit import summarize_or_422
 from models.spec import ModelSpec
 
@@ -14,5 +14,6 @@ router = APIRouter(prefix="/v1/models", tags=["models"])
 
 
 @router.post("/summary")
-def summarize_model(spec: ModelSpec, principal: PrincipalDep) -> dict[str, Any]:
-    return summarize_or_422(spec, field="")
+def summarize_model(spec: ModelSpec, principal: PrincipalDep, settings: SettingsDep
+                    ) -> dict[str, Any]:
+    return summarize_or_422(spec, field="", settings=settings)

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, File, Form, HTTPException, Response, UploadFile
+from fastapi import APIRouter, File, Form, HTTPException, Request, Response, UploadFile
 from pydantic import ValidationError
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import PrincipalDep, SessionDep, SettingsDep, StoreDep
 from api.feature_maps import check_checkpoint
+from api.idempotency import UploadKey, upload_replay
 from api.schemas import UploadOut
 from api.submit import summarize_or_422, unprocessable
 from api.textguard import unencodable_detail
@@ -95,20 +96,28 @@ async def upload_checkpoint(
     principal: PrincipalDep,
     store: StoreDep,
     response: Response,
+    request: Request,
     name: Annotated[str, Form(max_length=128)] = "",
 ) -> UploadOut:
     check_form_text(("model", model), ("name", name), ("file", file.filename))
     spec, summary = await run_in_threadpool(parse_model, model)
     data = await read_capped(file, settings)
+    idem, again = await upload_replay(request, session, settings, tenant=principal.tenant,
+                                      kind="checkpoint", route="POST /v1/checkpoints",
+                                      parts=(data, model, name, file.filename))
+    if again is not None:  # a retry with the same Idempotency-Key and body
+        response.status_code = 200
+        return upload_out(again)
 
     def store_checkpoint() -> UploadOut:
         # parsing the header (up to 100 MB of JSON) and the blocking writes: thread pool
         tensors = check_checkpoint(data, spec, summary)
-        row = _save(session, store, tenant=principal.tenant, kind="checkpoint",
-                    name=display_name(name or file.filename), data=data,
-                    suffix=".safetensors",
-                    meta={"model": spec.model_dump(mode="json"), "tensors": tensors,
-                          "total_params": summary["total_params"]})
+        with UploadKey(session, idem):
+            row = _save(session, store, tenant=principal.tenant, kind="checkpoint",
+                        name=display_name(name or file.filename), data=data,
+                        suffix=".safetensors",
+                        meta={"model": spec.model_dump(mode="json"), "tensors": tensors,
+                              "total_params": summary["total_params"]})
         response.headers["Location"] = f"/v1/checkpoints/{row.id}"
         return upload_out(row)
 
@@ -134,10 +143,17 @@ async def upload_inputs(
     principal: PrincipalDep,
     store: StoreDep,
     response: Response,
+    request: Request,
     name: Annotated[str, Form(max_length=128)] = "",
 ) -> UploadOut:
     check_form_text(("name", name), ("file", file.filename))
     data = await read_capped(file, settings)
+    idem, again = await upload_replay(request, session, settings, tenant=principal.tenant,
+                                      kind="input", route="POST /v1/inputs",
+                                      parts=(data, name, file.filename))
+    if again is not None:  # a retry with the same Idempotency-Key and body
+        response.status_code = 200
+        return upload_out(again)
 
     def store_inputs() -> UploadOut:
         # decoding an image or checking every value is CPU work: thread pool
@@ -154,10 +170,11 @@ async def upload_inputs(
             if exc.status == 413:
                 raise HTTPException(413, f"file: {exc}") from None
             raise unprocessable("file", str(exc)) from None
-        row = _save(session, store, tenant=principal.tenant, kind="input",
-                    name=display_name(name or file.filename), data=data,
-                    suffix=".npy" if meta["format"] == "npy" else f".{meta['format']}",
-                    meta=meta)
+        with UploadKey(session, idem):
+            row = _save(session, store, tenant=principal.tenant, kind="input",
+                        name=display_name(name or file.filename), data=data,
+                        suffix=".npy" if meta["format"] == "npy" else f".{meta['format']}",
+                        meta=meta)
         response.headers["Location"] = f"/v1/inputs/{row.id}"
         return upload_out(row)
 

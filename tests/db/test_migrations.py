@@ -17,7 +17,8 @@ from db.base import Base
 from db.migrate import alembic_config, downgrade, upgrade
 from tests.services import create_pg_database, drop_pg_database
 
-TABLES = {"tokens", "jobs", "job_attempts", "metrics", "job_logs", "artifacts", "uploads"}
+TABLES = {"tokens", "jobs", "job_attempts", "metrics", "job_logs", "artifacts", "uploads",
+          "idempotency_keys"}
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
