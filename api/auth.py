@@ -85,14 +85,15 @@ _MISSING = object()
 class TokenCache:
     """Recent answers of the token check, by the token's sha256 (never the secret): a bad
     token is remembered for `miss_seconds`, so sending it again costs no database trip; a
-    good one for `hit_seconds` only (a revocation takes effect that soon). Bounded: the
+    good one for `hit_seconds` (0 by default: a revocation takes effect at once). Bounded: the
     oldest entries go first. Thread-safe (read from the event loop and from handlers)."""
 
     def __init__(self, *, hit_seconds: float, miss_seconds: float, size: int) -> None:
         self.hit_seconds, self.miss_seconds, self.size = hit_seconds, miss_seconds, size
         self._entries: OrderedDict[str, tuple[float, Principal | None]] = OrderedDict()
         self._lock = threading.Lock()
-        # digest -> event set when the lookup in flight for it ends (see check_token)
+        # digest -> (event set when the lookup in flight for it ends, [its answer]); requests
+        # asking about the same token meanwhile share that one lookup (api.deps.check_token)
         self.inflight: dict[str, object] = {}
 
     def get(self, digest: str) -> object:

@@ -161,20 +161,21 @@ async def check_token(request: Request, secret: str) -> Principal | None:
     if found is not _MISSING:
         return found  # type: ignore[return-value]
     pending = cache.inflight.get(digest)
-    if pending is not None:
-        await pending.wait()  # type: ignore[attr-defined]
-        found = cache.get(digest)
-        if found is not _MISSING:
-            return found  # type: ignore[return-value]
+    if pending is not None:  # the same token is being looked up: share that answer
+        done, answer = pending  # type: ignore[misc]
+        await done.wait()
+        if answer:
+            return answer[0]  # type: ignore[no-any-return]
     leader = digest not in cache.inflight
-    done = anyio.Event()
+    done, answer = anyio.Event(), []
     if leader:
-        cache.inflight[digest] = done
+        cache.inflight[digest] = (done, answer)
     try:
         principal = await anyio.to_thread.run_sync(
             lookup_token, request.app.state.settings.database_url, digest,
             limiter=AUTH_LIMITER)
         cache.put(digest, principal)
+        answer.append(principal)
         return principal
     finally:
         if leader:

@@ -69,9 +69,10 @@ class Settings(BaseSettings):
     # A request waits this long for a pooled database connection, then gets 503 + Retry-After.
     db_pool_timeout_seconds: Annotated[float, Field(gt=0)] = 5.0
     # Token checks: a bad token is remembered this long (no database trip when it comes
-    # again), a good one only briefly so that a revocation takes effect within about a second.
+    # again). A good one is not cached by default, so a revocation takes effect at once;
+    # a value > 0 saves a lookup per request at the price of a revocation taking that long.
     auth_miss_cache_seconds: Annotated[float, Field(ge=0)] = 5.0
-    auth_hit_cache_seconds: Annotated[float, Field(ge=0, le=5)] = 1.0
+    auth_hit_cache_seconds: Annotated[float, Field(ge=0, le=5)] = 0.0
     auth_cache_size: Annotated[int, Field(ge=1)] = 10_000
     # Server-sent event streams: the token (and the job's tenant) is checked again this
     # often, and open streams are capped per tenant and per API process (429 past a cap).
