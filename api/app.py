@@ -12,11 +12,18 @@ from urllib.parse import unquote_plus
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import DataError
+from sqlalchemy.exc import DataError, DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.auth import ensure_bootstrap
-from api.guards import RejectNul, data_error, http_error
+from api.guards import (
+    RejectNul,
+    data_error,
+    database_error,
+    database_unavailable,
+    http_error,
+)
 from api.reconciler import Reconciler
 from api.routes import (
     dashboard,
@@ -53,9 +60,18 @@ class RedactTokens(logging.Filter):
         params = []
         for param in query.split("&"):
             key, eq, _ = param.partition("=")
-            secret = unquote_plus(key).strip().lower() == "token"
-            params.append(f"{key}{eq or '='}[redacted]" if secret else param)
+            params.append(f"{key}{eq or '='}[redacted]" if RedactTokens.secret_key(key)
+                          else param)
         return head + "?" + "&".join(params)
+
+    @staticmethod
+    def secret_key(key: str) -> bool:
+        """Whether a query key names a secret: its decoded name, with control characters
+        (NUL included) and spaces dropped, starts with `token` in any case. `?token%00=`,
+        `?Token_x=`, `?%74oken=` and `?tokens=` are all redacted (issue 11, item 13)."""
+        name = "".join(c for c in unquote_plus(key, errors="replace")
+                       if c.isprintable() and not c.isspace())
+        return name.lower().startswith("token")
 
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.args, tuple) and any(isinstance(a, str) and "?" in a
@@ -174,6 +190,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(HTTPException, http_error)  # type: ignore[arg-type]
     app.add_exception_handler(DataError, data_error)  # type: ignore[arg-type]
     app.add_exception_handler(StoreUnavailable, store_unavailable)  # type: ignore[arg-type]
+    # issue 11, items 1 and 13: no connection free, or the database away: 503 + Retry-After
+    for exc_type in (PoolTimeout, OperationalError, InterfaceError):
+        app.add_exception_handler(exc_type, database_unavailable)
+    app.add_exception_handler(DBAPIError, database_error)  # type: ignore[arg-type]
     for module in (health, jobs, models, datasets, tokens):
         app.include_router(module.router)
     for module in (events, dashboard):  # the live stream and the web UI (issue 6)

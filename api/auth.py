@@ -7,6 +7,9 @@ import os
 import re
 import secrets
 import sys
+import threading
+import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from sqlalchemy import func, select
@@ -60,6 +63,66 @@ def authenticate(session: Session, secret: str) -> Principal | None:
     if token is None:
         return None
     return Principal(tenant=token.tenant, token_id=token.id, is_admin=token.is_admin)
+
+
+def lookup_token(database_url: str, digest: str) -> Principal | None:
+    """The token check on a short session of its own, opened, queried and closed in one call
+    (one thread trip), on a small engine of its own: it never waits behind the request pool,
+    and no connection is held while waiting for a thread (issue 11, item 1)."""
+    from db.session import get_side_sessionmaker
+
+    with get_side_sessionmaker(database_url, "auth")() as session:
+        token = session.scalars(
+            select(Token).where(Token.token_hash == digest, Token.revoked_at.is_(None))
+        ).one_or_none()
+        return None if token is None else Principal(tenant=token.tenant, token_id=token.id,
+                                                    is_admin=token.is_admin)
+
+
+_MISSING = object()
+
+
+class TokenCache:
+    """Recent answers of the token check, by the token's sha256 (never the secret): a bad
+    token is remembered for `miss_seconds`, so sending it again costs no database trip; a
+    good one for `hit_seconds` (0 by default: a revocation takes effect at once). Bounded: the
+    oldest entries go first. Thread-safe (read from the event loop and from handlers)."""
+
+    def __init__(self, *, hit_seconds: float, miss_seconds: float, size: int) -> None:
+        self.hit_seconds, self.miss_seconds, self.size = hit_seconds, miss_seconds, size
+        self._entries: OrderedDict[str, tuple[float, Principal | None]] = OrderedDict()
+        self._lock = threading.Lock()
+        # digest -> (event set when the lookup in flight for it ends, [its answer]); requests
+        # asking about the same token meanwhile share that one lookup (api.deps.check_token)
+        self.inflight: dict[str, object] = {}
+
+    def get(self, digest: str) -> object:
+        """The cached Principal, None for a known bad token, or _MISSING."""
+        with self._lock:
+            entry = self._entries.get(digest)
+            if entry is None:
+                return _MISSING
+            if entry[0] < time.monotonic():
+                del self._entries[digest]
+                return _MISSING
+            return entry[1]
+
+    def put(self, digest: str, principal: Principal | None) -> None:
+        ttl = self.miss_seconds if principal is None else self.hit_seconds
+        if ttl <= 0:
+            return
+        with self._lock:
+            self._entries[digest] = (time.monotonic() + ttl, principal)
+            self._entries.move_to_end(digest)
+            while len(self._entries) > self.size:
+                self._entries.popitem(last=False)
+
+    def known_bad(self, secret: str) -> bool:
+        return not plausible(secret) or self.get(hash_token(secret)) is None
+
+    def forget(self) -> None:
+        with self._lock:
+            self._entries.clear()
 
 
 def job_for_token(session: Session, job_id: str, secret: str) -> Job | None:

@@ -3,13 +3,15 @@ URLs, values the database refuses, and 422 bodies in the shape the OpenAPI schem
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
 from fastapi import HTTPException, Request
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import JSONResponse, Response
-from sqlalchemy.exc import DataError
+from sqlalchemy.exc import DataError, DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 
@@ -63,3 +65,28 @@ async def data_error(_: Request, exc: DataError) -> JSONResponse:
     return JSONResponse({"detail": [{"loc": [], "msg": "a value was refused by the database "
                                      "(NUL byte, too long or out of range)",
                                      "type": "value_error"}]}, 422)
+
+
+# Issue 11, items 1 and 13: the database is away (an outage, a failover) or every pooled
+# connection is busy past the pool timeout. Both pass: the client should retry, not see a 500.
+DATABASE_RETRY_AFTER_SECONDS = 5
+
+
+async def database_unavailable(_: Request, exc: Exception) -> JSONResponse:
+    """503 JSON with Retry-After for sqlalchemy's pool TimeoutError, OperationalError and
+    InterfaceError (connection refused, dropped, closed). The driver's text is not echoed."""
+    if isinstance(exc, PoolTimeout):
+        detail = "the database is busy (no connection free): retry shortly"
+    else:
+        detail = "the database is unavailable: retry shortly"
+    return JSONResponse({"detail": detail}, 503,
+                        headers={"Retry-After": str(DATABASE_RETRY_AFTER_SECONDS)})
+
+
+async def database_error(request: Request, exc: DBAPIError) -> JSONResponse:
+    """Any other driver error: a lost connection is a 503 as above; otherwise a JSON 500."""
+    if exc.connection_invalidated:
+        return await database_unavailable(request, exc)
+    logging.getLogger(__name__).error("database error on %s %s", request.method,
+                                      request.url.path, exc_info=exc)
+    return JSONResponse({"detail": "internal database error"}, 500)

@@ -23,13 +23,24 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_api(args: argparse.Namespace) -> int:
     import uvicorn
 
+    # Flags against slow clients (issue 11, item 12) override the settings; they go into the
+    # environment too, which the processes of `--workers N` read.
+    for flag, env in (("header_timeout", "CONVOY_HEADER_TIMEOUT_SECONDS"),
+                      ("keep_alive", "CONVOY_KEEP_ALIVE_SECONDS"),
+                      ("max_connections", "CONVOY_MAX_CONNECTIONS")):
+        if getattr(args, flag) is not None:
+            os.environ[env] = str(getattr(args, flag))
     settings = _settings()
     if args.migrate:
         from db.migrate import upgrade
 
         upgrade(settings.database_url)
+    from api.server import raise_nofile_limit, serve_options
+
+    raise_nofile_limit()
     uvicorn.run("api.app:app_factory", factory=True, host=args.host or settings.host,
-                port=args.port or settings.port, workers=args.workers, log_level="info")
+                port=args.port or settings.port, workers=args.workers, log_level="info",
+                **serve_options(settings))
     return 0
 
 
@@ -107,6 +118,16 @@ def build_parser() -> argparse.ArgumentParser:
     api.add_argument("--port", type=int)
     api.add_argument("--workers", type=int, default=1)
     api.add_argument("--migrate", action="store_true", help="run migrations first")
+    api.add_argument("--header-timeout", type=float, metavar="SECONDS",
+                     help="close a connection that has not sent a request's headers this long "
+                          "after opening or after its last response (default: "
+                          "CONVOY_HEADER_TIMEOUT_SECONDS, 10)")
+    api.add_argument("--keep-alive", type=int, metavar="SECONDS",
+                     help="close idle keep-alive connections after this long (default: "
+                          "CONVOY_KEEP_ALIVE_SECONDS, 5)")
+    api.add_argument("--max-connections", type=int, metavar="N",
+                     help="close new connections past N open ones (default: "
+                          "CONVOY_MAX_CONNECTIONS, 2048)")
     api.set_defaults(func=cmd_api)
     worker = sub.add_parser("worker", help="run a Celery worker (solo pool, one job at a time)")
     worker.add_argument("--name", default="worker")

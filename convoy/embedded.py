@@ -105,10 +105,13 @@ def run(settings: Settings) -> int:
     import uvicorn
 
     from api.app import create_app
+    from api.server import raise_nofile_limit, serve_options
 
     token = prepare(settings)
+    raise_nofile_limit()  # and header/keep-alive timeouts, a connection cap (issue 11, item 12)
     server = uvicorn.Server(uvicorn.Config(create_app(settings), host=settings.host,
-                                           port=settings.port, log_level="info"))
+                                           port=settings.port, log_level="info",
+                                           **serve_options(settings)))
     worker = start_worker(settings)
     stopping = threading.Event()
     threading.Thread(target=_watch, args=(worker, server, stopping), daemon=True,

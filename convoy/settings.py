@@ -92,6 +92,28 @@ class Settings(BaseSettings):
     max_model_layers: Annotated[int, Field(ge=1)] = 256
     max_feature_side: Annotated[int, Field(ge=1)] = 8192
 
+    # Issue 11, items 1, 5, 12, 13: hostile load on the API.
+    # A request waits this long for a pooled database connection, then gets 503 + Retry-After.
+    db_pool_timeout_seconds: Annotated[float, Field(gt=0)] = 5.0
+    # Token checks: a bad token is remembered this long (no database trip when it comes
+    # again). A good one is not cached by default, so a revocation takes effect at once;
+    # a value > 0 saves a lookup per request at the price of a revocation taking that long.
+    auth_miss_cache_seconds: Annotated[float, Field(ge=0)] = 5.0
+    auth_hit_cache_seconds: Annotated[float, Field(ge=0, le=5)] = 0.0
+    auth_cache_size: Annotated[int, Field(ge=1)] = 10_000
+    # Server-sent event streams: the token (and the job's tenant) is checked again this
+    # often, and open streams are capped per tenant and per API process (429 past a cap).
+    stream_recheck_seconds: Annotated[float, Field(gt=0)] = 2.0
+    max_streams_per_tenant: Annotated[int, Field(ge=1)] = 20
+    max_streams_total: Annotated[int, Field(ge=1)] = 200
+    # Slow clients (the served uvicorn): a connection must finish sending a request's headers
+    # this long after it opened (or after its previous response); idle keep-alive
+    # connections close after keep_alive_seconds; past max_connections new connections are
+    # closed at once (each costs a file descriptor).
+    header_timeout_seconds: Annotated[float, Field(gt=0)] = 10.0
+    keep_alive_seconds: Annotated[int, Field(ge=1)] = 5
+    max_connections: Annotated[int, Field(ge=1)] = 2048
+
     @model_validator(mode="after")
     def _defaults_from_home(self) -> Settings:
         home = self.home.resolve()

@@ -12,11 +12,28 @@ from sqlalchemy.orm import Session, sessionmaker
 from convoy.textsafe import loads_replacing
 
 
-@lru_cache
-def get_engine(url: str) -> Engine:
+def _pool_timeout() -> float:
+    # A request that cannot get a connection within this gives up (503 in the API) instead
+    # of stalling for SQLAlchemy's default 30 s (issue 11, item 1).
+    from convoy.settings import get_settings
+
+    return get_settings().db_pool_timeout_seconds
+
+
+# The request pool's size per database kind: (pool_size, max_overflow).
+POOL_SQLITE = (5, 10)
+POOL_POSTGRES = (10, 20)
+
+
+def _make_engine(url: str, *, pool_size: int, max_overflow: int, timeout: float,
+                 busy_timeout: float = 30, connect_timeout: int | None = None) -> Engine:
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30},
-                               json_deserializer=loads_replacing)
+        # (an in-memory database gets a single-connection pool, which takes no pool options)
+        pool = {} if ":memory:" in url else {"pool_timeout": timeout, "pool_size": pool_size,
+                                             "max_overflow": max_overflow}
+        engine = create_engine(url, connect_args={"check_same_thread": False,
+                                                  "timeout": busy_timeout},
+                               json_deserializer=loads_replacing, **pool)
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn, _record):  # type: ignore[no-untyped-def]
@@ -30,8 +47,35 @@ def get_engine(url: str) -> Engine:
         return engine
     # pre_ping: a PostgreSQL restart must not leave dead connections in the pool.
     # json_deserializer: a stored lone surrogate reads back as U+FFFD (issue 11, item 3).
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20,
+    connect = {} if connect_timeout is None else {"connect_timeout": connect_timeout}
+    return create_engine(url, pool_pre_ping=True, pool_size=pool_size,
+                         max_overflow=max_overflow, pool_timeout=timeout, connect_args=connect,
                          json_deserializer=loads_replacing)
+
+
+@lru_cache
+def get_engine(url: str) -> Engine:
+    size, overflow = POOL_SQLITE if url.startswith("sqlite") else POOL_POSTGRES
+    return _make_engine(url, pool_size=size, max_overflow=overflow, timeout=_pool_timeout())
+
+
+def pool_capacity(url: str) -> int:
+    """How many connections get_engine(url) may hold at once."""
+    size, overflow = POOL_SQLITE if url.startswith("sqlite") else POOL_POSTGRES
+    return size + overflow
+
+
+@lru_cache
+def get_side_engine(url: str, purpose: str) -> Engine:
+    """A small engine of its own (2 + 2 connections) for work that must never queue behind
+    the request pool: the API's token checks and its readiness probe (issue 11, item 1)."""
+    return _make_engine(url, pool_size=2, max_overflow=2, timeout=2, busy_timeout=2,
+                        connect_timeout=2)
+
+
+@lru_cache
+def get_side_sessionmaker(url: str, purpose: str) -> sessionmaker[Session]:
+    return sessionmaker(get_side_engine(url, purpose), expire_on_commit=False)
 
 
 @lru_cache

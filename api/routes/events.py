@@ -6,19 +6,22 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 import anyio
-from fastapi import APIRouter, Header, HTTPException, Query, Request
+from fastapi import APIRouter, FastAPI, Header, HTTPException, Query, Request
 from fastapi.responses import StreamingResponse
 from sqlalchemy import select
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session
+from starlette.types import Receive, Scope, Send
 
-from api.auth import authenticate
-from api.deps import SettingsDep
+from api.auth import job_for_token
+from api.deps import SettingsDep, check_token
 from convoy.settings import Settings
 from db import jobs as jobs_db
 from db.session import get_sessionmaker
@@ -31,6 +34,13 @@ POLL_SECONDS = 0.3
 # A comment line now and then keeps proxies and load balancers from closing an idle stream.
 KEEPALIVE_SECONDS = 15.0
 ID_PATTERN = re.compile(r"^(\d{1,6})-(\d{1,19})-(\d{1,5})$")
+# Metric ids are 64-bit signed integers in the database: a larger Last-Event-ID is not an id
+# this stream sent (it crashed the stream with an overflow; issue 11, item 5).
+MAX_METRIC_ID = 2**63 - 1
+MAX_PROGRESS = 10000
+# Stream polls and token re-checks run on threads of their own: open streams cannot take the
+# shared thread pool from ordinary requests (500 streams made a plain GET take 0.8 s).
+STREAM_LIMITER = anyio.CapacityLimiter(8)
 
 
 @dataclass
@@ -53,7 +63,12 @@ class Cursor:
         if match is None:
             raise HTTPException(422, [{"loc": ["header", "Last-Event-ID"], "type": "value_error",
                                        "msg": "Last-Event-ID: not an id this stream sent"}])
-        return cls(*(int(g) for g in match.groups()))
+        cursor = cls(*(int(g) for g in match.groups()))
+        if cursor.metric_id > MAX_METRIC_ID or cursor.progress > MAX_PROGRESS:
+            raise HTTPException(422, [{"loc": ["header", "Last-Event-ID"], "type": "value_error",
+                                       "msg": "Last-Event-ID: out of range, not an id this "
+                                              "stream sent"}])
+        return cursor
 
 
 def state_history(job: Job, attempts: list[JobAttempt]) -> list[dict[str, Any]]:
@@ -131,13 +146,16 @@ def poll_events(snap: Snapshot, cursor: Cursor) -> tuple[list[bytes], bool]:
     return frames, terminal
 
 
-def _authorize(settings: Settings, job_id: str, secret: str) -> None:
+def _load_job(settings: Settings, job_id: str, tenant: str) -> None:
     with get_sessionmaker(settings.database_url)() as session:
-        principal = authenticate(session, secret)
-        if principal is None:
-            raise HTTPException(401, "missing, invalid or revoked token",
-                                headers={"WWW-Authenticate": "Bearer"})
-        _load(session, job_id, principal.tenant)
+        _load(session, job_id, tenant)
+
+
+def _still_allowed(settings: Settings, job_id: str, secret: str) -> bool:
+    """The token is still live and of the job's tenant: one statement, no cache, so a
+    revocation closes the stream at the next re-check."""
+    with get_sessionmaker(settings.database_url)() as session:
+        return job_for_token(session, job_id, secret) is not None
 
 
 def _load(session: Session, job_id: str, tenant: str) -> None:
@@ -145,6 +163,63 @@ def _load(session: Session, job_id: str, tenant: str) -> None:
         jobs_db.get_job(session, job_id=job_id, tenant=tenant)
     except jobs_db.JobNotFound:
         raise HTTPException(404, f"job {job_id[:64]} not found") from None
+
+
+@dataclass
+class StreamSlots:
+    """Open event streams of this API process, per tenant and in total (issue 11, item 5)."""
+
+    per_tenant: int
+    total: int
+    open: dict[str, int] = field(default_factory=dict)
+
+    def take(self, tenant: str) -> Callable[[], None]:
+        """A slot for one stream, or 429; returns the function that gives it back (once)."""
+        count = self.open.get(tenant, 0)
+        if count >= self.per_tenant:
+            raise HTTPException(429, f"tenant has {count} open event streams, the limit "
+                                     f"max_streams_per_tenant is {self.per_tenant}",
+                                headers={"Retry-After": "5"})
+        if sum(self.open.values()) >= self.total:
+            raise HTTPException(429, f"the API has {self.total} open event streams, the limit "
+                                     "max_streams_total: retry shortly",
+                                headers={"Retry-After": "5"})
+        self.open[tenant] = count + 1
+        given_back = False
+
+        def give_back() -> None:
+            nonlocal given_back
+            if not given_back:
+                given_back = True
+                self.open[tenant] -= 1
+                if not self.open[tenant]:
+                    del self.open[tenant]
+
+        return give_back
+
+
+def stream_slots(app: FastAPI) -> StreamSlots:
+    slots = getattr(app.state, "stream_slots", None)
+    if slots is None:
+        settings: Settings = app.state.settings
+        slots = app.state.stream_slots = StreamSlots(settings.max_streams_per_tenant,
+                                                     settings.max_streams_total)
+    return slots
+
+
+class SlotStream(StreamingResponse):
+    """A stream that gives its slot back however it ends (done, disconnect, error)."""
+
+    def __init__(self, content: AsyncIterator[bytes], give_back: Callable[[], None],
+                 **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self.give_back = give_back
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.give_back()
 
 
 @router.get("/{job_id}/events", response_class=StreamingResponse,
@@ -163,17 +238,36 @@ async def stream_events(
     scheme, _, secret = (authorization or "").partition(" ")
     secret = secret.strip() if scheme.lower() == "bearer" else (token or "")
     cursor = Cursor.parse(last_event_id)
-    await anyio.to_thread.run_sync(_authorize, settings, job_id, secret)
+    principal = await check_token(request, secret)
+    if principal is None:
+        raise HTTPException(401, "missing, invalid or revoked token",
+                            headers={"WWW-Authenticate": "Bearer"})
+    await anyio.to_thread.run_sync(_load_job, settings, job_id, principal.tenant,
+                                   limiter=STREAM_LIMITER)
+    give_back = stream_slots(request.app).take(principal.tenant)
 
     async def frames() -> AsyncIterator[bytes]:
         quiet = 0.0
+        checked = time.monotonic()
         while True:
+            if time.monotonic() - checked >= settings.stream_recheck_seconds:
+                # A long-lived stream re-checks its token and the job's tenant: a revoked
+                # token's stream ends within seconds (issue 11, item 5).
+                try:
+                    allowed = await anyio.to_thread.run_sync(
+                        _still_allowed, settings, job_id, secret, limiter=STREAM_LIMITER)
+                except (OperationalError, PoolTimeout, DBAPIError):
+                    allowed = True  # the database is away: nothing to stream meanwhile
+                checked = time.monotonic()
+                if not allowed:
+                    yield b'event: error\ndata: {"detail": "token revoked or job gone"}\n\n'
+                    return
             try:
                 snap = await anyio.to_thread.run_sync(read_snapshot, settings, job_id,
-                                                      cursor.metric_id)
+                                                      cursor.metric_id, limiter=STREAM_LIMITER)
             except jobs_db.JobNotFound:
                 return  # deleted while watched: nothing more will happen to it
-            except OperationalError:
+            except (OperationalError, PoolTimeout):
                 # The database is away (a restart, a failover): keep the stream open and try
                 # again, as the workers do, rather than make every watcher reconnect.
                 log.warning("events for job %s: database unavailable, retrying", job_id)
@@ -191,5 +285,5 @@ async def stream_events(
                 return
             await anyio.sleep(POLL_SECONDS)
 
-    return StreamingResponse(frames(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return SlotStream(frames(), give_back, media_type="text/event-stream",
+                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -2,36 +2,61 @@
 
 from __future__ import annotations
 
+import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
-from db.session import get_engine
+from db.session import get_side_engine
 
 router = APIRouter(tags=["health"])
 
+# /readyz must answer promptly while the API is under load (issue 11, item 1): its checks run
+# on threads of their own (never queued behind the shared thread pool) and the database check
+# uses an engine of its own (never queued behind the request pool), each bounded in time.
+CHECK_LIMITER = anyio.CapacityLimiter(4)
+CHECK_SECONDS = 2.0
+
+
+def _check_database(url: str) -> None:
+    with get_side_engine(url, "readyz").connect() as conn:
+        conn.execute(text("SELECT 1"))
+
+
+def _check_broker(celery) -> None:  # type: ignore[no-untyped-def]
+    with celery.connection_for_write() as conn:
+        conn.ensure_connection(max_retries=1, timeout=2)
+
+
+async def _run_check(fn, *args) -> str:  # type: ignore[no-untyped-def]
+    try:
+        with anyio.fail_after(CHECK_SECONDS):
+            await anyio.to_thread.run_sync(fn, *args, limiter=CHECK_LIMITER,
+                                           abandon_on_cancel=True)
+        return "ok"
+    except TimeoutError:
+        return "error: timed out"
+    except Exception as exc:  # noqa: BLE001 - reported, not raised
+        return f"error: {type(exc).__name__}"
+
 
 @router.get("/healthz")
-def healthz() -> dict[str, str]:
+async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
 @router.get("/readyz")
-def readyz(request: Request) -> JSONResponse:
+async def readyz(request: Request) -> JSONResponse:
     settings = request.app.state.settings
     checks: dict[str, str] = {}
-    try:
-        with get_engine(settings.database_url).connect() as conn:
-            conn.execute(text("SELECT 1"))
-        checks["database"] = "ok"
-    except Exception as exc:  # noqa: BLE001 - reported, not raised
-        checks["database"] = f"error: {type(exc).__name__}"
-    try:
-        with request.app.state.celery.connection_for_write() as conn:
-            conn.ensure_connection(max_retries=1, timeout=2)
-        checks["broker"] = "ok"
-    except Exception as exc:  # noqa: BLE001
-        checks["broker"] = f"error: {type(exc).__name__}"
+
+    async def check(name: str, fn, *args) -> None:  # type: ignore[no-untyped-def]
+        checks[name] = await _run_check(fn, *args)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(check, "database", _check_database, settings.database_url)
+        tg.start_soon(check, "broker", _check_broker, request.app.state.celery)
+    checks = {k: checks[k] for k in ("database", "broker")}
     ready = all(v == "ok" for v in checks.values())
     return JSONResponse({"status": "ready" if ready else "not ready", "checks": checks},
                         status_code=200 if ready else 503)

@@ -23,6 +23,7 @@ from api.deps import (
     StoreDep,
     bearer_secret,
     principal_from,
+    token_cache,
 )
 from api.idempotency import canonical_json, conflict, idem_for
 from api.schemas import CheckpointOut, JobOut, JobPage, LogLine, MetricPoint, MetricsOut
@@ -174,6 +175,9 @@ async def get_job(job_id: str, session: SessionDep, request: Request) -> Respons
     # one SQL statement (token check joined to the read) and the JSON written straight from
     # the schema; FastAPI would dump the model, validate the dict again and encode it.
     # With PrincipalDep, a second query and a sync handler a poll took four pool trips.
+    if token_cache(request.app).known_bad(bearer_secret(request)):
+        principal_from(request, session)  # a token seen to be bad lately: 401, no database
+
     def read() -> bytes:
         try:
             job = job_for_token(session, job_id, bearer_secret(request))
