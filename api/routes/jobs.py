@@ -9,7 +9,7 @@ import logging
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Body, Depends, HTTPException, Query, Request, Response
+from fastapi import APIRouter, Body, HTTPException, Query, Request, Response
 from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
@@ -53,21 +53,6 @@ def load_job(session, job_id: str, tenant: str) -> Job:  # type: ignore[no-untyp
         raise HTTPException(404, f"job {job_id[:64]} not found") from None
 
 
-async def _submitter(request: Request, session: SessionDep) -> Principal:
-    """The token check of a submission in one thread-pool trip that hands its connection back
-    to the pool before returning: between the check and the handler no connection is held, so
-    a burst of submissions (each waiting for the tenant's lock, item 8) cannot leave every
-    pooled connection with a request that waits for a thread."""
-
-    def check() -> Principal:
-        try:
-            return principal_from(request, session)
-        finally:
-            session.rollback()  # a read: ends the transaction, returns the connection
-
-    return await run_in_threadpool(check)
-
-
 @router.post("", status_code=201, response_model=JobOut,
              responses={200: {"model": JobOut, "description": "the job an earlier request "
                               "with the same Idempotency-Key and body created"}})
@@ -75,7 +60,7 @@ def submit_job(
     body: Annotated[JobRequest, Body()],
     session: SessionDep,
     settings: SettingsDep,
-    principal: Annotated[Principal, Depends(_submitter)],
+    principal: PrincipalDep,
     celery: CeleryDep,
     request: Request,
     response: Response,
