@@ -40,7 +40,7 @@ from api.textguard import RejectUnencodableJSON
 from convoy.artifacts import StoreUnavailable, get_store
 from convoy.queue import make_celery
 from convoy.settings import Settings, get_settings
-from db.session import session_scope
+from db.session import configure_pools, session_scope
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +168,7 @@ async def store_unavailable(_: Request, exc: StoreUnavailable) -> JSONResponse:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
+    configure_pools(timeout_seconds=settings.db_pool_timeout_seconds)
     redact_access_log()
 
     @asynccontextmanager

@@ -5,7 +5,6 @@ Plain Python and numpy: the API never imports torch."""
 from __future__ import annotations
 
 import math
-from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -15,11 +14,12 @@ from sqlalchemy.orm import Session
 
 from api.submit import check_model_limits, summarize_or_422, unprocessable
 from convoy import datasets
-from convoy.featuremaps import UnknownLayer, layer_names, map_bytes, pooled_shape, resolve_layers
+from convoy.featuremaps import UnknownLayer, layer_names, resolve_layers
 from convoy.jobspec import FeatureMapsJobRequest
 from convoy.settings import Settings
 from convoy.textsafe import BadJSON, loads_bounded
 from db.tables import Artifact, Job, Upload
+from models.pooling import map_bytes, pooled_shape
 from models.spec import ModelSpec, pair
 
 DEFAULT_DATASET_INPUTS = 16
@@ -183,20 +183,6 @@ def _upload(session: Session, upload_id: str, kind: str, tenant: str) -> Upload 
 
 # -- the inputs ------------------------------------------------------------------------------
 
-@lru_cache(maxsize=1)
-def _digits_split_sizes() -> dict[str, int]:
-    split = datasets.load_digits()
-    return {"train": len(split.x_train), "val": len(split.x_val),
-            "all": len(split.x_train) + len(split.x_val)}
-
-
-def _sizes_from_labels(y: np.ndarray, uploaded: bool) -> dict[str, int]:
-    empty = np.zeros((len(y), 0), dtype=np.float32)
-    split = datasets.split_uploaded(empty, y) if uploaded else \
-        datasets._stratified_split(empty, y, 0.2, seed=0)
-    return {"train": len(split.y_train), "val": len(split.y_val), "all": len(y)}
-
-
 def dataset_ref(raw: Any) -> Any:
     if isinstance(raw, str):
         return datasets.DigitsRef(name="digits") if raw == "digits" \
@@ -208,13 +194,13 @@ def split_size(session: Session, ref: Any, split: str, *, tenant: str, store: An
                max_bytes: int | None = None) -> tuple[tuple[int, ...], int]:
     """The dataset's input shape and the number of samples in the split."""
     if isinstance(ref, datasets.DigitsRef):
-        return (1, 8, 8), _digits_split_sizes()[split]
+        return (1, 8, 8), datasets.DIGITS_SPLIT_SIZES[split]
     if isinstance(ref, datasets.SyntheticRef):
         if too_large := datasets.oversized(ref, max_bytes):
             raise unprocessable("inputs.dataset.samples", too_large)
         # split sizes depend only on the class counts, not on the drawn images
         y = np.arange(ref.samples, dtype=np.int64) % ref.num_classes
-        return (ref.channels, ref.size, ref.size), _sizes_from_labels(y, False)[split]
+        return (ref.channels, ref.size, ref.size), datasets.split_sizes(y, uploaded=False)[split]
     upload = _upload(session, ref.id, "dataset", tenant)
     if upload is None:
         raise not_found("inputs.dataset.id", f"no dataset {ref.id}")
@@ -223,7 +209,7 @@ def split_size(session: Session, ref: Any, split: str, *, tenant: str, store: An
         return shape, int(upload.meta["samples"])
     with np.load(store.path(upload.key), allow_pickle=False) as archive:
         y = archive["y"]  # an .npz member loads alone: x is not read
-    return shape, _sizes_from_labels(y.astype(np.int64), True)[split]
+    return shape, datasets.split_sizes(y.astype(np.int64), uploaded=True)[split]
 
 
 def resolve_inputs(session: Session, req: FeatureMapsJobRequest, summary: dict[str, Any], *,

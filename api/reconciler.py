@@ -4,8 +4,6 @@ running at once harmless."""
 
 from __future__ import annotations
 
-import base64
-import json
 import logging
 import threading
 import time
@@ -13,63 +11,13 @@ from typing import Any
 
 from celery import Celery
 
-from convoy.queue import enqueue, gpu_queue
+from convoy.queue import enqueue
+from convoy.queue_inspect import redis_held_ids
 from convoy.settings import Settings
 from db import jobs
 from db.session import session_scope
 
 log = logging.getLogger(__name__)
-
-# kombu's Redis transport keeps one list per priority step: "q", "q\x06\x163", ...
-REDIS_PRIORITY_SEP = "\x06\x16"
-REDIS_PRIORITY_STEPS = (0, 3, 6, 9)
-
-
-def _job_id_of(raw: bytes | str) -> str | None:
-    """The job id a Celery message carries (its only argument), or None if unreadable."""
-    try:
-        message = json.loads(raw)
-        body = message["body"]
-        if message.get("properties", {}).get("body_encoding") == "base64":
-            body = base64.b64decode(body)
-        args = json.loads(body)[0]
-        return str(args[0]) if args else None
-    except (ValueError, KeyError, IndexError, TypeError):
-        return None
-
-
-def redis_queue_keys(queue: str) -> list[str]:
-    return [queue if p == 0 else f"{queue}{REDIS_PRIORITY_SEP}{p}" for p in REDIS_PRIORITY_STEPS]
-
-
-def redis_held_ids(settings: Settings, *, queued: int) -> set[str] | None:
-    """Job ids with a message waiting in the Redis broker's lists for our queues (the main one
-    and the GPU one).
-
-    None when the lists hold at least `queued` messages: nothing looks lost, so they are not
-    read (a backlog of thousands costs one LLEN per pass, not a scan). Delivered-but-unacked
-    messages do not count: the worker that took one may have died before claiming the job,
-    and Redis would hand it out again only after the visibility timeout (days)."""
-    import redis
-
-    client = redis.Redis.from_url(settings.broker_url, socket_timeout=5)
-    try:
-        keys = redis_queue_keys(settings.queue) + redis_queue_keys(gpu_queue(settings.queue))
-        pipe = client.pipeline()
-        for key in keys:
-            pipe.llen(key)
-        if sum(pipe.execute()) >= queued:
-            return None
-        pipe = client.pipeline()
-        for key in keys:
-            pipe.lrange(key, 0, -1)
-        held: set[str] = set()
-        for chunk in pipe.execute():
-            held.update(i for i in map(_job_id_of, chunk) if i)
-        return held
-    finally:
-        client.close()
-
 
 def reconcile_once(settings: Settings, celery: Celery, *, expire_leases: bool = True
                    ) -> dict[str, list[str]]:

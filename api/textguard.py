@@ -14,7 +14,8 @@ import json
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from convoy.textsafe import SURROGATE_ESCAPE, first_unencodable
+from convoy.textsafe import first_unencodable
+from db.jsontext import SURROGATE_ESCAPE
 
 
 def unencodable_detail(loc: list[str | int], where: str) -> dict[str, object]:

@@ -34,6 +34,6 @@ if __name__ == "__main__":
 
     import uvicorn
 
-    # the same server settings as `convoy api` (convoy/cli.py cmd_api)
+    # the same server settings as `convoy api` (cli/main.py cmd_api)
     uvicorn.run("bench.bare_app:app", host="127.0.0.1", port=int(sys.argv[1]), workers=1,
                 log_level="info")

@@ -125,7 +125,7 @@ def breakdown(mode: str, stack: Any, epochs_list: list[int], repeats: int) -> No
     from convoy.settings import Settings
     from db import jobs as jobs_db
     from db.session import session_scope
-    from worker import checkpoints, runner
+    from worker import checkpoints, runner, train_job
 
     settings = Settings(home=stack.home, database_url=stack.env["CONVOY_DATABASE_URL"],
                         broker_url=stack.env["CONVOY_BROKER_URL"])
@@ -148,14 +148,14 @@ def breakdown(mode: str, stack: Any, epochs_list: list[int], repeats: int) -> No
         watch = Stopwatch()
         for owner, attr, label in (
             (jobs_db, "claim_job", "db: claim"),
-            (runner.TrainRun, "checkpoint_rows", "db: resume lookup"),
-            (runner, "load_split", "dataset load"),
-            (runner.DeviceData, "from_numpy", "dataset to device"),
-            (runner, "build_model", "model build"),
-            (runner, "train", "train loop (incl. on_epoch)"),
+            (train_job.TrainRun, "checkpoint_rows", "db: resume lookup"),
+            (train_job, "load_split", "dataset load"),
+            (train_job.DeviceData, "from_numpy", "dataset to device"),
+            (train_job, "build_model", "model build"),
+            (train_job, "train", "train loop (incl. on_epoch)"),
             (checkpoints, "model_bytes", "  checkpoint serialise (model)"),
             (checkpoints, "optimizer_bytes", "  checkpoint serialise (optimizer)"),
-            (runner.TrainRun, "_wait_pending", "waiting for checkpoint writer"),
+            (train_job.TrainRun, "_wait_pending", "waiting for checkpoint writer"),
             (LocalStore, "put_bytes", "  [writer] checkpoint files"),
             (jobs_db, "record_epoch", "  [writer] db: epoch metrics+artifacts"),
             (jobs_db, "finish_job", "db: finish"),

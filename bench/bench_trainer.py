@@ -22,7 +22,8 @@ from convoy import datasets
 from convoy.jobspec import TrainConfig
 from models.build import build_model
 from models.spec import ModelSpec
-from worker.train import DeviceData, Progress, Stopped, train
+from worker.control import Progress, Stopped
+from worker.train import DeviceData, train
 
 DIGITS_CNN = {
     "input_shape": [1, 8, 8], "num_classes": 10,

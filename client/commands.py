@@ -1,5 +1,5 @@
 """The client half of the `convoy` command: submit (with a live progress bar), jobs, status,
-cancel, logs, fetch, feature-maps. convoy.cli adds these to its parser."""
+cancel, logs, fetch, feature-maps. cli.main adds these to its parser."""
 
 from __future__ import annotations
 

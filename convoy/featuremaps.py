@@ -1,5 +1,6 @@
 """Plain-Python rules shared by the API (checks at submission) and the worker (extraction):
-how layers are named, which ones a request captures, and the shape of a pooled map.
+how layers are named and which ones a request captures (the shape of a pooled map is
+models/pooling.py's).
 
 A layer is named `{index}-{type}` after its place in the spec, e.g. `0-conv2d`, `2-maxpool2d`;
 a request may list layers by that name or by the bare index (`"2"`).
@@ -7,7 +8,6 @@ a request may list layers by that name or by the bare index (`"2"`).
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 
@@ -49,26 +49,3 @@ def resolve_layers(summary: dict[str, Any], wanted: list[str] | None) -> list[in
         else:
             raise UnknownLayer(position, item, names)
     return sorted(picked)
-
-
-def pool_window(size: int, kernel: int) -> int:
-    """The extra pooling window on one axis: the requested kernel, clipped to the map."""
-    return min(kernel, size)
-
-
-def pooled_shape(shape: list[int], pool: dict[str, Any] | None) -> list[int]:
-    """The stored per-sample shape of a layer's maps after the optional extra pooling.
-    Only [C, H, W] maps are pooled; windows are kernel x kernel at stride kernel, and a
-    partial window at the bottom/right edge is kept (ceil mode), so no value is dropped."""
-    if pool is None or len(shape) != 3:
-        return list(shape)
-    c, h, w = shape
-    if pool.get("global"):
-        return [c, 1, 1]
-    kernel = int(pool["kernel_size"])
-    kh, kw = pool_window(h, kernel), pool_window(w, kernel)
-    return [c, math.ceil(h / kh), math.ceil(w / kw)]
-
-
-def map_bytes(count: int, shape: list[int], dtype: str) -> int:
-    return count * math.prod(shape) * (2 if dtype == "float16" else 4)

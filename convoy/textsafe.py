@@ -3,8 +3,8 @@
 JSON may spell a lone UTF-16 surrogate (`"\\ud800"`); Python decodes it to a `str` that no
 UTF-8 encoder accepts. Stored, such a value broke every response that contained it, so
 requests holding one are refused (`first_unencodable`) and values read back from storage are
-repaired with U+FFFD (`replace_unencodable`, `loads_replacing`). Stdlib only: the API, the
-database layer and the worker all use it.
+repaired with U+FFFD (db/jsontext.py). The repairs live in db/jsontext.py
+(the database layer reads stored JSON through them) and are re-exported here.
 """
 
 from __future__ import annotations
@@ -13,9 +13,8 @@ import json
 import re
 from typing import Any
 
-# A JSON escape of a UTF-16 surrogate (paired ones too: a cheap pre-filter, confirmed by a walk).
-SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
-_SURROGATE = re.compile("[\ud800-\udfff]")
+from db.jsontext import SURROGATE
+
 MAX_JSON_DEPTH = 64
 
 
@@ -43,53 +42,12 @@ def first_unencodable(value: Any) -> list[str | int] | None:
         elif isinstance(node, dict):
             for key, item in reversed(list(node.items())):
                 if isinstance(key, str) and unencodable(key):
-                    return [*path, _SURROGATE.sub("\ufffd", key)]
+                    return [*path, SURROGATE.sub("\ufffd", key)]
                 stack.append(([*path, key], item))
         elif isinstance(node, (list, tuple)):
             for index in range(len(node) - 1, -1, -1):
                 stack.append(([*path, index], node[index]))
     return None
-
-
-def _fix(text: str) -> str:
-    return _SURROGATE.sub("\ufffd", text)
-
-
-def replace_unencodable(value: Any) -> Any:
-    """`value` with every lone surrogate replaced by U+FFFD (in keys too); iterative."""
-    if isinstance(value, str):
-        return _fix(value)
-    if not isinstance(value, (dict, list)):
-        return value
-    root: Any = {} if isinstance(value, dict) else []
-    stack: list[tuple[Any, Any]] = [(value, root)]
-    while stack:
-        source, target = stack.pop()
-        items = source.items() if isinstance(source, dict) else enumerate(source)
-        for key, item in items:
-            if isinstance(item, (dict, list)):
-                child: Any = {} if isinstance(item, dict) else []
-                stack.append((item, child))
-            else:
-                child = _fix(item) if isinstance(item, str) else item
-            if isinstance(target, dict):
-                target[_fix(key) if isinstance(key, str) else key] = child
-            else:
-                target.append(child)
-    return root
-
-
-def loads_replacing(raw: str | bytes | bytearray | memoryview) -> Any:
-    """json.loads for values read back from the database: a stored lone surrogate comes back
-    as U+FFFD instead of breaking whoever writes it out. The walk runs only when the text
-    holds a surrogate escape at all (a C-speed search), so ordinary rows cost nothing extra."""
-    if isinstance(raw, memoryview):
-        raw = bytes(raw)
-    value = json.loads(raw)
-    data = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw
-    if SURROGATE_ESCAPE.search(data) or (isinstance(raw, str) and _SURROGATE.search(raw)):
-        value = replace_unencodable(value)
-    return value
 
 
 def loads_bounded(text: str | bytes, *, max_depth: int | None = MAX_JSON_DEPTH) -> Any:

@@ -9,15 +9,17 @@ from functools import lru_cache
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
-from convoy.textsafe import loads_replacing
+from db.jsontext import loads_replacing
+
+# How long a session waits for a pooled connection before sqlalchemy.exc.TimeoutError (the
+# API answers 503): short, so nothing stalls for SQLAlchemy's default 30 s. The API sets it
+# from CONVOY_DB_POOL_TIMEOUT_SECONDS at start-up (configure_pools), before any engine exists.
+_POOL = {"timeout": 5.0}
 
 
-def _pool_timeout() -> float:
-    # A request that cannot get a connection within this gives up (503 in the API) instead
-    # of stalling for SQLAlchemy's default 30 s (issue 11, item 1).
-    from convoy.settings import get_settings
-
-    return get_settings().db_pool_timeout_seconds
+def configure_pools(*, timeout_seconds: float) -> None:
+    """Set the pool timeout of engines made from now on (call at process start-up)."""
+    _POOL["timeout"] = timeout_seconds
 
 
 # The request pool's size per database kind: (pool_size, max_overflow).
@@ -56,7 +58,7 @@ def _make_engine(url: str, *, pool_size: int, max_overflow: int, timeout: float,
 @lru_cache
 def get_engine(url: str) -> Engine:
     size, overflow = POOL_SQLITE if url.startswith("sqlite") else POOL_POSTGRES
-    return _make_engine(url, pool_size=size, max_overflow=overflow, timeout=_pool_timeout())
+    return _make_engine(url, pool_size=size, max_overflow=overflow, timeout=_POOL["timeout"])
 
 
 def pool_capacity(url: str) -> int:

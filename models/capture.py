@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from convoy.featuremaps import pool_window
+from models.pooling import pool_window
 
 
 @dataclass
@@ -51,7 +51,7 @@ def max_pool_with_argmax(x: torch.Tensor, layer: nn.MaxPool2d
 
 
 def extra_pool(t: torch.Tensor, pool: dict[str, Any] | None) -> torch.Tensor:
-    """Pool [N, C, H, W] maps by the request's rule (convoy.featuremaps.pooled_shape)."""
+    """Pool [N, C, H, W] maps by the request's rule (models.pooling.pooled_shape)."""
     if pool is None or t.dim() != 4:
         return t
     n, c, h, w = t.shape

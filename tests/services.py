@@ -80,7 +80,7 @@ class Stack:
 
     def start_api(self, cmd: list[str] | None = None) -> None:
         self.port = self.port or free_port()
-        cmd = cmd or [sys.executable, "-m", "convoy.cli", "api", "--migrate",
+        cmd = cmd or [sys.executable, "-m", "cli.main", "api", "--migrate",
                       "--host", "127.0.0.1", "--port", str(self.port)]
         self.api = self._spawn(cmd, "api")
         wait_http(self.url + "/healthz", proc=self.api)

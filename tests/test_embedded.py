@@ -21,7 +21,7 @@ EPOCHS = 6
 
 
 class Embedded:
-    """`python -m convoy.cli run` in its own session, as a terminal's foreground group."""
+    """`python -m cli.main run` in its own session, as a terminal's foreground group."""
 
     def __init__(self, home: Path, port: int, log: Path) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("CONVOY_")}
@@ -29,7 +29,7 @@ class Embedded:
                     "PYTHONUNBUFFERED": "1"})
         self.log = log
         with open(log, "wb") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "convoy.cli", "run"], cwd=ROOT,
+            self.proc = subprocess.Popen([sys.executable, "-m", "cli.main", "run"], cwd=ROOT,
                                          env=env, stdout=out, stderr=subprocess.STDOUT,
                                          start_new_session=True)
 

@@ -10,10 +10,12 @@ from celery.signals import worker_process_init, worker_ready, worker_shutting_do
 
 from convoy.queue import make_celery
 from convoy.settings import get_settings
+from db.session import configure_pools
 from worker import warmup
 from worker.lease import SHUTTING_DOWN
 
 settings = get_settings()
+configure_pools(timeout_seconds=settings.db_pool_timeout_seconds)
 app = make_celery(settings, include=["worker.tasks"])
 
 

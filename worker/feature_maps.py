@@ -24,10 +24,10 @@ from db.tables import Artifact, Job, Upload
 from models.build import build_model
 from models.capture import capture, channels_last
 from models.spec import ModelSpec
+from worker.control import Progress, Stopped
+from worker.data import load_split, pick_device
 from worker.lease import Lease
 from worker.render import channel_stats, npy_bytes, png_images
-from worker.runner import load_split, pick_device
-from worker.train import Progress, Stopped
 
 BATCH = 256
 

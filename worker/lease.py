@@ -11,7 +11,7 @@ import time
 
 from db import jobs
 from db.session import session_scope
-from worker.train import Progress, Stopped
+from worker.control import Progress, Stopped
 
 log = logging.getLogger(__name__)
 

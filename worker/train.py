@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from convoy.jobspec import TrainConfig
+from worker.control import Progress, Stopped
 
 
 @dataclass
@@ -49,17 +50,6 @@ class NonFiniteLoss(RuntimeError):
     def __init__(self, epoch: int, step: int) -> None:
         super().__init__(f"loss became NaN at epoch {epoch} step {step}")
         self.epoch, self.step = epoch, step
-
-
-class Stopped(Exception):
-    """The caller asked the loop to stop (canceled, or the lease was lost)."""
-
-
-@dataclass
-class Progress:
-    value: float = 0.0
-    epoch: int = 0
-    extra: dict[str, float] = field(default_factory=dict)
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:

@@ -21,7 +21,7 @@ def fleet(tmp_path: Path) -> Iterator[Stack]:
 
 
 def convoy_worker(stack: Stack, name: str) -> None:
-    stack.start_worker(name, cmd=[sys.executable, "-m", "convoy.cli", "worker", "--name", name])
+    stack.start_worker(name, cmd=[sys.executable, "-m", "cli.main", "worker", "--name", name])
 
 
 def test_a_cuda_job_waits_for_a_gpu_worker_and_a_cpu_worker_never_takes_it(fleet):

@@ -21,8 +21,8 @@ from db.session import get_engine, session_scope
 from tests.factories import train_request
 from tests.reliability.infra import sync_url
 from tests.services import create_pg_database, drop_pg_database
+from worker.control import Progress
 from worker.lease import Lease
-from worker.train import Progress
 
 EVERY_S = 5.0  # the default CONVOY_HEARTBEAT_SECONDS
 

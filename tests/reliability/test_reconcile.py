@@ -12,8 +12,9 @@ import pytest
 import redis
 from sqlalchemy import func, select, update
 
-from api.reconciler import _job_id_of, reconcile_once, redis_queue_keys
+from api.reconciler import reconcile_once
 from convoy.queue import enqueue, gpu_queue, make_celery
+from convoy.queue_inspect import job_id_of, redis_queue_keys
 from convoy.settings import Settings
 from db import jobs
 from db.base import utcnow
@@ -49,7 +50,7 @@ def make_jobs(settings: Settings, n: int, *, age_s: float) -> list[str]:
 
 def queued_messages(settings: Settings) -> list[str]:
     r = redis.Redis.from_url(settings.broker_url)
-    return [_job_id_of(m) or "?" for key in redis_queue_keys(settings.queue)
+    return [job_id_of(m) or "?" for key in redis_queue_keys(settings.queue)
             for m in r.lrange(key, 0, -1)]
 
 
@@ -68,7 +69,7 @@ def test_reconciler_resends_exactly_the_lost_messages(settings):
     r = redis.Redis.from_url(settings.broker_url)
     lost = set(ids[10:15])
     for raw in r.lrange(settings.queue, 0, -1):
-        if _job_id_of(raw) in lost:
+        if job_id_of(raw) in lost:
             r.lrem(settings.queue, 1, raw)
     assert reconcile_once(settings, celery)["resent"] == sorted(lost, key=ids.index)
     assert sorted(queued_messages(settings)) == sorted(ids)
@@ -172,15 +173,15 @@ def test_gpu_jobs_are_sent_held_and_resent_on_the_gpu_queue(settings):
             request={**tiny_job(), "device": "cuda"}))
     for job_id, gpu in ((cpu_job, False), (gpu_job, True)):
         enqueue(celery, kind="train", job_id=job_id, gpu=gpu)
-    assert [_job_id_of(m) for m in r.lrange(settings.queue, 0, -1)] == [cpu_job]
-    assert [_job_id_of(m) for m in r.lrange(gpu_key, 0, -1)] == [gpu_job]
+    assert [job_id_of(m) for m in r.lrange(settings.queue, 0, -1)] == [cpu_job]
+    assert [job_id_of(m) for m in r.lrange(gpu_key, 0, -1)] == [gpu_job]
     # a message waiting on the GPU queue counts as held: nothing is resent
     assert reconcile_once(settings, celery) == {"requeued": [], "resent": []}
     # both lost (a Redis restart): each is resent to its own queue
     r.delete(*redis_queue_keys(settings.queue), *redis_queue_keys(gpu_key))
     assert sorted(reconcile_once(settings, celery)["resent"]) == sorted([cpu_job, gpu_job])
-    assert [_job_id_of(m) for m in r.lrange(settings.queue, 0, -1)] == [cpu_job]
-    assert [_job_id_of(m) for m in r.lrange(gpu_key, 0, -1)] == [gpu_job]
+    assert [job_id_of(m) for m in r.lrange(settings.queue, 0, -1)] == [cpu_job]
+    assert [job_id_of(m) for m in r.lrange(gpu_key, 0, -1)] == [gpu_job]
     r.delete(*redis_queue_keys(settings.queue), *redis_queue_keys(gpu_key))
     with session_scope(settings.database_url) as session:
         session.execute(update(Job).where(Job.id.in_([cpu_job, gpu_job]))

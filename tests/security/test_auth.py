@@ -130,7 +130,7 @@ def test_production_api_refuses_to_start_without_a_bootstrap_token(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("CONVOY_")}
     env.update(CONVOY_ENV="production", CONVOY_HOME=str(tmp_path))
     proc = subprocess.run(
-        [sys.executable, "-m", "convoy.cli", "api", "--migrate", "--port", str(free_port())],
+        [sys.executable, "-m", "cli.main", "api", "--migrate", "--port", str(free_port())],
         env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0
     assert "CONVOY_BOOTSTRAP_TOKEN must be set" in proc.stderr

@@ -40,7 +40,7 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     s = Stack(env=env, home=home, port=free_port())
     # `convoy api` as compose runs it, started with a low soft limit on open files (1024, the
     # usual default) so that the test sees it raised to the hard limit
-    api_cmd = [sys.executable, "-m", "convoy.cli", "api", "--migrate", "--host", "127.0.0.1",
+    api_cmd = [sys.executable, "-m", "cli.main", "api", "--migrate", "--host", "127.0.0.1",
                "--port", str(s.port)]
     try:
         s.start_api(cmd=["bash", "-c", f"ulimit -Sn 1024 && exec {shlex.join(api_cmd)}"])

@@ -23,13 +23,13 @@ EXAMPLES = ROOT / "examples"
 def convoy(stack, *args: str, timeout: float = 180, token: str = TOKEN
            ) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "CONVOY_URL": stack.url, "CONVOY_TOKEN": token}
-    return subprocess.run([sys.executable, "-m", "convoy.cli", *args], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "cli.main", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 
 def convoy_admin(stack, *args: str) -> subprocess.CompletedProcess[str]:
     """A server-side command (`convoy token ...`): it reads the stack's database settings."""
-    return subprocess.run([sys.executable, "-m", "convoy.cli", *args], cwd=ROOT, env=stack.env,
+    return subprocess.run([sys.executable, "-m", "cli.main", *args], cwd=ROOT, env=stack.env,
                           capture_output=True, text=True, timeout=60)
 
 

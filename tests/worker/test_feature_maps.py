@@ -13,7 +13,6 @@ from sqlalchemy import select
 
 from api.feature_maps import check_feature_maps
 from convoy import inputs
-from convoy.featuremaps import pooled_shape
 from convoy.jobspec import FeatureMapsJobRequest, dump
 from convoy.settings import Settings
 from db import jobs
@@ -22,6 +21,7 @@ from db.session import session_scope
 from db.tables import Artifact
 from models.build import build_model
 from models.capture import capture, channels_last, extra_pool
+from models.pooling import pooled_shape
 from models.spec import ModelSpec
 from worker.feature_maps import run_feature_maps
 from worker.render import grid_shape, png_bytes

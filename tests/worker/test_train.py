@@ -18,7 +18,8 @@ from models.spec import ModelSpec
 from tests.factories import train_request
 from tests.services import wait_job
 from worker.checkpoints import load_model_state, model_bytes, optimizer_bytes, restore_optimizer
-from worker.train import DeviceData, EpochReport, NonFiniteLoss, Stopped, train
+from worker.control import Stopped
+from worker.train import DeviceData, EpochReport, NonFiniteLoss, train
 
 CPU = torch.device("cpu")
 # batchnorm (running buffers) and dropout (RNG) make an exact resume harder than plain SGD

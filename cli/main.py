@@ -15,7 +15,7 @@ def _settings() -> Settings:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from convoy.embedded import run
+    from cli.embedded import run
 
     return run(_settings())
 
@@ -45,7 +45,7 @@ def cmd_api(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from convoy.embedded import worker_command
+    from cli.embedded import worker_command
 
     settings = _settings()
     gpu = settings.worker_gpu_queue

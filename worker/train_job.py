@@ -1,0 +1,253 @@
+"""One attempt of a train job, from claim to outcome: the dataset on the device, resume
+from the newest intact checkpoint, the training loop, checkpoints written off the training
+thread, and the success recorded by the lease holder."""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import torch
+from sqlalchemy import select
+
+from convoy.artifacts import CorruptArtifact, checkpoint_name, get_store, job_key
+from convoy.jobspec import TrainJobRequest
+from convoy.settings import Settings
+from db import jobs
+from db.session import session_scope
+from db.tables import Artifact, Job
+from models.build import build_model
+from worker import checkpoints
+from worker.control import Progress, Stopped
+from worker.data import load_split, pick_device
+from worker.dbretry import retry_db
+from worker.lease import SHUTTING_DOWN, Lease
+from worker.train import DeviceData, EpochReport, make_optimizer, train
+
+log = logging.getLogger(__name__)
+
+
+class TrainRun:
+    """One attempt of a train job, from claim to outcome."""
+
+    def __init__(self, settings: Settings, job: Job, worker_id: str) -> None:
+        self.settings, self.job, self.worker_id = settings, job, worker_id
+        self.store = get_store(settings.artifact_root)
+        self.request = TrainJobRequest.model_validate(job.request)
+        self.progress = Progress()
+        self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt")
+        self.pending: Future[None] | None = None
+        self.lease_lost = False
+        self.started = time.monotonic()
+
+    def db(self):  # type: ignore[no-untyped-def]
+        return session_scope(self.settings.database_url)
+
+    def checkpoint_rows(self) -> tuple[list[Artifact], dict[str, Artifact]]:
+        """The job's model checkpoint rows, newest first, and its optimizer rows by name."""
+        with self.db() as session:
+            rows = list(session.scalars(
+                select(Artifact)
+                .where(Artifact.job_id == self.job.id,
+                       Artifact.kind.in_(("checkpoint", "optimizer")))
+                .order_by(Artifact.name.desc())
+            ))
+        return ([r for r in rows if r.kind == "checkpoint"],
+                {r.name: r for r in rows if r.kind == "optimizer"})
+
+    def on_epoch(self, report: EpochReport) -> None:
+        # Snapshot on this thread (tensors copied to CPU now), write on the writer thread:
+        # the next epoch trains while the files go to disk.
+        meta = {
+            "format": 1,
+            "job_id": self.job.id,
+            "epoch": report.epoch,
+            "step": report.step,
+            "model": self.request.model.model_dump(mode="json"),
+            "train": self.request.train.model_dump(mode="json"),
+            "metrics": report.metrics,
+        }
+        model_blob = checkpoints.model_bytes(report.model, meta)
+        optim_blob = checkpoints.optimizer_bytes(report.optimizer)
+        self._wait_pending()
+        self.pending = self.writer.submit(self._persist_epoch, report.epoch, report.step,
+                                          dict(report.metrics), model_blob, optim_blob)
+
+    def _persist_epoch(self, epoch: int, step: int, metrics: dict[str, float],
+                       model_blob: bytes, optim_blob: bytes) -> None:
+        # Fence: a worker cut off from the database (its lease long expired, the job resumed
+        # elsewhere) must not overwrite the new attempt's files when it comes back.
+        def holds() -> bool:
+            with self.db() as session:
+                return jobs.holds_lease(session, job_id=self.job.id, worker_id=self.worker_id)
+
+        if not retry_db(holds, what=f"job {self.job.id} lease check",
+                        within_s=self.settings.db_retry_seconds):
+            self.lease_lost = True
+            return
+        name = checkpoint_name(epoch)
+        rows: list[Artifact] = []
+        try:
+            for kind, blob, fname in (("checkpoint", model_blob, name),
+                                      ("optimizer", optim_blob,
+                                       name.replace(".safetensors", ".optimizer.safetensors"))):
+                key = job_key(self.job.id, "checkpoints", fname)
+                size, sha = self.store.put_bytes(key, blob)
+                rows.append(Artifact(job_id=self.job.id, tenant=self.job.tenant, kind=kind,
+                                     name=fname, key=key, size=size, sha256=sha,
+                                     meta={"epoch": epoch}))
+        except BaseException:
+            # No file without its row: the model file written before the optimizer file hit a
+            # full store goes too (a row an earlier attempt left for this name then points at
+            # nothing, which resume treats as a damaged checkpoint and skips).
+            left = self.store.discard(r.key for r in rows)
+            if left:
+                log.error("job %s: could not remove %s after a failed write", self.job.id, left)
+            raise
+
+        def record() -> bool:
+            with self.db() as session:
+                return jobs.record_epoch(
+                    session, job_id=self.job.id, worker_id=self.worker_id, epoch=epoch,
+                    step=step, metrics=metrics, progress=epoch / self.request.train.epochs,
+                    artifacts=rows,
+                )
+
+        if not retry_db(record, what=f"job {self.job.id} epoch {epoch}",
+                        within_s=self.settings.db_retry_seconds):
+            self.lease_lost = True
+
+    def _wait_pending(self) -> None:
+        if self.pending is not None:
+            self.pending.result()
+            self.pending = None
+
+    def run(self) -> None:
+        # The lease starts before anything slow (a large dataset, a resume, torch.compile),
+        # so none of that can outlast it.
+        with Lease(db_url=self.settings.database_url, job_id=self.job.id,
+                   worker_id=self.worker_id, every_s=self.settings.heartbeat_seconds,
+                   progress=self.progress) as lease:
+            result = self._train(lease)
+
+        seconds = time.monotonic() - self.started
+        resumed = int(result.get("resumed_from_epoch") or 0)
+        line = (f"succeeded: {result.get('epochs_done')} epochs in {seconds:.1f} s, "
+                f"val_accuracy {result.get('val_accuracy', float('nan')):.4f}"
+                + (f" (resumed from epoch {resumed})" if resumed else ""))
+
+        def finish() -> bool:
+            with self.db() as session:
+                return jobs.finish_job(session, job_id=self.job.id, worker_id=self.worker_id,
+                                       state="succeeded", result=result, log_line=line)
+
+        retry_db(finish, what=f"job {self.job.id} outcome",
+                 within_s=self.settings.db_retry_seconds)
+
+    def _train(self, lease: Lease) -> dict[str, Any]:
+        req = self.request
+        device = pick_device(req.device)
+        split = load_split(req.dataset, settings=self.settings, tenant=self.job.tenant)
+        data = DeviceData.from_numpy(split, device)
+        torch.manual_seed(req.train.seed)
+        model = build_model(req.model).to(device)
+        if device.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+            torch.backends.cudnn.benchmark = True
+        optimizer = make_optimizer(model, req.train)
+        start_epoch, resumed_metrics = self._resume(model, optimizer, device)
+        trained = torch.compile(model) if req.train.compile else model
+        try:
+            result = train(
+                trained, data, req.train, optimizer=optimizer, start_epoch=start_epoch,
+                on_epoch=self.on_epoch,
+                should_stop=lambda: (lease.should_stop() or self.lease_lost
+                                     or SHUTTING_DOWN.is_set()),
+                progress=self.progress,
+            )
+        finally:
+            try:
+                self._wait_pending()
+            finally:
+                self.writer.shutdown()
+        if lease.should_stop() or self.lease_lost:
+            raise Stopped()
+        for key in ("train_loss", "train_accuracy"):
+            # resumed after the last epoch: nothing was trained in this attempt, so the
+            # training figures are the last epoch's, as its checkpoint recorded them
+            if key not in result and key in resumed_metrics:
+                result[key] = resumed_metrics[key]
+        result["device"] = str(device)
+        result["resumed_from_epoch"] = start_epoch
+        return result
+
+    def _resume(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                device: torch.device) -> tuple[int, dict[str, float]]:
+        """Load the newest intact checkpoint: its model and optimizer files must match their
+        rows (size and sha256) and parse. A damaged one is skipped, and the job's log says
+        which and why; with none intact the attempt starts over from epoch 0 (the model as
+        freshly seeded). Returns (epoch, that epoch's metrics)."""
+        models, optimizers = self.checkpoint_rows()
+        if not models:
+            return 0, {}
+        damaged: list[str] = []
+        for row in models:
+            try:
+                epoch, metrics, model_state, optim_state = self._read_checkpoint(
+                    row, optimizers, model, device)
+            except CorruptArtifact as exc:
+                damaged.append(str(exc))
+                continue
+            try:
+                # validates the groups against the parameters before it changes anything
+                optimizer.load_state_dict(optim_state)
+            except (ValueError, KeyError, TypeError, IndexError) as exc:
+                damaged.append(f"{row.name.replace('.safetensors', '.optimizer.safetensors')}"
+                               f": does not fit the optimizer ({exc})")
+                continue
+            model.load_state_dict(model_state)  # names and shapes checked: cannot fail
+            message = f"attempt {self.job.attempt} resumes from {row.name} (epoch {epoch})"
+            if damaged:
+                message = f"{'; '.join(damaged)}; resuming from {row.name}. {message}"
+            self._log(message, level="warning" if damaged else "info")
+            return epoch, metrics
+        self._log(f"{'; '.join(damaged)}; no intact checkpoint left: attempt "
+                  f"{self.job.attempt} starts over from epoch 0", level="warning")
+        return 0, {}
+
+    def _read_checkpoint(self, row: Artifact, optimizers: dict[str, Artifact],
+                         model: torch.nn.Module, device: torch.device
+                         ) -> tuple[int, dict[str, float], dict[str, Any], dict[str, Any]]:
+        """Verify and parse one checkpoint (model and optimizer files), applying nothing:
+        CorruptArtifact naming the file when it cannot be used."""
+        optim_name = row.name.replace(".safetensors", ".optimizer.safetensors")
+        optim_row = optimizers.get(optim_name)
+        if optim_row is None:
+            raise CorruptArtifact(f"{optim_name}: no row for the optimizer state")
+        blob = self.store.get_verified(row.key, name=row.name, size=row.size,
+                                       sha256=row.sha256)
+        optim_blob = self.store.get_verified(optim_row.key, name=optim_name,
+                                             size=optim_row.size, sha256=optim_row.sha256)
+        try:
+            state = checkpoints.load_model_state(blob)
+            checkpoints.check_model_state(state, model)
+            meta = checkpoints.read_meta(blob)
+            epoch = int(meta["epoch"])
+        except Exception as exc:  # noqa: BLE001 - any parse failure: the file is unusable
+            raise CorruptArtifact(f"{row.name}: unreadable ({type(exc).__name__}: "
+                                  f"{str(exc)[:200]})") from exc
+        try:
+            optim_state = checkpoints.optimizer_state(optim_blob, device)
+        except Exception as exc:  # noqa: BLE001
+            raise CorruptArtifact(f"{optim_name}: unreadable ({type(exc).__name__}: "
+                                  f"{str(exc)[:200]})") from exc
+        return epoch, dict(meta.get("metrics") or {}), state, optim_state
+
+    def _log(self, message: str, level: str = "info") -> None:
+        def write() -> None:
+            with self.db() as session:
+                jobs.log(session, job_id=self.job.id, message=message, level=level)
+
+        retry_db(write, what=f"job {self.job.id} log", within_s=self.settings.db_retry_seconds)
