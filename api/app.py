@@ -4,14 +4,14 @@ start-up work (bootstrap token, reconciler)."""
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import unquote_plus
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from sqlalchemy.exc import DataError, DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -166,6 +166,16 @@ async def store_unavailable(_: Request, exc: StoreUnavailable) -> JSONResponse:
                         headers={"Retry-After": "60"})
 
 
+E = TypeVar("E", bound=Exception)
+
+
+def on_error(app: FastAPI, exc_type: type[E],
+             handler: Callable[[Request, E], Awaitable[Response]]) -> None:
+    """Register `handler` for `exc_type`: Starlette types every handler as taking any
+    Exception; this pairs each with the type it is called for."""
+    app.add_exception_handler(exc_type, handler)  # type: ignore[arg-type]  # see above
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     configure_pools(timeout_seconds=settings.db_pool_timeout_seconds)
@@ -187,14 +197,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.celery = make_celery(settings)
     app.state.store = get_store(settings.artifact_root)
-    app.add_exception_handler(RequestValidationError, validation_error)  # type: ignore[arg-type]
-    app.add_exception_handler(HTTPException, http_error)  # type: ignore[arg-type]
-    app.add_exception_handler(DataError, data_error)  # type: ignore[arg-type]
-    app.add_exception_handler(StoreUnavailable, store_unavailable)  # type: ignore[arg-type]
-    # issue 11, items 1 and 13: no connection free, or the database away: 503 + Retry-After
+    on_error(app, RequestValidationError, validation_error)
+    on_error(app, HTTPException, http_error)
+    on_error(app, DataError, data_error)
+    on_error(app, StoreUnavailable, store_unavailable)
+    # no connection free, or the database away: 503 + Retry-After
     for exc_type in (PoolTimeout, OperationalError, InterfaceError):
-        app.add_exception_handler(exc_type, database_unavailable)
-    app.add_exception_handler(DBAPIError, database_error)  # type: ignore[arg-type]
+        on_error(app, exc_type, database_unavailable)
+    on_error(app, DBAPIError, database_error)
     for module in (health, jobs, models, datasets, tokens):
         app.include_router(module.router)
     for module in (events, dashboard):  # the live stream and the web UI (issue 6)

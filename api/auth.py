@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import os
 import re
@@ -12,6 +13,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
+import anyio
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -79,7 +81,17 @@ def lookup_token(database_url: str, digest: str) -> Principal | None:
                                                     is_admin=token.is_admin)
 
 
-_MISSING = object()
+class _Missing(enum.Enum):
+    """Not in the cache (a sentinel mypy can narrow on: `found is MISSING`)."""
+
+    MISSING = "missing"
+
+
+MISSING = _Missing.MISSING
+# what the cache knows of a token: its principal, None (a bad token), or MISSING
+Cached = Principal | None | _Missing
+# a lookup in flight: set when it ends, and its answer (api.deps.check_token)
+InFlight = tuple[anyio.Event, list[Principal | None]]
 
 
 class TokenCache:
@@ -94,17 +106,17 @@ class TokenCache:
         self._lock = threading.Lock()
         # digest -> (event set when the lookup in flight for it ends, [its answer]); requests
         # asking about the same token meanwhile share that one lookup (api.deps.check_token)
-        self.inflight: dict[str, object] = {}
+        self.inflight: dict[str, InFlight] = {}
 
-    def get(self, digest: str) -> object:
-        """The cached Principal, None for a known bad token, or _MISSING."""
+    def get(self, digest: str) -> Cached:
+        """The cached Principal, None for a known bad token, or MISSING."""
         with self._lock:
             entry = self._entries.get(digest)
             if entry is None:
-                return _MISSING
+                return MISSING
             if entry[0] < time.monotonic():
                 del self._entries[digest]
-                return _MISSING
+                return MISSING
             return entry[1]
 
     def put(self, digest: str, principal: Principal | None) -> None:

@@ -12,7 +12,7 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from sqlalchemy.orm import Session
 
 from api.auth import (
-    _MISSING,
+    MISSING,
     Principal,
     TokenCache,
     authenticate,
@@ -141,12 +141,12 @@ def principal_from(request: Request, session: Session) -> Principal:
     cache = token_cache(request.app)
     digest = hash_token(secret) if plausible(secret) else ""
     found = cache.get(digest) if digest else None
-    if found is _MISSING:
+    if found is MISSING:
         found = authenticate(session, secret)
-        cache.put(digest, found)  # type: ignore[arg-type]
+        cache.put(digest, found)
     if found is None:
         raise _unauthorized()
-    return found  # type: ignore[return-value]
+    return found
 
 
 async def check_token(request: Request, secret: str) -> Principal | None:
@@ -158,16 +158,16 @@ async def check_token(request: Request, secret: str) -> Principal | None:
     cache = token_cache(request.app)
     digest = hash_token(secret)
     found = cache.get(digest)
-    if found is not _MISSING:
-        return found  # type: ignore[return-value]
+    if found is not MISSING:
+        return found
     pending = cache.inflight.get(digest)
     if pending is not None:  # the same token is being looked up: share that answer
-        done, answer = pending  # type: ignore[misc]
+        done, answer = pending
         await done.wait()
         if answer:
-            return answer[0]  # type: ignore[no-any-return]
+            return answer[0]
     leader = digest not in cache.inflight
-    done, answer = anyio.Event(), []
+    done, answer = anyio.Event(), list[Principal | None]()
     if leader:
         cache.inflight[digest] = (done, answer)
     try:

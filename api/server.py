@@ -23,7 +23,7 @@ import logging
 import resource
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -80,20 +80,27 @@ class SlowClientGuard:
     on_response_complete, `cycle`, `connections`, `transport` and `loop`)."""
 
     _refused_logged_at = 0.0
+    if TYPE_CHECKING:  # provided by the uvicorn protocol this is mixed into
+        connections: set[Any]
+        loop: asyncio.AbstractEventLoop
+        cycle: Any
+        transport: asyncio.Transport
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._limits = limits()
         self._header_timer: asyncio.TimerHandle | None = None
 
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # mixin: uvicorn's protocol follows in the MRO, which mypy cannot see from here
         super().connection_made(transport)  # type: ignore[misc]
-        if len(self.connections) > self._limits.max_connections:  # type: ignore[attr-defined]
+        assert isinstance(transport, asyncio.Transport)
+        if len(self.connections) > self._limits.max_connections:
             now = time.monotonic()
             if now - SlowClientGuard._refused_logged_at > 10:
                 SlowClientGuard._refused_logged_at = now
                 log.warning("%d connections open, the limit max_connections is %d: closing "
-                            "new ones", len(self.connections),  # type: ignore[attr-defined]
+                            "new ones", len(self.connections),
                             self._limits.max_connections)
             transport.abort()
             return
@@ -101,19 +108,18 @@ class SlowClientGuard:
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm_header_timer()
-        super().connection_lost(exc)  # type: ignore[misc]
+        super().connection_lost(exc)  # type: ignore[misc]  # mixin, as above
 
     def on_response_complete(self) -> None:
-        super().on_response_complete()  # type: ignore[misc]
+        super().on_response_complete()  # type: ignore[misc]  # mixin, as above
         # the next request's headers are due within the timeout too (an idle connection is
         # usually closed sooner, by the keep-alive timeout)
         self._arm_header_timer()
 
     def _arm_header_timer(self) -> None:
         self._disarm_header_timer()
-        loop: asyncio.AbstractEventLoop = self.loop  # type: ignore[attr-defined]
-        self._header_timer = loop.call_later(self._limits.header_timeout,
-                                             self._header_timeout, self.cycle)  # type: ignore[attr-defined]
+        self._header_timer = self.loop.call_later(self._limits.header_timeout,
+                                                  self._header_timeout, self.cycle)
 
     def _disarm_header_timer(self) -> None:
         if self._header_timer is not None:
@@ -122,10 +128,9 @@ class SlowClientGuard:
 
     def _header_timeout(self, cycle_then: object) -> None:
         self._header_timer = None
-        transport: asyncio.Transport = self.transport  # type: ignore[attr-defined]
         # A new request cycle means some request's headers arrived since the timer was armed.
-        if self.cycle is cycle_then and not transport.is_closing():  # type: ignore[attr-defined]
-            transport.close()
+        if self.cycle is cycle_then and not self.transport.is_closing():
+            self.transport.close()
 
 
 class H11Guarded(SlowClientGuard, H11Protocol):

@@ -9,9 +9,13 @@ import signal
 import subprocess
 import sys
 import threading
+from typing import TYPE_CHECKING
 
 from convoy.queue import gpu_queue
 from convoy.settings import Settings
+
+if TYPE_CHECKING:
+    import uvicorn
 
 # A warm shutdown hands a training job back to the queue between two steps (worker/app.py);
 # anything that keeps the worker busy longer is not worth the wait on Ctrl-C: it is killed,
@@ -92,13 +96,14 @@ def stop_worker(worker: subprocess.Popen, grace: float = WORKER_STOP_GRACE_SECON
         worker.wait()
 
 
-def _watch(worker: subprocess.Popen, server: object, stopping: threading.Event) -> None:
+def _watch(worker: subprocess.Popen[bytes], server: uvicorn.Server,
+           stopping: threading.Event) -> None:
     """Stop the API when the worker dies on its own: jobs would queue up unseen."""
     worker.wait()
     if not stopping.is_set():
         print(f"worker exited with {worker.returncode}: stopping the API", file=sys.stderr,
               flush=True)
-        server.should_exit = True  # type: ignore[attr-defined]
+        server.should_exit = True
 
 
 def run(settings: Settings) -> int:

@@ -7,6 +7,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -162,6 +163,9 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+Command = Callable[[argparse.Namespace], int]
+
+
 def cmd_feature_maps(args: argparse.Namespace) -> int:
     with _client(args) as convoy:
         paths = convoy.download_feature_maps(args.id, args.out, png=not args.no_png)
@@ -169,7 +173,7 @@ def cmd_feature_maps(args: argparse.Namespace) -> int:
     return 0
 
 
-def _guard(func):  # type: ignore[no-untyped-def]
+def _guard(func: Command) -> Command:
     """A refused request or an unreachable server is one clear line and exit code 2."""
 
     def run(args: argparse.Namespace) -> int:
@@ -196,7 +200,7 @@ def add_commands(sub: Any) -> None:
     common.add_argument("--url", help="server URL (CONVOY_URL; default http://127.0.0.1:8000)")
     common.add_argument("--token", help="API token (CONVOY_TOKEN)")
 
-    def add(name: str, func, help_text: str) -> argparse.ArgumentParser:  # type: ignore[no-untyped-def]
+    def add(name: str, func: Command, help_text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, parents=[common])
         p.set_defaults(func=_guard(func))
         return p

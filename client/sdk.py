@@ -216,7 +216,8 @@ def _retry_after(r: httpx.Response, default: float) -> float:
 
 def parse_sse(lines: Iterator[str]) -> Iterator[Event]:
     """Server-sent events from text lines (comments skipped, multi-line data joined)."""
-    event_type, event_id, data = "message", None, []
+    event_type, event_id = "message", None
+    data: list[str] = []
     for line in lines:
         if line == "":
             if data:

@@ -63,15 +63,7 @@ class LocalStore:
     def put_bytes(self, key: str, data: bytes) -> tuple[int, str]:
         return self._write(key, [data])
 
-    def put_file(self, key: str, source: Path) -> tuple[int, str]:
-        def chunks():  # type: ignore[no-untyped-def]
-            with open(source, "rb") as f:
-                while chunk := f.read(1 << 20):
-                    yield chunk
-
-        return self._write(key, chunks())
-
-    def _write(self, key: str, chunks) -> tuple[int, str]:  # type: ignore[no-untyped-def]
+    def _write(self, key: str, chunks: Iterable[bytes]) -> tuple[int, str]:
         """Write to a temporary file and rename: a reader never sees half a file. A storage
         error (full, read-only...) leaves no temporary file and raises StoreUnavailable."""
         target = self.path(key)

@@ -63,13 +63,13 @@ def read_header(fp: IO[bytes], what: str) -> NpyHeader:
     """The header of the .npy at `fp`'s position; `fp` is left at the first data byte."""
     counting = _Counting(fp)
     try:
-        version = np.lib.format.read_magic(counting)  # type: ignore[arg-type]
+        version = np.lib.format.read_magic(counting)
         if version == (1, 0):
             shape, fortran, dtype = np.lib.format.read_array_header_1_0(
-                counting, max_header_size=MAX_HEADER)  # type: ignore[arg-type]
+                counting, max_header_size=MAX_HEADER)
         elif version == (2, 0):
             shape, fortran, dtype = np.lib.format.read_array_header_2_0(
-                counting, max_header_size=MAX_HEADER)  # type: ignore[arg-type]
+                counting, max_header_size=MAX_HEADER)
         else:
             raise BadArray(f"{what}: .npy format version {version} is not supported")
     except BadArray:
@@ -88,10 +88,12 @@ def read_header(fp: IO[bytes], what: str) -> NpyHeader:
 def check_npz_directory(data: bytes, *, what: str = "") -> None:
     """Refuses archives with too many entries before zipfile lists them all."""
     try:
-        end = zipfile._EndRecData(io.BytesIO(data))  # noqa: SLF001 - stdlib, stable since 2.x
+        # zipfile's own end-of-directory reader (private, stable since Python 2; typeshed
+        # does not list it, hence getattr)
+        end = getattr(zipfile, "_EndRecData")(io.BytesIO(data))  # noqa: B009
     except Exception:  # noqa: BLE001 - left to zipfile's own error below
         return
-    entries = end[zipfile._ECD_ENTRIES_TOTAL] if end else 0  # noqa: SLF001
+    entries = end[getattr(zipfile, "_ECD_ENTRIES_TOTAL")] if end else 0  # noqa: B009
     if entries > MAX_MEMBERS:
         raise BadArray(f"{what + ': ' if what else ''}the archive lists {entries} entries; "
                        f"at most {MAX_MEMBERS}")
@@ -180,8 +182,7 @@ class Npz:
         for block in self.chunks(name):
             out[position:position + len(block)] = block
             position += len(block)
-        order = "F" if header.fortran else "C"
-        return out.reshape(header.shape, order=order)
+        return out.reshape(header.shape, order="F" if header.fortran else "C")
 
     def close(self) -> None:
         self.zip.close()

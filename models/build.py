@@ -3,43 +3,59 @@ layer index, so a checkpoint made outside Convoy loads by the same names."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
-from models.spec import ModelSpec, pair
+from models.spec import (
+    AdaptiveAvgPool2d,
+    AvgPool2d,
+    BatchNorm2d,
+    Conv2d,
+    Dropout,
+    Flatten,
+    Layer,
+    LeakyReLU,
+    Linear,
+    MaxPool2d,
+    ModelSpec,
+    pair,
+)
 
 
-def build_layer(layer, in_shape: tuple[int, ...]) -> nn.Module:  # noqa: ANN001
-    t = layer.type
-    if t == "conv2d":
+def build_layer(layer: Layer, in_shape: tuple[int, ...]) -> nn.Module:
+    if isinstance(layer, Conv2d):
         return nn.Conv2d(in_shape[0], layer.out_channels, pair(layer.kernel_size),
                          stride=pair(layer.stride), padding=pair(layer.padding),
                          dilation=pair(layer.dilation), groups=layer.groups, bias=layer.bias)
-    if t == "maxpool2d":
+    if isinstance(layer, MaxPool2d):
         stride = pair(layer.stride if layer.stride is not None else layer.kernel_size)
         return nn.MaxPool2d(pair(layer.kernel_size), stride=stride, padding=pair(layer.padding),
                             dilation=pair(layer.dilation), ceil_mode=layer.ceil_mode)
-    if t == "avgpool2d":
+    if isinstance(layer, AvgPool2d):
         stride = pair(layer.stride if layer.stride is not None else layer.kernel_size)
         return nn.AvgPool2d(pair(layer.kernel_size), stride=stride, padding=pair(layer.padding),
                             ceil_mode=layer.ceil_mode, count_include_pad=layer.count_include_pad)
-    if t == "adaptive_avgpool2d":
+    if isinstance(layer, AdaptiveAvgPool2d):
         return nn.AdaptiveAvgPool2d(pair(layer.output_size))
-    if t == "batchnorm2d":
+    if isinstance(layer, BatchNorm2d):
         return nn.BatchNorm2d(in_shape[0], eps=layer.eps, momentum=layer.momentum)
-    if t == "linear":
+    if isinstance(layer, Linear):
         return nn.Linear(in_shape[0], layer.out_features, bias=layer.bias)
-    if t == "leaky_relu":
+    if isinstance(layer, LeakyReLU):
         return nn.LeakyReLU(layer.negative_slope)
-    if t == "dropout":
+    if isinstance(layer, Dropout):
         return nn.Dropout(layer.p)
-    simple = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid,
-              "flatten": lambda: nn.Flatten(1)}
-    return simple[t]()
+    if isinstance(layer, Flatten):
+        return nn.Flatten(1)
+    simple: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh,
+                                          "sigmoid": nn.Sigmoid}
+    return simple[layer.type]()
 
 
 class ConvNet(nn.Module):
-    def __init__(self, spec: ModelSpec, summary: dict) -> None:
+    def __init__(self, spec: ModelSpec, summary: dict[str, Any]) -> None:
         super().__init__()
         self.spec = spec
         self.layers = nn.ModuleList(

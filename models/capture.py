@@ -36,6 +36,7 @@ def channels_last(model: nn.Module, x: torch.Tensor | None = None) -> Any:
     (oneDNN) and on CUDA (cuDNN), and fast pooling; the values are the same maps."""
     if x is not None:
         return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+    # torch's stubs list no memory_format for Module.to, though it takes one
     return model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
 
 
@@ -75,7 +76,9 @@ def capture(model: nn.Module, x: torch.Tensor, wanted: Sequence[int],
     wanted are not run."""
     wanted_set, last = set(wanted), max(wanted)
     out: dict[int, Captured] = {}
-    for i, layer in enumerate(model.layers):  # type: ignore[arg-type]
+    layers = model.layers
+    assert isinstance(layers, nn.ModuleList), "a models.build.ConvNet"
+    for i, layer in enumerate(layers):
         if i > last:
             break
         argmax = None

@@ -202,11 +202,11 @@ def infer(spec: ModelSpec, *, max_side: int | None = None) -> dict[str, Any]:
             for axis, size in enumerate((h, w)):
                 if layer.type != "conv2d" and p[axis] > k[axis] // 2:
                     raise fail(f"padding {p[axis]} must be at most half the kernel size {k[axis]}")
-                span = d[axis] * (k[axis] - 1) + 1
+                window = d[axis] * (k[axis] - 1) + 1
                 # with ceil_mode a pooling window may overhang the padded input (torch allows it
                 # as long as one window starts inside), so the output size is the test
                 if _window_out(size, k[axis], s[axis], p[axis], d[axis], ceil) < 1:
-                    raise fail(f"window {span} is larger than its padded input "
+                    raise fail(f"window {window} is larger than its padded input "
                                f"{size + 2 * p[axis]} (input {h}x{w}, padding {p[axis]}), so "
                                "its output would shrink to zero")
             oh = _window_out(h, k[0], s[0], p[0], d[0], ceil)
