@@ -41,9 +41,6 @@ class UploadRef(BaseModel):
     id: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[0-9a-f]+$")]
 
 
-DatasetRef = DigitsRef | SyntheticRef | UploadRef
-
-
 @dataclass(frozen=True)
 class DatasetInfo:
     input_shape: tuple[int, int, int]

@@ -128,10 +128,6 @@ class Settings(BaseSettings):
             self.token_file = home / "admin-token"
         return self
 
-    @property
-    def is_sqlite(self) -> bool:
-        return self.database_url.startswith("sqlite")
-
 
 @lru_cache
 def get_settings() -> Settings:

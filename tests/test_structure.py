@@ -23,7 +23,8 @@ ALLOWED = {
     "client": set(),
 }
 # Building a query is db/'s job: a route or a worker calls db/ functions.
-QUERY = re.compile(r"(?<![\w.])(select|update|delete|insert)\(|\bsession\.(query|scalars?|execute|get)\(")
+QUERY = re.compile(r"(?<![\w.])(select|update|delete|insert)\("
+                   r"|\bsession\.(query|scalars?|execute|get)\(")
 NO_QUERIES = ("api", "worker", "cli")
 
 
