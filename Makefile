@@ -9,7 +9,6 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	# torch pinned to the CPU build on this disk; a CUDA host installs its own build the same way
 	$(BIN)/pip install -q -e '.[worker,test]'
 	rm -f $(VENV)/.installed-*
 	touch $@
@@ -21,10 +20,12 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 	$(BIN)/pytest
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 clean-var:
 	rm -rf var
