@@ -467,7 +467,7 @@ def cancel_job(session: Session, *, job_id: str, tenant: str | None) -> Job:
     result = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.state.in_(("queued", "running")))
-        .values(state="canceled", cancel_requested=True, finished_at=now, updated_at=now)
+        .values(state="canceled", finished_at=now, updated_at=now)
         .execution_options(synchronize_session=False)
     )
     session.commit()

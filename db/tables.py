@@ -56,7 +56,6 @@ class Job(Base):
     progress: Mapped[float] = mapped_column(Float, default=0.0)
     attempt: Mapped[int] = mapped_column(Integer, default=0)
     max_attempts: Mapped[int] = mapped_column(Integer, default=3)
-    cancel_requested: Mapped[bool] = mapped_column(default=False)
     worker_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     enqueued_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
