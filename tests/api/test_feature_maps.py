@@ -13,7 +13,7 @@ import pytest
 from PIL import Image, ImageOps
 from safetensors.numpy import save as save_safetensors
 
-from tests.factories import small_cnn, train_request
+from tests.factories import digits_cnn, train_request
 from tests.services import Stack, wait_job
 
 # The hand-made example of DESIGN.md: a 5x5x3 input, two 3x3x3 filters, padding 1, stride 2.
@@ -150,7 +150,7 @@ def test_pooled_maps_are_window_maxima_and_means_and_argmax_points_at_them(clien
 
 
 def test_trained_digits_model_gives_every_layer_with_the_predicted_shapes(client):
-    spec = small_cnn(8)
+    spec = digits_cnn(8)
     train = client.post("/v1/jobs", json=train_request(1, model=spec)).json()
     assert wait_job(client, train["id"])["state"] == "succeeded"
     predicted = client.post("/v1/models/summary", json=spec).json()["layers"]
@@ -193,7 +193,7 @@ def test_an_uploaded_image_is_converted_to_the_model_input(client):
     r = upload_inputs(client, png(rgb), "red.png")
     assert r.status_code == 201, r.text
     assert r.json()["meta"]["width"] == 40
-    job = run_job(client, source={"model": small_cnn(4), "seed": 0},
+    job = run_job(client, source={"model": digits_cnn(4), "seed": 0},
                   inputs={"input_id": r.json()["id"]}, layers=["0"])
     assert job["result"]["images"] == 1
     assert maps(client, job["id"], "0-conv2d").shape == (1, 4, 8, 8)
@@ -261,7 +261,7 @@ def counts(client) -> tuple[int, int, int]:  # type: ignore[no-untyped-def]
                                   "index", "layer", "npy_shape"])
 def test_bad_input_is_refused_naming_it_and_leaves_nothing(client, stack, case):
     before, on_disk = counts(client), stored_files(stack)
-    fields = {"source": {"model": small_cnn(4), "seed": 0},
+    fields = {"source": {"model": digits_cnn(4), "seed": 0},
               "inputs": {"dataset": "digits", "indices": [0, 1]}}
     if case == "not_safetensors":
         r = upload_checkpoint(client, b"PK\x03\x04 this is a zip, not safetensors", ONE_CONV)

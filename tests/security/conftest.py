@@ -12,7 +12,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.factories import small_cnn, train_request
+from tests.factories import digits_cnn, train_request
 from tests.services import Stack, wait_job
 
 
@@ -69,7 +69,7 @@ def owned(tenant_a: httpx.Client) -> Owned:
     """A train job (1 epoch), an uploaded dataset, and where the routes exist a feature-map
     job, an uploaded checkpoint and uploaded inputs, all tenant A's."""
     paths = _paths(tenant_a)
-    r = tenant_a.post("/v1/jobs", json=train_request(1, model=small_cnn(4)))
+    r = tenant_a.post("/v1/jobs", json=train_request(1, model=digits_cnn(4)))
     assert r.status_code == 201, r.text
     job = wait_job(tenant_a, r.json()["id"])
     assert job["state"] == "succeeded", job
@@ -96,7 +96,7 @@ def owned(tenant_a: httpx.Client) -> Owned:
         import json
 
         r = tenant_a.post("/v1/checkpoints", files={"file": ("a.safetensors", blob.content)},
-                          data={"model": json.dumps(small_cnn(4))})
+                          data={"model": json.dumps(digits_cnn(4))})
         assert r.status_code == 201, r.text
         owned.checkpoint_upload = r.json()["id"]
     if "/v1/inputs" in paths:

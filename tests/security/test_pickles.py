@@ -16,7 +16,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.factories import small_cnn
+from tests.factories import digits_cnn
 from tests.services import ROOT, Stack
 
 
@@ -66,8 +66,8 @@ def test_pickles_posing_as_uploads_are_refused(stack: Stack, tenant_a: httpx.Cli
     if "/v1/inputs" in paths:
         targets.append(("/v1/inputs", ".npy", {}))
     if "/v1/checkpoints" in paths:
-        targets.append(("/v1/checkpoints", ".safetensors", {"model": json.dumps(small_cnn(4))}))
-        targets.append(("/v1/checkpoints", ".pt", {"model": json.dumps(small_cnn(4))}))
+        targets.append(("/v1/checkpoints", ".safetensors", {"model": json.dumps(digits_cnn(4))}))
+        targets.append(("/v1/checkpoints", ".pt", {"model": json.dumps(digits_cnn(4))}))
     before = {u for p in ("/v1/datasets",) for u in (d["id"] for d in tenant_a.get(p).json())}
     failures = []
     for url, suffix, form in targets:

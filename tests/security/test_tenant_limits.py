@@ -18,7 +18,7 @@ from api.auth import LastAdmin, create_token, revoke_token
 from db import jobs
 from db.migrate import upgrade
 from db.session import get_engine, session_scope
-from tests.factories import small_cnn, train_request
+from tests.factories import digits_cnn, train_request
 from tests.security.conftest import make_token
 from tests.services import (
     REDIS,
@@ -157,7 +157,7 @@ def test_running_limit_end_to_end(two_workers: Stack) -> None:
     with two_workers.client() as admin:
         a, b = make_token(admin, "run-a")["token"], make_token(admin, "run-b")["token"]
     with two_workers.client(a) as ca, two_workers.client(b) as cb:
-        job = train_request(6, model=small_cnn(8))  # still running when A's second is tried
+        job = train_request(6, model=digits_cnn(8))  # still running when A's second is tried
         a_ids = [ca.post("/v1/jobs", json=job).json()["id"] for _ in range(2)]
         b_id = cb.post("/v1/jobs", json=job).json()["id"]
         most_a_running = 0

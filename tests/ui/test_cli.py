@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from tests.factories import small_cnn, train_request
+from tests.factories import digits_cnn, train_request
 from tests.services import ROOT, TOKEN
 
 EXAMPLES = ROOT / "examples"
@@ -88,7 +88,7 @@ def test_a_diverging_job_fails_the_command(stack, tmp_path):
 
 
 def test_an_invalid_spec_is_refused_with_the_layer_named(stack, tmp_path):
-    bad = train_request(1, model=small_cnn())
+    bad = train_request(1, model=digits_cnn())
     bad["model"]["layers"][0]["kernel_size"] = 99
     spec = tmp_path / "bad.json"
     spec.write_text(json.dumps(bad))
