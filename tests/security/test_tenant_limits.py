@@ -1,7 +1,7 @@
 """Per-tenant limits. Queued jobs: past max_queued_per_tenant a submit is 429 with Retry-After
 (other tenants unaffected). Running jobs: a worker claims a job only while its tenant runs
-fewer than max_running_per_tenant; otherwise the job stays queued and is deferred. Revoking the
-last admin token is refused."""
+fewer than max_running_per_tenant; otherwise the job stays queued and is deferred (the claim
+itself: tests/db/test_transitions.py). Revoking the last admin token is refused."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 
 from api.auth import LastAdmin, create_token, revoke_token
-from db import jobs
 from db.migrate import upgrade
 from db.session import get_engine, session_scope
 from tests.factories import digits_cnn, train_request
@@ -55,54 +54,6 @@ def db_url() -> Iterator[str]:
     yield url
     get_engine(url).dispose()
     drop_pg_database(url)
-
-
-def _queue(url: str, tenant: str, n: int) -> list[str]:
-    with session_scope(url) as s:
-        made = [jobs.create_job(s, tenant=tenant, kind="train", name="", request={},
-                                summary=None, max_attempts=1) for _ in range(n)]
-        return [j.id for j in made]
-
-
-def test_claim_respects_max_running_per_tenant(db_url: str) -> None:
-    a1, a2 = _queue(db_url, "lim-a", 2)
-    (b1,) = _queue(db_url, "lim-b", 1)
-    with session_scope(db_url) as s:
-        assert jobs.claim_job(s, job_id=a1, worker_id="w1", max_running=1) is not None
-    with session_scope(db_url) as s, pytest.raises(jobs.TenantAtLimit):
-        jobs.claim_job(s, job_id=a2, worker_id="w2", max_running=1)
-    with session_scope(db_url) as s:
-        assert jobs.job_state(s, job_id=a2) == "queued"
-        assert jobs.claim_job(s, job_id=b1, worker_id="w2", max_running=1) is not None
-        assert jobs.finish_job(s, job_id=a1, worker_id="w1", state="succeeded")
-    with session_scope(db_url) as s:
-        assert jobs.claim_job(s, job_id=a2, worker_id="w2", max_running=1) is not None
-        # A job that is not queued any more is "not claimable", not "at the limit".
-        assert jobs.claim_job(s, job_id=a2, worker_id="w3", max_running=1) is None
-
-
-def test_concurrent_claims_never_pass_the_limit(db_url: str) -> None:
-    """Eight workers claim eight of one tenant's jobs at once; the advisory lock lets two in."""
-    ids = _queue(db_url, "race", 8)
-    start = threading.Barrier(len(ids))
-    outcome: dict[str, str] = {}
-
-    def claim(job_id: str) -> None:
-        start.wait()
-        with session_scope(db_url) as s:
-            try:
-                got = jobs.claim_job(s, job_id=job_id, worker_id=f"w-{job_id[:6]}",
-                                     max_running=2)
-                outcome[job_id] = "claimed" if got else "skipped"
-            except jobs.TenantAtLimit:
-                outcome[job_id] = "deferred"
-
-    threads = [threading.Thread(target=claim, args=(i,)) for i in ids]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    assert sorted(outcome.values()) == ["claimed"] * 2 + ["deferred"] * 6
 
 
 def test_last_admin_token_cannot_be_revoked(db_url: str) -> None:
