@@ -1,9 +1,9 @@
-"""Issue 11, item 6: a full or read-only artifact store. The store is a real tmpfs mounted
-at the stack's artifact root (tests run as root; chmod would not stop root), remounted
-read-only or shrunk to be full while jobs run. Storage errors are a retryable attempt
-outcome: the job goes back to `queued` (attempt + 1, a backoff) with the store and the errno
-in its log, fails only when its attempts run out, and succeeds once the store is writable
-again; no file is ever left without its row; uploads answer 507 naming the store.
+"""A full or read-only artifact store. The store is a real tmpfs mounted at the stack's artifact
+root (tests run as root; chmod would not stop root), remounted read-only or shrunk to be full
+while jobs run. Storage errors are a retryable attempt outcome: the job goes back to `queued`
+(attempt + 1, a backoff) with the store and the errno in its log, fails only when its attempts
+run out, and succeeds once the store is writable again; no file is ever left without its row;
+uploads answer 507 naming the store.
 
 If this machine does not allow mounting a tmpfs the fixture fails (it never skips)."""
 

@@ -1,15 +1,15 @@
-"""Issue 11, items 2, 3, 7 and 10, against the real API and worker on PostgreSQL (and the
-API on SQLite where the code path differs):
+"""Hostile uploads and values, against the real API and worker on PostgreSQL (and the API on
+SQLite where the code path differs):
 
-- item 2: a ~1 MB .npz that unpacks to 1 GiB is refused from its headers alone (the API's
+- a ~1 MB .npz that unpacks to 1 GiB is refused from its headers alone (the API's
   memory does not grow, its event loop keeps answering), and archives that lie about their
   sizes are refused too;
-- item 3: a lone surrogate (`"\\ud800"`) anywhere in a request is a 422 naming the field with
+- a lone surrogate (`"\\ud800"`) anywhere in a request is a 422 naming the field with
   nothing stored, and a row that holds one anyway never breaks a listing;
-- item 7: hostile values (safetensors headers nested 50,000 deep, offsets null or text,
+- hostile values (safetensors headers nested 50,000 deep, offsets null or text,
   `shape: [1e400]`, a `model` form field nested 100,000 deep or with a 5,000-digit integer,
   layer names in Unicode digits) are 4xx naming the field, never 500;
-- item 10: what the worker would refuse later (a synthetic seed of -5, a safetensors shape of
+- what the worker would refuse later (a synthetic seed of -5, a safetensors shape of
   16.0, a non-string `__metadata__` value) is refused at submission.
 """
 
@@ -65,7 +65,7 @@ def error_locs(r: httpx.Response) -> list[list[Any]]:
     return [e["loc"] for e in r.json()["detail"]]
 
 
-# -- item 2: the .npz bomb ---------------------------------------------------------------------
+# -- the .npz bomb -----------------------------------------------------------------------------
 
 BOMB_SHAPE = (16384, 1, 128, 128)  # float32: exactly 1 GiB
 
@@ -269,7 +269,7 @@ def test_ordinary_npz_and_npy_uploads_still_work(tenant: httpx.Client) -> None:
     assert r.json()["meta"]["shape"] == [1, 8, 8]
 
 
-# -- item 3: lone surrogates -------------------------------------------------------------------
+# -- lone surrogates ---------------------------------------------------------------------------
 
 def raw_json(client: httpx.Client, path: str, body: Any) -> httpx.Response:
     """`body` sent as JSON text with ASCII escapes: a lone surrogate goes out as `\\ud800`
@@ -441,7 +441,7 @@ def test_stored_lone_surrogate_never_breaks_a_listing_sqlite(sqlite_api: Stack) 
         _assert_listings_answer(client, job_id, upload_id)
 
 
-# -- items 7 and 10: hostile values in checkpoints ---------------------------------------------
+# -- hostile values in checkpoints -------------------------------------------------------------
 
 def tensors_of(model: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     """digits_cnn(4)'s state_dict shapes."""
@@ -495,7 +495,7 @@ HOSTILE_HEADERS: dict[str, bytes] = {
     "header-a-list": b"\x02\x00\x00\x00\x00\x00\x00\x00[]",
 }
 
-# item 10: files the worker's loader would refuse, though their sizes add up
+# files the worker's loader would refuse, though their sizes add up
 RUN_TIME_BREAKERS: dict[str, bytes] = {
     "shape-16.0": safetensors(_set("layers.0.bias.shape", [4.0])),
     "metadata-not-text": safetensors(lambda h: h.__setitem__("__metadata__", {"format": 1})),
@@ -544,7 +544,7 @@ def test_hostile_checkpoint_model_field_is_422_naming_model(tenant: httpx.Client
     assert time.monotonic() - started < 5
 
 
-# -- item 7: layer names in Unicode digits -----------------------------------------------------
+# -- layer names in Unicode digits -------------------------------------------------------------
 
 def feature_request(layers: list[str] | None) -> dict[str, Any]:
     return {"kind": "feature_maps", "source": {"model": digits_cnn(4), "seed": 0},
@@ -574,7 +574,7 @@ def test_unicode_digit_layer_name_in_the_url_is_404(tenant: httpx.Client) -> Non
         assert "not found" in r.json()["detail"]
 
 
-# -- item 10: refused at submission, not at run time -------------------------------------------
+# -- refused at submission, not at run time ---------------------------------------------------
 
 @pytest.mark.parametrize("seed", [-5, -1, 2**32, 2**70])
 def test_synthetic_dataset_seed_out_of_range_is_422(tenant: httpx.Client, seed: int) -> None:

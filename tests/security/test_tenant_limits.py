@@ -80,8 +80,8 @@ def two_workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                     CONVOY_MAX_RUNNING_PER_TENANT="1", CONVOY_TENANT_DEFER_SECONDS="0.5")
     s = Stack(env=env, home=home)
     try:
-        # Both workers import torch at once, and the API starts meanwhile: on 2 cores this
-        # fixture costs one worker start, not three process starts in a row.
+        # Both workers import torch at once, and the API starts meanwhile: this fixture costs
+        # about one worker start, not three process starts in a row.
         starts = [threading.Thread(target=s.start_worker, args=(n,)) for n in ("w0", "w1")]
         for t in starts:
             t.start()
