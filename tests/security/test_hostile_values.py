@@ -33,8 +33,8 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.factories import digits_cnn, train_request
-from tests.security.conftest import make_token, npz_bytes
+from tests.factories import dataset_npz, digits_cnn, npy_bytes, train_request
+from tests.security.conftest import make_token
 from tests.services import REDIS, Stack, stack_env, wait_job
 
 GIB = 1024**3
@@ -250,10 +250,7 @@ def test_npy_inputs_whose_header_does_not_match_the_file_are_refused(
 
 
 def test_ordinary_npz_and_npy_uploads_still_work(tenant: httpx.Client) -> None:
-    compressed = io.BytesIO()
-    x = np.random.default_rng(0).random((40, 1, 8, 8), dtype=np.float32)
-    np.savez_compressed(compressed, x=x, y=np.arange(40) % 10)
-    for blob in (npz_bytes(), compressed.getvalue()):
+    for blob in (dataset_npz(), dataset_npz(compressed=True)):
         r = tenant.post("/v1/datasets", files={"file": ("ok.npz", blob)})
         assert r.status_code == 201, r.text
         assert r.json()["input_shape"] == [1, 8, 8] and r.json()["samples"] == 40
@@ -262,9 +259,8 @@ def test_ordinary_npz_and_npy_uploads_still_work(tenant: httpx.Client) -> None:
                                                    dataset={"id": r.json()["id"]}))
     assert r.status_code == 201, r.text
     assert wait_job(tenant, r.json()["id"], timeout=50)["state"] == "succeeded"
-    npy = io.BytesIO()
-    np.save(npy, np.zeros((2, 8, 8), dtype=np.uint8))
-    r = tenant.post("/v1/inputs", files={"file": ("ok.npy", npy.getvalue())})
+    grey = npy_bytes(np.zeros((2, 8, 8), dtype=np.uint8))
+    r = tenant.post("/v1/inputs", files={"file": ("ok.npy", grey)})
     assert r.status_code == 201, r.text
     assert r.json()["meta"]["shape"] == [1, 8, 8]
 
@@ -343,10 +339,8 @@ def multipart(fields: dict[str, str | tuple[str, bytes]], charset: str) -> tuple
 def test_form_text_that_decodes_to_a_lone_surrogate_is_422(tenant: httpx.Client, path: str,
                                                            field: str) -> None:
     """UTF-7 decodes `+2AA-` to U+D800: a multipart body declaring that charset."""
-    npy = io.BytesIO()
-    np.save(npy, np.zeros((1, 1, 8, 8), np.float32))
-    blob = {"/v1/checkpoints": safetensors(), "/v1/datasets": npz_bytes(),
-            "/v1/inputs": npy.getvalue()}[path]
+    blob = {"/v1/checkpoints": safetensors(), "/v1/datasets": dataset_npz(),
+            "/v1/inputs": npy_bytes(np.zeros((1, 1, 8, 8), np.float32))}[path]
     fields: dict[str, str | tuple[str, bytes]] = {"file": ("x+2AA-.bin" if field == "file"
                                                            else "x.bin", blob)}
     if path == "/v1/checkpoints":

@@ -5,7 +5,6 @@ worker, so every job stays queued."""
 
 from __future__ import annotations
 
-import io
 import threading
 import time
 import uuid
@@ -19,6 +18,7 @@ import numpy as np
 import psycopg
 import pytest
 
+from tests.factories import npy_bytes, npz_bytes
 from tests.reliability.infra import api_without_workers, make_stack, stop_fast, sync_url, tiny_job
 from tests.security.conftest import make_token
 from tests.services import REDIS, TOKEN, Stack
@@ -187,9 +187,7 @@ def test_expired_keys_are_forgotten(api: Stack) -> None:
 
 
 def npz(n: int = 20) -> bytes:
-    buf = io.BytesIO()
-    np.savez(buf, x=np.zeros((n, 1, 8, 8), dtype=np.float32), y=np.arange(n) % 2)
-    return buf.getvalue()
+    return npz_bytes(x=np.zeros((n, 1, 8, 8), dtype=np.float32), y=np.arange(n) % 2)
 
 
 def test_uploads_take_an_idempotency_key(api: Stack) -> None:
@@ -206,10 +204,9 @@ def test_uploads_take_an_idempotency_key(api: Stack) -> None:
                        data={"name": "d"}, headers=key)
         assert other.status_code == 409, other.text
         assert len([d for d in c.get("/v1/datasets").json() if not d["builtin"]]) == 1
-        buf = io.BytesIO()
-        np.save(buf, np.zeros((2, 1, 8, 8), dtype=np.float32))
+        blob = npy_bytes(np.zeros((2, 1, 8, 8), dtype=np.float32))
         key = {"Idempotency-Key": "inputs-1"}
-        made = [c.post("/v1/inputs", files={"file": ("a.npy", buf.getvalue())}, headers=key)
+        made = [c.post("/v1/inputs", files={"file": ("a.npy", blob)}, headers=key)
                 for _ in range(2)]
         assert [r.status_code for r in made] == [201, 200], [r.text for r in made]
         assert made[0].json()["id"] == made[1].json()["id"]
