@@ -22,17 +22,11 @@ from bench.common import machine, median, pick_device
 from convoy import datasets
 from models.build import build_model
 from models.capture import capture, channels_last
+from models.presets import digits_cnn
 from models.spec import ModelSpec
 from worker.feature_maps import extract
 
-DIGITS_CNN = {
-    "input_shape": [1, 8, 8], "num_classes": 10,
-    "layers": [
-        {"type": "conv2d", "out_channels": 16, "kernel_size": 3, "padding": 1},
-        {"type": "relu"}, {"type": "maxpool2d", "kernel_size": 2},
-        {"type": "flatten"}, {"type": "linear", "out_features": 10},
-    ],
-}
+DIGITS_CNN = digits_cnn()
 VGG_SMALL = {"preset": "vgg-small", "num_classes": 4}
 CASES = [("digits-cnn", DIGITS_CNN, 256), ("vgg-small", VGG_SMALL, 64)]
 POOL = {"type": "max", "kernel_size": 2, "global": False}

@@ -21,18 +21,12 @@ from bench.common import busy_core, machine, median, pick_device
 from convoy import datasets
 from convoy.jobspec import TrainConfig
 from models.build import build_model
+from models.presets import digits_cnn
 from models.spec import ModelSpec
 from worker.control import Progress, Stopped
 from worker.train import DeviceData, train
 
-DIGITS_CNN = {
-    "input_shape": [1, 8, 8], "num_classes": 10,
-    "layers": [
-        {"type": "conv2d", "out_channels": 16, "kernel_size": 3, "padding": 1},
-        {"type": "relu"}, {"type": "maxpool2d", "kernel_size": 2},
-        {"type": "flatten"}, {"type": "linear", "out_features": 10},
-    ],
-}
+DIGITS_CNN = digits_cnn()
 
 
 def airbench_spec(num_classes: int, widths: tuple[int, int, int] = (64, 256, 256)

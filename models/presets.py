@@ -1,4 +1,6 @@
-"""Named specs: `{"preset": "lenet5"}` and `{"preset": "vgg-small"}`, sized to any input."""
+"""Named specs: `{"preset": "lenet5"}` and `{"preset": "vgg-small"}`, sized to any input; and
+`digits_cnn()`, the small CNN on scikit-learn's 8x8 digits that the worker's warm-up, the
+benches and the tests share (a spec to pass, not a preset name the API accepts)."""
 
 from __future__ import annotations
 
@@ -7,6 +9,19 @@ from typing import Any
 
 def _conv(out: int, k: int = 3, p: int = 1) -> dict[str, Any]:
     return {"type": "conv2d", "out_channels": out, "kernel_size": k, "padding": p}
+
+
+def digits_cnn(channels: int = 16, *, input_shape: tuple[int, int, int] = (1, 8, 8),
+               num_classes: int = 10) -> dict[str, Any]:
+    """A full spec: one 3x3 conv of `channels` filters, ReLU, 2x2 max-pool, linear."""
+    return {
+        "input_shape": list(input_shape),
+        "num_classes": num_classes,
+        "layers": [
+            _conv(channels), {"type": "relu"}, {"type": "maxpool2d", "kernel_size": 2},
+            {"type": "flatten"}, {"type": "linear", "out_features": num_classes},
+        ],
+    }
 
 
 def lenet5(num_classes: int) -> list[dict[str, Any]]:

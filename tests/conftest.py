@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from tests.services import (  # noqa: E402
+from tests.services import (
     REDIS,
     Stack,
     create_pg_database,

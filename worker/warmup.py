@@ -1,7 +1,7 @@
 """One-time costs paid when a worker starts instead of by its first job: importing and
-parsing scikit-learn's digits (~0.8 s here) and torch's lazy set-up of autograd, oneDNN and
-the optimizer (~0.8 s) made a worker's first 1-epoch digits job take 1.7 s in the worker
-against 0.02 s for the next one (bench/RESULTS.md)."""
+parsing scikit-learn's digits, and torch's lazy set-up of autograd, oneDNN and the optimizer,
+which made a worker's first 1-epoch digits job far slower than the next one (measured in
+bench/RESULTS.md)."""
 
 from __future__ import annotations
 
@@ -24,15 +24,12 @@ def _run() -> None:
         from convoy import datasets
         from convoy.jobspec import TrainConfig
         from models.build import build_model
+        from models.presets import digits_cnn
         from models.spec import ModelSpec
         from worker.train import DeviceData, make_optimizer, train
 
         split = datasets.load_digits()
-        spec = ModelSpec.model_validate({
-            "input_shape": [1, 8, 8], "num_classes": 10, "layers": [
-                {"type": "conv2d", "out_channels": 4, "kernel_size": 3, "padding": 1},
-                {"type": "relu"}, {"type": "maxpool2d", "kernel_size": 2},
-                {"type": "flatten"}, {"type": "linear", "out_features": 10}]})
+        spec = ModelSpec.model_validate(digits_cnn(4))
         cfg = TrainConfig(epochs=1, batch_size=256)
         # a GPU worker also creates its CUDA context and loads its kernels now (seconds)
         devices = [torch.device("cpu")] + ([torch.device("cuda")]

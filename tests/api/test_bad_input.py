@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.factories import small_cnn, train_request
+from tests.factories import digits_cnn, train_request
 from tests.models.test_spec import INVALID, SCHEMA_INVALID
 
 UNKNOWN = "0123456789abcdef0123456789abcdef"
@@ -152,14 +152,14 @@ def test_unknown_dataset_id_is_422_naming_dataset_id(client):
     ((3, 8, 8), {"name": "synthetic", "size": 16, "channels": 3}, "[3, 16, 16]"),
 ])
 def test_input_shape_not_matching_the_dataset_is_422(client, model_shape, dataset, data_shape):
-    model = small_cnn(input_shape=model_shape, num_classes=4 if "size" in dataset else 10)
+    model = digits_cnn(input_shape=model_shape, num_classes=4 if "size" in dataset else 10)
     detail = refused(client, train_request(1, model=model, dataset=dataset))
     (error,) = errors_at(detail, "model", "input_shape")
     assert str(list(model_shape)) in error["msg"] and data_shape in error["msg"]
 
 
 def test_too_few_outputs_for_the_dataset_is_422(client):
-    detail = refused(client, train_request(1, model=small_cnn(num_classes=3)))
+    detail = refused(client, train_request(1, model=digits_cnn(num_classes=3)))
     assert errors_at(detail, "model", "layers"), detail
     assert "10 classes" in detail[0]["msg"]
 
@@ -176,7 +176,7 @@ JSON = st.recursive(
 )
 BODIES = [
     ("/v1/jobs", train_request(1)),
-    ("/v1/models/summary", small_cnn()),
+    ("/v1/models/summary", digits_cnn()),
     ("/v1/jobs", {"kind": "feature_maps", "source": {"job_id": UNKNOWN},
                   "inputs": {"dataset": "digits", "indices": [0, 1]}, "layers": None}),
 ]
@@ -262,7 +262,7 @@ def test_missing_or_bad_token_is_401(stack, client, method, path, auth):
 # --- POST /v1/models/summary: the success shape -----------------------------------------------
 
 def test_model_summary_shape(client):
-    r = client.post("/v1/models/summary", json=small_cnn())
+    r = client.post("/v1/models/summary", json=digits_cnn())
     assert r.status_code == 200, r.text
     s = r.json()
     assert [(la["index"], la["type"]) for la in s["layers"]] == [

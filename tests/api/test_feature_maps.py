@@ -4,7 +4,6 @@ download routes, through the real API, Redis, a Celery worker and PostgreSQL."""
 from __future__ import annotations
 
 import io
-import json
 import uuid
 from pathlib import Path
 
@@ -13,7 +12,14 @@ import pytest
 from PIL import Image, ImageOps
 from safetensors.numpy import save as save_safetensors
 
-from tests.factories import small_cnn, train_request
+from tests.factories import (
+    checkpoint_upload,
+    digits_cnn,
+    feature_maps_request,
+    inputs_upload,
+    npy_bytes,
+    train_request,
+)
 from tests.services import Stack, wait_job
 
 # The hand-made example of DESIGN.md: a 5x5x3 input, two 3x3x3 filters, padding 1, stride 2.
@@ -53,12 +59,6 @@ def conv_by_hand(x: np.ndarray, w: np.ndarray, b: np.ndarray, stride: int, pad: 
     return out
 
 
-def npy(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, array)
-    return buf.getvalue()
-
-
 def png(image: Image.Image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, "PNG")
@@ -66,16 +66,15 @@ def png(image: Image.Image) -> bytes:
 
 
 def upload_checkpoint(client, blob: bytes, model: dict):  # type: ignore[no-untyped-def]
-    return client.post("/v1/checkpoints", files={"file": ("ckpt.safetensors", blob)},
-                       data={"model": json.dumps(model)})
+    return client.post("/v1/checkpoints", **checkpoint_upload(blob, model))
 
 
 def upload_inputs(client, blob: bytes, filename: str = "x.npy"):  # type: ignore[no-untyped-def]
-    return client.post("/v1/inputs", files={"file": (filename, blob)})
+    return client.post("/v1/inputs", **inputs_upload(blob, filename=filename))
 
 
 def run_job(client, **body) -> dict:  # type: ignore[no-untyped-def]
-    r = client.post("/v1/jobs", json={"kind": "feature_maps", "device": "cpu", **body})
+    r = client.post("/v1/jobs", json=feature_maps_request(**body))
     assert r.status_code == 201, r.text
     done = wait_job(client, r.json()["id"])
     assert done["state"] == "succeeded", done["error"]
@@ -94,7 +93,7 @@ def test_one_conv_layer_equals_the_stack_computed_by_hand(client):
     assert r.status_code == 201, r.text
     ckpt = r.json()
     assert ckpt["meta"]["tensors"] == 2
-    r = upload_inputs(client, npy(X[None]))
+    r = upload_inputs(client, npy_bytes(X[None]))
     assert r.status_code == 201, r.text
     assert r.json()["meta"] == {"format": "npy", "count": 1, "shape": [3, 5, 5]}
     job = run_job(client, source={"checkpoint_id": ckpt["id"]},
@@ -150,7 +149,7 @@ def test_pooled_maps_are_window_maxima_and_means_and_argmax_points_at_them(clien
 
 
 def test_trained_digits_model_gives_every_layer_with_the_predicted_shapes(client):
-    spec = small_cnn(8)
+    spec = digits_cnn(8)
     train = client.post("/v1/jobs", json=train_request(1, model=spec)).json()
     assert wait_job(client, train["id"])["state"] == "succeeded"
     predicted = client.post("/v1/models/summary", json=spec).json()["layers"]
@@ -193,7 +192,7 @@ def test_an_uploaded_image_is_converted_to_the_model_input(client):
     r = upload_inputs(client, png(rgb), "red.png")
     assert r.status_code == 201, r.text
     assert r.json()["meta"]["width"] == 40
-    job = run_job(client, source={"model": small_cnn(4), "seed": 0},
+    job = run_job(client, source={"model": digits_cnn(4), "seed": 0},
                   inputs={"input_id": r.json()["id"]}, layers=["0"])
     assert job["result"]["images"] == 1
     assert maps(client, job["id"], "0-conv2d").shape == (1, 4, 8, 8)
@@ -261,7 +260,7 @@ def counts(client) -> tuple[int, int, int]:  # type: ignore[no-untyped-def]
                                   "index", "layer", "npy_shape"])
 def test_bad_input_is_refused_naming_it_and_leaves_nothing(client, stack, case):
     before, on_disk = counts(client), stored_files(stack)
-    fields = {"source": {"model": small_cnn(4), "seed": 0},
+    fields = {"source": {"model": digits_cnn(4), "seed": 0},
               "inputs": {"dataset": "digits", "indices": [0, 1]}}
     if case == "not_safetensors":
         r = upload_checkpoint(client, b"PK\x03\x04 this is a zip, not safetensors", ONE_CONV)
@@ -280,7 +279,7 @@ def test_bad_input_is_refused_naming_it_and_leaves_nothing(client, stack, case):
         r = upload_inputs(client, png(Image.new("1", (5000, 5000))), "bomb.png")
         assert r.status_code == 413 and "max_image_pixels" in r.text
     elif case == "npy_shape":
-        iid = upload_inputs(client, npy(X[None])).json()["id"]
+        iid = upload_inputs(client, npy_bytes(X[None])).json()["id"]
         before, on_disk = counts(client), stored_files(stack)
         r = client.post("/v1/jobs", json={"kind": "feature_maps", **fields,
                                           "inputs": {"input_id": iid}})
@@ -303,7 +302,7 @@ def test_bad_input_is_refused_naming_it_and_leaves_nothing(client, stack, case):
 def test_another_tenants_uploads_and_maps_are_not_found(client, stack):
     ckpt = upload_checkpoint(client, save_safetensors({"layers.0.weight": W, "layers.0.bias": B}),
                              ONE_CONV).json()
-    inp = upload_inputs(client, npy(X[None])).json()
+    inp = upload_inputs(client, npy_bytes(X[None])).json()
     job = run_job(client, source={"checkpoint_id": ckpt["id"]}, inputs={"input_id": inp["id"]},
                   png=False)
     tenant = f"t{uuid.uuid4().hex[:8]}"

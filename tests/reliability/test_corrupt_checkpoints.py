@@ -1,10 +1,10 @@
-"""Issue 11, item 4: a damaged checkpoint is never trained on. A train job's worker is
-SIGKILLed once checkpoint k exists; the newest checkpoint is then damaged on disk (1,000
-flipped bytes in its tensor data, or a broken header); the next attempt verifies size and
-sha256 of every file it resumes from, skips the damaged one (saying so in the job's log),
-resumes from the newest intact one (or starts over when none is) and ends with exactly the
-accuracy of a clean run of the same spec and seed. Downloads send the digest of what they
-send; a feature-map job refuses a damaged source checkpoint by name."""
+"""A damaged checkpoint is never trained on. A train job's worker is SIGKILLed once checkpoint k
+exists; the newest checkpoint is then damaged on disk (1,000 flipped bytes in its tensor data,
+or a broken header); the next attempt verifies size and sha256 of every file it resumes from,
+skips the damaged one (saying so in the job's log), resumes from the newest intact one (or
+starts over when none is) and ends with exactly the accuracy of a clean run of the same spec and
+seed. Downloads send the digest of what they send; a feature-map job refuses a damaged source
+checkpoint by name."""
 
 from __future__ import annotations
 

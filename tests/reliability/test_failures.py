@@ -17,7 +17,7 @@ from db.base import utcnow
 from db.migrate import upgrade
 from db.session import session_scope
 from db.tables import Job, JobAttempt, JobLog, Metric
-from tests.factories import small_cnn, train_request
+from tests.factories import digits_cnn, train_request
 from tests.services import create_pg_database, drop_pg_database
 from worker.runner import failure_message, run_job
 
@@ -33,7 +33,7 @@ def settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
 def test_exception_in_the_worker_fails_the_job_with_type_message_and_traceback(settings):
     # Past the API's checks (written straight to the database): 16x16 images into a model
     # whose linear layer was sized for 8x8, so the forward pass raises inside the worker.
-    request = train_request(1, model=small_cnn(4), dataset={"name": "synthetic", "size": 16,
+    request = train_request(1, model=digits_cnn(4), dataset={"name": "synthetic", "size": 16,
                                                              "channels": 1, "samples": 64})
     with session_scope(settings.database_url) as session:
         job = jobs.create_job(session, tenant="t", kind="train", name="broken", request=request,
@@ -62,7 +62,7 @@ def test_attempt_resumed_after_the_last_checkpoint_reports_the_same_result(setti
     """The worker wrote the last epoch's checkpoint and metrics, then died before recording
     `succeeded`: the next attempt trains nothing and still reports the full result (training
     figures from the checkpoint, validation measured again on the same weights)."""
-    request = train_request(2, model=small_cnn(4))
+    request = train_request(2, model=digits_cnn(4))
     with session_scope(settings.database_url) as session:
         job = jobs.create_job(session, tenant="t", kind="train", name="resume-at-end",
                               request=request, summary=None, max_attempts=3)

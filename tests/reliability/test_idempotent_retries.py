@@ -1,7 +1,7 @@
-"""Issue 11, item 9: the API is SIGKILLed during 50 concurrent submissions. Every client is
-the SDK (client.sdk.Convoy), which sends one Idempotency-Key per submission and retries with
-it after a connection error or a 5xx. After the API is restarted, each key maps to exactly
-one job and there are as many jobs as keys: no lost answer turned into a duplicate."""
+"""The API is SIGKILLed during 50 concurrent submissions. Every client is the SDK
+(client.sdk.Convoy), which sends one Idempotency-Key per submission and retries with it after a
+connection error or a 5xx. After the API is restarted, each key maps to exactly one job and
+there are as many jobs as keys: no lost answer turned into a duplicate."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def test_sigkilled_api_during_50_submissions_then_sdk_retries_make_no_duplicates
     start = threading.Barrier(CLIENTS + 1)
 
     def submit(i: int) -> None:
-        # backoff 0.2 s doubling to 10 s: about 40 s of retries, time for a restart on 2 cores
+        # backoff 0.2 s doubling to 10 s: about 40 s of retries, time for the API's restart
         with Convoy(api.url, token, timeout=30, retries=8, retry_backoff=0.2) as sdk:
             start.wait()
             try:

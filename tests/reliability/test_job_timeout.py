@@ -1,5 +1,5 @@
-"""Issue 11, item 11: a job past its `timeout` fails with that reason and keeps its
-checkpoints; the running time of earlier attempts counts. A real worker on PostgreSQL."""
+"""A job past its `timeout` fails with that reason and keeps its checkpoints; the running time
+of earlier attempts counts. A real worker on PostgreSQL."""
 
 from __future__ import annotations
 

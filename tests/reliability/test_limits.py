@@ -10,7 +10,7 @@ from urllib.parse import urlparse
 
 import pytest
 
-from tests.factories import small_cnn, train_request
+from tests.factories import digits_cnn, train_request
 
 
 def refused(client, body, status=422):  # type: ignore[no-untyped-def]
@@ -36,11 +36,11 @@ LIMITS = [
         "layers": [conv(4096), conv(4096), {"type": "flatten"}, {"type": "linear",
                                                                  "out_features": 10}]}),
                  ["body", "model"], "max_params=50000000", id="params"),
-    pytest.param(train_request(1, batch_size=256, model=small_cnn(64, input_shape=(3, 512, 512),
+    pytest.param(train_request(1, batch_size=256, model=digits_cnn(64, input_shape=(3, 512, 512),
                                                                   num_classes=4),
                                dataset={"name": "synthetic", "size": 512, "num_classes": 4}),
                  ["body", "model"], "max_activation_bytes=", id="activation_memory"),
-    pytest.param(train_request(1, model=small_cnn(4, input_shape=(1, 2048, 2048))),
+    pytest.param(train_request(1, model=digits_cnn(4, input_shape=(1, 2048, 2048))),
                  ["body", "model", "input_shape"], "max_input_side=1024", id="image_size"),
 ]
 

@@ -1,7 +1,7 @@
-"""Issue 11, item 13 (third bullet): a job canceled while its worker is SIGKILLed. The job is
-`canceled`, so no lease expiry ever requeues it, and the dead worker never ends its attempt:
-the attempt row stayed open (no ended_at, no outcome) forever. The reconciler closes such
-orphaned attempt rows once their lease has expired."""
+"""A job canceled while its worker is SIGKILLed. The job is `canceled`, so no lease expiry ever
+requeues it, and the dead worker never ends its attempt: the attempt row stayed open (no
+ended_at, no outcome) forever. The reconciler closes such orphaned attempt rows once their lease
+has expired."""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
-"""Issue 11, item 13: during a database outage the data routes answered 500 text/plain. Now
-each answers 503 JSON with Retry-After (whether the token check or the route's own query meets
-the outage first), /readyz says which check failed, and everything answers again once the
-database is back. A bad token seen lately is refused from the API's cache (item 1: no database
-trip), so it is a 401 even then."""
+"""During a database outage the data routes answered 500 text/plain. Now each answers 503 JSON
+with Retry-After (whether the token check or the route's own query meets the outage first),
+/readyz says which check failed, and everything answers again once the database is back. A bad
+token seen lately is refused from the API's cache (no database trip), so it is a 401 even
+then."""
 
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def test_data_routes_answer_503_json_with_retry_after_while_the_database_is_down
         pg.stop()
         try:
             t0 = time.monotonic()
-            # Issue 11, item 1: a bad token seen lately costs no database trip at all: it is
+            # A bad token seen lately costs no database trip at all: it is
             # still a 401 with the database gone; a new one needs the lookup, and gets 503.
             for _ in range(3):
                 assert client.get("/v1/jobs", headers=bad).status_code == 401

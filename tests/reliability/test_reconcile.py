@@ -1,6 +1,6 @@
-"""The reconciler and the lease transitions against a real PostgreSQL and Redis, without
-workers: lost messages are resent and present ones are not; expired leases requeue or fail;
-a late worker cannot write; a retried epoch write does not duplicate metrics."""
+"""The reconciler against a real PostgreSQL and Redis, without workers: lost messages are
+resent and present ones are not, each to its own queue; without broker inspection, resends
+back off per job. (The lease transitions themselves: tests/db/test_transitions.py.)"""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from datetime import timedelta
 
 import pytest
 import redis
-from sqlalchemy import func, select, update
+from sqlalchemy import update
 
 from api.reconciler import reconcile_once
 from convoy.queue import enqueue, gpu_queue, make_celery
@@ -20,7 +20,7 @@ from db import jobs
 from db.base import utcnow
 from db.migrate import upgrade
 from db.session import session_scope
-from db.tables import Job, JobAttempt, Metric
+from db.tables import Job
 from tests.reliability.infra import tiny_job
 from tests.services import REDIS, create_pg_database, drop_pg_database
 
@@ -96,71 +96,6 @@ def test_without_broker_inspection_resends_back_off_per_job(settings):
         session.execute(update(Job).where(Job.id.in_(ids)).values(state="canceled"))
     assert [i for i, _ in due if i in ids] == [ids[0], ids[2]]
     assert {i for i, _ in every_pass} >= set(ids)
-
-
-def test_expired_lease_requeues_then_fails_and_the_late_worker_cannot_write(settings):
-    [job_id] = make_jobs(settings, 1, age_s=0)
-    later = utcnow() + timedelta(seconds=31)
-    with session_scope(settings.database_url) as session:
-        assert jobs.claim_job(session, job_id=job_id, worker_id="a") is not None
-        assert jobs.claim_job(session, job_id=job_id, worker_id="b") is None  # duplicate
-        assert jobs.requeue_expired(session, lease_seconds=30) == []  # lease still fresh
-        assert jobs.requeue_expired(session, lease_seconds=30, now=later) == [job_id]
-        job = jobs.get_job(session, job_id=job_id)
-        assert (job.state, job.attempt, job.worker_id) == ("queued", 2, None)
-        # the first worker wakes up: every write it tries is refused
-        assert not jobs.heartbeat(session, job_id=job_id, worker_id="a")
-        assert not jobs.record_epoch(session, job_id=job_id, worker_id="a", epoch=1, step=1,
-                                     metrics={"val_loss": 1.0}, progress=0.5)
-        assert not jobs.finish_job(session, job_id=job_id, worker_id="a", state="succeeded")
-
-        assert jobs.claim_job(session, job_id=job_id, worker_id="b") is not None
-        assert jobs.requeue_expired(session, lease_seconds=30,
-                                    now=utcnow() + timedelta(seconds=31)) == []
-        session.expire_all()
-        job = jobs.get_job(session, job_id=job_id)
-        assert job.state == "failed" and "max_attempts (2)" in (job.error or "")
-        assert session.scalar(select(func.count()).select_from(Metric)
-                              .where(Metric.job_id == job_id)) == 0
-
-
-def test_a_retried_epoch_write_records_each_metric_once(settings):
-    [job_id] = make_jobs(settings, 1, age_s=0)
-    with session_scope(settings.database_url) as session:
-        jobs.claim_job(session, job_id=job_id, worker_id="w")
-        for _ in range(2):  # the reply to the first commit was lost; the worker retries
-            assert jobs.record_epoch(session, job_id=job_id, worker_id="w", epoch=1, step=4,
-                                     metrics={"train_loss": 0.5, "val_loss": 0.6},
-                                     progress=0.5)
-        rows = session.execute(select(Metric.name, Metric.epoch).where(Metric.job_id == job_id)
-                               .order_by(Metric.name)).all()
-        assert rows == [("train_loss", 1), ("val_loss", 1)]
-
-
-def test_release_hands_back_only_a_job_this_worker_still_runs(settings):
-    """A stopping worker's release: queued again with attempt + 1 and max_attempts + 1; a
-    second release, another worker's, or one after a cancel changes nothing and leaves the
-    attempt for the caller to end as it really ended."""
-    [job_id, canceled] = make_jobs(settings, 2, age_s=0)
-    with session_scope(settings.database_url) as session:
-        assert jobs.claim_job(session, job_id=job_id, worker_id="w") is not None
-        before = jobs.get_job(session, job_id=job_id).max_attempts
-        assert not jobs.release_job(session, job_id=job_id, worker_id="other")
-        assert jobs.release_job(session, job_id=job_id, worker_id="w")
-        assert not jobs.release_job(session, job_id=job_id, worker_id="w")
-        session.expire_all()
-        job = jobs.get_job(session, job_id=job_id)
-        assert (job.state, job.attempt, job.max_attempts, job.worker_id) == (
-            "queued", 2, before + 1, None)
-        assert session.scalars(select(JobAttempt.outcome).where(
-            JobAttempt.job_id == job_id)).all() == ["released"]
-
-        assert jobs.claim_job(session, job_id=canceled, worker_id="w") is not None
-        jobs.cancel_job(session, job_id=canceled, tenant=None)
-        assert not jobs.release_job(session, job_id=canceled, worker_id="w")
-        attempt = session.scalars(select(JobAttempt).where(JobAttempt.job_id == canceled)).one()
-        assert attempt.ended_at is None  # not marked "lost": the runner records "canceled"
-        assert jobs.job_state(session, job_id=canceled) == "canceled"
 
 
 def test_gpu_jobs_are_sent_held_and_resent_on_the_gpu_queue(settings):

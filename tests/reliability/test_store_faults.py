@@ -1,15 +1,14 @@
-"""Issue 11, item 6: a full or read-only artifact store. The store is a real tmpfs mounted
-at the stack's artifact root (tests run as root; chmod would not stop root), remounted
-read-only or shrunk to be full while jobs run. Storage errors are a retryable attempt
-outcome: the job goes back to `queued` (attempt + 1, a backoff) with the store and the errno
-in its log, fails only when its attempts run out, and succeeds once the store is writable
-again; no file is ever left without its row; uploads answer 507 naming the store.
+"""A full or read-only artifact store. The store is a real tmpfs mounted at the stack's artifact
+root (tests run as root; chmod would not stop root), remounted read-only or shrunk to be full
+while jobs run. Storage errors are a retryable attempt outcome: the job goes back to `queued`
+(attempt + 1, a backoff) with the store and the errno in its log, fails only when its attempts
+run out, and succeeds once the store is writable again; no file is ever left without its row;
+uploads answer 507 naming the store.
 
 If this machine does not allow mounting a tmpfs the fixture fails (it never skips)."""
 
 from __future__ import annotations
 
-import io
 import os
 import subprocess
 from collections.abc import Iterator
@@ -20,6 +19,7 @@ import numpy as np
 import psycopg
 import pytest
 
+from tests.factories import npz_bytes
 from tests.reliability.infra import api_without_workers, attempts, sync_url, tiny_job, wait_for
 from tests.services import Stack, wait_job
 
@@ -58,9 +58,7 @@ def train_job(max_attempts: int, seed: int = 0) -> dict[str, Any]:
 
 
 def npz() -> bytes:
-    buf = io.BytesIO()
-    np.savez(buf, x=np.zeros((32, 1, 8, 8), np.float32), y=np.arange(32) % 2)  # > 1 page
-    return buf.getvalue()
+    return npz_bytes(x=np.zeros((32, 1, 8, 8), np.float32), y=np.arange(32) % 2)  # > 1 page
 
 
 def upload(client: Any) -> Any:

@@ -3,7 +3,6 @@ API, as an operator would), and tenant A's objects for tenant B to try to reach.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,7 +11,16 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.factories import small_cnn, train_request
+from tests.factories import (
+    checkpoint_upload,
+    dataset_npz,
+    dataset_upload,
+    digits_cnn,
+    feature_maps_request,
+    inputs_upload,
+    npy_bytes,
+    train_request,
+)
 from tests.services import Stack, wait_job
 
 
@@ -21,13 +29,6 @@ def make_token(admin: httpx.Client, tenant: str, *, admin_token: bool = False) -
                                        "admin": admin_token})
     assert r.status_code == 201, r.text
     return r.json()
-
-
-def npz_bytes(n: int = 40, shape: tuple[int, int, int] = (1, 8, 8)) -> bytes:
-    rng = np.random.default_rng(0)
-    buf = io.BytesIO()
-    np.savez(buf, x=rng.random((n, *shape), dtype=np.float32), y=np.arange(n) % 10)
-    return buf.getvalue()
 
 
 @dataclass
@@ -69,22 +70,20 @@ def owned(tenant_a: httpx.Client) -> Owned:
     """A train job (1 epoch), an uploaded dataset, and where the routes exist a feature-map
     job, an uploaded checkpoint and uploaded inputs, all tenant A's."""
     paths = _paths(tenant_a)
-    r = tenant_a.post("/v1/jobs", json=train_request(1, model=small_cnn(4)))
+    r = tenant_a.post("/v1/jobs", json=train_request(1, model=digits_cnn(4)))
     assert r.status_code == 201, r.text
     job = wait_job(tenant_a, r.json()["id"])
     assert job["state"] == "succeeded", job
     ckpts = tenant_a.get(f"/v1/jobs/{job['id']}/checkpoints").json()
     assert ckpts, "the train job left no checkpoint"
-    r = tenant_a.post("/v1/datasets", files={"file": ("a.npz", npz_bytes())},
-                      data={"name": "tenant a's"})
+    r = tenant_a.post("/v1/datasets", **dataset_upload(dataset_npz(), filename="a.npz",
+                                                       name="tenant a's"))
     assert r.status_code == 201, r.text
     owned = Owned(train_job=job["id"], dataset=r.json()["id"], checkpoint=ckpts[0]["name"])
 
     if "/v1/jobs/{job_id}/feature-maps" in paths:
-        r = tenant_a.post("/v1/jobs", json={
-            "kind": "feature_maps", "source": {"job_id": owned.train_job},
-            "inputs": {"dataset": "digits", "indices": [0, 1]}, "layers": None,
-            "device": "cpu"})
+        r = tenant_a.post("/v1/jobs", json=feature_maps_request({"job_id": owned.train_job},
+                                                                layers=None))
         assert r.status_code == 201, r.text
         fjob = wait_job(tenant_a, r.json()["id"])
         assert fjob["state"] == "succeeded", fjob
@@ -93,16 +92,13 @@ def owned(tenant_a: httpx.Client) -> Owned:
     if "/v1/checkpoints" in paths:
         blob = tenant_a.get(f"/v1/jobs/{owned.train_job}/checkpoints/{owned.checkpoint}")
         assert blob.status_code == 200
-        import json
-
-        r = tenant_a.post("/v1/checkpoints", files={"file": ("a.safetensors", blob.content)},
-                          data={"model": json.dumps(small_cnn(4))})
+        r = tenant_a.post("/v1/checkpoints", **checkpoint_upload(
+            blob.content, digits_cnn(4), filename="a.safetensors"))
         assert r.status_code == 201, r.text
         owned.checkpoint_upload = r.json()["id"]
     if "/v1/inputs" in paths:
-        buf = io.BytesIO()
-        np.save(buf, np.zeros((2, 1, 8, 8), dtype=np.float32))
-        r = tenant_a.post("/v1/inputs", files={"file": ("a.npy", buf.getvalue())})
+        r = tenant_a.post("/v1/inputs", **inputs_upload(
+            npy_bytes(np.zeros((2, 1, 8, 8), dtype=np.float32)), filename="a.npy"))
         assert r.status_code == 201, r.text
         owned.input_upload = r.json()["id"]
     return owned

@@ -1,13 +1,13 @@
-"""Issue 11, items 1 and 13: hostile load on the API.
+"""Hostile load on the API.
 
-Item 1, the bad-token freeze: 150 concurrent requests with made-up bearer tokens used to leave
+The bad-token freeze: 150 concurrent requests with made-up bearer tokens used to leave
 every thread-pool thread waiting for a pooled connection while the connections were held by
 sessions waiting for a thread to close them; the whole API stalled for the 30 s pool timeout,
 then answered 500s. Now each must get its 401 within 2 s, on PostgreSQL and on SQLite, while
 another client's /readyz answers within 1 s; 150 concurrent requests with a valid token get
 200 (or a 503 with Retry-After), never a 500.
 
-Item 13: the access log never shows a query value whose key merely starts with `token`.
+Access-log redaction: the access log never shows a query value whose key merely starts with `token`.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ class Answer:
 
 async def _one(port: int, path: str, token: str, start: asyncio.Event) -> Answer:
     """One request on its own connection, with a bare asyncio client (a heavier client's own
-    overhead, on 2 shared cores, would be most of what is measured)."""
+    overhead, on a few shared cores, would be most of what is measured)."""
     await start.wait()
     t0 = time.monotonic()
     try:
@@ -185,7 +185,7 @@ def test_valid_token_burst_on_sqlite_never_gives_500(sqlite_api):
     assert_valid_tokens_never_500(sqlite_api.url)
 
 
-# --- item 13: access-log redaction -------------------------------------------------------
+# --- access-log redaction ---------------------------------------------------------------
 
 def test_access_log_redacts_every_query_key_that_starts_with_token(stack):
     secret = "SECRET" + uuid.uuid4().hex

@@ -1,15 +1,15 @@
-"""Issue 11, items 2, 3, 7 and 10, against the real API and worker on PostgreSQL (and the
-API on SQLite where the code path differs):
+"""Hostile uploads and values, against the real API and worker on PostgreSQL (and the API on
+SQLite where the code path differs):
 
-- item 2: a ~1 MB .npz that unpacks to 1 GiB is refused from its headers alone (the API's
+- a ~1 MB .npz that unpacks to 1 GiB is refused from its headers alone (the API's
   memory does not grow, its event loop keeps answering), and archives that lie about their
   sizes are refused too;
-- item 3: a lone surrogate (`"\\ud800"`) anywhere in a request is a 422 naming the field with
+- a lone surrogate (`"\\ud800"`) anywhere in a request is a 422 naming the field with
   nothing stored, and a row that holds one anyway never breaks a listing;
-- item 7: hostile values (safetensors headers nested 50,000 deep, offsets null or text,
+- hostile values (safetensors headers nested 50,000 deep, offsets null or text,
   `shape: [1e400]`, a `model` form field nested 100,000 deep or with a 5,000-digit integer,
   layer names in Unicode digits) are 4xx naming the field, never 500;
-- item 10: what the worker would refuse later (a synthetic seed of -5, a safetensors shape of
+- what the worker would refuse later (a synthetic seed of -5, a safetensors shape of
   16.0, a non-string `__metadata__` value) is refused at submission.
 """
 
@@ -33,8 +33,8 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.factories import small_cnn, train_request
-from tests.security.conftest import make_token, npz_bytes
+from tests.factories import dataset_npz, digits_cnn, npy_bytes, train_request
+from tests.security.conftest import make_token
 from tests.services import REDIS, Stack, stack_env, wait_job
 
 GIB = 1024**3
@@ -65,7 +65,7 @@ def error_locs(r: httpx.Response) -> list[list[Any]]:
     return [e["loc"] for e in r.json()["detail"]]
 
 
-# -- item 2: the .npz bomb ---------------------------------------------------------------------
+# -- the .npz bomb -----------------------------------------------------------------------------
 
 BOMB_SHAPE = (16384, 1, 128, 128)  # float32: exactly 1 GiB
 
@@ -250,26 +250,22 @@ def test_npy_inputs_whose_header_does_not_match_the_file_are_refused(
 
 
 def test_ordinary_npz_and_npy_uploads_still_work(tenant: httpx.Client) -> None:
-    compressed = io.BytesIO()
-    x = np.random.default_rng(0).random((40, 1, 8, 8), dtype=np.float32)
-    np.savez_compressed(compressed, x=x, y=np.arange(40) % 10)
-    for blob in (npz_bytes(), compressed.getvalue()):
+    for blob in (dataset_npz(), dataset_npz(compressed=True)):
         r = tenant.post("/v1/datasets", files={"file": ("ok.npz", blob)})
         assert r.status_code == 201, r.text
         assert r.json()["input_shape"] == [1, 8, 8] and r.json()["samples"] == 40
     # the worker reads it with the same bounded reader and trains on it
-    r = tenant.post("/v1/jobs", json=train_request(1, model=small_cnn(4),
+    r = tenant.post("/v1/jobs", json=train_request(1, model=digits_cnn(4),
                                                    dataset={"id": r.json()["id"]}))
     assert r.status_code == 201, r.text
     assert wait_job(tenant, r.json()["id"], timeout=50)["state"] == "succeeded"
-    npy = io.BytesIO()
-    np.save(npy, np.zeros((2, 8, 8), dtype=np.uint8))
-    r = tenant.post("/v1/inputs", files={"file": ("ok.npy", npy.getvalue())})
+    grey = npy_bytes(np.zeros((2, 8, 8), dtype=np.uint8))
+    r = tenant.post("/v1/inputs", files={"file": ("ok.npy", grey)})
     assert r.status_code == 201, r.text
     assert r.json()["meta"]["shape"] == [1, 8, 8]
 
 
-# -- item 3: lone surrogates -------------------------------------------------------------------
+# -- lone surrogates ---------------------------------------------------------------------------
 
 def raw_json(client: httpx.Client, path: str, body: Any) -> httpx.Response:
     """`body` sent as JSON text with ASCII escapes: a lone surrogate goes out as `\\ud800`
@@ -281,18 +277,18 @@ def raw_json(client: httpx.Client, path: str, body: Any) -> httpx.Response:
 def test_lone_surrogate_in_a_job_body_is_422_naming_the_field_and_nothing_is_stored(
         tenant: httpx.Client) -> None:
     before = job_ids(tenant)
-    body = train_request(1, model={**small_cnn(4), "preset": "\ud800"})
+    body = train_request(1, model={**digits_cnn(4), "preset": "\ud800"})
     r = raw_json(tenant, "/v1/jobs", body)
     assert r.status_code == 422, r.text
     assert ["body", "model", "preset"] in error_locs(r), r.text
     # a key, and the low half alone, deeper down
-    body = train_request(1, model=small_cnn(4))
+    body = train_request(1, model=digits_cnn(4))
     body["model"]["layers"][0] = {**body["model"]["layers"][0], "\udc00": 1}
     r = raw_json(tenant, "/v1/jobs", body)
     assert r.status_code == 422, r.text
     assert error_locs(r)[0][:4] == ["body", "model", "layers", 0], r.text
     # the same escape in a UTF-16 body (json.loads detects and reads that encoding too)
-    body = train_request(1, model={**small_cnn(4), "preset": "\ud800"})
+    body = train_request(1, model={**digits_cnn(4), "preset": "\ud800"})
     r = tenant.post("/v1/jobs", content=json.dumps(body).encode("utf-16"),
                     headers={"content-type": "application/json"})
     assert r.status_code == 422, r.text
@@ -312,7 +308,7 @@ def test_paired_surrogates_are_valid_text(stack: Stack) -> None:
 
 def test_lone_surrogate_in_the_checkpoint_model_field_is_422(tenant: httpx.Client) -> None:
     before = upload_ids(tenant, "/v1/checkpoints")
-    model = json.dumps({**small_cnn(4), "preset": "\ud800"})  # ASCII text: "\ud800"
+    model = json.dumps({**digits_cnn(4), "preset": "\ud800"})  # ASCII text: "\ud800"
     r = tenant.post("/v1/checkpoints", files={"file": ("c.safetensors", safetensors())},
                     data={"model": model})
     assert r.status_code == 422, r.text
@@ -343,14 +339,12 @@ def multipart(fields: dict[str, str | tuple[str, bytes]], charset: str) -> tuple
 def test_form_text_that_decodes_to_a_lone_surrogate_is_422(tenant: httpx.Client, path: str,
                                                            field: str) -> None:
     """UTF-7 decodes `+2AA-` to U+D800: a multipart body declaring that charset."""
-    npy = io.BytesIO()
-    np.save(npy, np.zeros((1, 1, 8, 8), np.float32))
-    blob = {"/v1/checkpoints": safetensors(), "/v1/datasets": npz_bytes(),
-            "/v1/inputs": npy.getvalue()}[path]
+    blob = {"/v1/checkpoints": safetensors(), "/v1/datasets": dataset_npz(),
+            "/v1/inputs": npy_bytes(np.zeros((1, 1, 8, 8), np.float32))}[path]
     fields: dict[str, str | tuple[str, bytes]] = {"file": ("x+2AA-.bin" if field == "file"
                                                            else "x.bin", blob)}
     if path == "/v1/checkpoints":
-        fields["model"] = json.dumps(small_cnn(4))
+        fields["model"] = json.dumps(digits_cnn(4))
         if field == "model":
             fields["model"] = fields["model"].replace('"input_shape"', '"+2AA-input_shape"')
     if field == "name":
@@ -432,7 +426,7 @@ def sqlite_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 def test_stored_lone_surrogate_never_breaks_a_listing_sqlite(sqlite_api: Stack) -> None:
     with sqlite_api.client() as admin:
         secret = make_token(admin, "poisoned-sqlite")["token"]
-        r = raw_json(admin, "/v1/jobs", train_request(1, model={**small_cnn(4),
+        r = raw_json(admin, "/v1/jobs", train_request(1, model={**digits_cnn(4),
                                                                 "preset": "\ud800"}))
         assert r.status_code == 422 and ["body", "model", "preset"] in error_locs(r), r.text
     job_id, upload_id = _insert_poisoned_rows(sqlite_api.env["CONVOY_DATABASE_URL"],
@@ -441,10 +435,10 @@ def test_stored_lone_surrogate_never_breaks_a_listing_sqlite(sqlite_api: Stack) 
         _assert_listings_answer(client, job_id, upload_id)
 
 
-# -- items 7 and 10: hostile values in checkpoints ---------------------------------------------
+# -- hostile values in checkpoints -------------------------------------------------------------
 
 def tensors_of(model: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-    """small_cnn(4)'s state_dict shapes."""
+    """digits_cnn(4)'s state_dict shapes."""
     c = model["layers"][0]["out_channels"]
     return {"layers.0.weight": (c, 1, 3, 3), "layers.0.bias": (c,),
             "layers.4.weight": (10, c * 16), "layers.4.bias": (10,)}
@@ -452,11 +446,11 @@ def tensors_of(model: dict[str, Any]) -> dict[str, tuple[int, ...]]:
 
 def safetensors(mutate: Callable[[dict[str, Any]], Any] | None = None,
                 text: Callable[[str], str] | None = None) -> bytes:
-    """A valid safetensors file for small_cnn(4) (zeros), its header changed by `mutate` (on
+    """A valid safetensors file for digits_cnn(4) (zeros), its header changed by `mutate` (on
     the table) or `text` (on the JSON text)."""
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
-    for name, shape in tensors_of(small_cnn(4)).items():
+    for name, shape in tensors_of(digits_cnn(4)).items():
         size = 4 * math.prod(shape)
         header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset,
                                                                              offset + size]}
@@ -495,7 +489,7 @@ HOSTILE_HEADERS: dict[str, bytes] = {
     "header-a-list": b"\x02\x00\x00\x00\x00\x00\x00\x00[]",
 }
 
-# item 10: files the worker's loader would refuse, though their sizes add up
+# files the worker's loader would refuse, though their sizes add up
 RUN_TIME_BREAKERS: dict[str, bytes] = {
     "shape-16.0": safetensors(_set("layers.0.bias.shape", [4.0])),
     "metadata-not-text": safetensors(lambda h: h.__setitem__("__metadata__", {"format": 1})),
@@ -510,7 +504,7 @@ def test_hostile_safetensors_header_is_422_naming_the_file(tenant: httpx.Client,
     before = upload_ids(tenant, "/v1/checkpoints")
     started = time.monotonic()
     r = tenant.post("/v1/checkpoints", files={"file": (f"{what}.safetensors", blob)},
-                    data={"model": json.dumps(small_cnn(4))})
+                    data={"model": json.dumps(digits_cnn(4))})
     assert r.status_code == 422, f"{what}: {r.status_code} {r.text[:300]}"
     assert error_locs(r) == [["body", "file"]], r.text
     assert time.monotonic() - started < 5
@@ -519,7 +513,7 @@ def test_hostile_safetensors_header_is_422_naming_the_file(tenant: httpx.Client,
 
 def test_valid_safetensors_is_accepted(tenant: httpx.Client) -> None:
     r = tenant.post("/v1/checkpoints", files={"file": ("ok.safetensors", safetensors())},
-                    data={"model": json.dumps(small_cnn(4))})
+                    data={"model": json.dumps(digits_cnn(4))})
     assert r.status_code == 201, r.text
 
 
@@ -544,10 +538,10 @@ def test_hostile_checkpoint_model_field_is_422_naming_model(tenant: httpx.Client
     assert time.monotonic() - started < 5
 
 
-# -- item 7: layer names in Unicode digits -----------------------------------------------------
+# -- layer names in Unicode digits -------------------------------------------------------------
 
 def feature_request(layers: list[str] | None) -> dict[str, Any]:
-    return {"kind": "feature_maps", "source": {"model": small_cnn(4), "seed": 0},
+    return {"kind": "feature_maps", "source": {"model": digits_cnn(4), "seed": 0},
             "inputs": {"dataset": "digits", "indices": [0]}, "layers": layers,
             "png": False, "device": "cpu"}
 
@@ -574,12 +568,12 @@ def test_unicode_digit_layer_name_in_the_url_is_404(tenant: httpx.Client) -> Non
         assert "not found" in r.json()["detail"]
 
 
-# -- item 10: refused at submission, not at run time -------------------------------------------
+# -- refused at submission, not at run time ---------------------------------------------------
 
 @pytest.mark.parametrize("seed", [-5, -1, 2**32, 2**70])
 def test_synthetic_dataset_seed_out_of_range_is_422(tenant: httpx.Client, seed: int) -> None:
     before = job_ids(tenant)
-    body = train_request(1, model=small_cnn(4, input_shape=(1, 8, 8), num_classes=4),
+    body = train_request(1, model=digits_cnn(4, input_shape=(1, 8, 8), num_classes=4),
                          dataset={"name": "synthetic", "size": 8, "channels": 1,
                                   "num_classes": 4, "samples": 16, "seed": seed})
     r = tenant.post("/v1/jobs", json=body)
@@ -610,7 +604,7 @@ def test_synthetic_dataset_too_large_for_a_worker_is_422(tenant: httpx.Client) -
 
 
 def test_synthetic_dataset_with_a_valid_seed_trains(tenant: httpx.Client) -> None:
-    body = train_request(1, model=small_cnn(4, input_shape=(1, 8, 8), num_classes=4),
+    body = train_request(1, model=digits_cnn(4, input_shape=(1, 8, 8), num_classes=4),
                          dataset={"name": "synthetic", "size": 8, "channels": 1,
                                   "num_classes": 4, "samples": 32, "seed": 5})
     r = tenant.post("/v1/jobs", json=body)

@@ -16,7 +16,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.factories import small_cnn
+from tests.factories import digits_cnn, npy_bytes, npz_bytes
 from tests.services import ROOT, Stack
 
 
@@ -34,16 +34,13 @@ def evil_files(marker: Path) -> dict[str, bytes]:
     raw = pickle.dumps(Pwn(marker), protocol=2)
     obj = np.empty(4, dtype=object)
     obj[:] = [Pwn(marker)] * 4
-    npy = io.BytesIO()
-    np.save(npy, obj, allow_pickle=True)
-    npz = io.BytesIO()
-    np.savez(npz, x=obj, y=np.arange(4))
+    npy, npz = npy_bytes(obj), npz_bytes(x=obj, y=np.arange(4))
     torch_zip = io.BytesIO()
     with zipfile.ZipFile(torch_zip, "w") as z:  # the layout torch.save writes
         z.writestr("archive/data.pkl", pickle.dumps({"w": Pwn(marker)}, protocol=2))
         z.writestr("archive/version", "3\n")
     return {"pickle": raw, "pickle-p5": pickle.dumps(Pwn(marker), protocol=5),
-            "npy-object": npy.getvalue(), "npz-object": npz.getvalue(),
+            "npy-object": npy, "npz-object": npz,
             "torch-zip": torch_zip.getvalue()}
 
 
@@ -66,8 +63,8 @@ def test_pickles_posing_as_uploads_are_refused(stack: Stack, tenant_a: httpx.Cli
     if "/v1/inputs" in paths:
         targets.append(("/v1/inputs", ".npy", {}))
     if "/v1/checkpoints" in paths:
-        targets.append(("/v1/checkpoints", ".safetensors", {"model": json.dumps(small_cnn(4))}))
-        targets.append(("/v1/checkpoints", ".pt", {"model": json.dumps(small_cnn(4))}))
+        targets.append(("/v1/checkpoints", ".safetensors", {"model": json.dumps(digits_cnn(4))}))
+        targets.append(("/v1/checkpoints", ".pt", {"model": json.dumps(digits_cnn(4))}))
     before = {u for p in ("/v1/datasets",) for u in (d["id"] for d in tenant_a.get(p).json())}
     failures = []
     for url, suffix, form in targets:

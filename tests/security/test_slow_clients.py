@@ -1,8 +1,8 @@
-"""Issue 11, item 12: slow clients. Thousands of half-open requests (headers never finished)
-were held for 60 s, and ~21,000 exhausted the API's file descriptors. `convoy api` now closes a
-connection whose headers are not complete within the header timeout, closes idle keep-alive
-connections, closes new connections past its connection cap at once, and raises its soft
-RLIMIT_NOFILE to the hard limit. A normal request is answered while the slow ones are open."""
+"""Slow clients. Thousands of half-open requests (headers never finished) were held for 60 s,
+and enough of them exhausted the API's file descriptors. `convoy api` now closes a connection whose
+headers are not complete within the header timeout, closes idle keep-alive connections, closes
+new connections past its connection cap at once, and raises its soft RLIMIT_NOFILE to the hard
+limit. A normal request is answered while the slow ones are open."""
 
 from __future__ import annotations
 

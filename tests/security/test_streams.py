@@ -1,4 +1,4 @@
-"""Issue 11, item 5: long-lived event streams.
+"""Long-lived event streams.
 
 - A revoked token's open stream used to go on sending events; now the stream re-checks its
   token (and the job's tenant) every couple of seconds and ends within 5 s of a revocation.

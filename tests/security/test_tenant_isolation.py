@@ -6,7 +6,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from tests.factories import small_cnn, train_request
+from tests.factories import digits_cnn, train_request
 from tests.security.conftest import Owned
 
 
@@ -58,7 +58,7 @@ def test_other_tenants_objects_are_404(owned: Owned, tenant_a: httpx.Client,
 def test_other_tenant_cannot_cancel(owned: Owned, tenant_a: httpx.Client,
                                     tenant_b: httpx.Client) -> None:
     # A queued job of A's (a long one; canceled again right after) that B tries to cancel.
-    r = tenant_a.post("/v1/jobs", json=train_request(200, model=small_cnn(4)))
+    r = tenant_a.post("/v1/jobs", json=train_request(200, model=digits_cnn(4)))
     assert r.status_code == 201
     job_id = r.json()["id"]
     try:

@@ -1,7 +1,7 @@
 """Per-tenant limits. Queued jobs: past max_queued_per_tenant a submit is 429 with Retry-After
 (other tenants unaffected). Running jobs: a worker claims a job only while its tenant runs
-fewer than max_running_per_tenant; otherwise the job stays queued and is deferred. Revoking the
-last admin token is refused."""
+fewer than max_running_per_tenant; otherwise the job stays queued and is deferred (the claim
+itself: tests/db/test_transitions.py). Revoking the last admin token is refused."""
 
 from __future__ import annotations
 
@@ -15,10 +15,9 @@ from pathlib import Path
 import pytest
 
 from api.auth import LastAdmin, create_token, revoke_token
-from db import jobs
 from db.migrate import upgrade
 from db.session import get_engine, session_scope
-from tests.factories import small_cnn, train_request
+from tests.factories import digits_cnn, train_request
 from tests.security.conftest import make_token
 from tests.services import (
     REDIS,
@@ -57,54 +56,6 @@ def db_url() -> Iterator[str]:
     drop_pg_database(url)
 
 
-def _queue(url: str, tenant: str, n: int) -> list[str]:
-    with session_scope(url) as s:
-        made = [jobs.create_job(s, tenant=tenant, kind="train", name="", request={},
-                                summary=None, max_attempts=1) for _ in range(n)]
-        return [j.id for j in made]
-
-
-def test_claim_respects_max_running_per_tenant(db_url: str) -> None:
-    a1, a2 = _queue(db_url, "lim-a", 2)
-    (b1,) = _queue(db_url, "lim-b", 1)
-    with session_scope(db_url) as s:
-        assert jobs.claim_job(s, job_id=a1, worker_id="w1", max_running=1) is not None
-    with session_scope(db_url) as s, pytest.raises(jobs.TenantAtLimit):
-        jobs.claim_job(s, job_id=a2, worker_id="w2", max_running=1)
-    with session_scope(db_url) as s:
-        assert jobs.job_state(s, job_id=a2) == "queued"
-        assert jobs.claim_job(s, job_id=b1, worker_id="w2", max_running=1) is not None
-        assert jobs.finish_job(s, job_id=a1, worker_id="w1", state="succeeded")
-    with session_scope(db_url) as s:
-        assert jobs.claim_job(s, job_id=a2, worker_id="w2", max_running=1) is not None
-        # A job that is not queued any more is "not claimable", not "at the limit".
-        assert jobs.claim_job(s, job_id=a2, worker_id="w3", max_running=1) is None
-
-
-def test_concurrent_claims_never_pass_the_limit(db_url: str) -> None:
-    """Eight workers claim eight of one tenant's jobs at once; the advisory lock lets two in."""
-    ids = _queue(db_url, "race", 8)
-    start = threading.Barrier(len(ids))
-    outcome: dict[str, str] = {}
-
-    def claim(job_id: str) -> None:
-        start.wait()
-        with session_scope(db_url) as s:
-            try:
-                got = jobs.claim_job(s, job_id=job_id, worker_id=f"w-{job_id[:6]}",
-                                     max_running=2)
-                outcome[job_id] = "claimed" if got else "skipped"
-            except jobs.TenantAtLimit:
-                outcome[job_id] = "deferred"
-
-    threads = [threading.Thread(target=claim, args=(i,)) for i in ids]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    assert sorted(outcome.values()) == ["claimed"] * 2 + ["deferred"] * 6
-
-
 def test_last_admin_token_cannot_be_revoked(db_url: str) -> None:
     with session_scope(db_url) as s:
         first, _ = create_token(s, tenant="ops", is_admin=True)
@@ -129,8 +80,8 @@ def two_workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                     CONVOY_MAX_RUNNING_PER_TENANT="1", CONVOY_TENANT_DEFER_SECONDS="0.5")
     s = Stack(env=env, home=home)
     try:
-        # Both workers import torch at once, and the API starts meanwhile: on 2 cores this
-        # fixture costs one worker start, not three process starts in a row.
+        # Both workers import torch at once, and the API starts meanwhile: this fixture costs
+        # about one worker start, not three process starts in a row.
         starts = [threading.Thread(target=s.start_worker, args=(n,)) for n in ("w0", "w1")]
         for t in starts:
             t.start()
@@ -157,7 +108,7 @@ def test_running_limit_end_to_end(two_workers: Stack) -> None:
     with two_workers.client() as admin:
         a, b = make_token(admin, "run-a")["token"], make_token(admin, "run-b")["token"]
     with two_workers.client(a) as ca, two_workers.client(b) as cb:
-        job = train_request(6, model=small_cnn(8))  # still running when A's second is tried
+        job = train_request(6, model=digits_cnn(8))  # still running when A's second is tried
         a_ids = [ca.post("/v1/jobs", json=job).json()["id"] for _ in range(2)]
         b_id = cb.post("/v1/jobs", json=job).json()["id"]
         most_a_running = 0

@@ -23,6 +23,7 @@ from models.build import build_model
 from models.capture import capture, channels_last, extra_pool
 from models.pooling import pooled_shape
 from models.spec import ModelSpec
+from tests.factories import npy_bytes
 from worker.feature_maps import run_feature_maps
 from worker.render import grid_shape, png_bytes
 
@@ -125,10 +126,8 @@ def test_image_rule_converts_mode_and_size():
 
 
 def test_npy_with_pickled_objects_is_refused():
-    buf = io.BytesIO()
-    np.save(buf, np.array([{"a": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(inputs.BadInput, match="pickles"):
-        inputs.parse_npy(buf.getvalue(), max_pixels=100)
+        inputs.parse_npy(npy_bytes(np.array([{"a": 1}], dtype=object)), max_pixels=100)
 
 
 def test_a_job_run_directly_stores_every_artifact_with_its_row(tmp_path):

@@ -48,7 +48,7 @@ def data() -> DeviceData:
 
 @pytest.fixture(autouse=True)
 def one_thread() -> Iterator[None]:
-    # the machine has 2 cores shared with worker processes; one thread is also the fastest here
+    # one thread, as the test workers run: the test process shares the cores with them
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
