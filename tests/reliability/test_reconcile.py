@@ -16,7 +16,7 @@ from api.reconciler import reconcile_once
 from convoy.queue import enqueue, gpu_queue, make_celery
 from convoy.queue_inspect import job_id_of, redis_queue_keys
 from convoy.settings import Settings
-from db import jobs
+from db import dispatch, job_reads, jobs, leases
 from db.base import utcnow
 from db.migrate import upgrade
 from db.session import session_scope
@@ -89,10 +89,10 @@ def test_without_broker_inspection_resends_back_off_per_job(settings):
             session.execute(update(Job).where(Job.id == job_id)
                             .values(enqueued_at=now - timedelta(seconds=sent_ago)))
     with session_scope(settings.database_url) as session:
-        due = jobs.stale_queued(session, older_than_seconds=30, now=now,
+        due = dispatch.stale_queued(session, older_than_seconds=30, now=now,
                                 max_backoff_seconds=300)
-        every_pass = jobs.stale_queued(session, older_than_seconds=30, now=now)
-        jobs.mark_sent(session, job_ids=ids)
+        every_pass = dispatch.stale_queued(session, older_than_seconds=30, now=now)
+        dispatch.mark_sent(session, job_ids=ids)
         session.execute(update(Job).where(Job.id.in_(ids)).values(state="canceled"))
     assert [i for i, _ in due if i in ids] == [ids[0], ids[2]]
     assert {i for i, _ in every_pass} >= set(ids)
@@ -104,21 +104,21 @@ def test_expired_lease_requeues_then_fails_and_the_late_worker_cannot_write(sett
     with session_scope(settings.database_url) as session:
         assert jobs.claim_job(session, job_id=job_id, worker_id="a") is not None
         assert jobs.claim_job(session, job_id=job_id, worker_id="b") is None  # duplicate
-        assert jobs.requeue_expired(session, lease_seconds=30) == []  # lease still fresh
-        assert jobs.requeue_expired(session, lease_seconds=30, now=later) == [job_id]
-        job = jobs.get_job(session, job_id=job_id)
+        assert dispatch.requeue_expired(session, lease_seconds=30) == []  # lease still fresh
+        assert dispatch.requeue_expired(session, lease_seconds=30, now=later) == [job_id]
+        job = job_reads.get_job(session, job_id=job_id)
         assert (job.state, job.attempt, job.worker_id) == ("queued", 2, None)
         # the first worker wakes up: every write it tries is refused
-        assert not jobs.heartbeat(session, job_id=job_id, worker_id="a")
+        assert not leases.heartbeat(session, job_id=job_id, worker_id="a")
         assert not jobs.record_epoch(session, job_id=job_id, worker_id="a", epoch=1, step=1,
                                      metrics={"val_loss": 1.0}, progress=0.5)
         assert not jobs.finish_job(session, job_id=job_id, worker_id="a", state="succeeded")
 
         assert jobs.claim_job(session, job_id=job_id, worker_id="b") is not None
-        assert jobs.requeue_expired(session, lease_seconds=30,
+        assert dispatch.requeue_expired(session, lease_seconds=30,
                                     now=utcnow() + timedelta(seconds=31)) == []
         session.expire_all()
-        job = jobs.get_job(session, job_id=job_id)
+        job = job_reads.get_job(session, job_id=job_id)
         assert job.state == "failed" and "max_attempts (2)" in (job.error or "")
         assert session.scalar(select(func.count()).select_from(Metric)
                               .where(Metric.job_id == job_id)) == 0
@@ -144,12 +144,12 @@ def test_release_hands_back_only_a_job_this_worker_still_runs(settings):
     [job_id, canceled] = make_jobs(settings, 2, age_s=0)
     with session_scope(settings.database_url) as session:
         assert jobs.claim_job(session, job_id=job_id, worker_id="w") is not None
-        before = jobs.get_job(session, job_id=job_id).max_attempts
+        before = job_reads.get_job(session, job_id=job_id).max_attempts
         assert not jobs.release_job(session, job_id=job_id, worker_id="other")
         assert jobs.release_job(session, job_id=job_id, worker_id="w")
         assert not jobs.release_job(session, job_id=job_id, worker_id="w")
         session.expire_all()
-        job = jobs.get_job(session, job_id=job_id)
+        job = job_reads.get_job(session, job_id=job_id)
         assert (job.state, job.attempt, job.max_attempts, job.worker_id) == (
             "queued", 2, before + 1, None)
         assert session.scalars(select(JobAttempt.outcome).where(
@@ -160,7 +160,7 @@ def test_release_hands_back_only_a_job_this_worker_still_runs(settings):
         assert not jobs.release_job(session, job_id=canceled, worker_id="w")
         attempt = session.scalars(select(JobAttempt).where(JobAttempt.job_id == canceled)).one()
         assert attempt.ended_at is None  # not marked "lost": the runner records "canceled"
-        assert jobs.job_state(session, job_id=canceled) == "canceled"
+        assert job_reads.job_state(session, job_id=canceled) == "canceled"
 
 
 def test_gpu_jobs_are_sent_held_and_resent_on_the_gpu_queue(settings):

@@ -14,10 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from api.auth import LastAdmin, create_token, revoke_token
-from db import jobs
+from api.auth import create_token
+from db import job_reads, jobs
 from db.migrate import upgrade
 from db.session import get_engine, session_scope
+from db.tokens import LastAdmin
+from db.tokens import revoke as revoke_token
 from tests.factories import small_cnn, train_request
 from tests.security.conftest import make_token
 from tests.services import (
@@ -72,7 +74,7 @@ def test_claim_respects_max_running_per_tenant(db_url: str) -> None:
     with session_scope(db_url) as s, pytest.raises(jobs.TenantAtLimit):
         jobs.claim_job(s, job_id=a2, worker_id="w2", max_running=1)
     with session_scope(db_url) as s:
-        assert jobs.job_state(s, job_id=a2) == "queued"
+        assert job_reads.job_state(s, job_id=a2) == "queued"
         assert jobs.claim_job(s, job_id=b1, worker_id="w2", max_running=1) is not None
         assert jobs.finish_job(s, job_id=a1, worker_id="w1", state="succeeded")
     with session_scope(db_url) as s:
