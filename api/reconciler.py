@@ -14,7 +14,7 @@ from celery import Celery
 from convoy.queue import enqueue
 from convoy.queue_inspect import redis_held_ids
 from convoy.settings import Settings
-from db import dispatch
+from db import attempts, dispatch, jobs
 from db.session import session_scope
 
 log = logging.getLogger(__name__)
@@ -25,9 +25,9 @@ def reconcile_once(settings: Settings, celery: Celery, *, expire_leases: bool = 
     open; resend queued jobs whose message is lost. Returns the ids it acted on."""
     inspect_redis = settings.broker_url.startswith(("redis://", "rediss://"))
     with session_scope(settings.database_url) as session:
-        expired = dispatch.requeue_expired(session, lease_seconds=settings.lease_seconds) \
+        expired = jobs.requeue_expired(session, lease_seconds=settings.lease_seconds) \
             if expire_leases else []
-        closed = dispatch.close_orphaned_attempts(session, lease_seconds=settings.lease_seconds) \
+        closed = attempts.close_orphaned(session, lease_seconds=settings.lease_seconds) \
             if expire_leases else []
         # With Redis we can see which messages exist, so resend exactly the missing ones;
         # other brokers get a per-job backoff instead.

@@ -5,7 +5,7 @@ late worker can never move a job backwards or run it twice at once. Nothing else
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import func, select, text, update
@@ -333,3 +333,45 @@ def cancel_job(session: Session, *, job_id: str, tenant: str | None) -> Job:
     return job
 
 
+def requeue_expired(
+    session: Session, *, lease_seconds: float, now: datetime | None = None
+) -> list[str]:
+    """Running jobs whose lease expired go back to queued with attempt + 1, or fail past
+    max_attempts. Returns the ids that were requeued (to be enqueued again)."""
+    now = now or utcnow()
+    cutoff = now - timedelta(seconds=lease_seconds)
+    expired = session.execute(
+        select(Job.id, Job.attempt, Job.max_attempts, Job.worker_id).where(
+            Job.state == "running", Job.heartbeat_at < cutoff
+        )
+    ).all()
+    requeued: list[str] = []
+    for job_id, attempt, max_attempts, worker_id in expired:
+        stale = (Job.id == job_id) & (Job.state == "running") & (Job.heartbeat_at < cutoff)
+        if attempt >= max_attempts:
+            values: dict[str, Any] = {
+                "state": "failed",
+                "finished_at": now,
+                "updated_at": now,
+                "error": f"worker {worker_id} was lost and the job reached max_attempts "
+                f"({max_attempts})",
+            }
+        else:
+            values = {
+                "state": "queued",
+                "attempt": attempt + 1,
+                "worker_id": None,
+                "enqueued_at": now,
+                "updated_at": now,
+            }
+        done = session.execute(
+            update(Job).where(stale).values(**values).execution_options(synchronize_session=False)
+        ).rowcount == 1  # type: ignore[attr-defined]
+        if done:
+            attempts.end(session, job_id=job_id, worker_id=worker_id or "", outcome="lease_expired")
+            log(session, job_id=job_id, level="warning",
+                message=f"lease of worker {worker_id} expired on attempt {attempt}")
+            if values["state"] == "queued":
+                requeued.append(job_id)
+    session.commit()
+    return requeued

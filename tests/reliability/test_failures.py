@@ -12,7 +12,7 @@ import torch
 from sqlalchemy import select, update
 
 from convoy.settings import Settings
-from db import dispatch, job_reads, jobs
+from db import job_reads, jobs
 from db.base import utcnow
 from db.migrate import upgrade
 from db.session import session_scope
@@ -74,7 +74,7 @@ def test_attempt_resumed_after_the_last_checkpoint_reports_the_same_result(setti
             state="running", result=None, finished_at=None, worker_id="w",
             heartbeat_at=utcnow() - timedelta(hours=1)))
         session.commit()
-        assert dispatch.requeue_expired(session, lease_seconds=30) == [job.id]
+        assert jobs.requeue_expired(session, lease_seconds=30) == [job.id]
     assert run_job(job.id, settings=settings, worker_id="w2") == "done"
     with session_scope(settings.database_url) as session:
         done = job_reads.get_job(session, job_id=job.id)

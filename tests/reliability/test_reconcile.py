@@ -104,8 +104,8 @@ def test_expired_lease_requeues_then_fails_and_the_late_worker_cannot_write(sett
     with session_scope(settings.database_url) as session:
         assert jobs.claim_job(session, job_id=job_id, worker_id="a") is not None
         assert jobs.claim_job(session, job_id=job_id, worker_id="b") is None  # duplicate
-        assert dispatch.requeue_expired(session, lease_seconds=30) == []  # lease still fresh
-        assert dispatch.requeue_expired(session, lease_seconds=30, now=later) == [job_id]
+        assert jobs.requeue_expired(session, lease_seconds=30) == []  # lease still fresh
+        assert jobs.requeue_expired(session, lease_seconds=30, now=later) == [job_id]
         job = job_reads.get_job(session, job_id=job_id)
         assert (job.state, job.attempt, job.worker_id) == ("queued", 2, None)
         # the first worker wakes up: every write it tries is refused
@@ -115,7 +115,7 @@ def test_expired_lease_requeues_then_fails_and_the_late_worker_cannot_write(sett
         assert not jobs.finish_job(session, job_id=job_id, worker_id="a", state="succeeded")
 
         assert jobs.claim_job(session, job_id=job_id, worker_id="b") is not None
-        assert dispatch.requeue_expired(session, lease_seconds=30,
+        assert jobs.requeue_expired(session, lease_seconds=30,
                                     now=utcnow() + timedelta(seconds=31)) == []
         session.expire_all()
         job = job_reads.get_job(session, job_id=job_id)
