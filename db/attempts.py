@@ -34,7 +34,7 @@ def of_job(session: Session, *, job_id: str) -> list[JobAttempt]:
 
 
 def close_orphaned(session: Session, *, lease_seconds: float,
-                            now: datetime | None = None) -> list[tuple[str, int]]:
+                   now: datetime | None = None) -> list[tuple[str, int]]:
     """Attempt rows still open (no ended_at) whose job no longer runs under them and whose
     lease expired: the worker died without closing its attempt (say, SIGKILLed while the job
     was canceled), and nothing else ever would. Each gets ended_at and an outcome: `canceled`
