@@ -38,7 +38,7 @@ def stale_queued(
     session.commit()
     due: list[tuple[str, str]] = []
     for job_id, kind, created_at, enqueued_at in rows:
-        if max_backoff_seconds is not None:
+        if max_backoff_seconds is not None and enqueued_at is not None:  # (never None here)
             waited_before = min((enqueued_at - created_at).total_seconds(), max_backoff_seconds)
             if (now - enqueued_at).total_seconds() < waited_before:
                 continue

@@ -68,5 +68,6 @@ def timeout_and_prior_seconds(session: Session, *, job_id: str) -> tuple[float |
         select(JobAttempt.started_at, JobAttempt.ended_at)
         .where(JobAttempt.job_id == job_id, JobAttempt.ended_at.is_not(None))
     ).all()
-    prior = sum(max(0.0, (end - start).total_seconds()) for start, end in rows)
+    prior = sum(max(0.0, (end - start).total_seconds()) for start, end in rows
+                if end is not None)  # (never None here: the query asks for ended rows)
     return (float(timeout) if timeout is not None else None), prior
