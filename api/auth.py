@@ -14,21 +14,15 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import anyio
-from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from convoy.settings import Settings
-from db.base import utcnow
-from db.jobs import new_id
+from db import job_reads, tokens
 from db.tables import Job, Token
 
 TOKEN_PREFIX = "cvy_"
 # Same rule as api.schemas.TokenIn: tenants are plain identifiers (they name rows and log lines).
 TENANT_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-
-
-class LastAdmin(RuntimeError):
-    """Revoking this token would leave no active admin token: nobody could mint new ones."""
 
 
 @dataclass(frozen=True)
@@ -45,10 +39,8 @@ def hash_token(secret: str) -> str:
 def create_token(session: Session, *, tenant: str, name: str = "", is_admin: bool = False,
                  secret: str | None = None) -> tuple[Token, str]:
     secret = secret or TOKEN_PREFIX + secrets.token_urlsafe(32)
-    token = Token(id=new_id(), tenant=tenant, name=name, token_hash=hash_token(secret),
-                  is_admin=is_admin, created_at=utcnow())
-    session.add(token)
-    session.commit()
+    token = tokens.create(session, tenant=tenant, name=name, token_hash=hash_token(secret),
+                          is_admin=is_admin)
     return token, secret
 
 
@@ -59,9 +51,7 @@ def plausible(secret: str) -> bool:
 def authenticate(session: Session, secret: str) -> Principal | None:
     if not plausible(secret):
         return None
-    token = session.scalars(
-        select(Token).where(Token.token_hash == hash_token(secret), Token.revoked_at.is_(None))
-    ).one_or_none()
+    token = tokens.find_live(session, token_hash=hash_token(secret))
     if token is None:
         return None
     return Principal(tenant=token.tenant, token_id=token.id, is_admin=token.is_admin)
@@ -74,9 +64,7 @@ def lookup_token(database_url: str, digest: str) -> Principal | None:
     from db.session import get_side_sessionmaker
 
     with get_side_sessionmaker(database_url, "auth")() as session:
-        token = session.scalars(
-            select(Token).where(Token.token_hash == digest, Token.revoked_at.is_(None))
-        ).one_or_none()
+        token = tokens.find_live(session, token_hash=digest)
         return None if token is None else Principal(tenant=token.tenant, token_id=token.id,
                                                     is_admin=token.is_admin)
 
@@ -143,34 +131,13 @@ def job_for_token(session: Session, job_id: str, secret: str) -> Job | None:
     part failed; the caller asks `authenticate` to tell a bad token (401) from a missing job."""
     if not plausible(secret):
         return None
-    return session.scalars(
-        select(Job).join(Token, Token.tenant == Job.tenant).where(
-            Job.id == job_id, Token.token_hash == hash_token(secret), Token.revoked_at.is_(None))
-    ).one_or_none()
+    return job_reads.for_token(session, job_id=job_id, token_hash=hash_token(secret))
 
 
 def check_tenant(tenant: str) -> str:
     if not TENANT_RE.fullmatch(tenant):
         raise ValueError(f"tenant {tenant[:80]!r}: 1-64 letters, digits, - or _")
     return tenant
-
-
-def revoke_token(session: Session, *, token_id: str) -> Token | None:
-    """Revoke (idempotent); None when there is no such token. Refuses with LastAdmin to revoke
-    the only active admin token, which would lock every admin out of the API."""
-    token = session.get(Token, token_id)
-    if token is None:
-        return None
-    if token.revoked_at is None:
-        if token.is_admin:
-            others = session.scalar(select(func.count()).select_from(Token).where(
-                Token.is_admin.is_(True), Token.revoked_at.is_(None), Token.id != token.id))
-            if not others:
-                raise LastAdmin(f"token {token.id} is the last active admin token; create "
-                                "another admin token first")
-        token.revoked_at = utcnow()
-        session.commit()
-    return token
 
 
 def ensure_bootstrap(session: Session, settings: Settings) -> str | None:
@@ -180,14 +147,11 @@ def ensure_bootstrap(session: Session, settings: Settings) -> str | None:
     if settings.env == "production" and not settings.bootstrap_token:
         raise RuntimeError("CONVOY_BOOTSTRAP_TOKEN must be set when CONVOY_ENV=production")
     if settings.bootstrap_token:
-        if session.scalars(
-            select(Token.id).where(Token.token_hash == hash_token(settings.bootstrap_token))
-        ).first() is None:
+        if not tokens.exists(session, token_hash=hash_token(settings.bootstrap_token)):
             create_token(session, tenant="default", name="bootstrap", is_admin=True,
                          secret=settings.bootstrap_token)
         return None
-    if session.scalars(select(Token.id).where(Token.is_admin.is_(True),
-                                              Token.revoked_at.is_(None))).first():
+    if tokens.has_live_admin(session):
         return None
     _, secret = create_token(session, tenant="default", name="first admin", is_admin=True)
     path = settings.token_file

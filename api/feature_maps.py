@@ -9,7 +9,6 @@ from typing import Any
 
 import numpy as np
 from fastapi import HTTPException
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api.submit import check_model_limits, summarize_or_422, unprocessable
@@ -18,7 +17,7 @@ from convoy.featuremaps import UnknownLayer, layer_names, resolve_layers
 from convoy.jobspec import FeatureMapsJobRequest
 from convoy.settings import Settings
 from convoy.textsafe import BadJSON, loads_bounded
-from db.tables import Artifact, Job, Upload
+from db import artifacts, job_reads, uploads
 from models.pooling import map_bytes, pooled_shape
 from models.spec import ModelSpec, pair
 
@@ -150,13 +149,11 @@ def resolve_source(session: Session, req: FeatureMapsJobRequest, *, tenant: str
     if src.checkpoint is not None and src.job_id is None:
         raise unprocessable("source.checkpoint", "a checkpoint name needs a job_id")
     if src.job_id is not None:
-        job = session.scalars(select(Job).where(Job.id == src.job_id, Job.tenant == tenant,
-                                                Job.kind == "train")).one_or_none()
-        if job is None:
-            raise not_found("source.job_id", f"no train job {src.job_id}")
-        rows = list(session.scalars(
-            select(Artifact.name).where(Artifact.job_id == job.id, Artifact.tenant == tenant,
-                                        Artifact.kind == "checkpoint").order_by(Artifact.name)))
+        try:
+            job = job_reads.get_job(session, job_id=src.job_id, tenant=tenant, kind="train")
+        except job_reads.JobNotFound:
+            raise not_found("source.job_id", f"no train job {src.job_id}") from None
+        rows = artifacts.checkpoint_names(session, job_id=job.id, tenant=tenant)
         if src.checkpoint is not None and src.checkpoint not in rows:
             raise unprocessable("source.checkpoint", f"job {job.id} has no checkpoint "
                                                      f"{src.checkpoint!r}; it has {rows[-5:]}")
@@ -167,18 +164,13 @@ def resolve_source(session: Session, req: FeatureMapsJobRequest, *, tenant: str
         return spec, {"type": "train_job", "job_id": job.id,
                       "checkpoint": src.checkpoint or rows[-1]}
     if src.checkpoint_id is not None:
-        upload = _upload(session, src.checkpoint_id, "checkpoint", tenant)
+        upload = uploads.get(session, id=src.checkpoint_id, tenant=tenant, kind="checkpoint")
         if upload is None:
             raise not_found("source.checkpoint_id", f"no checkpoint {src.checkpoint_id}")
         spec = ModelSpec.model_validate(upload.meta["model"])
         return spec, {"type": "checkpoint", "checkpoint_id": upload.id}
     assert src.model is not None
     return src.model, {"type": "random", "seed": src.seed}
-
-
-def _upload(session: Session, upload_id: str, kind: str, tenant: str) -> Upload | None:
-    return session.scalars(select(Upload).where(Upload.id == upload_id, Upload.tenant == tenant,
-                                                Upload.kind == kind)).one_or_none()
 
 
 # -- the inputs ------------------------------------------------------------------------------
@@ -201,7 +193,7 @@ def split_size(session: Session, ref: Any, split: str, *, tenant: str, store: An
         # split sizes depend only on the class counts, not on the drawn images
         y = np.arange(ref.samples, dtype=np.int64) % ref.num_classes
         return (ref.channels, ref.size, ref.size), datasets.split_sizes(y, uploaded=False)[split]
-    upload = _upload(session, ref.id, "dataset", tenant)
+    upload = uploads.get(session, id=ref.id, tenant=tenant, kind="dataset")
     if upload is None:
         raise not_found("inputs.dataset.id", f"no dataset {ref.id}")
     shape = tuple(upload.meta["input_shape"])
@@ -229,7 +221,8 @@ def resolve_inputs(session: Session, req: FeatureMapsJobRequest, summary: dict[s
             raise unprocessable("inputs.dataset", f"{what} has inputs {list(shape)} but the "
                                                   f"model takes {list(want)}")
     else:
-        upload = _upload(session, inp.input_id, "input", tenant)  # type: ignore[arg-type]
+        upload = uploads.get(session, id=inp.input_id, tenant=tenant,  # type: ignore[arg-type]
+                             kind="input")
         if upload is None:
             raise not_found("inputs.input_id", f"no input upload {inp.input_id}")
         meta, what = upload.meta, f"upload {upload.id}"

@@ -31,7 +31,7 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from convoy.settings import Settings
-from db import idempotency
+from db import idempotency, uploads
 from db.idempotency import Idem, KeyReused
 from db.tables import Upload
 
@@ -92,11 +92,11 @@ async def upload_replay(request: Request, session: Session, settings: Settings, 
             found = idempotency.find(session, idem, ttl_seconds=settings.idempotency_ttl_seconds)
         except KeyReused as exc:
             raise conflict(exc) from None
-        row = session.get(Upload, found) if found else None
+        row = uploads.get(session, id=found, tenant=tenant, kind=kind) if found else None
         if found and row is None:
             idempotency.forget(session, idem)
         session.commit()
-        return row if row is not None and row.kind == kind and row.tenant == tenant else None
+        return row
 
     return idem, await run_in_threadpool(look)
 

@@ -14,7 +14,7 @@ from celery import Celery
 from convoy.queue import enqueue
 from convoy.queue_inspect import redis_held_ids
 from convoy.settings import Settings
-from db import jobs
+from db import attempts, dispatch, jobs
 from db.session import session_scope
 
 log = logging.getLogger(__name__)
@@ -27,16 +27,16 @@ def reconcile_once(settings: Settings, celery: Celery, *, expire_leases: bool = 
     with session_scope(settings.database_url) as session:
         expired = jobs.requeue_expired(session, lease_seconds=settings.lease_seconds) \
             if expire_leases else []
-        closed = jobs.close_orphaned_attempts(session, lease_seconds=settings.lease_seconds) \
+        closed = attempts.close_orphaned(session, lease_seconds=settings.lease_seconds) \
             if expire_leases else []
         # With Redis we can see which messages exist, so resend exactly the missing ones;
         # other brokers get a per-job backoff instead.
-        due = jobs.stale_queued(
+        due = dispatch.stale_queued(
             session, older_than_seconds=settings.requeue_after_seconds,
             max_backoff_seconds=None if inspect_redis else 10 * settings.requeue_after_seconds,
         )
-        queued = jobs.count_queued(session) if due and inspect_redis else 0
-        routes = jobs.routes_of(session, job_ids=[*expired, *(i for i, _ in due)])
+        queued = dispatch.count_queued(session) if due and inspect_redis else 0
+        routes = dispatch.routes_of(session, job_ids=[*expired, *(i for i, _ in due)])
     if due and inspect_redis:
         held = redis_held_ids(settings, queued=queued)
         due = [] if held is None else [(i, k) for i, k in due if i not in held]
@@ -52,7 +52,7 @@ def reconcile_once(settings: Settings, celery: Celery, *, expire_leases: bool = 
     finally:
         if sent:
             with session_scope(settings.database_url) as session:
-                jobs.mark_sent(session, job_ids=sent)
+                dispatch.mark_sent(session, job_ids=sent)
     if closed:
         log.info("reconciler: closed orphaned attempts %s", closed)
     return {"requeued": expired, "resent": sent}

@@ -5,13 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import HTTPException
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from convoy import datasets
 from convoy.jobspec import TrainJobRequest
 from convoy.settings import Settings, get_settings
-from db.tables import Upload
+from db import uploads
 from models.spec import ModelSpec, SpecError, infer
 
 
@@ -59,10 +58,7 @@ def check_model_limits(summary: dict[str, Any], settings: Settings, *, batch_siz
 
 def dataset_info(session: Session, ref: Any, *, tenant: str) -> datasets.DatasetInfo:
     if isinstance(ref, datasets.UploadRef):
-        upload = session.scalars(
-            select(Upload).where(Upload.id == ref.id, Upload.tenant == tenant,
-                                 Upload.kind == "dataset")
-        ).one_or_none()
+        upload = uploads.get(session, id=ref.id, tenant=tenant, kind="dataset")
         if upload is None:
             raise unprocessable("dataset.id", f"no dataset with id {ref.id}")
         meta = upload.meta

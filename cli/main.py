@@ -70,9 +70,9 @@ def cmd_db(args: argparse.Namespace) -> int:
 
 
 def cmd_token(args: argparse.Namespace) -> int:
-    from api.auth import LastAdmin, check_tenant, create_token, revoke_token
+    from api.auth import check_tenant, create_token
+    from db import tokens
     from db.session import session_scope
-    from db.tables import Token
 
     settings = _settings()
     if args.action == "create":
@@ -92,8 +92,8 @@ def cmd_token(args: argparse.Namespace) -> int:
             print(f"id {token.id} tenant {token.tenant}\n{secret}")
         elif args.action == "revoke":
             try:
-                revoked = revoke_token(session, token_id=args.id)
-            except LastAdmin as exc:
+                revoked = tokens.revoke(session, token_id=args.id)
+            except tokens.LastAdmin as exc:
                 print(exc, file=sys.stderr)
                 return 1
             if revoked is None:
@@ -101,7 +101,7 @@ def cmd_token(args: argparse.Namespace) -> int:
                 return 1
             print(f"revoked {args.id}")
         else:
-            for t in session.query(Token).order_by(Token.created_at):
+            for t in tokens.oldest_first(session):
                 state = "revoked" if t.revoked_at else "active"
                 print(f"{t.id}  {t.tenant:<16} {'admin' if t.is_admin else 'user ':<5} {state}"
                       f"  {t.name}")

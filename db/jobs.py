@@ -4,7 +4,6 @@ late worker can never move a job backwards or run it twice at once. Nothing else
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta
 from typing import Any
@@ -12,22 +11,21 @@ from typing import Any
 from sqlalchemy import func, select, text, update
 from sqlalchemy.orm import Session
 
+from db import artifacts as artifacts_db
+from db import attempts
+from db import metrics as metrics_db
 from db.base import utcnow
-from db.tables import TERMINAL_STATES, Artifact, Job, JobAttempt, JobLog, Metric
-
-
-class JobNotFound(LookupError):
-    pass
+from db.ids import new_id
+from db.job_reads import get_job, job_state
+from db.joblog import log
+from db.leases import owned
+from db.tables import Artifact, Job, JobAttempt
 
 
 class WrongState(RuntimeError):
     def __init__(self, state: str, message: str) -> None:
         super().__init__(message)
         self.state = state
-
-
-def new_id() -> str:
-    return uuid.uuid4().hex
 
 
 def create_job(
@@ -122,17 +120,6 @@ def create_job_once(
     return job, True
 
 
-def get_job(session: Session, *, job_id: str, tenant: str | None = None) -> Job:
-    """The job, or JobNotFound; with a tenant, another tenant's job is not found either."""
-    query = select(Job).where(Job.id == job_id)
-    if tenant is not None:
-        query = query.where(Job.tenant == tenant)
-    job = session.scalars(query).one_or_none()
-    if job is None:
-        raise JobNotFound(job_id)
-    return job
-
-
 class TenantAtLimit(RuntimeError):
     """The job's tenant already runs its limit of jobs: the job stays queued, to be sent again."""
 
@@ -197,43 +184,6 @@ def claim_job(session: Session, *, job_id: str, worker_id: str,
     return job
 
 
-def timeout_and_prior_seconds(session: Session, *, job_id: str) -> tuple[float | None, float]:
-    """(the job's timeout, the running time of its ended attempts) in seconds. An attempt
-    counts from its claim to its end (for a lost worker: until its lease expired); time spent
-    queued does not count, nor an attempt row never closed."""
-    timeout = session.scalar(select(Job.timeout_seconds).where(Job.id == job_id))
-    rows = session.execute(
-        select(JobAttempt.started_at, JobAttempt.ended_at)
-        .where(JobAttempt.job_id == job_id, JobAttempt.ended_at.is_not(None))
-    ).all()
-    prior = sum(max(0.0, (end - start).total_seconds()) for start, end in rows)
-    return (float(timeout) if timeout is not None else None), prior
-
-
-def _owned(job_id: str, worker_id: str) -> Any:
-    return (Job.id == job_id) & (Job.state == "running") & (Job.worker_id == worker_id)
-
-
-def heartbeat(
-    session: Session, *, job_id: str, worker_id: str, progress: float | None = None
-) -> bool:
-    """Renew the lease; False means it was lost (canceled, or requeued after it expired)."""
-    values: dict[str, Any] = {"heartbeat_at": utcnow()}
-    if progress is not None:
-        values["progress"] = progress
-    result = session.execute(
-        update(Job).where(_owned(job_id, worker_id)).values(**values)
-        .execution_options(synchronize_session=False)
-    )
-    session.commit()
-    return result.rowcount == 1  # type: ignore[attr-defined]
-
-
-def holds_lease(session: Session, *, job_id: str, worker_id: str) -> bool:
-    """A read-only check between renewals, so a cancel is seen within a second."""
-    return session.execute(select(Job.id).where(_owned(job_id, worker_id))).first() is not None
-
-
 def record_epoch(
     session: Session,
     *,
@@ -250,59 +200,16 @@ def record_epoch(
     now = utcnow()
     result = session.execute(
         update(Job)
-        .where(_owned(job_id, worker_id))
+        .where(owned(job_id, worker_id))
         .values(progress=progress, heartbeat_at=now, updated_at=now)
         .execution_options(synchronize_session=False)
     )
     if result.rowcount != 1:  # type: ignore[attr-defined]
         session.rollback()
         return False
-    # A retried call (the commit went through but the reply was lost to a dropped connection)
-    # must not trip the unique constraint: skip the names this step already has.
-    have = set(session.scalars(select(Metric.name).where(Metric.job_id == job_id,
-                                                         Metric.step == step)))
-    for name, value in metrics.items():
-        if name not in have:
-            session.add(Metric(job_id=job_id, name=name, step=step, epoch=epoch,
-                               value=float(value)))
+    metrics_db.add_step(session, job_id=job_id, step=step, epoch=epoch, values=metrics)
     for artifact in artifacts:
-        _upsert_artifact(session, artifact)
-    session.commit()
-    return True
-
-
-def _upsert_artifact(session: Session, artifact: Artifact) -> None:
-    existing = session.scalars(
-        select(Artifact).where(
-            Artifact.job_id == artifact.job_id,
-            Artifact.kind == artifact.kind,
-            Artifact.name == artifact.name,
-        )
-    ).one_or_none()
-    if existing is None:
-        session.add(artifact)
-    else:
-        existing.key, existing.size, existing.sha256 = artifact.key, artifact.size, artifact.sha256
-        existing.meta = artifact.meta
-
-
-def add_artifacts(
-    session: Session, *, job_id: str, worker_id: str, artifacts: Iterable[Artifact]
-) -> bool:
-    if session.execute(select(Job.id).where(_owned(job_id, worker_id))).first() is None:
-        return False
-    # One read of the job's rows, not a query (and an autoflush) per artifact: a feature-map
-    # job adds thousands of rows (a PNG per layer and input).
-    existing = {(a.kind, a.name): a
-                for a in session.scalars(select(Artifact).where(Artifact.job_id == job_id))}
-    for artifact in artifacts:
-        old = existing.get((artifact.kind, artifact.name))
-        if old is None:
-            session.add(artifact)
-            existing[(artifact.kind, artifact.name)] = artifact
-        else:
-            old.key, old.size, old.sha256 = artifact.key, artifact.size, artifact.sha256
-            old.meta = artifact.meta
+        artifacts_db.upsert(session, artifact=artifact)
     session.commit()
     return True
 
@@ -327,31 +234,18 @@ def finish_job(
     if state == "succeeded":
         values["progress"] = 1.0
     done = session.execute(
-        update(Job).where(_owned(job_id, worker_id)).values(**values)
+        update(Job).where(owned(job_id, worker_id)).values(**values)
         .execution_options(synchronize_session=False)
     ).rowcount == 1  # type: ignore[attr-defined]
-    _end_attempt(session, job_id=job_id, worker_id=worker_id, outcome=state if done else "lost")
+    attempts.end(session, job_id=job_id, worker_id=worker_id, outcome=state if done else "lost")
     if done and log_line:  # not when the lease was lost: another attempt owns the outcome
         log(session, job_id=job_id, message=log_line)
     session.commit()
     return done
 
 
-def _end_attempt(session: Session, *, job_id: str, worker_id: str, outcome: str) -> None:
-    session.execute(
-        update(JobAttempt)
-        .where(
-            JobAttempt.job_id == job_id,
-            JobAttempt.worker_id == worker_id,
-            JobAttempt.ended_at.is_(None),
-        )
-        .values(ended_at=utcnow(), outcome=outcome)
-        .execution_options(synchronize_session=False)
-    )
-
-
 def end_attempt(session: Session, *, job_id: str, worker_id: str, outcome: str) -> None:
-    _end_attempt(session, job_id=job_id, worker_id=worker_id, outcome=outcome)
+    attempts.end(session, job_id=job_id, worker_id=worker_id, outcome=outcome)
     session.commit()
 
 
@@ -361,7 +255,7 @@ def release_job(session: Session, *, job_id: str, worker_id: str) -> bool:
     does not use up the job's failure budget (max_attempts grows with attempt)."""
     now = utcnow()
     done = session.execute(
-        update(Job).where(_owned(job_id, worker_id)).values(
+        update(Job).where(owned(job_id, worker_id)).values(
             state="queued", attempt=Job.attempt + 1, max_attempts=Job.max_attempts + 1,
             worker_id=None, heartbeat_at=None, enqueued_at=now, updated_at=now)
         .execution_options(synchronize_session=False)
@@ -369,7 +263,7 @@ def release_job(session: Session, *, job_id: str, worker_id: str) -> bool:
     if not done:  # canceled meanwhile, or the lease was lost: the caller ends the attempt
         session.rollback()
         return False
-    _end_attempt(session, job_id=job_id, worker_id=worker_id, outcome="released")
+    attempts.end(session, job_id=job_id, worker_id=worker_id, outcome="released")
     log(session, job_id=job_id, level="warning",
         message=f"worker {worker_id} shut down: job handed back, the next attempt resumes "
                 "from its last checkpoint (not counted toward max_attempts)")
@@ -386,10 +280,10 @@ def retry_after_storage_error(session: Session, *, job_id: str, worker_id: str, 
     the job was no longer this worker's (canceled meanwhile, lease lost)."""
     now = utcnow()
     job = session.execute(select(Job.attempt, Job.max_attempts).where(
-        _owned(job_id, worker_id))).first()
+        owned(job_id, worker_id))).first()
     if job is None:
         state = job_state(session, job_id=job_id)
-        _end_attempt(session, job_id=job_id, worker_id=worker_id,
+        attempts.end(session, job_id=job_id, worker_id=worker_id,
                      outcome="canceled" if state == "canceled" else "lost")
         session.commit()
         return "stopped"
@@ -409,55 +303,17 @@ def retry_after_storage_error(session: Session, *, job_id: str, worker_id: str, 
         line = (f"attempt {attempt} stopped by a storage error: {error}; no attempts left "
                 f"(max_attempts {max_attempts}): failed")
     done = session.execute(
-        update(Job).where(_owned(job_id, worker_id), Job.attempt == attempt).values(**values)
+        update(Job).where(owned(job_id, worker_id), Job.attempt == attempt).values(**values)
         .execution_options(synchronize_session=False)
     ).rowcount == 1  # type: ignore[attr-defined]
     if not done:  # canceled between the two statements
         session.rollback()
         return retry_after_storage_error(session, job_id=job_id, worker_id=worker_id,
                                          error=error, backoff_seconds=backoff_seconds)
-    _end_attempt(session, job_id=job_id, worker_id=worker_id, outcome="store_error")
+    attempts.end(session, job_id=job_id, worker_id=worker_id, outcome="store_error")
     log(session, job_id=job_id, level="error", message=line)
     session.commit()
     return "retry" if values["state"] == "queued" else "failed"
-
-
-def close_orphaned_attempts(session: Session, *, lease_seconds: float,
-                            now: datetime | None = None) -> list[tuple[str, int]]:
-    """Attempt rows still open (no ended_at) whose job no longer runs under them and whose
-    lease expired: the worker died without closing its attempt (say, SIGKILLed while the job
-    was canceled), and nothing else ever would. Each gets ended_at and an outcome: `canceled`
-    when the job was canceled (what ended the attempt), otherwise `lost`. Returns the
-    (job id, attempt) pairs closed."""
-    now = now or utcnow()
-    cutoff = now - timedelta(seconds=lease_seconds)
-    rows = session.execute(
-        select(JobAttempt.id, JobAttempt.job_id, JobAttempt.attempt, JobAttempt.worker_id,
-               Job.state, Job.worker_id, Job.attempt, Job.heartbeat_at)
-        .join(Job, Job.id == JobAttempt.job_id)
-        .where(JobAttempt.ended_at.is_(None), JobAttempt.started_at < cutoff)
-    ).all()
-    closed: list[tuple[str, int]] = []
-    for row_id, job_id, attempt, worker, state, owner, current, heartbeat_at in rows:
-        if state == "running" and owner == worker and current == attempt:
-            continue  # its own lease: requeue_expired's business
-        if heartbeat_at is not None and heartbeat_at >= cutoff:
-            continue  # the worker may still be stopping and close it itself
-        outcome = "canceled" if state == "canceled" else "lost"
-        done = session.execute(
-            update(JobAttempt).where(JobAttempt.id == row_id, JobAttempt.ended_at.is_(None))
-            .values(ended_at=now, outcome=outcome)
-            .execution_options(synchronize_session=False)
-        ).rowcount == 1  # type: ignore[attr-defined]
-        if done:
-            seen = heartbeat_at.isoformat(timespec="seconds") if heartbeat_at else "never"
-            log(session, job_id=job_id, level="warning",
-                message=f"attempt {attempt} of worker {worker} closed as {outcome}: the job is "
-                        f"{state} and the worker never ended the attempt (last heartbeat "
-                        f"{seen})")
-            closed.append((job_id, attempt))
-    session.commit()
-    return closed
 
 
 def cancel_job(session: Session, *, job_id: str, tenant: str | None) -> Job:
@@ -475,10 +331,6 @@ def cancel_job(session: Session, *, job_id: str, tenant: str | None) -> Job:
     if result.rowcount != 1:  # type: ignore[attr-defined]
         raise WrongState(job.state, f"job {job_id} is already {job.state}")
     return job
-
-
-def job_state(session: Session, *, job_id: str) -> str | None:
-    return session.scalar(select(Job.state).where(Job.id == job_id))
 
 
 def requeue_expired(
@@ -516,75 +368,10 @@ def requeue_expired(
             update(Job).where(stale).values(**values).execution_options(synchronize_session=False)
         ).rowcount == 1  # type: ignore[attr-defined]
         if done:
-            _end_attempt(session, job_id=job_id, worker_id=worker_id or "", outcome="lease_expired")
+            attempts.end(session, job_id=job_id, worker_id=worker_id or "", outcome="lease_expired")
             log(session, job_id=job_id, level="warning",
                 message=f"lease of worker {worker_id} expired on attempt {attempt}")
             if values["state"] == "queued":
                 requeued.append(job_id)
     session.commit()
     return requeued
-
-
-def stale_queued(
-    session: Session,
-    *,
-    older_than_seconds: float,
-    now: datetime | None = None,
-    max_backoff_seconds: float | None = None,
-    limit: int = 1000,
-) -> list[tuple[str, str]]:
-    """(id, kind) of queued jobs not sent for `older_than_seconds`: their message may be lost.
-
-    With `max_backoff_seconds`, a job is resent only after waiting at least as long as it had
-    already waited when it was last sent (capped): 30 s, 60 s, 120 s... after submission. A
-    long backlog then costs a few duplicate messages per job instead of one every pass. Marks
-    nothing: call mark_sent for the ids actually sent."""
-    now = now or utcnow()
-    cutoff = now - timedelta(seconds=older_than_seconds)
-    rows = session.execute(
-        select(Job.id, Job.kind, Job.created_at, Job.enqueued_at)
-        .where(Job.state == "queued", Job.enqueued_at < cutoff)
-        .order_by(Job.enqueued_at)
-        .limit(limit)
-    ).all()
-    session.commit()
-    due: list[tuple[str, str]] = []
-    for job_id, kind, created_at, enqueued_at in rows:
-        if max_backoff_seconds is not None:
-            waited_before = min((enqueued_at - created_at).total_seconds(), max_backoff_seconds)
-            if (now - enqueued_at).total_seconds() < waited_before:
-                continue
-        due.append((job_id, kind))
-    return due
-
-
-def count_queued(session: Session) -> int:
-    return session.scalar(select(func.count()).select_from(Job).where(Job.state == "queued")) or 0
-
-
-def routes_of(session: Session, *, job_ids: Iterable[str]) -> dict[str, tuple[str, bool]]:
-    """id -> (kind, needs a GPU): what a message for the job is sent as, and to which queue."""
-    ids = list(job_ids)
-    if not ids:
-        return {}
-    rows = session.execute(select(Job.id, Job.kind, Job.request).where(Job.id.in_(ids)))
-    return {i: (kind, (request or {}).get("device") == "cuda") for i, kind, request in rows}
-
-
-def mark_sent(session: Session, *, job_ids: Iterable[str], now: datetime | None = None) -> None:
-    ids = list(job_ids)
-    if ids:
-        session.execute(
-            update(Job).where(Job.id.in_(ids), Job.state == "queued")
-            .values(enqueued_at=now or utcnow())
-            .execution_options(synchronize_session=False)
-        )
-    session.commit()
-
-
-def log(session: Session, *, job_id: str, message: str, level: str = "info") -> None:
-    session.add(JobLog(job_id=job_id, level=level, message=message))
-
-
-def is_terminal(state: str) -> bool:
-    return state in TERMINAL_STATES

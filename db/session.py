@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.jsontext import loads_replacing
@@ -73,6 +73,13 @@ def get_side_engine(url: str, purpose: str) -> Engine:
     the request pool: the API's token checks and its readiness probe (issue 11, item 1)."""
     return _make_engine(url, pool_size=2, max_overflow=2, timeout=2, busy_timeout=2,
                         connect_timeout=2)
+
+
+def ping(url: str, purpose: str) -> None:
+    """One trivial statement on the side engine for `purpose`; raises if the database does
+    not answer."""
+    with get_side_engine(url, purpose).connect() as conn:
+        conn.execute(text("SELECT 1"))
 
 
 @lru_cache

@@ -5,13 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from sqlalchemy import select
 
 from convoy import datasets
 from convoy.artifacts import get_store
 from convoy.settings import Settings
+from db import uploads
 from db.session import session_scope
-from db.tables import Upload
 
 
 def pick_device(wanted: str) -> torch.device:
@@ -34,10 +33,7 @@ def load_split(ref: Any, *, settings: Settings, tenant: str) -> datasets.Split:
     if isinstance(ref, datasets.SyntheticRef):
         return datasets.load_synthetic(ref)
     with session_scope(settings.database_url) as session:
-        upload = session.scalars(
-            select(Upload).where(Upload.id == ref.id, Upload.tenant == tenant,
-                                 Upload.kind == "dataset")
-        ).one_or_none()
+        upload = uploads.get(session, id=ref.id, tenant=tenant, kind="dataset")
         if upload is None:
             raise LookupError(f"dataset {ref.id} not found")
         key = upload.key

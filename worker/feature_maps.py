@@ -11,14 +11,13 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load as load_safetensors
-from sqlalchemy import select
 
 from convoy import datasets, inputs
 from convoy.artifacts import CorruptArtifact, get_store, job_key
 from convoy.featuremaps import layer_names
 from convoy.jobspec import FeatureMapsJobRequest
 from convoy.settings import Settings
-from db import jobs
+from db import artifacts, jobs, uploads
 from db.session import session_scope
 from db.tables import Artifact, Job, Upload
 from models.build import build_model
@@ -70,15 +69,17 @@ def load_model(settings: Settings, job: Job, spec: ModelSpec, source: dict[str, 
     model = build_model(spec)
     with session_scope(settings.database_url) as session:
         if source["type"] == "train_job":
-            row: Any = session.scalars(select(Artifact).where(
-                Artifact.job_id == source["job_id"], Artifact.tenant == job.tenant,
-                Artifact.kind == "checkpoint", Artifact.name == source["checkpoint"])).one()
-            state = _verified_state(store, row, f"{row.name} of job {source['job_id']}")
+            what = f"{source['checkpoint']} of job {source['job_id']}"
+            row: Artifact | Upload | None = artifacts.find(
+                session, job_id=source["job_id"], tenant=job.tenant, kind="checkpoint",
+                name=source["checkpoint"])
         else:
-            row = session.scalars(select(Upload).where(
-                Upload.id == source["checkpoint_id"], Upload.tenant == job.tenant,
-                Upload.kind == "checkpoint")).one()
-            state = _verified_state(store, row, f"upload {row.id}")
+            what = f"upload {source['checkpoint_id']}"
+            row = uploads.get(session, id=source["checkpoint_id"], tenant=job.tenant,
+                              kind="checkpoint")
+        if row is None:
+            raise LookupError(f"source checkpoint {what} not found")
+        state = _verified_state(store, row, what)
     for name, tensor in model.state_dict().items():
         if name.endswith("num_batches_tracked") and name not in state:
             state[name] = torch.zeros_like(tensor)
@@ -98,9 +99,9 @@ def load_inputs(settings: Settings, job: Job, plan: dict[str, Any],
         x = {"all": split.all_x, "train": split.x_train, "val": split.x_val}[plan["split"]]
         return np.ascontiguousarray(x[indices], dtype=np.float32)
     with session_scope(settings.database_url) as session:
-        row = session.scalars(select(Upload).where(
-            Upload.id == plan["input_id"], Upload.tenant == job.tenant,
-            Upload.kind == "input")).one()
+        row = uploads.get(session, id=plan["input_id"], tenant=job.tenant, kind="input")
+        if row is None:
+            raise LookupError(f"input upload {plan['input_id']} not found")
         key = row.key
     data = get_store(settings.artifact_root).get_bytes(key)
     if plan["format"] == "npy":
@@ -227,8 +228,8 @@ class FeatureMapsRun:
                 raise
             t = time.perf_counter()
             with session_scope(self.settings.database_url) as session:
-                held = jobs.add_artifacts(session, job_id=self.job.id, worker_id=self.worker_id,
-                                          artifacts=rows)
+                held = artifacts.add(session, job_id=self.job.id, worker_id=self.worker_id,
+                                      artifacts=rows)
             self.timings.storage_s += time.perf_counter() - t
             if not held or lease.should_stop():
                 raise Stopped()

@@ -9,7 +9,7 @@ import logging
 import threading
 import time
 
-from db import jobs
+from db import job_reads, leases
 from db.session import session_scope
 from worker.control import Progress, Stopped
 
@@ -58,8 +58,8 @@ class Lease:
         return self.prior_s + time.monotonic() - self._t0
 
     def _read_limits(self, session) -> None:  # type: ignore[no-untyped-def]
-        self.timeout_s, self.prior_s = jobs.timeout_and_prior_seconds(session,
-                                                                      job_id=self.job_id)
+        self.timeout_s, self.prior_s = job_reads.timeout_and_prior_seconds(session,
+                                                                           job_id=self.job_id)
         self._limits_read = True
 
     def _check_timeout(self) -> None:
@@ -81,12 +81,12 @@ class Lease:
                     if not self._limits_read:
                         self._read_limits(session)
                     if renew:
-                        held = jobs.heartbeat(session, job_id=self.job_id,
-                                              worker_id=self.worker_id,
-                                              progress=round(self.progress.value, 4))
+                        held = leases.heartbeat(session, job_id=self.job_id,
+                                                worker_id=self.worker_id,
+                                                progress=round(self.progress.value, 4))
                     else:
-                        held = jobs.holds_lease(session, job_id=self.job_id,
-                                                worker_id=self.worker_id)
+                        held = leases.holds_lease(session, job_id=self.job_id,
+                                                  worker_id=self.worker_id)
             except Exception:  # the database is down: keep training, try again next tick
                 log.warning("heartbeat for job %s failed", self.job_id, exc_info=True)
                 continue

@@ -10,7 +10,7 @@ import torch
 
 from convoy.artifacts import CorruptArtifact, StoreUnavailable
 from convoy.settings import Settings
-from db import jobs
+from db import job_reads, joblog, jobs
 from db.session import session_scope
 from db.tables import Job
 from worker import warmup
@@ -30,7 +30,7 @@ def note(settings: Settings, job_id: str, message: str) -> None:
 
     def write() -> None:
         with session_scope(settings.database_url) as session:
-            jobs.log(session, job_id=job_id, message=message)
+            joblog.log(session, job_id=job_id, message=message)
 
     retry_db(write, what=f"job {job_id} log", within_s=settings.db_retry_seconds)
 
@@ -57,7 +57,7 @@ def retry_after_store_error(settings: Settings, *, job_id: str, worker_id: str,
     when its attempts ran out ("failed"); "stopped" when it was canceled meanwhile."""
     def record() -> str:
         with session_scope(settings.database_url) as session:
-            attempt = jobs.get_job(session, job_id=job_id).attempt
+            attempt = job_reads.get_job(session, job_id=job_id).attempt
             return jobs.retry_after_storage_error(
                 session, job_id=job_id, worker_id=worker_id, error=str(exc),
                 backoff_seconds=store_backoff(settings, attempt))
@@ -99,11 +99,11 @@ def run_job(job_id: str, *, settings: Settings, worker_id: str) -> str:
     except Stopped:
         def stopped() -> str:
             with session_scope(settings.database_url) as session:
-                state = jobs.job_state(session, job_id=job_id)
+                state = job_reads.job_state(session, job_id=job_id)
                 if SHUTTING_DOWN.is_set() and state == "running":
                     if jobs.release_job(session, job_id=job_id, worker_id=worker_id):
                         return "released"
-                    state = jobs.job_state(session, job_id=job_id)  # a cancel came first
+                    state = job_reads.job_state(session, job_id=job_id)  # a cancel came first
                 jobs.end_attempt(session, job_id=job_id, worker_id=worker_id,
                                  outcome="canceled" if state == "canceled" else "lost")
                 return "stopped"
@@ -126,7 +126,7 @@ def run_job(job_id: str, *, settings: Settings, worker_id: str) -> str:
 
         def failed() -> None:
             with session_scope(settings.database_url) as session:
-                jobs.log(session, job_id=job_id, level="error", message=trace)
+                joblog.log(session, job_id=job_id, level="error", message=trace)
                 jobs.finish_job(session, job_id=job_id, worker_id=worker_id, state="failed",
                                 error=error)
 

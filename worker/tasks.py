@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from convoy.queue import FEATURE_MAPS_TASK, TRAIN_TASK, enqueue
-from db import jobs
+from db import dispatch, job_reads
 from db.session import session_scope
 from worker import warmup
 from worker.app import app, settings, worker_id
@@ -14,7 +14,7 @@ from worker.runner import run_job, store_backoff
 def send_again(job_id: str, kind: str, countdown: float | None = None) -> None:
     """The job's message once more, to the queue it came from (a GPU job to the GPU queue)."""
     with session_scope(settings.database_url) as session:
-        _, gpu = jobs.routes_of(session, job_ids=[job_id]).get(job_id, (kind, False))
+        _, gpu = dispatch.routes_of(session, job_ids=[job_id]).get(job_id, (kind, False))
     enqueue(app, kind=kind, job_id=job_id, gpu=gpu, countdown=countdown)
 
 
@@ -34,7 +34,7 @@ def run(job_id: str, kind: str) -> str:
         # A storage error (full or read-only store): the job is queued again and its message
         # comes back after the backoff (the reconciler resends it if this one is lost).
         with session_scope(settings.database_url) as session:
-            attempt = jobs.get_job(session, job_id=job_id).attempt
+            attempt = job_reads.get_job(session, job_id=job_id).attempt
         send_again(job_id, kind, countdown=store_backoff(settings, attempt - 1))
     elif outcome == "deferred":
         # Its tenant is at max_running_per_tenant: this worker moves on to other tenants' jobs

@@ -10,12 +10,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
-from sqlalchemy import select
 
 from convoy.artifacts import CorruptArtifact, checkpoint_name, get_store, job_key
 from convoy.jobspec import TrainJobRequest
 from convoy.settings import Settings
-from db import jobs
+from db import artifacts, joblog, jobs, leases
 from db.session import session_scope
 from db.tables import Artifact, Job
 from models.build import build_model
@@ -48,12 +47,7 @@ class TrainRun:
     def checkpoint_rows(self) -> tuple[list[Artifact], dict[str, Artifact]]:
         """The job's model checkpoint rows, newest first, and its optimizer rows by name."""
         with self.db() as session:
-            rows = list(session.scalars(
-                select(Artifact)
-                .where(Artifact.job_id == self.job.id,
-                       Artifact.kind.in_(("checkpoint", "optimizer")))
-                .order_by(Artifact.name.desc())
-            ))
+            rows = artifacts.resume_candidates(session, job_id=self.job.id)
         return ([r for r in rows if r.kind == "checkpoint"],
                 {r.name: r for r in rows if r.kind == "optimizer"})
 
@@ -81,7 +75,7 @@ class TrainRun:
         # elsewhere) must not overwrite the new attempt's files when it comes back.
         def holds() -> bool:
             with self.db() as session:
-                return jobs.holds_lease(session, job_id=self.job.id, worker_id=self.worker_id)
+                return leases.holds_lease(session, job_id=self.job.id, worker_id=self.worker_id)
 
         if not retry_db(holds, what=f"job {self.job.id} lease check",
                         within_s=self.settings.db_retry_seconds):
@@ -248,6 +242,6 @@ class TrainRun:
     def _log(self, message: str, level: str = "info") -> None:
         def write() -> None:
             with self.db() as session:
-                jobs.log(session, job_id=self.job.id, message=message, level=level)
+                joblog.log(session, job_id=self.job.id, message=message, level=level)
 
         retry_db(write, what=f"job {self.job.id} log", within_s=self.settings.db_retry_seconds)

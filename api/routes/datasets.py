@@ -6,7 +6,6 @@ from typing import Annotated
 
 import numpy as np
 from fastapi import APIRouter, File, Form, HTTPException, Request, Response, UploadFile
-from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import PrincipalDep, SessionDep, SettingsDep, StoreDep
@@ -15,8 +14,8 @@ from api.schemas import DatasetOut
 from api.uploads import check_form_text, display_name, read_capped
 from convoy import datasets
 from convoy.artifacts import upload_key
-from db.base import utcnow
-from db.jobs import new_id
+from db import uploads
+from db.ids import new_id
 from db.tables import Upload
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
@@ -69,17 +68,13 @@ async def upload_dataset(
         upload_id = new_id()
         key = upload_key("datasets", upload_id, ".npz")
         size, sha = store.put_bytes(key, data)
-        row = Upload(
-            id=upload_id, tenant=principal.tenant, kind="dataset",
-            name=display_name(name or file.filename), key=key, size=size, sha256=sha,
-            meta={"input_shape": list(found.input_shape),
-                  "num_classes": int(np.max(found.y)) + 1, "samples": len(found.y)},
-            created_at=utcnow(),
-        )
-        session.add(row)
         try:
             with UploadKey(session, idem):
-                session.commit()
+                row = uploads.add(
+                    session, id=upload_id, tenant=principal.tenant, kind="dataset",
+                    name=display_name(name or file.filename), key=key, size=size, sha256=sha,
+                    meta={"input_shape": list(found.input_shape),
+                          "num_classes": int(np.max(found.y)) + 1, "samples": len(found.y)})
         except Exception:
             store.delete(key)  # no file without its row
             raise
@@ -91,10 +86,7 @@ async def upload_dataset(
 
 @router.get("", response_model=list[DatasetOut])
 def list_datasets(session: SessionDep, principal: PrincipalDep) -> list[DatasetOut]:
-    rows = session.scalars(
-        select(Upload).where(Upload.tenant == principal.tenant, Upload.kind == "dataset")
-        .order_by(Upload.created_at.desc()).limit(500)
-    )
+    rows = uploads.newest(session, tenant=principal.tenant, kind="dataset")
     return [*BUILTINS, *(dataset_out(u) for u in rows)]
 
 
@@ -103,10 +95,7 @@ def get_dataset(dataset_id: str, session: SessionDep, principal: PrincipalDep) -
     for builtin in BUILTINS:
         if builtin.id == dataset_id:
             return builtin
-    row = session.scalars(
-        select(Upload).where(Upload.id == dataset_id, Upload.tenant == principal.tenant,
-                             Upload.kind == "dataset")
-    ).one_or_none()
+    row = uploads.get(session, id=dataset_id, tenant=principal.tenant, kind="dataset")
     if row is None:
         raise HTTPException(404, f"dataset {dataset_id[:64]} not found")
     return dataset_out(row)

@@ -14,7 +14,6 @@ from typing import Annotated, Any
 import anyio
 from fastapi import APIRouter, FastAPI, Header, HTTPException, Query, Request
 from fastapi.responses import StreamingResponse
-from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session
@@ -23,7 +22,9 @@ from starlette.types import Receive, Scope, Send
 from api.auth import job_for_token
 from api.deps import SettingsDep, check_token
 from convoy.settings import Settings
-from db import jobs as jobs_db
+from db import attempts as attempts_db
+from db import job_reads
+from db import metrics as metrics_db
 from db.session import get_sessionmaker
 from db.tables import TERMINAL_STATES, Job, JobAttempt, Metric
 
@@ -104,13 +105,9 @@ def read_snapshot(settings: Settings, job_id: str, after_metric: int) -> Snapsho
     with get_sessionmaker(settings.database_url)() as session:
         # The job row first: when it says the job ended, every metric it wrote is committed
         # and the metric query below (a later statement) sees all of them.
-        job = jobs_db.get_job(session, job_id=job_id)
-        attempts = list(session.scalars(
-            select(JobAttempt).where(JobAttempt.job_id == job_id)
-            .order_by(JobAttempt.attempt, JobAttempt.id)))
-        metrics = list(session.scalars(
-            select(Metric).where(Metric.job_id == job_id, Metric.id > after_metric)
-            .order_by(Metric.id)))
+        job = job_reads.get_job(session, job_id=job_id)
+        attempts = attempts_db.of_job(session, job_id=job_id)
+        metrics = metrics_db.after(session, job_id=job_id, after_id=after_metric)
         return Snapshot(job.state, state_history(job, attempts), job.progress, metrics)
 
 
@@ -160,8 +157,8 @@ def _still_allowed(settings: Settings, job_id: str, secret: str) -> bool:
 
 def _load(session: Session, job_id: str, tenant: str) -> None:
     try:
-        jobs_db.get_job(session, job_id=job_id, tenant=tenant)
-    except jobs_db.JobNotFound:
+        job_reads.get_job(session, job_id=job_id, tenant=tenant)
+    except job_reads.JobNotFound:
         raise HTTPException(404, f"job {job_id[:64]} not found") from None
 
 
@@ -265,7 +262,7 @@ async def stream_events(
             try:
                 snap = await anyio.to_thread.run_sync(read_snapshot, settings, job_id,
                                                       cursor.metric_id, limiter=STREAM_LIMITER)
-            except jobs_db.JobNotFound:
+            except job_reads.JobNotFound:
                 return  # deleted while watched: nothing more will happen to it
             except (OperationalError, PoolTimeout):
                 # The database is away (a restart, a failover): keep the stream open and try

@@ -10,21 +10,16 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 from fastapi import APIRouter, HTTPException, Query, Response
-from sqlalchemy import select
 
 from api.deps import PrincipalDep, SessionDep, SettingsDep, StoreDep
 from api.routes.jobs import load_job
 from convoy.featuremaps import is_index
+from db import artifacts
 from db.tables import Artifact
 
 router = APIRouter(prefix="/v1/jobs", tags=["feature-maps"])
 
 Array = Literal["maps", "argmax"]
-
-
-def _rows(session, job_id: str, tenant: str, kind: str):  # type: ignore[no-untyped-def]
-    return session.scalars(select(Artifact).where(
-        Artifact.job_id == job_id, Artifact.tenant == tenant, Artifact.kind == kind))
 
 
 def _feature_job(session, job_id: str, tenant: str):  # type: ignore[no-untyped-def]
@@ -38,9 +33,11 @@ def _feature_job(session, job_id: str, tenant: str):  # type: ignore[no-untyped-
 def list_feature_maps(job_id: str, session: SessionDep, principal: PrincipalDep
                       ) -> dict[str, Any]:
     job = _feature_job(session, job_id, principal.tenant)
-    rows = sorted(_rows(session, job_id, principal.tenant, "feature_map"),
+    rows = sorted(artifacts.of_kind(session, job_id=job_id, tenant=principal.tenant,
+                                    kind="feature_map"),
                   key=lambda a: (a.meta or {}).get("index", 0))
-    argmax = {a.name for a in _rows(session, job_id, principal.tenant, "argmax")}
+    argmax = {a.name for a in artifacts.of_kind(session, job_id=job_id, tenant=principal.tenant,
+                                                 kind="argmax")}
     layers = [{
         "name": a.name, "index": a.meta["index"], "type": a.meta["type"],
         "shape": a.meta["shape"], "dtype": a.meta["dtype"], "bytes": a.meta["bytes"],
@@ -56,11 +53,10 @@ def list_feature_maps(job_id: str, session: SessionDep, principal: PrincipalDep
 
 def _find(session, job_id: str, tenant: str, kind: str, layer: str) -> Artifact | None:  # type: ignore[no-untyped-def]
     """The artifact row named `layer`, or for a bare index the layer with that index."""
-    query = select(Artifact).where(Artifact.job_id == job_id, Artifact.tenant == tenant,
-                                   Artifact.kind == kind)
-    found = session.scalars(query.where(Artifact.name == layer[:128])).first()
+    found = artifacts.find(session, job_id=job_id, tenant=tenant, kind=kind, name=layer[:128])
     if found is None and is_index(layer, max_digits=5):  # ASCII digits only ("¹" is no index)
-        found = session.scalars(query.where(Artifact.name.startswith(f"{int(layer)}-"))).first()
+        found = artifacts.find_by_prefix(session, job_id=job_id, tenant=tenant, kind=kind,
+                                         prefix=f"{int(layer)}-")
     return found
 
 

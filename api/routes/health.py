@@ -5,9 +5,8 @@ from __future__ import annotations
 import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from sqlalchemy import text
 
-from db.session import get_side_engine
+from db.session import ping
 
 router = APIRouter(tags=["health"])
 
@@ -19,8 +18,7 @@ CHECK_SECONDS = 2.0
 
 
 def _check_database(url: str) -> None:
-    with get_side_engine(url, "readyz").connect() as conn:
-        conn.execute(text("SELECT 1"))
+    ping(url, "readyz")
 
 
 def _check_broker(celery) -> None:  # type: ignore[no-untyped-def]

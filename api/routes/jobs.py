@@ -10,7 +10,6 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, HTTPException, Query, Request, Response
-from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
@@ -31,9 +30,10 @@ from api.submit import check_timeout, check_train
 from convoy.jobspec import FeatureMapsJobRequest, JobRequest, TrainJobRequest, dump
 from convoy.queue import enqueue
 from convoy.settings import Settings
+from db import artifacts, job_reads, joblog, metrics
 from db import jobs as jobs_db
 from db.idempotency import KeyReused
-from db.tables import Artifact, Job, JobLog, Metric
+from db.tables import Job
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -48,8 +48,8 @@ def job_out(job: Job) -> JobOut:
 
 def load_job(session, job_id: str, tenant: str) -> Job:  # type: ignore[no-untyped-def]
     try:
-        return jobs_db.get_job(session, job_id=job_id, tenant=tenant)
-    except jobs_db.JobNotFound:
+        return job_reads.get_job(session, job_id=job_id, tenant=tenant)
+    except job_reads.JobNotFound:
         raise HTTPException(404, f"job {job_id[:64]} not found") from None
 
 
@@ -139,16 +139,8 @@ def list_jobs(
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: Annotated[str | None, Query(max_length=200)] = None,
 ) -> JobPage:
-    query = select(Job).where(Job.tenant == principal.tenant)
-    if state:
-        query = query.where(Job.state == state)
-    if kind:
-        query = query.where(Job.kind == kind)
-    if cursor:
-        at, last_id = _decode_cursor(cursor)
-        query = query.where(or_(Job.created_at < at, and_(Job.created_at == at, Job.id < last_id)))
-    rows = list(session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc())
-                                .limit(limit + 1)))
+    rows = job_reads.page(session, tenant=principal.tenant, state=state, kind=kind,
+                          before=_decode_cursor(cursor) if cursor else None, limit=limit + 1)
     next_cursor = _encode_cursor(rows[limit - 1].created_at, rows[limit - 1].id) \
         if len(rows) > limit else None
     return JobPage(items=[job_out(j) for j in rows[:limit]], next_cursor=next_cursor)
@@ -194,11 +186,8 @@ def get_metrics(
     name: Annotated[str | None, Query(max_length=64)] = None,
 ) -> MetricsOut:
     load_job(session, job_id, principal.tenant)
-    query = select(Metric).where(Metric.job_id == job_id)
-    if name:
-        query = query.where(Metric.name == name)
     series: dict[str, list[MetricPoint]] = {}
-    for m in session.scalars(query.order_by(Metric.name, Metric.step)):
+    for m in metrics.series(session, job_id=job_id, name=name):
         series.setdefault(m.name, []).append(MetricPoint(step=m.step, epoch=m.epoch, value=m.value))
     return MetricsOut(series=series)
 
@@ -206,15 +195,8 @@ def get_metrics(
 @router.get("/{job_id}/logs", response_model=list[LogLine])
 def get_logs(job_id: str, session: SessionDep, principal: PrincipalDep) -> list[LogLine]:
     load_job(session, job_id, principal.tenant)
-    rows = session.scalars(select(JobLog).where(JobLog.job_id == job_id).order_by(JobLog.id))
-    return [LogLine(at=r.at, level=r.level, message=r.message) for r in rows]
-
-
-def _checkpoints(session, job_id: str) -> list[Artifact]:  # type: ignore[no-untyped-def]
-    return list(session.scalars(
-        select(Artifact).where(Artifact.job_id == job_id, Artifact.kind == "checkpoint")
-        .order_by(Artifact.name)
-    ))
+    return [LogLine(at=r.at, level=r.level, message=r.message)
+            for r in joblog.lines(session, job_id=job_id)]
 
 
 @router.get("/{job_id}/checkpoints", response_model=list[CheckpointOut])
@@ -223,7 +205,7 @@ def list_checkpoints(job_id: str, session: SessionDep, principal: PrincipalDep
     load_job(session, job_id, principal.tenant)
     return [CheckpointOut(name=a.name, epoch=(a.meta or {}).get("epoch"), size=a.size,
                           sha256=a.sha256, created_at=a.created_at)
-            for a in _checkpoints(session, job_id)]
+            for a in artifacts.checkpoints(session, job_id=job_id)]
 
 
 @router.get("/{job_id}/checkpoints/{name}", response_class=Response,
@@ -232,7 +214,7 @@ def download_checkpoint(job_id: str, name: str, session: SessionDep, principal: 
                         store: StoreDep) -> Response:
     """`name` is looked up among the job's artifact rows (or `last`), never joined into a path."""
     load_job(session, job_id, principal.tenant)
-    found = _checkpoints(session, job_id)
+    found = artifacts.checkpoints(session, job_id=job_id)
     match = found[-1:] if name in ("last", "latest") else [a for a in found if a.name == name]
     if not match:
         raise HTTPException(404, f"checkpoint {name[:80]!r} not found for job {job_id}")

@@ -6,11 +6,11 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Path
-from sqlalchemy import select
 
-from api.auth import LastAdmin, create_token, revoke_token
+from api.auth import create_token
 from api.deps import AdminDep, SessionDep
 from api.schemas import TokenIn, TokenOut
+from db import tokens
 from db.tables import Token
 
 router = APIRouter(prefix="/v1/tokens", tags=["tokens"])
@@ -32,14 +32,14 @@ def create(body: TokenIn, session: SessionDep, admin: AdminDep) -> TokenOut:
 
 @router.get("", response_model=list[TokenOut])
 def list_tokens(session: SessionDep, admin: AdminDep) -> list[TokenOut]:
-    return [token_out(t) for t in session.scalars(select(Token).order_by(Token.created_at))]
+    return [token_out(t) for t in tokens.oldest_first(session)]
 
 
 @router.delete("/{token_id}", response_model=TokenOut)
 def revoke(token_id: TokenId, session: SessionDep, admin: AdminDep) -> TokenOut:
     try:
-        token = revoke_token(session, token_id=token_id)
-    except LastAdmin as exc:
+        token = tokens.revoke(session, token_id=token_id)
+    except tokens.LastAdmin as exc:
         raise HTTPException(409, str(exc)) from None
     if token is None:
         raise HTTPException(404, f"token {token_id[:64]} not found")

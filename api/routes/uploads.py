@@ -7,7 +7,6 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, HTTPException, Request, Response, UploadFile
 from pydantic import ValidationError
-from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import PrincipalDep, SessionDep, SettingsDep, StoreDep
@@ -20,8 +19,8 @@ from api.uploads import check_form_text, display_name, read_capped
 from convoy import inputs
 from convoy.artifacts import upload_key
 from convoy.textsafe import BadJSON, first_unencodable, loads_bounded
-from db.base import utcnow
-from db.jobs import new_id
+from db import uploads
+from db.ids import new_id
 from db.tables import Upload
 from models.spec import ModelSpec
 
@@ -38,30 +37,20 @@ def _save(session, store, *, tenant: str, kind: str, name: str, data: bytes,  # 
     upload_id = new_id()
     key = upload_key(f"{kind}s", upload_id, suffix)
     size, sha = store.put_bytes(key, data)
-    row = Upload(id=upload_id, tenant=tenant, kind=kind, name=name, key=key, size=size,
-                 sha256=sha, meta=meta, created_at=utcnow())
-    session.add(row)
     try:
-        session.commit()
+        return uploads.add(session, id=upload_id, tenant=tenant, kind=kind, name=name, key=key,
+                           size=size, sha256=sha, meta=meta)
     except Exception:
         store.delete(key)  # no file without its row
         raise
-    return row
 
 
 def _list(session, tenant: str, kind: str) -> list[UploadOut]:  # type: ignore[no-untyped-def]
-    rows = session.scalars(
-        select(Upload).where(Upload.tenant == tenant, Upload.kind == kind)
-        .order_by(Upload.created_at.desc()).limit(500)
-    )
-    return [upload_out(u) for u in rows]
+    return [upload_out(u) for u in uploads.newest(session, tenant=tenant, kind=kind)]
 
 
 def _get(session, tenant: str, kind: str, upload_id: str) -> UploadOut:  # type: ignore[no-untyped-def]
-    row = session.scalars(
-        select(Upload).where(Upload.id == upload_id, Upload.tenant == tenant,
-                             Upload.kind == kind)
-    ).one_or_none()
+    row = uploads.get(session, id=upload_id, tenant=tenant, kind=kind)
     if row is None:
         raise HTTPException(404, f"{kind} {upload_id[:64]} not found")
     return upload_out(row)

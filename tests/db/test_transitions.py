@@ -10,7 +10,7 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import func, select
 
-from db import jobs
+from db import job_reads, jobs, leases
 from db.base import utcnow
 from db.session import session_scope
 from db.tables import JobAttempt, JobLog, Metric
@@ -47,7 +47,7 @@ def attempts(db_url: str, job_id: str) -> list[tuple[int, str, str | None, bool]
 
 def state_of(db_url: str, job_id: str) -> str | None:
     with session_scope(db_url) as session:
-        return jobs.job_state(session, job_id=job_id)
+        return job_reads.job_state(session, job_id=job_id)
 
 
 # -- claim -------------------------------------------------------------------------------------
@@ -96,7 +96,7 @@ def test_claim_respects_max_running_per_tenant(db_url):
     with session_scope(db_url) as s, pytest.raises(jobs.TenantAtLimit):
         jobs.claim_job(s, job_id=a2, worker_id="w2", max_running=1)
     with session_scope(db_url) as s:
-        assert jobs.job_state(s, job_id=a2) == "queued"
+        assert job_reads.job_state(s, job_id=a2) == "queued"
         assert jobs.claim_job(s, job_id=b1, worker_id="w2", max_running=1) is not None
         assert jobs.finish_job(s, job_id=a1, worker_id="w1", state="succeeded")
     with session_scope(db_url) as s:
@@ -134,17 +134,17 @@ def test_concurrent_claims_never_pass_the_limit(db_url):
 def test_only_the_lease_holder_renews_and_finishes(db_url):
     job_id = running(db_url, "a")
     with session_scope(db_url) as session:
-        assert jobs.heartbeat(session, job_id=job_id, worker_id="a", progress=0.25)
-        assert not jobs.heartbeat(session, job_id=job_id, worker_id="b")
+        assert leases.heartbeat(session, job_id=job_id, worker_id="a", progress=0.25)
+        assert not leases.heartbeat(session, job_id=job_id, worker_id="b")
         assert not jobs.finish_job(session, job_id=job_id, worker_id="b", state="succeeded",
                                    log_line="b says done")
         session.expire_all()
-        job = jobs.get_job(session, job_id=job_id)
+        job = job_reads.get_job(session, job_id=job_id)
         assert (job.state, job.worker_id, job.progress) == ("running", "a", 0.25)
         assert jobs.finish_job(session, job_id=job_id, worker_id="a", state="failed",
                                error="ValueError: bad", log_line="a failed it")
         session.expire_all()
-        job = jobs.get_job(session, job_id=job_id)
+        job = job_reads.get_job(session, job_id=job_id)
         assert (job.state, job.error) == ("failed", "ValueError: bad")
         assert job.finished_at is not None
         logs = session.scalars(select(JobLog.message).where(JobLog.job_id == job_id)).all()
@@ -159,9 +159,9 @@ def test_a_finished_job_cannot_be_finished_again(db_url):
                                result={"val_loss": 0.5})
         assert not jobs.finish_job(session, job_id=job_id, worker_id="w", state="failed",
                                    error="late")
-        assert not jobs.heartbeat(session, job_id=job_id, worker_id="w")
+        assert not leases.heartbeat(session, job_id=job_id, worker_id="w")
         session.expire_all()
-        job = jobs.get_job(session, job_id=job_id)
+        job = job_reads.get_job(session, job_id=job_id)
         assert (job.state, job.error, job.result, job.progress) == (
             "succeeded", None, {"val_loss": 0.5}, 1.0)
     assert attempts(db_url, job_id) == [(1, "w", "succeeded", True)]
@@ -182,9 +182,9 @@ def test_cancel_twice_is_wrong_state(db_url):
 def test_cancel_is_scoped_to_the_tenant(db_url):
     [job_id] = queued(db_url, tenant="owner")
     with session_scope(db_url) as session:
-        with pytest.raises(jobs.JobNotFound):
+        with pytest.raises(job_reads.JobNotFound):
             jobs.cancel_job(session, job_id=job_id, tenant="someone-else")
-        with pytest.raises(jobs.JobNotFound):
+        with pytest.raises(job_reads.JobNotFound):
             jobs.cancel_job(session, job_id="0" * 32, tenant=None)
     assert state_of(db_url, job_id) == "queued"
 
@@ -193,7 +193,7 @@ def test_a_canceled_running_job_refuses_its_worker(db_url):
     job_id = running(db_url)
     with session_scope(db_url) as session:
         jobs.cancel_job(session, job_id=job_id, tenant=None)
-        assert not jobs.heartbeat(session, job_id=job_id, worker_id="w")
+        assert not leases.heartbeat(session, job_id=job_id, worker_id="w")
         assert not jobs.record_epoch(session, job_id=job_id, worker_id="w", epoch=1, step=1,
                                      metrics={"val_loss": 1.0}, progress=0.5)
         assert not jobs.finish_job(session, job_id=job_id, worker_id="w", state="succeeded")
@@ -212,10 +212,10 @@ def test_expired_lease_requeues_then_fails_and_the_late_worker_cannot_write(db_u
         assert jobs.claim_job(session, job_id=job_id, worker_id="b") is None  # duplicate
         assert jobs.requeue_expired(session, lease_seconds=30) == []  # lease still fresh
         assert jobs.requeue_expired(session, lease_seconds=30, now=later) == [job_id]
-        job = jobs.get_job(session, job_id=job_id)
+        job = job_reads.get_job(session, job_id=job_id)
         assert (job.state, job.attempt, job.worker_id) == ("queued", 2, None)
         # the first worker wakes up: every write it tries is refused
-        assert not jobs.heartbeat(session, job_id=job_id, worker_id="a")
+        assert not leases.heartbeat(session, job_id=job_id, worker_id="a")
         assert not jobs.record_epoch(session, job_id=job_id, worker_id="a", epoch=1, step=1,
                                      metrics={"val_loss": 1.0}, progress=0.5)
         assert not jobs.finish_job(session, job_id=job_id, worker_id="a", state="succeeded")
@@ -224,7 +224,7 @@ def test_expired_lease_requeues_then_fails_and_the_late_worker_cannot_write(db_u
         assert jobs.requeue_expired(session, lease_seconds=30,
                                     now=utcnow() + timedelta(seconds=31)) == []
         session.expire_all()
-        job = jobs.get_job(session, job_id=job_id)
+        job = job_reads.get_job(session, job_id=job_id)
         assert job.state == "failed" and "max_attempts (2)" in (job.error or "")
         assert session.scalar(select(func.count()).select_from(Metric)
                               .where(Metric.job_id == job_id)) == 0
@@ -241,11 +241,11 @@ def test_a_late_worker_cannot_finish_a_job_that_was_requeued(db_url):
         assert jobs.claim_job(session, job_id=job_id, worker_id="b") is not None
         assert not jobs.finish_job(session, job_id=job_id, worker_id="a", state="failed",
                                    error="a's stale error", log_line="a finished it")
-        assert jobs.job_state(session, job_id=job_id) == "running"
-        assert jobs.heartbeat(session, job_id=job_id, worker_id="b")
+        assert job_reads.job_state(session, job_id=job_id) == "running"
+        assert leases.heartbeat(session, job_id=job_id, worker_id="b")
         assert jobs.finish_job(session, job_id=job_id, worker_id="b", state="succeeded")
         session.expire_all()
-        job = jobs.get_job(session, job_id=job_id)
+        job = job_reads.get_job(session, job_id=job_id)
         assert (job.state, job.attempt, job.error) == ("succeeded", 2, None)
         logs = session.scalars(select(JobLog.message).where(JobLog.job_id == job_id)).all()
         assert "a finished it" not in logs
@@ -274,12 +274,12 @@ def test_release_hands_back_only_a_job_this_worker_still_runs(db_url):
     [job_id, canceled] = queued(db_url, 2)
     with session_scope(db_url) as session:
         assert jobs.claim_job(session, job_id=job_id, worker_id="w") is not None
-        before = jobs.get_job(session, job_id=job_id).max_attempts
+        before = job_reads.get_job(session, job_id=job_id).max_attempts
         assert not jobs.release_job(session, job_id=job_id, worker_id="other")
         assert jobs.release_job(session, job_id=job_id, worker_id="w")
         assert not jobs.release_job(session, job_id=job_id, worker_id="w")
         session.expire_all()
-        job = jobs.get_job(session, job_id=job_id)
+        job = job_reads.get_job(session, job_id=job_id)
         assert (job.state, job.attempt, job.max_attempts, job.worker_id) == (
             "queued", 2, before + 1, None)
         assert session.scalars(select(JobAttempt.outcome).where(
@@ -290,7 +290,7 @@ def test_release_hands_back_only_a_job_this_worker_still_runs(db_url):
         assert not jobs.release_job(session, job_id=canceled, worker_id="w")
         attempt = session.scalars(select(JobAttempt).where(JobAttempt.job_id == canceled)).one()
         assert attempt.ended_at is None  # not marked "lost": the runner records "canceled"
-        assert jobs.job_state(session, job_id=canceled) == "canceled"
+        assert job_reads.job_state(session, job_id=canceled) == "canceled"
 
 
 # -- storage errors ----------------------------------------------------------------------------
@@ -302,7 +302,7 @@ def test_storage_error_requeues_after_the_backoff_then_fails_past_max_attempts(d
         assert jobs.retry_after_storage_error(session, job_id=job_id, worker_id="a",
                                               error="disk full", backoff_seconds=60) == "retry"
         session.expire_all()
-        job = jobs.get_job(session, job_id=job_id)
+        job = job_reads.get_job(session, job_id=job_id)
         assert (job.state, job.attempt, job.max_attempts, job.worker_id) == (
             "queued", 2, 2, None)
         assert job.enqueued_at >= before + timedelta(seconds=59)  # not resent before it is due
@@ -313,7 +313,7 @@ def test_storage_error_requeues_after_the_backoff_then_fails_past_max_attempts(d
         assert jobs.retry_after_storage_error(session, job_id=job_id, worker_id="b",
                                               error="disk full", backoff_seconds=60) == "failed"
         session.expire_all()
-        job = jobs.get_job(session, job_id=job_id)
+        job = job_reads.get_job(session, job_id=job_id)
         assert (job.state, job.error) == ("failed", "disk full (on each of 2 attempts)")
         assert jobs.claim_job(session, job_id=job_id, worker_id="c") is None
     assert attempts(db_url, job_id) == [(1, "a", "store_error", True),

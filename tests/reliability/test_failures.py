@@ -12,7 +12,7 @@ import torch
 from sqlalchemy import select, update
 
 from convoy.settings import Settings
-from db import jobs
+from db import job_reads, jobs
 from db.base import utcnow
 from db.migrate import upgrade
 from db.session import session_scope
@@ -40,7 +40,7 @@ def test_exception_in_the_worker_fails_the_job_with_type_message_and_traceback(s
                               summary=None, max_attempts=3)
     assert run_job(job.id, settings=settings, worker_id="w") == "failed"
     with session_scope(settings.database_url) as session:
-        done = jobs.get_job(session, job_id=job.id)
+        done = job_reads.get_job(session, job_id=job.id)
         assert done.state == "failed" and done.finished_at is not None
         assert done.error.startswith("RuntimeError: mat1 and mat2 shapes cannot be multiplied")
         [trace] = session.scalars(select(JobLog.message).where(JobLog.job_id == job.id,
@@ -68,7 +68,7 @@ def test_attempt_resumed_after_the_last_checkpoint_reports_the_same_result(setti
                               request=request, summary=None, max_attempts=3)
     assert run_job(job.id, settings=settings, worker_id="w") == "done"
     with session_scope(settings.database_url) as session:
-        first = dict(jobs.get_job(session, job_id=job.id).result)
+        first = dict(job_reads.get_job(session, job_id=job.id).result)
         # the death: the job is running again under an expired lease, no result recorded
         session.execute(update(Job).where(Job.id == job.id).values(
             state="running", result=None, finished_at=None, worker_id="w",
@@ -77,7 +77,7 @@ def test_attempt_resumed_after_the_last_checkpoint_reports_the_same_result(setti
         assert jobs.requeue_expired(session, lease_seconds=30) == [job.id]
     assert run_job(job.id, settings=settings, worker_id="w2") == "done"
     with session_scope(settings.database_url) as session:
-        done = jobs.get_job(session, job_id=job.id)
+        done = job_reads.get_job(session, job_id=job.id)
         assert done.attempt == 2
         again = done.result
         steps = session.scalars(select(Metric.step).where(Metric.job_id == job.id,

@@ -16,7 +16,7 @@ from api.reconciler import reconcile_once
 from convoy.queue import enqueue, gpu_queue, make_celery
 from convoy.queue_inspect import job_id_of, redis_queue_keys
 from convoy.settings import Settings
-from db import jobs
+from db import dispatch, jobs
 from db.base import utcnow
 from db.migrate import upgrade
 from db.session import session_scope
@@ -89,10 +89,10 @@ def test_without_broker_inspection_resends_back_off_per_job(settings):
             session.execute(update(Job).where(Job.id == job_id)
                             .values(enqueued_at=now - timedelta(seconds=sent_ago)))
     with session_scope(settings.database_url) as session:
-        due = jobs.stale_queued(session, older_than_seconds=30, now=now,
+        due = dispatch.stale_queued(session, older_than_seconds=30, now=now,
                                 max_backoff_seconds=300)
-        every_pass = jobs.stale_queued(session, older_than_seconds=30, now=now)
-        jobs.mark_sent(session, job_ids=ids)
+        every_pass = dispatch.stale_queued(session, older_than_seconds=30, now=now)
+        dispatch.mark_sent(session, job_ids=ids)
         session.execute(update(Job).where(Job.id.in_(ids)).values(state="canceled"))
     assert [i for i, _ in due if i in ids] == [ids[0], ids[2]]
     assert {i for i, _ in every_pass} >= set(ids)

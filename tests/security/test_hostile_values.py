@@ -361,7 +361,7 @@ def _insert_poisoned_rows(database_url: str, tenant: str) -> tuple[str, str]:
     """A job and a checkpoint upload of `tenant` whose JSON columns hold lone surrogates,
     written straight to the database (as a bug elsewhere, or an older version, could)."""
     from db.base import utcnow
-    from db.jobs import new_id
+    from db.ids import new_id
     from db.session import get_engine, get_sessionmaker
     from db.tables import Job, Upload
 

@@ -14,9 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from api.auth import LastAdmin, create_token, revoke_token
+from api.auth import create_token
 from db.migrate import upgrade
 from db.session import get_engine, session_scope
+from db.tokens import LastAdmin
+from db.tokens import revoke as revoke_token
 from tests.factories import digits_cnn, train_request
 from tests.security.conftest import make_token
 from tests.services import (

@@ -15,7 +15,7 @@ from api.feature_maps import check_feature_maps
 from convoy import inputs
 from convoy.jobspec import FeatureMapsJobRequest, dump
 from convoy.settings import Settings
-from db import jobs
+from db import job_reads, jobs
 from db.migrate import upgrade
 from db.session import session_scope
 from db.tables import Artifact
@@ -148,7 +148,7 @@ def test_a_job_run_directly_stores_every_artifact_with_its_row(tmp_path):
         claimed = jobs.claim_job(session, job_id=job_id, worker_id="w")
     run_feature_maps(settings, claimed, "w")
     with session_scope(settings.database_url) as session:
-        done = jobs.get_job(session, job_id=job_id)
+        done = job_reads.get_job(session, job_id=job_id)
         rows = list(session.scalars(select(Artifact).where(Artifact.job_id == job_id)))
     assert done.state == "succeeded", done.error
     kinds = sorted((r.kind, r.name) for r in rows)

@@ -1,0 +1,71 @@
+"""The lease history: one JobAttempt row per claim of a job by a worker, closed with its
+outcome by the worker, by a transition, or by the reconciler when its worker died."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from db.base import utcnow
+from db.joblog import log
+from db.tables import Job, JobAttempt
+
+
+def end(session: Session, *, job_id: str, worker_id: str, outcome: str) -> None:
+    """Close the worker's open attempt of the job; committed with the caller's transaction."""
+    session.execute(
+        update(JobAttempt)
+        .where(
+            JobAttempt.job_id == job_id,
+            JobAttempt.worker_id == worker_id,
+            JobAttempt.ended_at.is_(None),
+        )
+        .values(ended_at=utcnow(), outcome=outcome)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def of_job(session: Session, *, job_id: str) -> list[JobAttempt]:
+    """The job's attempts in order (the caller has checked the job is the tenant's)."""
+    return list(session.scalars(select(JobAttempt).where(JobAttempt.job_id == job_id)
+                                .order_by(JobAttempt.attempt, JobAttempt.id)))
+
+
+def close_orphaned(session: Session, *, lease_seconds: float,
+                   now: datetime | None = None) -> list[tuple[str, int]]:
+    """Attempt rows still open (no ended_at) whose job no longer runs under them and whose
+    lease expired: the worker died without closing its attempt (say, SIGKILLed while the job
+    was canceled), and nothing else ever would. Each gets ended_at and an outcome: `canceled`
+    when the job was canceled (what ended the attempt), otherwise `lost`. Returns the
+    (job id, attempt) pairs closed."""
+    now = now or utcnow()
+    cutoff = now - timedelta(seconds=lease_seconds)
+    rows = session.execute(
+        select(JobAttempt.id, JobAttempt.job_id, JobAttempt.attempt, JobAttempt.worker_id,
+               Job.state, Job.worker_id, Job.attempt, Job.heartbeat_at)
+        .join(Job, Job.id == JobAttempt.job_id)
+        .where(JobAttempt.ended_at.is_(None), JobAttempt.started_at < cutoff)
+    ).all()
+    closed: list[tuple[str, int]] = []
+    for row_id, job_id, attempt, worker, state, owner, current, heartbeat_at in rows:
+        if state == "running" and owner == worker and current == attempt:
+            continue  # its own lease: requeue_expired's business
+        if heartbeat_at is not None and heartbeat_at >= cutoff:
+            continue  # the worker may still be stopping and close it itself
+        outcome = "canceled" if state == "canceled" else "lost"
+        done = session.execute(
+            update(JobAttempt).where(JobAttempt.id == row_id, JobAttempt.ended_at.is_(None))
+            .values(ended_at=now, outcome=outcome)
+            .execution_options(synchronize_session=False)
+        ).rowcount == 1  # type: ignore[attr-defined]
+        if done:
+            seen = heartbeat_at.isoformat(timespec="seconds") if heartbeat_at else "never"
+            log(session, job_id=job_id, level="warning",
+                message=f"attempt {attempt} of worker {worker} closed as {outcome}: the job is "
+                        f"{state} and the worker never ended the attempt (last heartbeat "
+                        f"{seen})")
+            closed.append((job_id, attempt))
+    session.commit()
+    return closed

@@ -1,0 +1,70 @@
+"""Sending queued jobs to the broker: which queued jobs the reconciler sends again (their
+message may be lost), where a job's message goes, and when it was last sent."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import datetime, timedelta
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from db.base import utcnow
+from db.tables import Job
+
+
+def stale_queued(
+    session: Session,
+    *,
+    older_than_seconds: float,
+    now: datetime | None = None,
+    max_backoff_seconds: float | None = None,
+    limit: int = 1000,
+) -> list[tuple[str, str]]:
+    """(id, kind) of queued jobs not sent for `older_than_seconds`: their message may be lost.
+
+    With `max_backoff_seconds`, a job is resent only after waiting at least as long as it had
+    already waited when it was last sent (capped): 30 s, 60 s, 120 s... after submission. A
+    long backlog then costs a few duplicate messages per job instead of one every pass. Marks
+    nothing: call mark_sent for the ids actually sent."""
+    now = now or utcnow()
+    cutoff = now - timedelta(seconds=older_than_seconds)
+    rows = session.execute(
+        select(Job.id, Job.kind, Job.created_at, Job.enqueued_at)
+        .where(Job.state == "queued", Job.enqueued_at < cutoff)
+        .order_by(Job.enqueued_at)
+        .limit(limit)
+    ).all()
+    session.commit()
+    due: list[tuple[str, str]] = []
+    for job_id, kind, created_at, enqueued_at in rows:
+        if max_backoff_seconds is not None and enqueued_at is not None:  # (never None here)
+            waited_before = min((enqueued_at - created_at).total_seconds(), max_backoff_seconds)
+            if (now - enqueued_at).total_seconds() < waited_before:
+                continue
+        due.append((job_id, kind))
+    return due
+
+
+def count_queued(session: Session) -> int:
+    return session.scalar(select(func.count()).select_from(Job).where(Job.state == "queued")) or 0
+
+
+def routes_of(session: Session, *, job_ids: Iterable[str]) -> dict[str, tuple[str, bool]]:
+    """id -> (kind, needs a GPU): what a message for the job is sent as, and to which queue."""
+    ids = list(job_ids)
+    if not ids:
+        return {}
+    rows = session.execute(select(Job.id, Job.kind, Job.request).where(Job.id.in_(ids)))
+    return {i: (kind, (request or {}).get("device") == "cuda") for i, kind, request in rows}
+
+
+def mark_sent(session: Session, *, job_ids: Iterable[str], now: datetime | None = None) -> None:
+    ids = list(job_ids)
+    if ids:
+        session.execute(
+            update(Job).where(Job.id.in_(ids), Job.state == "queued")
+            .values(enqueued_at=now or utcnow())
+            .execution_options(synchronize_session=False)
+        )
+    session.commit()
