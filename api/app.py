@@ -196,7 +196,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   description="Train CNNs and extract their feature maps as jobs.")
     app.state.settings = settings
     app.state.celery = make_celery(settings)
-    app.state.store = get_store(settings.artifact_root)
+    app.state.store = get_store(settings)
     on_error(app, RequestValidationError, validation_error)
     on_error(app, HTTPException, http_error)
     on_error(app, DataError, data_error)

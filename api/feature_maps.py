@@ -14,7 +14,16 @@ from sqlalchemy.orm import Session
 from api.submit import check_model_limits, summarize_or_422, unprocessable
 from convoy import datasets
 from convoy.featuremaps import UnknownLayer, layer_names, resolve_layers
-from convoy.jobspec import FeatureMapsJobRequest
+from convoy.jobspec import (
+    DatasetInputs,
+    FeatureMapPlan,
+    FeatureMapsJobRequest,
+    PlanSource,
+    RandomSource,
+    TrainJobSource,
+    UploadedCheckpointSource,
+    UploadedInputs,
+)
 from convoy.settings import Settings
 from convoy.textsafe import BadJSON, loads_bounded
 from db import artifacts, job_reads, uploads
@@ -139,7 +148,7 @@ def check_checkpoint(data: bytes, spec: ModelSpec, summary: dict[str, Any]) -> i
 # -- the model source ----------------------------------------------------------------------
 
 def resolve_source(session: Session, req: FeatureMapsJobRequest, *, tenant: str
-                   ) -> tuple[ModelSpec, dict[str, Any]]:
+                   ) -> tuple[ModelSpec, PlanSource]:
     src = req.source
     given = [f for f in ("job_id", "checkpoint_id", "model") if getattr(src, f) is not None]
     if len(given) != 1:
@@ -161,21 +170,20 @@ def resolve_source(session: Session, req: FeatureMapsJobRequest, *, tenant: str
             raise unprocessable("source.job_id", f"job {job.id} ({job.state}) has no "
                                                  "checkpoint yet")
         spec = ModelSpec.model_validate(job.request["model"])
-        return spec, {"type": "train_job", "job_id": job.id,
-                      "checkpoint": src.checkpoint or rows[-1]}
+        return spec, TrainJobSource(job_id=job.id, checkpoint=src.checkpoint or rows[-1])
     if src.checkpoint_id is not None:
         upload = uploads.get(session, id=src.checkpoint_id, tenant=tenant, kind="checkpoint")
         if upload is None:
             raise not_found("source.checkpoint_id", f"no checkpoint {src.checkpoint_id}")
         spec = ModelSpec.model_validate(upload.meta["model"])
-        return spec, {"type": "checkpoint", "checkpoint_id": upload.id}
+        return spec, UploadedCheckpointSource(checkpoint_id=upload.id)
     assert src.model is not None
-    return src.model, {"type": "random", "seed": src.seed}
+    return src.model, RandomSource(seed=src.seed)
 
 
 # -- the inputs ------------------------------------------------------------------------------
 
-def dataset_ref(raw: Any) -> Any:
+def dataset_ref(raw: Any) -> datasets.DigitsRef | datasets.SyntheticRef | datasets.UploadRef:
     if isinstance(raw, str):
         return datasets.DigitsRef(name="digits") if raw == "digits" \
             else datasets.SyntheticRef(name="synthetic")
@@ -205,7 +213,8 @@ def split_size(session: Session, ref: Any, split: str, *, tenant: str, store: An
 
 
 def resolve_inputs(session: Session, req: FeatureMapsJobRequest, summary: dict[str, Any], *,
-                   tenant: str, store: Any, max_bytes: int | None = None) -> dict[str, Any]:
+                   tenant: str, store: Any, max_bytes: int | None = None
+                   ) -> DatasetInputs | UploadedInputs:
     inp = req.inputs
     want = tuple(summary["input_shape"])
     if (inp.dataset is None) == (inp.input_id is None):
@@ -216,16 +225,15 @@ def resolve_inputs(session: Session, req: FeatureMapsJobRequest, summary: dict[s
         shape, count = split_size(session, ref, inp.split, tenant=tenant, store=store,
                                   max_bytes=max_bytes)
         what = f"split {inp.split!r} of dataset {datasets.describe(ref.model_dump())}"
-        info: dict[str, Any] = {"dataset": ref.model_dump(mode="json"), "split": inp.split}
         if shape != want:
             raise unprocessable("inputs.dataset", f"{what} has inputs {list(shape)} but the "
                                                   f"model takes {list(want)}")
     else:
-        upload = uploads.get(session, id=inp.input_id, tenant=tenant,  # type: ignore[arg-type]
-                             kind="input")
+        assert inp.input_id is not None  # exactly one of the two, checked above
+        upload = uploads.get(session, id=inp.input_id, tenant=tenant, kind="input")
         if upload is None:
             raise not_found("inputs.input_id", f"no input upload {inp.input_id}")
-        meta, what = upload.meta, f"upload {upload.id}"
+        meta, what, input_id = upload.meta, f"upload {upload.id}", upload.id
         count = int(meta["count"])
         if meta["format"] == "npy" and tuple(meta["shape"]) != want:
             raise unprocessable("inputs.input_id", f"the uploaded arrays are {meta['shape']} "
@@ -233,7 +241,6 @@ def resolve_inputs(session: Session, req: FeatureMapsJobRequest, summary: dict[s
         if meta["format"] != "npy" and want[0] not in (1, 3):
             raise unprocessable("inputs.input_id", f"an image converts to 1 or 3 channels; "
                                                    f"the model takes {want[0]}")
-        info = {"input_id": upload.id, "format": meta["format"]}
     if inp.indices is None:
         indices = list(range(min(count, DEFAULT_DATASET_INPUTS if inp.dataset else count)))
     else:
@@ -242,7 +249,10 @@ def resolve_inputs(session: Session, req: FeatureMapsJobRequest, summary: dict[s
             if index >= count:
                 raise unprocessable(f"inputs.indices.{k}", f"index {index} is out of range: "
                                                            f"{what} has {count} samples")
-    return {**info, "indices": indices, "count": len(indices)}
+    if inp.dataset is not None:
+        return DatasetInputs(dataset=ref, split=inp.split, indices=indices, count=len(indices))
+    return UploadedInputs(input_id=input_id, format=meta["format"], indices=indices,
+                          count=len(indices))
 
 
 # -- the request -----------------------------------------------------------------------------
@@ -253,9 +263,9 @@ def check_feature_maps(session: Session, req: FeatureMapsJobRequest, settings: S
     if store is None:
         from convoy.artifacts import get_store
 
-        store = get_store(settings.artifact_root)
+        store = get_store(settings)
     spec, source = resolve_source(session, req, tenant=tenant)
-    field = "source.model" if source["type"] == "random" else "source"
+    field = "source.model" if isinstance(source, RandomSource) else "source"
     summary = summarize_or_422(spec, field=field)
     if req.layers == []:
         raise unprocessable("layers", "give at least one layer, or null for every layer")
@@ -268,13 +278,13 @@ def check_feature_maps(session: Session, req: FeatureMapsJobRequest, settings: S
         raise unprocessable("pool.kernel_size", "give a kernel_size, or global: true")
     inputs = resolve_inputs(session, req, summary, tenant=tenant, store=store,
                             max_bytes=settings.max_dataset_bytes)
-    check_model_limits(summary, settings, batch_size=min(inputs["count"], 256), field=field)
+    check_model_limits(summary, settings, batch_size=min(inputs.count, 256), field=field)
     names = layer_names(summary)
     stored = unpooled = 0
     for i in captured:
         shape = summary["layers"][i]["output_shape"]
-        unpooled += map_bytes(inputs["count"], shape, req.dtype)
-        stored += map_bytes(inputs["count"], pooled_shape(shape, pool), req.dtype)
+        unpooled += map_bytes(inputs.count, shape, req.dtype)
+        stored += map_bytes(inputs.count, pooled_shape(shape, pool), req.dtype)
     if stored > settings.max_feature_map_bytes:
         raise unprocessable("layers", f"the maps would take {stored} bytes, over the limit "
                                       f"max_feature_map_bytes={settings.max_feature_map_bytes}; "
@@ -282,8 +292,7 @@ def check_feature_maps(session: Session, req: FeatureMapsJobRequest, settings: S
     for row, name in zip(summary["layers"], names, strict=True):
         row["name"] = name
     summary["model"] = spec.model_dump(mode="json")
-    summary["feature_maps"] = {
-        "source": source, "inputs": inputs, "layers": [names[i] for i in captured],
-        "estimated_bytes": stored, "estimated_bytes_unpooled": unpooled,
-    }
+    plan = FeatureMapPlan(source=source, inputs=inputs, layers=[names[i] for i in captured],
+                          estimated_bytes=stored, estimated_bytes_unpooled=unpooled)
+    summary["feature_maps"] = plan.model_dump(mode="json")
     return summary

@@ -12,6 +12,8 @@ from collections.abc import Iterable
 from contextlib import suppress
 from pathlib import Path
 
+from convoy.settings import Settings
+
 KEY_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]*(/[a-z0-9][a-z0-9_.-]*)*$")
 
 
@@ -140,5 +142,6 @@ def checkpoint_name(epoch: int) -> str:
     return f"epoch-{epoch:04d}.safetensors"
 
 
-def get_store(root: Path) -> LocalStore:
-    return LocalStore(root)
+def get_store(settings: Settings) -> LocalStore:
+    """The artifact store the settings name (today: the local folder artifact_root)."""
+    return LocalStore(settings.artifacts_dir)

@@ -95,3 +95,49 @@ JobRequest = Annotated[TrainJobRequest | FeatureMapsJobRequest, Field(discrimina
 
 def dump(request: BaseModel) -> dict[str, Any]:
     return request.model_dump(mode="json", by_alias=True, exclude_none=False)
+
+
+# -- the feature-map plan: what the API resolved at submission, for the worker --------------
+# Stored in the job's summary under "feature_maps" (users see it there too) and read back by
+# the worker with FeatureMapPlan.model_validate: every field by attribute, none by string key.
+
+class TrainJobSource(BaseModel):
+    type: Literal["train_job"] = "train_job"
+    job_id: str
+    checkpoint: str  # the checkpoint's name, e.g. epoch-0003.safetensors
+
+
+class UploadedCheckpointSource(BaseModel):
+    type: Literal["checkpoint"] = "checkpoint"
+    checkpoint_id: str
+
+
+class RandomSource(BaseModel):
+    type: Literal["random"] = "random"
+    seed: int
+
+
+PlanSource = Annotated[TrainJobSource | UploadedCheckpointSource | RandomSource,
+                       Field(discriminator="type")]
+
+
+class DatasetInputs(BaseModel):
+    dataset: Annotated[DigitsRef | SyntheticRef | UploadRef, Field(union_mode="left_to_right")]
+    split: Literal["train", "val", "all"]
+    indices: list[int]
+    count: int
+
+
+class UploadedInputs(BaseModel):
+    input_id: str
+    format: str  # npy, png or jpeg
+    indices: list[int]
+    count: int
+
+
+class FeatureMapPlan(BaseModel):
+    source: PlanSource
+    inputs: DatasetInputs | UploadedInputs
+    layers: list[str]  # layer names, in model order
+    estimated_bytes: int
+    estimated_bytes_unpooled: int

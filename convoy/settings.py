@@ -128,6 +128,12 @@ class Settings(BaseSettings):
             self.token_file = home / "admin-token"
         return self
 
+    @property
+    def artifacts_dir(self) -> Path:
+        """artifact_root, always set once the settings are made (default: home/artifacts)."""
+        assert self.artifact_root is not None, "set by _defaults_from_home"
+        return self.artifact_root
+
 
 @lru_cache
 def get_settings() -> Settings:

@@ -8,7 +8,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from db.base import utcnow
+from db.base import rowcount, utcnow
 from db.joblog import log
 from db.tables import Job, JobAttempt
 
@@ -55,11 +55,11 @@ def close_orphaned(session: Session, *, lease_seconds: float,
         if heartbeat_at is not None and heartbeat_at >= cutoff:
             continue  # the worker may still be stopping and close it itself
         outcome = "canceled" if state == "canceled" else "lost"
-        done = session.execute(
+        done = rowcount(session.execute(
             update(JobAttempt).where(JobAttempt.id == row_id, JobAttempt.ended_at.is_(None))
             .values(ended_at=now, outcome=outcome)
             .execution_options(synchronize_session=False)
-        ).rowcount == 1  # type: ignore[attr-defined]
+        )) == 1
         if done:
             seen = heartbeat_at.isoformat(timespec="seconds") if heartbeat_at else "never"
             log(session, job_id=job_id, level="warning",

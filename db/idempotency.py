@@ -11,7 +11,7 @@ from datetime import timedelta
 from sqlalchemy import delete
 from sqlalchemy.orm import Session
 
-from db.base import utcnow
+from db.base import rowcount, utcnow
 from db.tables import IdempotencyKey
 
 
@@ -67,5 +67,5 @@ def purge_expired(session: Session, *, ttl_seconds: float) -> int:
     result = session.execute(delete(IdempotencyKey).where(IdempotencyKey.created_at < cutoff)
                              .execution_options(synchronize_session=False))
     session.commit()
-    return int(result.rowcount or 0)  # type: ignore[attr-defined]
+    return rowcount(result)
 

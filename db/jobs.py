@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 from db import artifacts as artifacts_db
 from db import attempts
 from db import metrics as metrics_db
-from db.base import utcnow
+from db.base import rowcount, utcnow
 from db.ids import new_id
 from db.job_reads import get_job, job_state
 from db.joblog import log
@@ -162,12 +162,12 @@ def claim_job(session: Session, *, job_id: str, worker_id: str,
         )
         .execution_options(synchronize_session=False)
     )
-    if result.rowcount != 1:  # type: ignore[attr-defined]
+    if rowcount(result) != 1:
         session.rollback()
-        if limit and session.execute(
+        if limit and rowcount(session.execute(
             update(Job).where(Job.id == job_id, Job.state == "queued")
             .values(enqueued_at=now).execution_options(synchronize_session=False)
-        ).rowcount == 1:  # type: ignore[attr-defined]
+        )) == 1:
             # Still queued, so the limit is what refused it. enqueued_at=now keeps the
             # reconciler from resending it while the deferred message is on its way.
             session.commit()
@@ -204,7 +204,7 @@ def record_epoch(
         .values(progress=progress, heartbeat_at=now, updated_at=now)
         .execution_options(synchronize_session=False)
     )
-    if result.rowcount != 1:  # type: ignore[attr-defined]
+    if rowcount(result) != 1:
         session.rollback()
         return False
     metrics_db.add_step(session, job_id=job_id, step=step, epoch=epoch, values=metrics)
@@ -233,10 +233,10 @@ def finish_job(
         values["result"] = result
     if state == "succeeded":
         values["progress"] = 1.0
-    done = session.execute(
+    done = rowcount(session.execute(
         update(Job).where(owned(job_id, worker_id)).values(**values)
         .execution_options(synchronize_session=False)
-    ).rowcount == 1  # type: ignore[attr-defined]
+    )) == 1
     attempts.end(session, job_id=job_id, worker_id=worker_id, outcome=state if done else "lost")
     if done and log_line:  # not when the lease was lost: another attempt owns the outcome
         log(session, job_id=job_id, message=log_line)
@@ -254,12 +254,12 @@ def release_job(session: Session, *, job_id: str, worker_id: str) -> bool:
     resumes from the last checkpoint at once (no lease to wait out), and a planned shutdown
     does not use up the job's failure budget (max_attempts grows with attempt)."""
     now = utcnow()
-    done = session.execute(
+    done = rowcount(session.execute(
         update(Job).where(owned(job_id, worker_id)).values(
             state="queued", attempt=Job.attempt + 1, max_attempts=Job.max_attempts + 1,
             worker_id=None, heartbeat_at=None, enqueued_at=now, updated_at=now)
         .execution_options(synchronize_session=False)
-    ).rowcount == 1  # type: ignore[attr-defined]
+    )) == 1
     if not done:  # canceled meanwhile, or the lease was lost: the caller ends the attempt
         session.rollback()
         return False
@@ -302,10 +302,10 @@ def retry_after_storage_error(session: Session, *, job_id: str, worker_id: str, 
                   "error": f"{error} (on each of {max_attempts} attempts)"}
         line = (f"attempt {attempt} stopped by a storage error: {error}; no attempts left "
                 f"(max_attempts {max_attempts}): failed")
-    done = session.execute(
+    done = rowcount(session.execute(
         update(Job).where(owned(job_id, worker_id), Job.attempt == attempt).values(**values)
         .execution_options(synchronize_session=False)
-    ).rowcount == 1  # type: ignore[attr-defined]
+    )) == 1
     if not done:  # canceled between the two statements
         session.rollback()
         return retry_after_storage_error(session, job_id=job_id, worker_id=worker_id,
@@ -328,7 +328,7 @@ def cancel_job(session: Session, *, job_id: str, tenant: str | None) -> Job:
     )
     session.commit()
     session.refresh(job)
-    if result.rowcount != 1:  # type: ignore[attr-defined]
+    if rowcount(result) != 1:
         raise WrongState(job.state, f"job {job_id} is already {job.state}")
     return job
 
@@ -364,9 +364,9 @@ def requeue_expired(
                 "enqueued_at": now,
                 "updated_at": now,
             }
-        done = session.execute(
+        done = rowcount(session.execute(
             update(Job).where(stale).values(**values).execution_options(synchronize_session=False)
-        ).rowcount == 1  # type: ignore[attr-defined]
+        )) == 1
         if done:
             attempts.end(session, job_id=job_id, worker_id=worker_id or "", outcome="lease_expired")
             log(session, job_id=job_id, level="warning",

@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from db.base import utcnow
+from db.base import rowcount, utcnow
 from db.tables import Job
 
 
@@ -29,7 +29,7 @@ def heartbeat(
         .execution_options(synchronize_session=False)
     )
     session.commit()
-    return result.rowcount == 1  # type: ignore[attr-defined]
+    return rowcount(result) == 1
 
 
 def holds_lease(session: Session, *, job_id: str, worker_id: str) -> bool:

@@ -20,7 +20,6 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from db.base import Base, UTCDateTime, utcnow
 
-JOB_STATES = ("queued", "running", "succeeded", "failed", "canceled")
 TERMINAL_STATES = ("succeeded", "failed", "canceled")
 
 

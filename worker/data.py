@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from convoy import datasets
@@ -27,7 +25,8 @@ def device_text(device: torch.device) -> str:
     return str(device)
 
 
-def load_split(ref: Any, *, settings: Settings, tenant: str) -> datasets.Split:
+def load_split(ref: datasets.DigitsRef | datasets.SyntheticRef | datasets.UploadRef, *,
+               settings: Settings, tenant: str) -> datasets.Split:
     if isinstance(ref, datasets.DigitsRef):
         return datasets.load_digits()
     if isinstance(ref, datasets.SyntheticRef):
@@ -37,6 +36,6 @@ def load_split(ref: Any, *, settings: Settings, tenant: str) -> datasets.Split:
         if upload is None:
             raise LookupError(f"dataset {ref.id} not found")
         key = upload.key
-    data = get_store(settings.artifact_root).get_bytes(key)
+    data = get_store(settings).get_bytes(key)
     x, y = datasets.parse_npz(data, max_pixels=settings.max_image_pixels)
     return datasets.split_uploaded(x, y)

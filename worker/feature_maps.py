@@ -5,17 +5,25 @@ job's summary, capture the layers in one inference pass, then encode and store e
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from safetensors.torch import load as load_safetensors
 
-from convoy import datasets, inputs
-from convoy.artifacts import CorruptArtifact, get_store, job_key
+from convoy import inputs
+from convoy.artifacts import CorruptArtifact, LocalStore, get_store, job_key
 from convoy.featuremaps import layer_names
-from convoy.jobspec import FeatureMapsJobRequest
+from convoy.jobspec import (
+    DatasetInputs,
+    FeatureMapPlan,
+    FeatureMapsJobRequest,
+    PlanSource,
+    RandomSource,
+    TrainJobSource,
+    UploadedInputs,
+)
 from convoy.settings import Settings
 from db import artifacts, jobs, uploads
 from db.session import session_scope
@@ -38,13 +46,12 @@ class Timings:
     encode_npy_s: float = 0.0
     encode_png_s: float = 0.0
     storage_s: float = 0.0
-    marks: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, float]:
-        return {k: round(v, 4) for k, v in vars(self).items() if k != "marks"}
+        return {k: round(v, 4) for k, v in vars(self).items()}
 
 
-def _verified_state(store, row: Artifact | Upload, what: str  # type: ignore[no-untyped-def]
+def _verified_state(store: LocalStore, row: Artifact | Upload, what: str
                     ) -> dict[str, torch.Tensor]:
     """The tensors of a source checkpoint whose file matches its row (size, sha256) and
     parses; otherwise CorruptArtifact naming it: a damaged checkpoint is never extracted
@@ -60,22 +67,22 @@ def _verified_state(store, row: Artifact | Upload, what: str  # type: ignore[no-
                               f"{str(exc)[:200]}); not used") from exc
 
 
-def load_model(settings: Settings, job: Job, spec: ModelSpec, source: dict[str, Any],
+def load_model(settings: Settings, job: Job, spec: ModelSpec, source: PlanSource,
                device: torch.device) -> torch.nn.Module:
-    store = get_store(settings.artifact_root)
-    if source["type"] == "random":
-        torch.manual_seed(int(source["seed"]))
+    store = get_store(settings)
+    if isinstance(source, RandomSource):
+        torch.manual_seed(source.seed)
         return channels_last(build_model(spec).eval().to(device))
     model = build_model(spec)
     with session_scope(settings.database_url) as session:
-        if source["type"] == "train_job":
-            what = f"{source['checkpoint']} of job {source['job_id']}"
+        if isinstance(source, TrainJobSource):
+            what = f"{source.checkpoint} of job {source.job_id}"
             row: Artifact | Upload | None = artifacts.find(
-                session, job_id=source["job_id"], tenant=job.tenant, kind="checkpoint",
-                name=source["checkpoint"])
+                session, job_id=source.job_id, tenant=job.tenant, kind="checkpoint",
+                name=source.checkpoint)
         else:
-            what = f"upload {source['checkpoint_id']}"
-            row = uploads.get(session, id=source["checkpoint_id"], tenant=job.tenant,
+            what = f"upload {source.checkpoint_id}"
+            row = uploads.get(session, id=source.checkpoint_id, tenant=job.tenant,
                               kind="checkpoint")
         if row is None:
             raise LookupError(f"source checkpoint {what} not found")
@@ -87,24 +94,21 @@ def load_model(settings: Settings, job: Job, spec: ModelSpec, source: dict[str, 
     return channels_last(model.eval().to(device))
 
 
-def load_inputs(settings: Settings, job: Job, plan: dict[str, Any],
+def load_inputs(settings: Settings, job: Job, plan: DatasetInputs | UploadedInputs,
                 input_shape: list[int]) -> np.ndarray:
     """The (N, C, H, W) float32 inputs, in the order of `indices`."""
-    indices = np.asarray(plan["indices"], dtype=np.int64)
-    if "dataset" in plan:
-        raw = plan["dataset"]
-        ref = {"digits": datasets.DigitsRef, "synthetic": datasets.SyntheticRef}.get(
-            raw.get("name") or "", datasets.UploadRef).model_validate(raw)
-        split = load_split(ref, settings=settings, tenant=job.tenant)
-        x = {"all": split.all_x, "train": split.x_train, "val": split.x_val}[plan["split"]]
+    indices = np.asarray(plan.indices, dtype=np.int64)
+    if isinstance(plan, DatasetInputs):
+        split = load_split(plan.dataset, settings=settings, tenant=job.tenant)
+        x = {"all": split.all_x, "train": split.x_train, "val": split.x_val}[plan.split]
         return np.ascontiguousarray(x[indices], dtype=np.float32)
     with session_scope(settings.database_url) as session:
-        row = uploads.get(session, id=plan["input_id"], tenant=job.tenant, kind="input")
+        row = uploads.get(session, id=plan.input_id, tenant=job.tenant, kind="input")
         if row is None:
-            raise LookupError(f"input upload {plan['input_id']} not found")
+            raise LookupError(f"input upload {plan.input_id} not found")
         key = row.key
-    data = get_store(settings.artifact_root).get_bytes(key)
-    if plan["format"] == "npy":
+    data = get_store(settings).get_bytes(key)
+    if plan.format == "npy":
         x = inputs.parse_npy(data, max_pixels=settings.max_image_pixels)
     else:
         x = inputs.image_to_array(data, input_shape, max_pixels=settings.max_image_pixels)
@@ -137,8 +141,8 @@ class FeatureMapsRun:
         self.settings, self.job, self.worker_id = settings, job, worker_id
         self.request = FeatureMapsJobRequest.model_validate(job.request)
         self.summary = job.summary or {}
-        self.plan = self.summary["feature_maps"]
-        self.store = get_store(settings.artifact_root)
+        self.plan = FeatureMapPlan.model_validate(self.summary["feature_maps"])
+        self.store = get_store(settings)
         self.timings = Timings()
         self.written: list[str] = []
 
@@ -203,10 +207,10 @@ class FeatureMapsRun:
         req, t0 = self.request, time.perf_counter()
         device = pick_device(req.device)
         spec = ModelSpec.model_validate(self.summary["model"])
-        model = load_model(self.settings, self.job, spec, self.plan["source"], device)
-        x = load_inputs(self.settings, self.job, self.plan["inputs"], spec.input_shape)
+        model = load_model(self.settings, self.job, spec, self.plan.source, device)
+        x = load_inputs(self.settings, self.job, self.plan.inputs, spec.input_shape)
         names = layer_names(self.summary)
-        wanted = [names.index(n) for n in self.plan["layers"]]
+        wanted = [names.index(n) for n in self.plan.layers]
         pool = req.pool.model_dump(by_alias=True) if req.pool else None
         self.timings.load_s = time.perf_counter() - t0
         progress = Progress()
@@ -234,7 +238,7 @@ class FeatureMapsRun:
             if not held or lease.should_stop():
                 raise Stopped()
         result = {
-            "layers": self.plan["layers"], "images": len(x), "dtype": req.dtype,
+            "layers": self.plan.layers, "images": len(x), "dtype": req.dtype,
             "pool": pool, "device": str(device),
             # the maps' data bytes as stored, and what the same maps take unpooled
             "bytes_stored": stored, "bytes_unpooled": unpooled,

@@ -9,6 +9,8 @@ import logging
 import threading
 import time
 
+from sqlalchemy.orm import Session
+
 from db import job_reads, leases
 from db.session import session_scope
 from worker.control import Progress, Stopped
@@ -57,7 +59,7 @@ class Lease:
         """This job's running time: earlier attempts' plus this one's so far."""
         return self.prior_s + time.monotonic() - self._t0
 
-    def _read_limits(self, session) -> None:  # type: ignore[no-untyped-def]
+    def _read_limits(self, session: Session) -> None:
         self.timeout_s, self.prior_s = job_reads.timeout_and_prior_seconds(session,
                                                                            job_id=self.job_id)
         self._limits_read = True

@@ -7,9 +7,11 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from contextlib import AbstractContextManager
+from typing import Any, cast
 
 import torch
+from sqlalchemy.orm import Session
 
 from convoy.artifacts import CorruptArtifact, checkpoint_name, get_store, job_key
 from convoy.jobspec import TrainJobRequest
@@ -18,6 +20,7 @@ from db import artifacts, joblog, jobs, leases
 from db.session import session_scope
 from db.tables import Artifact, Job
 from models.build import build_model
+from models.capture import channels_last
 from worker import checkpoints
 from worker.control import Progress, Stopped
 from worker.data import load_split, pick_device
@@ -33,7 +36,7 @@ class TrainRun:
 
     def __init__(self, settings: Settings, job: Job, worker_id: str) -> None:
         self.settings, self.job, self.worker_id = settings, job, worker_id
-        self.store = get_store(settings.artifact_root)
+        self.store = get_store(settings)
         self.request = TrainJobRequest.model_validate(job.request)
         self.progress = Progress()
         self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt")
@@ -41,7 +44,7 @@ class TrainRun:
         self.lease_lost = False
         self.started = time.monotonic()
 
-    def db(self):  # type: ignore[no-untyped-def]
+    def db(self) -> AbstractContextManager[Session]:
         return session_scope(self.settings.database_url)
 
     def checkpoint_rows(self) -> tuple[list[Artifact], dict[str, Artifact]]:
@@ -146,13 +149,14 @@ class TrainRun:
         split = load_split(req.dataset, settings=self.settings, tenant=self.job.tenant)
         data = DeviceData.from_numpy(split, device)
         torch.manual_seed(req.train.seed)
-        model = build_model(req.model).to(device)
+        model: torch.nn.Module = build_model(req.model).to(device)
         if device.type == "cuda":
-            model = model.to(memory_format=torch.channels_last)
+            model = channels_last(model)
             torch.backends.cudnn.benchmark = True
         optimizer = make_optimizer(model, req.train)
         start_epoch, resumed_metrics = self._resume(model, optimizer, device)
-        trained = torch.compile(model) if req.train.compile else model
+        # torch.compile returns the module wrapped (an nn.Module); its stubs say Callable
+        trained = cast(torch.nn.Module, torch.compile(model)) if req.train.compile else model
         try:
             result = train(
                 trained, data, req.train, optimizer=optimizer, start_epoch=start_epoch,

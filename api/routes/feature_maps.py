@@ -10,19 +10,20 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 from fastapi import APIRouter, HTTPException, Query, Response
+from sqlalchemy.orm import Session
 
 from api.deps import PrincipalDep, SessionDep, SettingsDep, StoreDep
 from api.routes.jobs import load_job
 from convoy.featuremaps import is_index
 from db import artifacts
-from db.tables import Artifact
+from db.tables import Artifact, Job
 
 router = APIRouter(prefix="/v1/jobs", tags=["feature-maps"])
 
 Array = Literal["maps", "argmax"]
 
 
-def _feature_job(session, job_id: str, tenant: str):  # type: ignore[no-untyped-def]
+def _feature_job(session: Session, job_id: str, tenant: str) -> Job:
     job = load_job(session, job_id, tenant)
     if job.kind != "feature_maps":
         raise HTTPException(404, f"job {job_id} is a {job.kind} job: it has no feature maps")
@@ -51,7 +52,8 @@ def list_feature_maps(job_id: str, session: SessionDep, principal: PrincipalDep
             "bytes_unpooled": result.get("bytes_unpooled")}
 
 
-def _find(session, job_id: str, tenant: str, kind: str, layer: str) -> Artifact | None:  # type: ignore[no-untyped-def]
+def _find(session: Session, job_id: str, tenant: str, kind: str, layer: str
+          ) -> Artifact | None:
     """The artifact row named `layer`, or for a bare index the layer with that index."""
     found = artifacts.find(session, job_id=job_id, tenant=tenant, kind=kind, name=layer[:128])
     if found is None and is_index(layer, max_digits=5):  # ASCII digits only ("¹" is no index)
@@ -81,12 +83,14 @@ def get_feature_map(
     if main is None:
         raise HTTPException(404, f"layer {layer[:64]!r} not found among job {job_id}'s "
                                  "feature maps")
-    count = main.meta["shape"][0]
+    meta = main.meta
+    assert meta is not None  # a feature-map row always records its shape and dtype
+    count = meta["shape"][0]
     if image is not None and image >= count:
         raise HTTPException(404, f"image {image} not found: the job has {count} images "
                                  f"(0..{count - 1})")
-    headers = {"X-Layer": main.name, "X-Shape": ",".join(map(str, main.meta["shape"])),
-               "X-Dtype": main.meta["dtype"]}
+    headers = {"X-Layer": main.name, "X-Shape": ",".join(map(str, meta["shape"])),
+               "X-Dtype": meta["dtype"]}
     if format == "png":
         if array != "maps":
             raise HTTPException(422, "array: PNGs exist for the maps only")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import anyio
+from celery import Celery
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
@@ -21,12 +24,12 @@ def _check_database(url: str) -> None:
     ping(url, "readyz")
 
 
-def _check_broker(celery) -> None:  # type: ignore[no-untyped-def]
+def _check_broker(celery: Celery) -> None:
     with celery.connection_for_write() as conn:
         conn.ensure_connection(max_retries=1, timeout=2)
 
 
-async def _run_check(fn, *args) -> str:  # type: ignore[no-untyped-def]
+async def _run_check(fn: Callable[..., object], *args: object) -> str:
     try:
         with anyio.fail_after(CHECK_SECONDS):
             await anyio.to_thread.run_sync(fn, *args, limiter=CHECK_LIMITER,
@@ -48,7 +51,7 @@ async def readyz(request: Request) -> JSONResponse:
     settings = request.app.state.settings
     checks: dict[str, str] = {}
 
-    async def check(name: str, fn, *args) -> None:  # type: ignore[no-untyped-def]
+    async def check(name: str, fn: Callable[..., object], *args: object) -> None:
         checks[name] = await _run_check(fn, *args)
 
     async with anyio.create_task_group() as tg:

@@ -46,7 +46,7 @@ def job_out(job: Job) -> JobOut:
     return JobOut.model_validate(job, from_attributes=True)
 
 
-def load_job(session, job_id: str, tenant: str) -> Job:  # type: ignore[no-untyped-def]
+def load_job(session: Session, job_id: str, tenant: str) -> Job:
     try:
         return job_reads.get_job(session, job_id=job_id, tenant=tenant)
     except job_reads.JobNotFound:

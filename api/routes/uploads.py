@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, HTTPException, Request, Response, UploadFile
 from pydantic import ValidationError
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import PrincipalDep, SessionDep, SettingsDep, StoreDep
@@ -17,7 +18,7 @@ from api.submit import summarize_or_422, unprocessable
 from api.textguard import unencodable_detail
 from api.uploads import check_form_text, display_name, read_capped
 from convoy import inputs
-from convoy.artifacts import upload_key
+from convoy.artifacts import LocalStore, upload_key
 from convoy.textsafe import BadJSON, first_unencodable, loads_bounded
 from db import uploads
 from db.ids import new_id
@@ -32,8 +33,8 @@ def upload_out(u: Upload) -> UploadOut:
                      meta=u.meta, created_at=u.created_at)
 
 
-def _save(session, store, *, tenant: str, kind: str, name: str, data: bytes,  # type: ignore[no-untyped-def]
-          suffix: str, meta: dict[str, Any]) -> Upload:
+def _save(session: Session, store: LocalStore, *, tenant: str, kind: str, name: str,
+          data: bytes, suffix: str, meta: dict[str, Any]) -> Upload:
     upload_id = new_id()
     key = upload_key(f"{kind}s", upload_id, suffix)
     size, sha = store.put_bytes(key, data)
@@ -45,11 +46,11 @@ def _save(session, store, *, tenant: str, kind: str, name: str, data: bytes,  # 
         raise
 
 
-def _list(session, tenant: str, kind: str) -> list[UploadOut]:  # type: ignore[no-untyped-def]
+def _list(session: Session, tenant: str, kind: str) -> list[UploadOut]:
     return [upload_out(u) for u in uploads.newest(session, tenant=tenant, kind=kind)]
 
 
-def _get(session, tenant: str, kind: str, upload_id: str) -> UploadOut:  # type: ignore[no-untyped-def]
+def _get(session: Session, tenant: str, kind: str, upload_id: str) -> UploadOut:
     row = uploads.get(session, id=upload_id, tenant=tenant, kind=kind)
     if row is None:
         raise HTTPException(404, f"{kind} {upload_id[:64]} not found")
