@@ -43,11 +43,11 @@ def reconcile_once(settings: Settings, celery: Celery, *, expire_leases: bool = 
     sent: list[str] = []
     try:
         for job_id in expired:
-            kind, gpu = routes[job_id]
-            enqueue(celery, kind=kind, job_id=job_id, gpu=gpu)
+            kind, device = routes[job_id]
+            enqueue(celery, kind=kind, job_id=job_id, device=device)
         for job_id, _ in due:
-            kind, gpu = routes[job_id]
-            enqueue(celery, kind=kind, job_id=job_id, gpu=gpu)
+            kind, device = routes[job_id]
+            enqueue(celery, kind=kind, job_id=job_id, device=device)
             sent.append(job_id)
     finally:
         if sent:

@@ -52,8 +52,14 @@ def gpu_queue(queue: str) -> str:
     return f"{queue}-gpu"
 
 
-def enqueue(app: Celery, *, kind: str, job_id: str, gpu: bool = False,
+def queue_for(queue: str, device: str | None) -> str:
+    """The one rule for where a job's message goes: a job that asks for `device: cuda` to the
+    GPU queue, every other one (auto, cpu) to the main queue."""
+    return gpu_queue(queue) if device == "cuda" else queue
+
+
+def enqueue(app: Celery, *, kind: str, job_id: str, device: str | None = None,
             countdown: float | None = None) -> None:
-    queue = app.conf.task_default_queue
+    """Send the job's message (its id only) to the queue its device asks for."""
     app.send_task(TASK_FOR_KIND[kind], args=[job_id], countdown=countdown,
-                  queue=gpu_queue(queue) if gpu else queue)
+                  queue=queue_for(app.conf.task_default_queue, device))

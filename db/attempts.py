@@ -10,10 +10,11 @@ from sqlalchemy.orm import Session
 
 from db.base import rowcount, utcnow
 from db.joblog import log
+from db.states import AttemptOutcome, JobState
 from db.tables import Job, JobAttempt
 
 
-def end(session: Session, *, job_id: str, worker_id: str, outcome: str) -> None:
+def end(session: Session, *, job_id: str, worker_id: str, outcome: AttemptOutcome) -> None:
     """Close the worker's open attempt of the job; committed with the caller's transaction."""
     session.execute(
         update(JobAttempt)
@@ -50,11 +51,11 @@ def close_orphaned(session: Session, *, lease_seconds: float,
     ).all()
     closed: list[tuple[str, int]] = []
     for row_id, job_id, attempt, worker, state, owner, current, heartbeat_at in rows:
-        if state == "running" and owner == worker and current == attempt:
+        if state == JobState.RUNNING and owner == worker and current == attempt:
             continue  # its own lease: requeue_expired's business
         if heartbeat_at is not None and heartbeat_at >= cutoff:
             continue  # the worker may still be stopping and close it itself
-        outcome = "canceled" if state == "canceled" else "lost"
+        outcome = AttemptOutcome.CANCELED if state == JobState.CANCELED else AttemptOutcome.LOST
         done = rowcount(session.execute(
             update(JobAttempt).where(JobAttempt.id == row_id, JobAttempt.ended_at.is_(None))
             .values(ended_at=now, outcome=outcome)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any, cast
+from enum import StrEnum
+from typing import Any, TypeVar, cast
 
-from sqlalchemy import CursorResult, DateTime, MetaData, Result, TypeDecorator
+from sqlalchemy import CursorResult, DateTime, MetaData, Result, String, TypeDecorator
 from sqlalchemy.orm import DeclarativeBase
+
+E = TypeVar("E", bound=StrEnum)
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -36,6 +39,24 @@ class UTCDateTime(TypeDecorator[datetime]):
         if value is not None and value.tzinfo is None:
             return value.replace(tzinfo=UTC)
         return value
+
+
+class EnumText(TypeDecorator[E]):
+    """A StrEnum stored as its plain text value (VARCHAR, no database enum type): rows read
+    back as enum members, and a query may compare with either a member or its string."""
+
+    impl = String
+    cache_ok = True
+
+    def __init__(self, enum: type[E], length: int) -> None:
+        super().__init__(length)
+        self.enum = enum
+
+    def process_bind_param(self, value: E | str | None, dialect: object) -> str | None:
+        return None if value is None else self.enum(value).value
+
+    def process_result_value(self, value: str | None, dialect: object) -> E | None:
+        return None if value is None else self.enum(value)
 
 
 class Base(DeclarativeBase):

@@ -10,6 +10,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from db.base import utcnow
+from db.states import JobState
 from db.tables import Job
 
 
@@ -31,7 +32,7 @@ def stale_queued(
     cutoff = now - timedelta(seconds=older_than_seconds)
     rows = session.execute(
         select(Job.id, Job.kind, Job.created_at, Job.enqueued_at)
-        .where(Job.state == "queued", Job.enqueued_at < cutoff)
+        .where(Job.state == JobState.QUEUED, Job.enqueued_at < cutoff)
         .order_by(Job.enqueued_at)
         .limit(limit)
     ).all()
@@ -47,23 +48,26 @@ def stale_queued(
 
 
 def count_queued(session: Session) -> int:
-    return session.scalar(select(func.count()).select_from(Job).where(Job.state == "queued")) or 0
+    return session.scalar(select(func.count()).select_from(Job)
+                          .where(Job.state == JobState.QUEUED)) or 0
 
 
-def routes_of(session: Session, *, job_ids: Iterable[str]) -> dict[str, tuple[str, bool]]:
-    """id -> (kind, needs a GPU): what a message for the job is sent as, and to which queue."""
+def routes_of(session: Session, *, job_ids: Iterable[str]
+              ) -> dict[str, tuple[str, str | None]]:
+    """id -> (kind, device asked for): what a message for the job is sent as, and what
+    decides its queue (convoy.queue.queue_for)."""
     ids = list(job_ids)
     if not ids:
         return {}
     rows = session.execute(select(Job.id, Job.kind, Job.request).where(Job.id.in_(ids)))
-    return {i: (kind, (request or {}).get("device") == "cuda") for i, kind, request in rows}
+    return {i: (kind, (request or {}).get("device")) for i, kind, request in rows}
 
 
 def mark_sent(session: Session, *, job_ids: Iterable[str], now: datetime | None = None) -> None:
     ids = list(job_ids)
     if ids:
         session.execute(
-            update(Job).where(Job.id.in_(ids), Job.state == "queued")
+            update(Job).where(Job.id.in_(ids), Job.state == JobState.QUEUED)
             .values(enqueued_at=now or utcnow())
             .execution_options(synchronize_session=False)
         )

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import func, select, text, update
@@ -19,6 +20,7 @@ from db.ids import new_id
 from db.job_reads import get_job, job_state
 from db.joblog import log
 from db.leases import owned
+from db.states import AttemptOutcome, JobState
 from db.tables import Artifact, Job, JobAttempt
 
 
@@ -45,7 +47,7 @@ def create_job(
         tenant=tenant,
         kind=kind,
         name=name,
-        state="queued",
+        state=JobState.QUEUED,
         request=request,
         summary=summary,
         attempt=1,
@@ -109,7 +111,7 @@ def create_job_once(
         if existing is not None:  # its job is gone: the key starts afresh
             idempotency.forget(session, idem)
     queued = session.scalar(select(func.count()).select_from(Job)
-                            .where(Job.tenant == tenant, Job.state == "queued")) or 0
+                            .where(Job.tenant == tenant, Job.state == JobState.QUEUED)) or 0
     if queued >= max_queued:
         session.rollback()
         raise QueueFull(queued, max_queued)
@@ -148,13 +150,13 @@ def claim_job(session: Session, *, job_id: str, worker_id: str,
             return None
         _lock_tenant(session, tenant)
         running = (select(func.count()).select_from(Job)
-                   .where(Job.tenant == tenant, Job.state == "running").scalar_subquery())
+                   .where(Job.tenant == tenant, Job.state == JobState.RUNNING).scalar_subquery())
         limit = [running < max_running]
     result = session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.state == "queued", *limit)
+        .where(Job.id == job_id, Job.state == JobState.QUEUED, *limit)
         .values(
-            state="running",
+            state=JobState.RUNNING,
             worker_id=worker_id,
             heartbeat_at=now,
             updated_at=now,
@@ -165,7 +167,7 @@ def claim_job(session: Session, *, job_id: str, worker_id: str,
     if rowcount(result) != 1:
         session.rollback()
         if limit and rowcount(session.execute(
-            update(Job).where(Job.id == job_id, Job.state == "queued")
+            update(Job).where(Job.id == job_id, Job.state == JobState.QUEUED)
             .values(enqueued_at=now).execution_options(synchronize_session=False)
         )) == 1:
             # Still queued, so the limit is what refused it. enqueued_at=now keeps the
@@ -219,32 +221,34 @@ def finish_job(
     *,
     job_id: str,
     worker_id: str,
-    state: str,
+    state: JobState,
     result: dict[str, Any] | None = None,
     error: str | None = None,
     log_line: str | None = None,
 ) -> bool:
     """running -> succeeded | failed, only by the worker that holds the lease; `log_line`
     goes to the job's log in the same transaction (a client that sees the outcome sees it)."""
-    assert state in ("succeeded", "failed")
+    assert state in (JobState.SUCCEEDED, JobState.FAILED)
     now = utcnow()
     values: dict[str, Any] = {"state": state, "finished_at": now, "updated_at": now, "error": error}
     if result is not None:
         values["result"] = result
-    if state == "succeeded":
+    if state == JobState.SUCCEEDED:
         values["progress"] = 1.0
     done = rowcount(session.execute(
         update(Job).where(owned(job_id, worker_id)).values(**values)
         .execution_options(synchronize_session=False)
     )) == 1
-    attempts.end(session, job_id=job_id, worker_id=worker_id, outcome=state if done else "lost")
+    attempts.end(session, job_id=job_id, worker_id=worker_id,
+                 outcome=AttemptOutcome(state) if done else AttemptOutcome.LOST)
     if done and log_line:  # not when the lease was lost: another attempt owns the outcome
         log(session, job_id=job_id, message=log_line)
     session.commit()
     return done
 
 
-def end_attempt(session: Session, *, job_id: str, worker_id: str, outcome: str) -> None:
+def end_attempt(session: Session, *, job_id: str, worker_id: str,
+                outcome: AttemptOutcome) -> None:
     attempts.end(session, job_id=job_id, worker_id=worker_id, outcome=outcome)
     session.commit()
 
@@ -256,14 +260,14 @@ def release_job(session: Session, *, job_id: str, worker_id: str) -> bool:
     now = utcnow()
     done = rowcount(session.execute(
         update(Job).where(owned(job_id, worker_id)).values(
-            state="queued", attempt=Job.attempt + 1, max_attempts=Job.max_attempts + 1,
+            state=JobState.QUEUED, attempt=Job.attempt + 1, max_attempts=Job.max_attempts + 1,
             worker_id=None, heartbeat_at=None, enqueued_at=now, updated_at=now)
         .execution_options(synchronize_session=False)
     )) == 1
     if not done:  # canceled meanwhile, or the lease was lost: the caller ends the attempt
         session.rollback()
         return False
-    attempts.end(session, job_id=job_id, worker_id=worker_id, outcome="released")
+    attempts.end(session, job_id=job_id, worker_id=worker_id, outcome=AttemptOutcome.RELEASED)
     log(session, job_id=job_id, level="warning",
         message=f"worker {worker_id} shut down: job handed back, the next attempt resumes "
                 "from its last checkpoint (not counted toward max_attempts)")
@@ -271,34 +275,42 @@ def release_job(session: Session, *, job_id: str, worker_id: str) -> bool:
     return True
 
 
+class StorageRetry(StrEnum):
+    """What retry_after_storage_error did."""
+
+    RETRY = "retry"  # queued again, to be sent after the backoff
+    FAILED = "failed"  # no attempts left
+    STOPPED = "stopped"  # the job was no longer this worker's (canceled, lease lost)
+
+
 def retry_after_storage_error(session: Session, *, job_id: str, worker_id: str, error: str,
-                              backoff_seconds: float) -> str:
+                              backoff_seconds: float) -> StorageRetry:
     """The lease holder's attempt hit a storage error (full, read-only store...): not the
     job's fault, so running -> queued with attempt + 1, to be sent again in
     `backoff_seconds`; past max_attempts running -> failed with that error. The attempt ends
-    `store_error` and the job's log says why. Returns "retry", "failed", or "stopped" when
-    the job was no longer this worker's (canceled meanwhile, lease lost)."""
+    `store_error` and the job's log says why."""
     now = utcnow()
     job = session.execute(select(Job.attempt, Job.max_attempts).where(
         owned(job_id, worker_id))).first()
     if job is None:
         state = job_state(session, job_id=job_id)
         attempts.end(session, job_id=job_id, worker_id=worker_id,
-                     outcome="canceled" if state == "canceled" else "lost")
+                     outcome=AttemptOutcome.CANCELED if state == JobState.CANCELED
+                     else AttemptOutcome.LOST)
         session.commit()
-        return "stopped"
+        return StorageRetry.STOPPED
     attempt, max_attempts = job
     if attempt < max_attempts:
         # enqueued_at is when the delayed message becomes due, so the reconciler does not
         # resend it (early) while it waits out the backoff.
         values: dict[str, Any] = {
-            "state": "queued", "attempt": attempt + 1, "worker_id": None,
+            "state": JobState.QUEUED, "attempt": attempt + 1, "worker_id": None,
             "heartbeat_at": None, "updated_at": now,
             "enqueued_at": now + timedelta(seconds=backoff_seconds)}
         line = (f"attempt {attempt} stopped by a storage error: {error}; queued again, "
                 f"attempt {attempt + 1} of {max_attempts} in {backoff_seconds:g} s")
     else:
-        values = {"state": "failed", "finished_at": now, "updated_at": now,
+        values = {"state": JobState.FAILED, "finished_at": now, "updated_at": now,
                   "error": f"{error} (on each of {max_attempts} attempts)"}
         line = (f"attempt {attempt} stopped by a storage error: {error}; no attempts left "
                 f"(max_attempts {max_attempts}): failed")
@@ -310,10 +322,11 @@ def retry_after_storage_error(session: Session, *, job_id: str, worker_id: str, 
         session.rollback()
         return retry_after_storage_error(session, job_id=job_id, worker_id=worker_id,
                                          error=error, backoff_seconds=backoff_seconds)
-    attempts.end(session, job_id=job_id, worker_id=worker_id, outcome="store_error")
+    attempts.end(session, job_id=job_id, worker_id=worker_id,
+                 outcome=AttemptOutcome.STORE_ERROR)
     log(session, job_id=job_id, level="error", message=line)
     session.commit()
-    return "retry" if values["state"] == "queued" else "failed"
+    return StorageRetry.RETRY if values["state"] == JobState.QUEUED else StorageRetry.FAILED
 
 
 def cancel_job(session: Session, *, job_id: str, tenant: str | None) -> Job:
@@ -322,8 +335,8 @@ def cancel_job(session: Session, *, job_id: str, tenant: str | None) -> Job:
     now = utcnow()
     result = session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.state.in_(("queued", "running")))
-        .values(state="canceled", finished_at=now, updated_at=now)
+        .where(Job.id == job_id, Job.state.in_((JobState.QUEUED, JobState.RUNNING)))
+        .values(state=JobState.CANCELED, finished_at=now, updated_at=now)
         .execution_options(synchronize_session=False)
     )
     session.commit()
@@ -342,15 +355,15 @@ def requeue_expired(
     cutoff = now - timedelta(seconds=lease_seconds)
     expired = session.execute(
         select(Job.id, Job.attempt, Job.max_attempts, Job.worker_id).where(
-            Job.state == "running", Job.heartbeat_at < cutoff
+            Job.state == JobState.RUNNING, Job.heartbeat_at < cutoff
         )
     ).all()
     requeued: list[str] = []
     for job_id, attempt, max_attempts, worker_id in expired:
-        stale = (Job.id == job_id) & (Job.state == "running") & (Job.heartbeat_at < cutoff)
+        stale = (Job.id == job_id) & (Job.state == JobState.RUNNING) & (Job.heartbeat_at < cutoff)
         if attempt >= max_attempts:
             values: dict[str, Any] = {
-                "state": "failed",
+                "state": JobState.FAILED,
                 "finished_at": now,
                 "updated_at": now,
                 "error": f"worker {worker_id} was lost and the job reached max_attempts "
@@ -358,7 +371,7 @@ def requeue_expired(
             }
         else:
             values = {
-                "state": "queued",
+                "state": JobState.QUEUED,
                 "attempt": attempt + 1,
                 "worker_id": None,
                 "enqueued_at": now,
@@ -368,10 +381,11 @@ def requeue_expired(
             update(Job).where(stale).values(**values).execution_options(synchronize_session=False)
         )) == 1
         if done:
-            attempts.end(session, job_id=job_id, worker_id=worker_id or "", outcome="lease_expired")
+            attempts.end(session, job_id=job_id, worker_id=worker_id or "",
+                         outcome=AttemptOutcome.LEASE_EXPIRED)
             log(session, job_id=job_id, level="warning",
                 message=f"lease of worker {worker_id} expired on attempt {attempt}")
-            if values["state"] == "queued":
+            if values["state"] == JobState.QUEUED:
                 requeued.append(job_id)
     session.commit()
     return requeued

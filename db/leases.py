@@ -9,12 +9,13 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from db.base import rowcount, utcnow
+from db.states import JobState
 from db.tables import Job
 
 
 def owned(job_id: str, worker_id: str) -> Any:
     """The WHERE clause of a write only the lease holder may make."""
-    return (Job.id == job_id) & (Job.state == "running") & (Job.worker_id == worker_id)
+    return (Job.id == job_id) & (Job.state == JobState.RUNNING) & (Job.worker_id == worker_id)
 
 
 def heartbeat(

@@ -18,9 +18,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
-from db.base import Base, UTCDateTime, utcnow
-
-TERMINAL_STATES = ("succeeded", "failed", "canceled")
+from db.base import Base, EnumText, UTCDateTime, utcnow
+from db.states import AttemptOutcome, JobState
 
 
 class Token(Base):
@@ -47,7 +46,7 @@ class Job(Base):
     tenant: Mapped[str] = mapped_column(String(64))
     kind: Mapped[str] = mapped_column(String(32))
     name: Mapped[str] = mapped_column(String(128), default="")
-    state: Mapped[str] = mapped_column(String(16), default="queued")
+    state: Mapped[JobState] = mapped_column(EnumText(JobState, 16), default=JobState.QUEUED)
     request: Mapped[dict[str, Any]] = mapped_column(JSON)
     summary: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
@@ -78,7 +77,8 @@ class JobAttempt(Base):
     worker_id: Mapped[str] = mapped_column(String(128))
     started_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
-    outcome: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    outcome: Mapped[AttemptOutcome | None] = mapped_column(EnumText(AttemptOutcome, 32),
+                                                          nullable=True)
 
 
 class Metric(Base):

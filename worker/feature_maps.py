@@ -27,6 +27,7 @@ from convoy.jobspec import (
 from convoy.settings import Settings
 from db import artifacts, jobs, uploads
 from db.session import session_scope
+from db.states import JobState
 from db.tables import Artifact, Job, Upload
 from models.build import build_model
 from models.capture import capture, channels_last
@@ -251,7 +252,7 @@ class FeatureMapsRun:
                 f"({result['artifact_bytes']} bytes)")
         with session_scope(self.settings.database_url) as session:
             jobs.finish_job(session, job_id=self.job.id, worker_id=self.worker_id,
-                            state="succeeded", result=result, log_line=line)
+                            state=JobState.SUCCEEDED, result=result, log_line=line)
 
 
 def run_feature_maps(settings: Settings, job: Job, worker_id: str) -> None:

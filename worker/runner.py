@@ -12,11 +12,13 @@ from convoy.artifacts import CorruptArtifact, StoreUnavailable
 from convoy.settings import Settings
 from db import job_reads, joblog, jobs
 from db.session import session_scope
+from db.states import AttemptOutcome, JobState
 from db.tables import Job
 from worker import warmup
-from worker.control import Stopped
+from worker.control import RunOutcome, Stopped
 from worker.data import device_text, pick_device
 from worker.dbretry import is_disconnect, retry_db
+from worker.feature_maps import run_feature_maps
 from worker.lease import SHUTTING_DOWN, JobTimedOut
 from worker.train import NonFiniteLoss
 from worker.train_job import TrainRun
@@ -52,21 +54,21 @@ def store_backoff(settings: Settings, attempt: int) -> float:
 
 
 def retry_after_store_error(settings: Settings, *, job_id: str, worker_id: str,
-                            exc: StoreUnavailable) -> str:
-    """End the attempt with outcome `store_error`; queue the job again ("retry") or fail it
-    when its attempts ran out ("failed"); "stopped" when it was canceled meanwhile."""
-    def record() -> str:
+                            exc: StoreUnavailable) -> RunOutcome:
+    """End the attempt with outcome `store_error`; queue the job again (RETRY) or fail it
+    when its attempts ran out (FAILED); STOPPED when it was canceled meanwhile."""
+    def record() -> RunOutcome:
         with session_scope(settings.database_url) as session:
             attempt = job_reads.get_job(session, job_id=job_id).attempt
-            return jobs.retry_after_storage_error(
+            return RunOutcome(jobs.retry_after_storage_error(
                 session, job_id=job_id, worker_id=worker_id, error=str(exc),
-                backoff_seconds=store_backoff(settings, attempt))
+                backoff_seconds=store_backoff(settings, attempt)).value)
 
     return retry_db(record, what=f"job {job_id} storage error",
                     within_s=settings.db_retry_seconds)
 
 
-def run_job(job_id: str, *, settings: Settings, worker_id: str) -> str:
+def run_job(job_id: str, *, settings: Settings, worker_id: str) -> RunOutcome:
     """Claim and run one attempt of a job. Returns what happened, for logs and tests."""
     warmup.wait()
 
@@ -80,10 +82,10 @@ def run_job(job_id: str, *, settings: Settings, worker_id: str) -> str:
                        within_s=settings.db_retry_seconds)
     except jobs.TenantAtLimit as exc:
         log.info("%s; deferred", exc)
-        return "deferred"  # the task sends it again after tenant_defer_seconds
+        return RunOutcome.DEFERRED  # the task sends it again after tenant_defer_seconds
     if job is None:
         log.info("job %s not claimable (duplicate message, canceled or running elsewhere)", job_id)
-        return "skipped"
+        return RunOutcome.SKIPPED
     try:
         device = pick_device(str((job.request or {}).get("device") or "auto"))
         note(settings, job_id, f"attempt {job.attempt} started on worker {worker_id}, "
@@ -91,22 +93,21 @@ def run_job(job_id: str, *, settings: Settings, worker_id: str) -> str:
         if job.kind == "train":
             TrainRun(settings, job, worker_id).run()
         elif job.kind == "feature_maps":
-            from worker.feature_maps import run_feature_maps
-
             run_feature_maps(settings, job, worker_id)
         else:
             raise ValueError(f"unknown job kind {job.kind!r}")
     except Stopped:
-        def stopped() -> str:
+        def stopped() -> RunOutcome:
             with session_scope(settings.database_url) as session:
                 state = job_reads.job_state(session, job_id=job_id)
-                if SHUTTING_DOWN.is_set() and state == "running":
+                if SHUTTING_DOWN.is_set() and state == JobState.RUNNING:
                     if jobs.release_job(session, job_id=job_id, worker_id=worker_id):
-                        return "released"
+                        return RunOutcome.RELEASED
                     state = job_reads.job_state(session, job_id=job_id)  # a cancel came first
                 jobs.end_attempt(session, job_id=job_id, worker_id=worker_id,
-                                 outcome="canceled" if state == "canceled" else "lost")
-                return "stopped"
+                                 outcome=AttemptOutcome.CANCELED if state == JobState.CANCELED
+                                 else AttemptOutcome.LOST)
+                return RunOutcome.STOPPED
 
         return retry_db(stopped, what=f"job {job_id} stop", within_s=settings.db_retry_seconds)
     except StoreUnavailable as exc:
@@ -120,16 +121,16 @@ def run_job(job_id: str, *, settings: Settings, worker_id: str) -> str:
             # it running without heartbeats; its lease expires and a later attempt resumes it.
             log.error("job %s: database unreachable, leaving it to its lease", job_id,
                       exc_info=True)
-            return "lost"
+            return RunOutcome.LOST
         log.exception("job %s failed", job_id)
         trace, error = traceback.format_exc(), failure_message(exc)
 
         def failed() -> None:
             with session_scope(settings.database_url) as session:
                 joblog.log(session, job_id=job_id, level="error", message=trace)
-                jobs.finish_job(session, job_id=job_id, worker_id=worker_id, state="failed",
+                jobs.finish_job(session, job_id=job_id, worker_id=worker_id, state=JobState.FAILED,
                                 error=error)
 
         retry_db(failed, what=f"job {job_id} failure", within_s=settings.db_retry_seconds)
-        return "failed"
-    return "done"
+        return RunOutcome.FAILED
+    return RunOutcome.DONE

@@ -7,6 +7,7 @@ from db import dispatch, job_reads
 from db.session import session_scope
 from worker import warmup
 from worker.app import app, settings, worker_id
+from worker.control import RunOutcome
 from worker.lease import SHUTTING_DOWN
 from worker.runner import run_job, store_backoff
 
@@ -14,29 +15,29 @@ from worker.runner import run_job, store_backoff
 def send_again(job_id: str, kind: str, countdown: float | None = None) -> None:
     """The job's message once more, to the queue it came from (a GPU job to the GPU queue)."""
     with session_scope(settings.database_url) as session:
-        _, gpu = dispatch.routes_of(session, job_ids=[job_id]).get(job_id, (kind, False))
-    enqueue(app, kind=kind, job_id=job_id, gpu=gpu, countdown=countdown)
+        _, device = dispatch.routes_of(session, job_ids=[job_id]).get(job_id, (kind, None))
+    enqueue(app, kind=kind, job_id=job_id, device=device, countdown=countdown)
 
 
-def run(job_id: str, kind: str) -> str:
+def run(job_id: str, kind: str) -> RunOutcome:
     warmup.wait()  # before the check below: a shutdown may begin during the warm-up
     if SHUTTING_DOWN.is_set():
         # A message that reaches a worker already stopping (its own handed-back job among
         # them): sent on to the next worker, nothing claimed.
         send_again(job_id, kind)
-        return "passed on"
+        return RunOutcome.PASSED_ON
     outcome = run_job(job_id, settings=settings, worker_id=worker_id())
-    if outcome == "released":
+    if outcome == RunOutcome.RELEASED:
         # This worker is shutting down; the job is queued again for the next free worker
         # (should this send be lost, the reconciler resends queued jobs).
         send_again(job_id, kind)
-    elif outcome == "retry":
+    elif outcome == RunOutcome.RETRY:
         # A storage error (full or read-only store): the job is queued again and its message
         # comes back after the backoff (the reconciler resends it if this one is lost).
         with session_scope(settings.database_url) as session:
             attempt = job_reads.get_job(session, job_id=job_id).attempt
         send_again(job_id, kind, countdown=store_backoff(settings, attempt - 1))
-    elif outcome == "deferred":
+    elif outcome == RunOutcome.DEFERRED:
         # Its tenant is at max_running_per_tenant: this worker moves on to other tenants' jobs
         # and the message comes back later (the reconciler resends it if this one is lost).
         send_again(job_id, kind, countdown=settings.tenant_defer_seconds)

@@ -18,6 +18,7 @@ from convoy.jobspec import TrainJobRequest
 from convoy.settings import Settings
 from db import artifacts, joblog, jobs, leases
 from db.session import session_scope
+from db.states import JobState
 from db.tables import Artifact, Job
 from models.build import build_model
 from models.capture import channels_last
@@ -138,7 +139,7 @@ class TrainRun:
         def finish() -> bool:
             with self.db() as session:
                 return jobs.finish_job(session, job_id=self.job.id, worker_id=self.worker_id,
-                                       state="succeeded", result=result, log_line=line)
+                                       state=JobState.SUCCEEDED, result=result, log_line=line)
 
         retry_db(finish, what=f"job {self.job.id} outcome",
                  within_s=self.settings.db_retry_seconds)

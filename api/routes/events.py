@@ -26,7 +26,8 @@ from db import attempts as attempts_db
 from db import job_reads
 from db import metrics as metrics_db
 from db.session import get_sessionmaker
-from db.tables import TERMINAL_STATES, Job, JobAttempt, Metric
+from db.states import TERMINAL_STATES, AttemptOutcome, JobState
+from db.tables import Job, JobAttempt, Metric
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/jobs", tags=["events"])
@@ -72,18 +73,24 @@ class Cursor:
         return cursor
 
 
+# attempts after which the job went back to the queue (when another attempt followed)
+REQUEUED_AFTER = (AttemptOutcome.LEASE_EXPIRED, AttemptOutcome.RELEASED,
+                  AttemptOutcome.STORE_ERROR)
+
+
 def state_history(job: Job, attempts: list[JobAttempt]) -> list[dict[str, Any]]:
     """The job's states in order, rebuilt from the lease history, so a poll that missed a short
     `running` (or a requeue) still reports it."""
     history: list[dict[str, Any]] = [
-        {"state": "queued", "attempt": 1, "at": job.created_at.isoformat()}]
+        {"state": JobState.QUEUED, "attempt": 1, "at": job.created_at.isoformat()}]
     for i, attempt in enumerate(attempts):
-        history.append({"state": "running", "attempt": attempt.attempt,
+        history.append({"state": JobState.RUNNING, "attempt": attempt.attempt,
                         "worker": attempt.worker_id, "at": attempt.started_at.isoformat()})
-        requeued = attempt.outcome in ("lease_expired", "released") and (
-            i + 1 < len(attempts) or (job.state == "queued" and job.attempt > attempt.attempt))
+        requeued = attempt.outcome in REQUEUED_AFTER and (
+            i + 1 < len(attempts) or (job.state == JobState.QUEUED
+                                      and job.attempt > attempt.attempt))
         if requeued:
-            history.append({"state": "queued", "attempt": attempt.attempt + 1,
+            history.append({"state": JobState.QUEUED, "attempt": attempt.attempt + 1,
                             "at": (attempt.ended_at or job.updated_at).isoformat()})
     if job.state in TERMINAL_STATES:
         history.append({"state": job.state, "attempt": job.attempt, "error": job.error,

@@ -33,12 +33,12 @@ from convoy.settings import Settings
 from db import artifacts, job_reads, joblog, metrics
 from db import jobs as jobs_db
 from db.idempotency import KeyReused
+from db.states import JobState
 from db.tables import Job
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 JobId = Annotated[str, Query(max_length=64)]
-State = Literal["queued", "running", "succeeded", "failed", "canceled"]
 Kind = Literal["train", "feature_maps"]
 
 
@@ -104,7 +104,7 @@ def _submit(body: TrainJobRequest | FeatureMapsJobRequest, session: Session,
     # Committed before enqueue: the worker must find the row. If the broker is down the job
     # stays queued and the reconciler sends it later; nothing submitted is lost.
     try:
-        enqueue(celery, kind=job.kind, job_id=job.id, gpu=body.device == "cuda")
+        enqueue(celery, kind=job.kind, job_id=job.id, device=body.device)
     except Exception:  # noqa: BLE001 - the reconciler retries
         import logging
 
@@ -134,7 +134,7 @@ def _decode_cursor(cursor: str) -> tuple[datetime, str]:
 def list_jobs(
     session: SessionDep,
     principal: PrincipalDep,
-    state: State | None = None,
+    state: JobState | None = None,
     kind: Kind | None = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: Annotated[str | None, Query(max_length=200)] = None,

@@ -106,8 +106,8 @@ def test_gpu_jobs_are_sent_held_and_resent_on_the_gpu_queue(settings):
     with session_scope(settings.database_url) as session:
         session.execute(update(Job).where(Job.id == gpu_job).values(
             request={**tiny_job(), "device": "cuda"}))
-    for job_id, gpu in ((cpu_job, False), (gpu_job, True)):
-        enqueue(celery, kind="train", job_id=job_id, gpu=gpu)
+    for job_id, device in ((cpu_job, "auto"), (gpu_job, "cuda")):
+        enqueue(celery, kind="train", job_id=job_id, device=device)
     assert [job_id_of(m) for m in r.lrange(settings.queue, 0, -1)] == [cpu_job]
     assert [job_id_of(m) for m in r.lrange(gpu_key, 0, -1)] == [gpu_job]
     # a message waiting on the GPU queue counts as held: nothing is resent
