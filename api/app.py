@@ -68,7 +68,7 @@ class RedactTokens(logging.Filter):
     def secret_key(key: str) -> bool:
         """Whether a query key names a secret: its decoded name, with control characters
         (NUL included) and spaces dropped, starts with `token` in any case. `?token%00=`,
-        `?Token_x=`, `?%74oken=` and `?tokens=` are all redacted (issue 11, item 13)."""
+        `?Token_x=`, `?%74oken=` and `?tokens=` are all redacted."""
         name = "".join(c for c in unquote_plus(key, errors="replace")
                        if c.isprintable() and not c.isspace())
         return name.lower().startswith("token")
@@ -207,9 +207,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     on_error(app, DBAPIError, database_error)
     for module in (health, jobs, models, datasets, tokens):
         app.include_router(module.router)
-    for module in (events, dashboard):  # the live stream and the web UI (issue 6)
+    for module in (events, dashboard):  # the live stream and the web UI
         app.include_router(module.router)
-    for module in (feature_maps, uploads):  # feature-map jobs and their uploads (issue 3)
+    for module in (feature_maps, uploads):  # feature-map jobs and their uploads
         app.include_router(module.router)
     dashboard.mount_static(app)
     app.add_middleware(RejectUnencodableJSON)  # inside BodyLimit: reads capped bodies only

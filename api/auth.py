@@ -60,7 +60,7 @@ def authenticate(session: Session, secret: str) -> Principal | None:
 def lookup_token(database_url: str, digest: str) -> Principal | None:
     """The token check on a short session of its own, opened, queried and closed in one call
     (one thread trip), on a small engine of its own: it never waits behind the request pool,
-    and no connection is held while waiting for a thread (issue 11, item 1)."""
+    and no connection is held while waiting for a thread."""
     from db.session import get_side_sessionmaker
 
     with get_side_sessionmaker(database_url, "auth")() as session:

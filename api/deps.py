@@ -37,7 +37,7 @@ SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 
 log = logging.getLogger(__name__)
 
-# Issue 11, item 1: a burst of requests froze the API. Every thread of the shared pool (the one
+# A burst of requests once froze the API. Every thread of the shared pool (the one
 # sync handlers, sync dependencies and FastAPI's response validation run on) was waiting for a
 # pooled connection, while every connection was held by a request waiting for a thread of that
 # same pool (to validate its response, or to close its session). Three rules break the cycle:

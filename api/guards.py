@@ -67,7 +67,7 @@ async def data_error(_: Request, exc: DataError) -> JSONResponse:
                                      "type": "value_error"}]}, 422)
 
 
-# Issue 11, items 1 and 13: the database is away (an outage, a failover) or every pooled
+# The database is away (an outage, a failover) or every pooled
 # connection is busy past the pool timeout. Both pass: the client should retry, not see a 500.
 DATABASE_RETRY_AFTER_SECONDS = 5
 

@@ -1,4 +1,4 @@
-"""The `Idempotency-Key` header on POST /v1/jobs and the upload routes (issue 11, item 9).
+"""The `Idempotency-Key` header on POST /v1/jobs and the upload routes.
 
 Same key and same body: the resource the first request created, answered 200 (the first
 answer was 201). Same key, another body (or route): 409. Keys are per tenant and kept

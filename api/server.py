@@ -1,4 +1,4 @@
-"""How the API is served (issue 11, item 12: slow clients).
+"""How the API is served.
 
 uvicorn closes idle keep-alive connections but has no timeout for a request's headers: a
 client that opens a connection and never finishes its headers held it (and a file

@@ -80,7 +80,7 @@ def check_train(session: Session, req: TrainJobRequest, settings: Settings, *,
                                                 f"max_batch_size={settings.max_batch_size}")
     check_model_limits(summary, settings, batch_size=cfg.batch_size)
     info = dataset_info(session, req.dataset, tenant=tenant)
-    if too_large := datasets.oversized(req.dataset, settings.max_dataset_bytes):  # issue 11.10
+    if too_large := datasets.oversized(req.dataset, settings.max_dataset_bytes):
         raise unprocessable("dataset.samples", too_large)
     if list(info.input_shape) != summary["input_shape"]:
         raise unprocessable("model.input_shape",

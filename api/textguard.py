@@ -2,7 +2,7 @@
 `"\\ud800"`), before any route parses, stores or echoes it.
 
 Such a string validated as a plain `str`, was committed to the jobs table, and then broke
-every response that contained it (issue 11, item 3). Only bodies that contain a surrogate
+every response that contained it. Only bodies that contain a surrogate
 escape at all are parsed and walked here; an emoji written as a pair (`"\\ud83d\\ude00"`) is
 valid and passes.
 """

@@ -35,7 +35,7 @@ def display_name(filename: str | None) -> str:
 
 def check_form_text(*fields: tuple[str, str | None]) -> None:
     """422 naming the field for form text that UTF-8 cannot encode: a multipart body may
-    declare a charset (utf-7, say) whose decoding yields lone surrogates (issue 11, item 3)."""
+    declare a charset (utf-7, say) whose decoding yields lone surrogates."""
     for field, value in fields:
         if value is not None and unencodable(value):
             raise HTTPException(422, [unencodable_detail(["body", field], field)])

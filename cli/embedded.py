@@ -113,7 +113,7 @@ def run(settings: Settings) -> int:
     from api.server import raise_nofile_limit, serve_options
 
     token = prepare(settings)
-    raise_nofile_limit()  # and header/keep-alive timeouts, a connection cap (issue 11, item 12)
+    raise_nofile_limit()  # and header/keep-alive timeouts, a connection cap
     server = uvicorn.Server(uvicorn.Config(create_app(settings), host=settings.host,
                                            port=settings.port, log_level="info",
                                            **serve_options(settings)))

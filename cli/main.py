@@ -23,7 +23,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_api(args: argparse.Namespace) -> int:
     import uvicorn
 
-    # Flags against slow clients (issue 11, item 12) override the settings; they go into the
+    # Flags against slow clients override the settings; they go into the
     # environment too, which the processes of `--workers N` read.
     for flag, env in (("header_timeout", "CONVOY_HEADER_TIMEOUT_SECONDS"),
                       ("keep_alive", "CONVOY_KEEP_ALIVE_SECONDS"),

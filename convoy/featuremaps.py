@@ -41,7 +41,7 @@ def resolve_layers(summary: dict[str, Any], wanted: list[str] | None) -> list[in
     for position, item in enumerate(wanted):
         key = item.strip()
         # ASCII digits only: str.isdigit() is true for "¹" (int() refuses it) and "٣" (which
-        # int() reads as 3); neither names a layer (issue 11, item 7)
+        # int() reads as 3); neither names a layer
         if is_index(key) and int(key) < len(names):
             picked.add(int(key))
         elif key in by_name:

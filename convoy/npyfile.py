@@ -1,5 +1,5 @@
 """.npy arrays and .npz archives from untrusted bytes, with every size known before a byte
-of array data is read (issue 11, item 2: a 1 MB .npz that unpacked to 1 GiB was accepted).
+of array data is read.
 
 - An .npz is a zip: its entry count, each member's compression method and declared
   uncompressed size are checked first (deflate and stored only: their decompression is

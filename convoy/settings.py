@@ -62,7 +62,7 @@ class Settings(BaseSettings):
     max_request_bytes: int = 1024 * 1024
     max_upload_bytes: int = 256 * 1024 * 1024
     # An uploaded .npz's arrays once unpacked (x counted as float32): checked from the archive's
-    # and the arrays' headers before anything is decompressed (issue 11, item 2).
+    # and the arrays' headers before anything is decompressed.
     max_dataset_bytes: int = 512 * 1024 * 1024
     max_json_map_values: int = 100_000
     # Enforced when a worker claims a job: past it the job stays queued and its message is
@@ -72,7 +72,7 @@ class Settings(BaseSettings):
     max_queued_per_tenant: int = 1000
     max_feature_map_bytes: int = 2 * 1024**3
 
-    # --- issue 11, items 9 and 11 (idempotency, time and CPU bounds) ---
+    # --- idempotency, time and CPU bounds ---
     # How long an Idempotency-Key is remembered (then purged by the reconciler, or replaced
     # when it is seen again after that).
     idempotency_ttl_seconds: Annotated[float, Field(gt=0)] = 24 * 3600.0
@@ -92,7 +92,7 @@ class Settings(BaseSettings):
     max_model_layers: Annotated[int, Field(ge=1)] = 256
     max_feature_side: Annotated[int, Field(ge=1)] = 8192
 
-    # Issue 11, items 1, 5, 12, 13: hostile load on the API.
+    # --- hostile load on the API ---
     # A request waits this long for a pooled database connection, then gets 503 + Retry-After.
     db_pool_timeout_seconds: Annotated[float, Field(gt=0)] = 5.0
     # Token checks: a bad token is remembered this long (no database trip when it comes

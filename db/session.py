@@ -49,7 +49,7 @@ def _make_engine(url: str, *, pool_size: int, max_overflow: int, timeout: float,
 
         return engine
     # pre_ping: a PostgreSQL restart must not leave dead connections in the pool.
-    # json_deserializer: a stored lone surrogate reads back as U+FFFD (issue 11, item 3).
+    # json_deserializer: a stored lone surrogate reads back as U+FFFD.
     connect = {} if connect_timeout is None else {"connect_timeout": connect_timeout}
     return create_engine(url, pool_pre_ping=True, pool_size=pool_size,
                          max_overflow=max_overflow, pool_timeout=timeout, connect_args=connect,
@@ -71,7 +71,7 @@ def pool_capacity(url: str) -> int:
 @lru_cache
 def get_side_engine(url: str, purpose: str) -> Engine:
     """A small engine of its own (2 + 2 connections) for work that must never queue behind
-    the request pool: the API's token checks and its readiness probe (issue 11, item 1)."""
+    the request pool: the API's token checks and its readiness probe."""
     return _make_engine(url, pool_size=2, max_overflow=2, timeout=2, busy_timeout=2,
                         connect_timeout=2)
 

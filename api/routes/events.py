@@ -37,7 +37,7 @@ POLL_SECONDS = 0.3
 KEEPALIVE_SECONDS = 15.0
 ID_PATTERN = re.compile(r"^(\d{1,6})-(\d{1,19})-(\d{1,5})$")
 # Metric ids are 64-bit signed integers in the database: a larger Last-Event-ID is not an id
-# this stream sent (it crashed the stream with an overflow; issue 11, item 5).
+# this stream sent (it crashed the stream with an overflow).
 MAX_METRIC_ID = 2**63 - 1
 MAX_PROGRESS = 10000
 # Stream polls and token re-checks run on threads of their own: open streams cannot take the
@@ -171,7 +171,7 @@ def _load(session: Session, job_id: str, tenant: str) -> None:
 
 @dataclass
 class StreamSlots:
-    """Open event streams of this API process, per tenant and in total (issue 11, item 5)."""
+    """Open event streams of this API process, per tenant and in total."""
 
     per_tenant: int
     total: int
@@ -256,7 +256,7 @@ async def stream_events(
         while True:
             if time.monotonic() - checked >= settings.stream_recheck_seconds:
                 # A long-lived stream re-checks its token and the job's tenant: a revoked
-                # token's stream ends within seconds (issue 11, item 5).
+                # token's stream ends within seconds.
                 try:
                     allowed = await anyio.to_thread.run_sync(
                         _still_allowed, settings, job_id, secret, limiter=STREAM_LIMITER)

@@ -13,7 +13,7 @@ from db.session import ping
 
 router = APIRouter(tags=["health"])
 
-# /readyz must answer promptly while the API is under load (issue 11, item 1): its checks run
+# /readyz must answer promptly while the API is under load: its checks run
 # on threads of their own (never queued behind the shared thread pool) and the database check
 # uses an engine of its own (never queued behind the request pool), each bounded in time.
 CHECK_LIMITER = anyio.CapacityLimiter(4)
