@@ -173,3 +173,18 @@ def test_two_files_importing_each_other_are_caught(tmp_path: Path) -> None:
                             "worker/feature_maps.py": "def run():\n"
                                                       "    from worker import runner\n"})
     assert circles(root) == [["worker.feature_maps", "worker.runner"]]
+
+
+def test_the_readme_layout_names_the_packages_and_files_that_exist() -> None:
+    readme = (ROOT / "README.md").read_text()
+    layout = readme.split("## Layout", 1)[1].split("\n## ", 1)[0]
+    for package in PACKAGES:
+        assert f"{package}/" in layout, f"README's layout leaves out {package}/"
+    # every file it names (name.py) is in the package its line (or the entry above) is about
+    current = None
+    for line in layout.splitlines():
+        if m := re.match(r"^(?:layer \d\s+)?\s*([a-z]+)/\s", line):
+            current = m.group(1)
+        for name in re.findall(r"\b([a-z_]+)\.py\b", line):
+            if current in PACKAGES:
+                assert (ROOT / current / f"{name}.py").exists(), f"{current}/{name}.py"
