@@ -187,6 +187,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             ensure_bootstrap(session, settings)
         reconciler = Reconciler(settings, app.state.celery)
         reconciler.start()
+        await health.warm_up(app.state)
         yield
         reconciler.stop()
 

@@ -10,6 +10,8 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -156,3 +158,19 @@ def wait_job(client: httpx.Client, job_id: str, *, states: tuple[str, ...] = (
             return job
         time.sleep(0.2)
     raise TimeoutError(f"job {job_id} still {job['state']} after {timeout}s")
+
+
+@contextmanager
+def api_on_sqlite(home: Path, *, broker_url: str | None = None, queue_prefix: str = "convoy-sqlite",
+               **extra: str) -> Iterator[Stack]:
+    """The API alone (no worker) on a SQLite database in `home`, as the embedded mode keeps
+    it; the broker is Redis unless given."""
+    env = stack_env(home, database_url=f"sqlite:///{home / 'convoy.db'}",
+                    broker_url=broker_url or f"{REDIS}/0",
+                    queue=f"{queue_prefix}-{uuid.uuid4().hex[:8]}", **extra)
+    stack = Stack(env=env, home=home)
+    try:
+        stack.start_api()
+        yield stack
+    finally:
+        stack.stop()

@@ -8,6 +8,7 @@ import anyio
 from celery import Celery
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
+from starlette.datastructures import State
 
 from db.session import ping
 
@@ -39,6 +40,13 @@ async def _run_check(fn: Callable[..., object], *args: object) -> str:
         return "error: timed out"
     except Exception as exc:  # noqa: BLE001 - reported, not raised
         return f"error: {type(exc).__name__}"
+
+
+async def warm_up(state: State) -> None:
+    """Run the readiness checks once at start-up, so the first /readyz finds its engine
+    connected and the broker's transport loaded (a cold first check cost up to a second)."""
+    await _run_check(_check_database, state.settings.database_url)
+    await _run_check(_check_broker, state.celery)
 
 
 @router.get("/healthz")

@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.services import TOKEN, Stack, stack_env
+from tests.services import TOKEN, Stack, api_on_sqlite
 
 N = 150
 PATHS = ("/v1/datasets", "/v1/jobs")
@@ -166,15 +166,9 @@ def test_valid_token_burst_on_postgresql_never_gives_500(stack):
 @pytest.fixture(scope="module")
 def sqlite_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     home = Path(tmp_path_factory.mktemp("sqlite-load"))
-    env = stack_env(home, database_url=f"sqlite:///{home / 'convoy.db'}",
-                    broker_url=f"sqla+sqlite:///{home / 'broker.db'}",
-                    queue=f"convoy-load-{uuid.uuid4().hex[:8]}")
-    s = Stack(env=env, home=home)
-    try:
-        s.start_api()
+    with api_on_sqlite(home, broker_url=f"sqla+sqlite:///{home / 'broker.db'}",
+                    queue_prefix="convoy-load") as s:
         yield s
-    finally:
-        s.stop()
 
 
 def test_bad_token_burst_on_sqlite_is_refused_promptly_and_readyz_stays_fast(sqlite_api):

@@ -35,7 +35,7 @@ import pytest
 
 from tests.factories import dataset_npz, digits_cnn, npy_bytes, train_request
 from tests.security.conftest import make_token
-from tests.services import REDIS, Stack, stack_env, wait_job
+from tests.services import Stack, api_on_sqlite, wait_job
 
 GIB = 1024**3
 
@@ -411,16 +411,9 @@ def test_stored_lone_surrogate_never_breaks_a_listing_postgres(stack: Stack) -> 
 @pytest.fixture(scope="module")
 def sqlite_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """The API alone on SQLite (the embedded mode's database, which keeps JSON as text)."""
-    home = Path(tmp_path_factory.mktemp("sqlite-api"))
-    env = stack_env(home, database_url=f"sqlite:///{home / 'convoy.db'}",
-                    broker_url=f"{REDIS}/0", queue=f"convoy-sqlite-{uuid.uuid4().hex[:8]}",
-                    CONVOY_REQUEUE_AFTER_SECONDS="3600")
-    s = Stack(env=env, home=home)
-    try:
-        s.start_api()
+    with api_on_sqlite(Path(tmp_path_factory.mktemp("sqlite-api")),
+                    CONVOY_REQUEUE_AFTER_SECONDS="3600") as s:
         yield s
-    finally:
-        s.stop()
 
 
 def test_stored_lone_surrogate_never_breaks_a_listing_sqlite(sqlite_api: Stack) -> None:
