@@ -24,6 +24,7 @@ from api.guards import (
     database_unavailable,
     http_error,
 )
+from api.openapi import AllowOptions, install
 from api.reconciler import Reconciler
 from api.routes import (
     dashboard,
@@ -213,6 +214,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (feature_maps, uploads):  # feature-map jobs and their uploads
         app.include_router(module.router)
     dashboard.mount_static(app)
+    install(app)  # the OpenAPI document with every status, the token and the error body
+    app.add_middleware(AllowOptions, api=app)
     app.add_middleware(RejectUnencodableJSON)  # inside BodyLimit: reads capped bodies only
     app.add_middleware(BodyLimit, settings=settings)
     app.add_middleware(RejectNul)  # outermost: runs before the body is read

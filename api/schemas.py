@@ -3,9 +3,107 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from convoy.jobspec import FeatureMapPlan
+
+
+class ValidationIssue(BaseModel):
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class ErrorOut(BaseModel):
+    """Every error body: `detail` is a message, or for a 422 the list of what is wrong where."""
+
+    detail: str | list[ValidationIssue]
+
+
+class ReadyChecks(BaseModel):
+    database: str = Field(description="`ok` or `error: <reason>`")
+    broker: str = Field(description="`ok` or `error: <reason>`")
+
+
+class ReadyOut(BaseModel):
+    status: Literal["ready", "not ready"]
+    checks: ReadyChecks
+
+
+class LayerRow(BaseModel):
+    """One layer of a model summary; receptive_field and jump are [height, width]."""
+
+    model_config = ConfigDict(extra="allow")
+
+    index: int
+    type: str
+    input_shape: list[int]
+    output_shape: list[int]
+    params: int
+    receptive_field: list[int]
+    jump: list[int]
+    flops: int
+    fc_equivalent_params: int | None = None
+    name: str | None = Field(None, description="feature-map jobs: the layer's name")
+
+
+class FullyConnectedEquivalent(BaseModel):
+    input_features: int
+    units: int
+    params: int
+
+
+class ModelSummary(BaseModel):
+    """What POST /v1/models/summary answers, and a job's `summary` (a feature-map job's adds
+    `model` and `feature_maps`, its plan)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    input_shape: list[int]
+    num_classes: int | None
+    layers: list[LayerRow]
+    output_shape: list[int]
+    total_params: int
+    total_flops: int
+    fully_connected_equivalent: FullyConnectedEquivalent
+    activation_bytes_per_sample: int
+    model: dict[str, Any] | None = Field(None, description="feature-map jobs: the model spec")
+    feature_maps: FeatureMapPlan | None = None
+
+
+class TrainResult(BaseModel):
+    """A train job's result."""
+
+    model_config = ConfigDict(extra="allow")
+
+    epochs_done: int | None = None
+    steps: int | None = None
+    val_accuracy: float | None = None
+    val_loss: float | None = None
+    train_loss: float | None = None
+    train_accuracy: float | None = None
+    device: str | None = None
+    resumed_from_epoch: int | None = None
+
+
+class FeatureMapsResult(BaseModel):
+    """A feature-map job's result."""
+
+    model_config = ConfigDict(extra="allow")
+
+    layers: list[str]
+    images: int
+    dtype: str | None = None
+    pool: dict[str, Any] | None = None
+    device: str | None = None
+    bytes_stored: int | None = None
+    bytes_unpooled: int | None = None
+    artifacts: int | None = None
+    artifact_bytes: int | None = None
+    timings: dict[str, float] | None = None
+    images_per_second: float | None = None
 
 
 class JobOut(BaseModel):
@@ -21,8 +119,9 @@ class JobOut(BaseModel):
     started_at: datetime | None
     finished_at: datetime | None
     updated_at: datetime
-    summary: dict[str, Any] | None
-    result: dict[str, Any] | None
+    summary: ModelSummary | None
+    # a feature-map job's result names its layers (left to right: TrainResult takes any dict)
+    result: Annotated[FeatureMapsResult | TrainResult, Field(union_mode="left_to_right")] | None
     request: dict[str, Any]
     # running time allowed across attempts, seconds (None for jobs from before it existed)
     timeout_seconds: float | None = None
@@ -96,3 +195,40 @@ class TokenOut(BaseModel):
     created_at: datetime
     revoked_at: datetime | None
     token: str | None = None
+
+
+class ChannelStats(BaseModel):
+    """Per channel, over every input and position of the stored (pooled) maps."""
+
+    model_config = ConfigDict(extra="allow")
+
+    mean: list[float]
+    min: list[float]
+    max: list[float]
+    zero_fraction: list[float]
+
+
+class FeatureMapLayer(BaseModel):
+    """One captured layer; `stats` are per-channel statistics of the stored (pooled) maps."""
+
+    name: str
+    index: int
+    type: str
+    shape: list[int]
+    dtype: str
+    bytes: int
+    file_bytes: int
+    sha256: str
+    unpooled_shape: list[int] | None = None
+    has_argmax: bool
+    stats: ChannelStats
+
+
+class FeatureMapList(BaseModel):
+    job_id: str
+    state: str
+    layers: list[FeatureMapLayer]
+    images: int | None
+    pool: dict[str, Any] | None
+    bytes_stored: int | None
+    bytes_unpooled: int | None

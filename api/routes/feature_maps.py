@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import io
 import math
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 import numpy as np
 from fastapi import APIRouter, HTTPException, Query, Response
@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 
 from api.deps import PrincipalDep, SessionDep, SettingsDep, StoreDep
 from api.routes.jobs import load_job
+from api.schemas import FeatureMapList
 from convoy.featuremaps import is_index
 from db import artifacts
 from db.tables import Artifact, Job
@@ -30,9 +31,9 @@ def _feature_job(session: Session, job_id: str, tenant: str) -> Job:
     return job
 
 
-@router.get("/{job_id}/feature-maps")
+@router.get("/{job_id}/feature-maps", response_model=FeatureMapList)
 def list_feature_maps(job_id: str, session: SessionDep, principal: PrincipalDep
-                      ) -> dict[str, Any]:
+                      ) -> FeatureMapList:
     job = _feature_job(session, job_id, principal.tenant)
     rows = sorted(artifacts.of_kind(session, job_id=job_id, tenant=principal.tenant,
                                     kind="feature_map"),
@@ -46,10 +47,11 @@ def list_feature_maps(job_id: str, session: SessionDep, principal: PrincipalDep
         "has_argmax": a.name in argmax, "stats": a.meta["stats"],
     } for a in rows if a.meta]
     result = job.result or {}
-    return {"job_id": job.id, "state": job.state, "layers": layers,
-            "images": result.get("images"), "pool": result.get("pool"),
-            "bytes_stored": result.get("bytes_stored"),
-            "bytes_unpooled": result.get("bytes_unpooled")}
+    return FeatureMapList.model_validate({
+        "job_id": job.id, "state": job.state, "layers": layers,
+        "images": result.get("images"), "pool": result.get("pool"),
+        "bytes_stored": result.get("bytes_stored"),
+        "bytes_unpooled": result.get("bytes_unpooled")})
 
 
 def _find(session: Session, job_id: str, tenant: str, kind: str, layer: str

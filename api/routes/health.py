@@ -10,6 +10,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from starlette.datastructures import State
 
+from api.schemas import ReadyOut
 from db.session import ping
 
 router = APIRouter(tags=["health"])
@@ -54,7 +55,9 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@router.get("/readyz", response_model=ReadyOut, responses={
+    503: {"model": ReadyOut, "description": "a check failed: not ready",
+          "headers": {"Retry-After": {"schema": {"type": "integer"}}}}})
 async def readyz(request: Request) -> JSONResponse:
     settings = request.app.state.settings
     checks: dict[str, str] = {}
@@ -68,4 +71,5 @@ async def readyz(request: Request) -> JSONResponse:
     checks = {k: checks[k] for k in ("database", "broker")}
     ready = all(v == "ok" for v in checks.values())
     return JSONResponse({"status": "ready" if ready else "not ready", "checks": checks},
-                        status_code=200 if ready else 503)
+                        status_code=200 if ready else 503,
+                        headers=None if ready else {"Retry-After": "5"})

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import APIRouter
 
 from api.deps import PrincipalDep, SettingsDep
+from api.schemas import ModelSummary
 from api.submit import summarize_or_422
 from models.spec import ModelSpec
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
 
-@router.post("/summary")
+@router.post("/summary", response_model=ModelSummary)
 def summarize_model(spec: ModelSpec, principal: PrincipalDep, settings: SettingsDep
-                    ) -> dict[str, Any]:
-    return summarize_or_422(spec, field="", settings=settings)
+                    ) -> ModelSummary:
+    return ModelSummary.model_validate(summarize_or_422(spec, field="", settings=settings))
