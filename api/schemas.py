@@ -232,3 +232,17 @@ class FeatureMapList(BaseModel):
     pool: dict[str, Any] | None
     bytes_stored: int | None
     bytes_unpooled: int | None
+
+
+class FeatureMapValues(BaseModel):
+    """A layer's maps as JSON (`format=json`): `values` nests as `shape` says."""
+
+    name: str
+    array: Literal["maps", "argmax"]
+    image: int | None
+    shape: list[int]
+    dtype: str
+    values: list[Any]
+
+
+BINARY = {"schema": {"type": "string", "format": "binary"}}

@@ -9,7 +9,9 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, GetJsonSchemaHandler, model_validator
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema
 
 Side = Annotated[int, Field(ge=1, le=4096)]
 Pad = Annotated[int, Field(ge=0, le=1024)]
@@ -136,6 +138,31 @@ class ModelSpec(BaseModel):
 
             return expand_preset(data)
         return data
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema: CoreSchema,
+                                     handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        """Two shapes in the schema, as validation takes them: a preset by name (an enum of
+        the presets; input_shape and num_classes optional) or a full spec with its layers."""
+        from models.presets import PRESETS
+
+        schema = handler(core_schema)
+        target = handler.resolve_ref_schema(schema)
+        full = {**target, "title": "FullSpec"}
+        props = full.get("properties", {})
+        by_name = {
+            "type": "object", "title": "PresetSpec", "additionalProperties": False,
+            "required": ["preset"],
+            "properties": {"preset": {"type": "string", "enum": sorted(PRESETS),
+                                      "title": "Preset"},
+                           **{k: props[k] for k in ("input_shape", "num_classes") if k in props}},
+        }
+        description = target.get("description")
+        target.clear()
+        target.update({"title": "ModelSpec", "anyOf": [by_name, full]})
+        if description:
+            target["description"] = description
+        return schema
 
 
 class SpecError(ValueError):

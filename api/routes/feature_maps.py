@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from api.deps import PrincipalDep, SessionDep, SettingsDep, StoreDep
 from api.routes.jobs import load_job
-from api.schemas import FeatureMapList
+from api.schemas import BINARY, FeatureMapList, FeatureMapValues
 from convoy.featuremaps import is_index
 from db import artifacts
 from db.tables import Artifact, Job
@@ -65,7 +65,10 @@ def _find(session: Session, job_id: str, tenant: str, kind: str, layer: str
 
 
 @router.get("/{job_id}/feature-maps/{layer}", response_class=Response, responses={
-    200: {"content": {"application/octet-stream": {}, "image/png": {}, "application/json": {}}}})
+    200: {"model": FeatureMapValues,
+          "description": "format=npy: a .npy file; png: the image's grid of channels; "
+                         "json: the values",
+          "content": {"application/octet-stream": BINARY, "image/png": BINARY}}})
 def get_feature_map(
     job_id: str,
     layer: str,

@@ -25,7 +25,7 @@ from api.deps import (
     token_cache,
 )
 from api.idempotency import canonical_json, conflict, idem_for
-from api.schemas import CheckpointOut, JobOut, JobPage, LogLine, MetricPoint, MetricsOut
+from api.schemas import BINARY, CheckpointOut, JobOut, JobPage, LogLine, MetricPoint, MetricsOut
 from api.submit import check_timeout, check_train
 from convoy.jobspec import FeatureMapsJobRequest, JobRequest, TrainJobRequest, dump
 from convoy.queue import enqueue
@@ -209,7 +209,8 @@ def list_checkpoints(job_id: str, session: SessionDep, principal: PrincipalDep
 
 
 @router.get("/{job_id}/checkpoints/{name}", response_class=Response,
-            responses={200: {"content": {"application/octet-stream": {}}}})
+            responses={200: {"content": {"application/octet-stream": BINARY},
+                             "description": "the checkpoint's .safetensors file"}})
 def download_checkpoint(job_id: str, name: str, session: SessionDep, principal: PrincipalDep,
                         store: StoreDep) -> Response:
     """`name` is looked up among the job's artifact rows (or `last`), never joined into a path."""
