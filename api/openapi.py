@@ -21,7 +21,8 @@ BEARER = "bearer"
 REF = "#/components/schemas/{model}"
 
 MESSAGES = {
-    400: "a malformed multipart body or Idempotency-Key header",
+    400: "a body that cannot be parsed (bytes that are not UTF-8, a malformed multipart "
+         "body) or a malformed Idempotency-Key header",
     401: "missing, invalid or revoked token",
     403: "this needs an admin token",
     404: "not found (or not this tenant's)",
@@ -45,17 +46,17 @@ UPLOADS = ("/v1/datasets", "/v1/checkpoints", "/v1/inputs")
 
 # What single operations can answer beyond the shared rules in `error_statuses`.
 ROUTE_ERRORS: dict[tuple[str, str], set[int]] = {
-    # bad Idempotency-Key, unknown checkpoint/job/upload, a key reused, the queue quota, the
-    # store read for a feature-map job's inputs
-    ("POST", "/v1/jobs"): {400, 404, 409, 429, 507},
+    # unknown checkpoint/job/upload, a key reused, the queue quota, the store read for a
+    # feature-map job's inputs
+    ("POST", "/v1/jobs"): {404, 409, 429, 507},
     ("POST", "/v1/jobs/{job_id}/cancel"): {409},
     ("DELETE", "/v1/tokens/{token_id}"): {409},  # the last admin token
     ("GET", "/v1/jobs/{job_id}/events"): {429},  # open streams per tenant and in total
     # too many values for JSON; the store read
     ("GET", "/v1/jobs/{job_id}/feature-maps/{layer}"): {413, 507},
     ("GET", "/v1/jobs/{job_id}/checkpoints/{name}"): {507},
-    # a malformed multipart body or Idempotency-Key, a key reused, the store written
-    **{("POST", path): {400, 409, 507} for path in UPLOADS},
+    # a key reused, the store written
+    **{("POST", path): {409, 507} for path in UPLOADS},
 }
 
 
@@ -69,7 +70,8 @@ def error_statuses(path: str, method: str) -> set[int]:
     if "{" in path:
         found.add(404)
     if method in ("POST", "PUT", "PATCH"):
-        found |= {413, 415}  # BodyLimit
+        # BodyLimit; and 400 for a body that is not text (FastAPI: "error parsing the body")
+        found |= {400, 413, 415}
     return found | ROUTE_ERRORS.get((method, path), set())
 
 
