@@ -201,3 +201,36 @@ def test_statuses_hard_to_cause_live_are_declared(gen: ModuleType) -> None:
                       model(gen, "ErrorOut"))
     with pytest.raises(gen.errors.UnexpectedStatus):
         submit._build_response(client=api, response=httpx.Response(418, content=b"{}"))
+
+
+def test_options_lists_every_method(stack: Stack) -> None:
+    for path, allow in [("/v1/jobs", "GET, OPTIONS, POST"), ("/v1/jobs/abc", "GET, OPTIONS"),
+                        ("/v1/tokens/abc", "DELETE, OPTIONS"), ("/healthz", "GET, OPTIONS"),
+                        ("/v1/jobs/abc/feature-maps/2", "GET, OPTIONS")]:
+        answer = httpx.options(stack.url + path, timeout=30)
+        assert (answer.status_code, answer.headers.get("allow")) == (204, allow), path
+    assert httpx.options(stack.url + "/v1/nothing", timeout=30).status_code == 404
+
+
+def test_document_declares_token_and_errors(stack: Stack) -> None:
+    doc = httpx.get(f"{stack.url}/openapi.json", timeout=30).json()
+    scheme = doc["components"]["securitySchemes"]["bearer"]
+    assert (scheme["type"], scheme["scheme"]) == ("http", "bearer")
+    for path, operations in doc["paths"].items():
+        for method, operation in operations.items():
+            where = f"{method.upper()} {path}"
+            if path.startswith("/v1/"):
+                assert operation["security"] == [{"bearer": []}], where
+                assert {"401", "503"} <= set(operation["responses"]), where
+                assert "Retry-After" in operation["responses"]["503"]["headers"], where
+            else:
+                assert "security" not in operation, where
+            if "{" in path:
+                assert "404" in operation["responses"], where
+            for status, response in operation["responses"].items():
+                if int(status) >= 400 and path != "/readyz":
+                    schema = response["content"]["application/json"]["schema"]
+                    assert schema == {"$ref": "#/components/schemas/ErrorOut"}, where
+    ready = doc["paths"]["/readyz"]["get"]["responses"]["503"]
+    assert ready["content"]["application/json"]["schema"]["$ref"].endswith("/ReadyOut")
+
