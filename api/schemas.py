@@ -10,6 +10,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from convoy.jobspec import FeatureMapPlan
 
 
+class _Stored(BaseModel):
+    """A dict the API or a worker stored, typed; extra keys are kept. Routes answer these with
+    exclude_unset, so an optional field that was not stored is left out, not sent as null."""
+
+    model_config = ConfigDict(extra="allow")
+
+
 class ValidationIssue(BaseModel):
     loc: list[str | int]
     msg: str
@@ -32,10 +39,8 @@ class ReadyOut(BaseModel):
     checks: ReadyChecks
 
 
-class LayerRow(BaseModel):
+class LayerRow(_Stored):
     """One layer of a model summary; receptive_field and jump are [height, width]."""
-
-    model_config = ConfigDict(extra="allow")
 
     index: int
     type: str
@@ -55,11 +60,9 @@ class FullyConnectedEquivalent(BaseModel):
     params: int
 
 
-class ModelSummary(BaseModel):
+class ModelSummary(_Stored):
     """What POST /v1/models/summary answers, and a job's `summary` (a feature-map job's adds
     `model` and `feature_maps`, its plan)."""
-
-    model_config = ConfigDict(extra="allow")
 
     input_shape: list[int]
     num_classes: int | None
@@ -73,10 +76,8 @@ class ModelSummary(BaseModel):
     feature_maps: FeatureMapPlan | None = None
 
 
-class TrainResult(BaseModel):
+class TrainResult(_Stored):
     """A train job's result."""
-
-    model_config = ConfigDict(extra="allow")
 
     epochs_done: int | None = None
     steps: int | None = None
@@ -88,10 +89,8 @@ class TrainResult(BaseModel):
     resumed_from_epoch: int | None = None
 
 
-class FeatureMapsResult(BaseModel):
+class FeatureMapsResult(_Stored):
     """A feature-map job's result."""
-
-    model_config = ConfigDict(extra="allow")
 
     layers: list[str]
     images: int
@@ -119,9 +118,12 @@ class JobOut(BaseModel):
     started_at: datetime | None
     finished_at: datetime | None
     updated_at: datetime
-    summary: ModelSummary | None
-    # a feature-map job's result names its layers (left to right: TrainResult takes any dict)
-    result: Annotated[FeatureMapsResult | TrainResult, Field(union_mode="left_to_right")] | None
+    # Typed when the stored row fits (every row the API wrote does); a row that does not (an
+    # older or damaged one) is still answered as it is, never a 500.
+    summary: Annotated[ModelSummary | dict[str, Any], Field(union_mode="left_to_right")] | None
+    # a feature-map job's result names its layers; TrainResult's fields are all optional
+    result: Annotated[FeatureMapsResult | TrainResult | dict[str, Any],
+                      Field(union_mode="left_to_right")] | None
     request: dict[str, Any]
     # running time allowed across attempts, seconds (None for jobs from before it existed)
     timeout_seconds: float | None = None

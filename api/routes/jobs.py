@@ -53,7 +53,7 @@ def load_job(session: Session, job_id: str, tenant: str) -> Job:
         raise HTTPException(404, f"job {job_id[:64]} not found") from None
 
 
-@router.post("", status_code=201, response_model=JobOut,
+@router.post("", status_code=201, response_model=JobOut, response_model_exclude_unset=True,
              responses={200: {"model": JobOut, "description": "the job an earlier request "
                               "with the same Idempotency-Key and body created"}})
 def submit_job(
@@ -130,7 +130,7 @@ def _decode_cursor(cursor: str) -> tuple[datetime, str]:
         raise HTTPException(422, "cursor: not a cursor this API returned") from None
 
 
-@router.get("", response_model=JobPage)
+@router.get("", response_model=JobPage, response_model_exclude_unset=True)
 def list_jobs(
     session: SessionDep,
     principal: PrincipalDep,
@@ -146,7 +146,7 @@ def list_jobs(
     return JobPage(items=[job_out(j) for j in rows[:limit]], next_cursor=next_cursor)
 
 
-@router.get("/{job_id}", response_model=JobOut)
+@router.get("/{job_id}", response_model=JobOut, response_model_exclude_unset=True)
 async def get_job(job_id: str, session: SessionDep, request: Request) -> Response:
     # Every poller's hot path (bench/bench_api.py measures it): one trip to the thread pool,
     # one SQL statement (token check joined to the read) and the JSON written straight from
@@ -161,14 +161,14 @@ async def get_job(job_id: str, session: SessionDep, request: Request) -> Respons
             if job is None:
                 principal_from(request, session)  # 401 for a bad token, else the job is not
                 raise HTTPException(404, f"job {job_id[:64]} not found")  # there for it
-            return job_out(job).model_dump_json().encode()
+            return job_out(job).model_dump_json(exclude_unset=True).encode()
         finally:
             session.close()
 
     return Response(await run_in_threadpool(read), media_type="application/json")
 
 
-@router.post("/{job_id}/cancel", response_model=JobOut)
+@router.post("/{job_id}/cancel", response_model=JobOut, response_model_exclude_unset=True)
 def cancel_job(job_id: str, session: SessionDep, principal: PrincipalDep) -> JobOut:
     load_job(session, job_id, principal.tenant)
     try:

@@ -12,7 +12,7 @@ from models.spec import ModelSpec
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
 
-@router.post("/summary", response_model=ModelSummary)
+@router.post("/summary", response_model=ModelSummary, response_model_exclude_unset=True)
 def summarize_model(spec: ModelSpec, principal: PrincipalDep, settings: SettingsDep
                     ) -> ModelSummary:
     return ModelSummary.model_validate(summarize_or_422(spec, field="", settings=settings))
