@@ -23,7 +23,7 @@ import logging
 import resource
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -94,7 +94,8 @@ class SlowClientGuard:
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # mixin: uvicorn's protocol follows in the MRO, which mypy cannot see from here
         super().connection_made(transport)  # type: ignore[misc]
-        assert isinstance(transport, asyncio.Transport)
+        # a stream transport (uvloop's TCPTransport is one without subclassing asyncio's)
+        transport = cast(asyncio.Transport, transport)
         if len(self.connections) > self._limits.max_connections:
             now = time.monotonic()
             if now - SlowClientGuard._refused_logged_at > 10:
