@@ -71,8 +71,10 @@ def test_params_and_receptive_fields_of_a_small_known_net():
     # rf_l = rf_{l-1} + (span - 1) * jump_{l-1}; jump_l = jump_{l-1} * stride
     assert [r["receptive_field"][0] for r in rows[:8]] == [3, 3, 4, 8, 8, 8, 10, 10 + 4 * 4]
     assert [r["jump"][0] for r in rows[:8]] == [1, 1, 2, 2, 2, 2, 4, 4]
-    # after flatten every unit sees the whole image
-    assert rows[8]["receptive_field"] == rows[10]["receptive_field"] == [16, 16]
+    # a flattened feature is one unit of the map before it; the linear layer mixes all 4x4
+    # positions, so it sees the whole image
+    assert rows[8]["receptive_field"] == rows[9]["receptive_field"] == [26, 26]
+    assert rows[10]["receptive_field"] == [16, 16]
     assert s["output_shape"] == [10]
 
 
