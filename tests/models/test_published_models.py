@@ -5,7 +5,8 @@ presets for them), checked against their published sizes and receptive fields:
   parameters; receptive field 196 at conv5_3 and 212 at pool5 (Araujo, Norris & Sim,
   "Computing Receptive Fields of Convolutional Neural Networks", Distill 2019);
 - AlexNet as torchvision builds it (`alexnet`, the one-GPU variant of Krizhevsky et al.):
-  61,100,840 parameters; receptive field 195 at the last max-pool.
+  61,100,840 parameters; receptive field 195 at the last max-pool;
+- LeNet-5 (LeCun et al. 1998) on a 1x32x32 input: 61,706 parameters (the `lenet5` preset).
 
 A flattened feature is still one unit of the map before it, so `flatten` keeps that layer's
 receptive field; only a layer that mixes every position (a linear layer after flatten, global
@@ -16,7 +17,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from models.spec import ModelSpec, infer
+import pytest
+
+from models.spec import ModelSpec, SpecError, infer, summarize
 
 
 def conv(out: int, k: int, stride: int = 1, padding: int = 0) -> dict[str, Any]:
@@ -132,3 +135,43 @@ def test_global_pooling_sees_the_whole_input() -> None:
     assert rows[3]["receptive_field"] == [32, 22]
     assert rows[4]["receptive_field"] == [32, 22]
     assert rows[5]["receptive_field"] == [32, 32]
+
+
+def test_lenet5_is_the_published_network() -> None:
+    """LeNet-5 (LeCun et al. 1998) as the common re-implementations build it: 1x32x32 input,
+    6 5x5 filters without padding (28x28), 2x2 average pooling (14x14), 16 5x5 filters (10x10),
+    2x2 average pooling (5x5), then 120, 84 and 10 units with tanh: 61,706 parameters."""
+    spec, summary = summarize({"preset": "lenet5"})
+    assert spec.input_shape == [1, 32, 32]
+    rows = summary["layers"]
+    assert [r["output_shape"] for r in rows] == [
+        [6, 28, 28], [6, 28, 28], [6, 14, 14], [16, 10, 10], [16, 10, 10], [16, 5, 5],
+        [400], [120], [120], [84], [84], [10]]
+    assert [r["params"] for r in rows if r["params"]] == [156, 2416, 48120, 10164, 850]
+    assert summary["total_params"] == 61_706
+    assert [r["type"] for r in rows if r["type"] in ("tanh", "avgpool2d")] == \
+        ["tanh", "avgpool2d", "tanh", "avgpool2d", "tanh", "tanh"]
+    # C3's units see 14x14 pixels and S4's 16x16; F5 (the first linear) mixes S4's 5x5 positions
+    assert [rf(r) for r in rows[:7]] == [5, 5, 6, 14, 14, 16, 16]
+    assert rf(rows[7]) == 32
+
+
+def test_lenet5_padded_keeps_the_old_padded_network() -> None:
+    """`lenet5-padded` pads both convolutions by 2, so it also fits the 8x8 digits."""
+    spec, summary = summarize({"preset": "lenet5-padded", "input_shape": [1, 8, 8]})
+    assert [r["output_shape"] for r in summary["layers"]][:6] == [
+        [6, 8, 8], [6, 8, 8], [6, 4, 4], [16, 4, 4], [16, 4, 4], [16, 2, 2]]
+    assert summary["total_params"] == 156 + 2416 + 64 * 120 + 120 + 120 * 84 + 84 + 850
+    _, on_32 = summarize({"preset": "lenet5-padded", "input_shape": [1, 32, 32]})
+    assert on_32["total_params"] == 136_586
+    spec, on_28 = summarize({"preset": "lenet5-padded"})
+    assert spec.input_shape == [1, 28, 28]
+    assert on_28["layers"][6]["output_shape"] == [16 * 7 * 7]
+    assert on_28["total_params"] == 107_786
+
+
+def test_lenet5_does_not_fit_the_8x8_digits() -> None:
+    """The published network needs 32x32 (or at least 16x16) inputs: on 8x8 its second
+    convolution has nothing to slide over, and the error says so."""
+    with pytest.raises(SpecError, match="layer 3 .conv2d.: window 5 is larger"):
+        summarize({"preset": "lenet5", "input_shape": [1, 8, 8]})
