@@ -248,3 +248,11 @@ class FeatureMapValues(BaseModel):
 
 
 BINARY = {"schema": {"type": "string", "format": "binary"}}
+
+
+class TokenRevokedOut(TokenOut):
+    """The answer to DELETE /v1/tokens/{id}: the token, and whether it was the caller's own."""
+
+    revoked_self: bool = Field(description="true when the token revoked is the one this "
+                                           "request was made with: it no longer authenticates")
+    message: str

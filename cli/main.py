@@ -109,23 +109,26 @@ def cmd_token(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # submit, jobs, status, cancel, logs, fetch, ...; numbers in ASCII digits only
+    from client.commands import add_commands, ascii_float, ascii_int
+
     parser = argparse.ArgumentParser(prog="convoy", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("run", help="embedded mode: API + worker, no servers").set_defaults(
         func=cmd_run)
     api = sub.add_parser("api", help="serve the API")
     api.add_argument("--host")
-    api.add_argument("--port", type=int)
-    api.add_argument("--workers", type=int, default=1)
+    api.add_argument("--port", type=ascii_int)
+    api.add_argument("--workers", type=ascii_int, default=1)
     api.add_argument("--migrate", action="store_true", help="run migrations first")
-    api.add_argument("--header-timeout", type=float, metavar="SECONDS",
+    api.add_argument("--header-timeout", type=ascii_float, metavar="SECONDS",
                      help="close a connection that has not sent a request's headers this long "
                           "after opening or after its last response (default: "
                           "CONVOY_HEADER_TIMEOUT_SECONDS, 10)")
-    api.add_argument("--keep-alive", type=int, metavar="SECONDS",
+    api.add_argument("--keep-alive", type=ascii_int, metavar="SECONDS",
                      help="close idle keep-alive connections after this long (default: "
                           "CONVOY_KEEP_ALIVE_SECONDS, 5)")
-    api.add_argument("--max-connections", type=int, metavar="N",
+    api.add_argument("--max-connections", type=ascii_int, metavar="N",
                      help="close new connections past N open ones (default: "
                           "CONVOY_MAX_CONNECTIONS, 2048)")
     api.set_defaults(func=cmd_api)
@@ -143,8 +146,6 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--name")
     token.add_argument("--admin", action="store_true")
     token.set_defaults(func=cmd_token)
-    from client.commands import add_commands  # submit, jobs, status, cancel, logs, fetch, ...
-
     add_commands(sub)
     return parser
 

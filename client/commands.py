@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -16,6 +18,27 @@ from client.types import Event, Job
 
 # Exit codes: a script can tell a failed job from a canceled one and from a refused request.
 EXIT_FAILED, EXIT_ERROR, EXIT_CANCELED = 1, 2, 3
+
+# Numbers on the command line in ASCII digits: int() and float() also read "٣" (Arabic-Indic
+# three) and "３" (fullwidth) as 3, and float() reads "nan" and "inf"
+_INT = re.compile(r"[+-]?[0-9]+")
+_FLOAT = re.compile(r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?")
+
+
+def ascii_int(text: str) -> int:
+    """argparse type: a whole number written in ASCII digits."""
+    if not _INT.fullmatch(text.strip()):
+        raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a whole number in ASCII digits")
+    return int(text)
+
+
+def ascii_float(text: str) -> float:
+    """argparse type: a finite decimal number written in ASCII digits."""
+    value = float(text) if _FLOAT.fullmatch(text.strip()) else math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a finite number in ASCII "
+                                         "digits")
+    return value
 
 
 class ProgressBar:
@@ -209,7 +232,7 @@ def add_commands(sub: Any) -> None:
     p.add_argument("spec", help="job request JSON (see examples/)")
     p.add_argument("--wait", action="store_true", help="follow it with a progress bar; exit "
                    "code 0 succeeded, 1 failed, 3 canceled")
-    p.add_argument("--epochs", type=int, help="override train.epochs")
+    p.add_argument("--epochs", type=ascii_int, help="override train.epochs")
     p.add_argument("--name", help="override the job name")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="override the device")
     p.add_argument("--idempotency-key", help="send this Idempotency-Key (default: a fresh one, "
@@ -218,7 +241,7 @@ def add_commands(sub: Any) -> None:
     p = add("jobs", cmd_jobs, "list jobs, newest first")
     p.add_argument("--state")
     p.add_argument("--kind")
-    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--limit", type=ascii_int, default=50)
     add("status", cmd_status, "show one job").add_argument("id")
     add("cancel", cmd_cancel, "cancel a queued or running job").add_argument("id")
     add("logs", cmd_logs, "print a job's log lines").add_argument("id")

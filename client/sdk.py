@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -207,11 +208,16 @@ class Convoy:
         return [*written, index]
 
 
+# Retry-After in seconds, in ASCII digits (float() also reads "٣", "nan", "inf" and "1_0");
+# an HTTP-date or anything else means the caller's own delay
+_SECONDS = re.compile(r"-?[0-9]{1,9}(\.[0-9]{1,9})?")
+
+
 def _retry_after(r: httpx.Response, default: float) -> float:
-    try:
-        return min(max(float(r.headers.get("retry-after", default)), 0.0), 10.0)
-    except ValueError:
+    raw = r.headers.get("retry-after", "").strip()
+    if not _SECONDS.fullmatch(raw):
         return default
+    return min(max(float(raw), 0.0), 10.0)
 
 
 def parse_sse(lines: Iterator[str]) -> Iterator[Event]:

@@ -1,4 +1,5 @@
-"""Named specs: `{"preset": "lenet5"}` and `{"preset": "vgg-small"}`, sized to any input; and
+"""Named specs: `{"preset": "lenet5"}` (the published LeNet-5, 1x32x32), `"lenet5-padded"`
+and `"vgg-small"`, sized to any input that fits; and
 `digits_cnn()`, the small CNN on scikit-learn's 8x8 digits that the worker's warm-up, the
 benches and the tests share (a spec to pass, not a preset name the API accepts)."""
 
@@ -24,17 +25,34 @@ def digits_cnn(channels: int = 16, *, input_shape: tuple[int, int, int] = (1, 8,
     }
 
 
-def lenet5(num_classes: int) -> list[dict[str, Any]]:
-    # LeNet-5's shape (6 then 16 filters of 5x5, subsampling, 120-84-classes), padded so
-    # that it also fits the 8x8 digits.
+def _lenet5(num_classes: int, padding: int) -> list[dict[str, Any]]:
     return [
-        _conv(6, 5, 2), {"type": "tanh"}, {"type": "avgpool2d", "kernel_size": 2},
-        _conv(16, 5, 2), {"type": "tanh"}, {"type": "avgpool2d", "kernel_size": 2},
+        _conv(6, 5, padding), {"type": "tanh"}, {"type": "avgpool2d", "kernel_size": 2},
+        _conv(16, 5, padding), {"type": "tanh"}, {"type": "avgpool2d", "kernel_size": 2},
         {"type": "flatten"},
         {"type": "linear", "out_features": 120}, {"type": "tanh"},
         {"type": "linear", "out_features": 84}, {"type": "tanh"},
         {"type": "linear", "out_features": num_classes},
     ]
+
+
+def lenet5(num_classes: int) -> list[dict[str, Any]]:
+    """LeNet-5 (LeCun et al. 1998) as the common re-implementations build it, on 1x32x32:
+    C1 6 5x5 filters (28x28), S2 2x2 average pooling (14x14), C3 16 5x5 filters (10x10),
+    S4 2x2 average pooling (5x5), F5 120, F6 84, output `num_classes`; tanh after C1, C3, F5
+    and F6. 61,706 parameters with 10 classes. Average pooling and tanh follow the paper
+    (subsampling by averaging, a squashing function). Where the paper differs, this takes the
+    usual simplification, which is what the 61,706 count: S2 and S4 have no trainable
+    coefficient and bias, C3 connects to all six S2 maps (the paper's table connects each to
+    3 to 6), and the output is a linear layer, not Euclidean RBF units."""
+    return _lenet5(num_classes, padding=0)
+
+
+def lenet5_padded(num_classes: int) -> list[dict[str, Any]]:
+    """LeNet-5 with both convolutions padded by 2, so a 28x28 input keeps its size through
+    C1 (the variant many MNIST tutorials train) and even the 8x8 digits fit. 136,586
+    parameters on 1x32x32, 107,786 on 1x28x28 (10 classes)."""
+    return _lenet5(num_classes, padding=2)
 
 
 def vgg_small(num_classes: int) -> list[dict[str, Any]]:
@@ -50,6 +68,7 @@ def vgg_small(num_classes: int) -> list[dict[str, Any]]:
 
 PRESETS = {
     "lenet5": (lenet5, [1, 32, 32]),
+    "lenet5-padded": (lenet5_padded, [1, 28, 28]),
     "vgg-small": (vgg_small, [3, 32, 32]),
 }
 

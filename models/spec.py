@@ -198,6 +198,16 @@ def _adaptive_windows(size: int, out: int) -> tuple[int, int]:
     return window, step
 
 
+def _mix_all(rf: tuple[int, int], before: tuple[int, int], after: tuple[int, int],
+             input_shape: list[int]) -> tuple[int, int]:
+    """The receptive field of a unit that mixes every position of a map of `before` [H, W]
+    positions into `after`: on an axis reduced from several positions to one, the whole input
+    (the conventional answer; the window formula would give more than the image); elsewhere
+    `rf` unchanged. One position mixes nothing: its unit sees what that position saw."""
+    return (input_shape[1] if before[0] > 1 and after[0] == 1 else rf[0],
+            input_shape[2] if before[1] > 1 and after[1] == 1 else rf[1])
+
+
 def infer(spec: ModelSpec, *, max_side: int | None = None) -> dict[str, Any]:
     """Each layer's output shape, parameters, receptive field, jump and FLOPs, and totals.
     Raises SpecError for a layer that cannot take its input, or (with `max_side`) whose
@@ -205,6 +215,8 @@ def infer(spec: ModelSpec, *, max_side: int | None = None) -> dict[str, Any]:
     shape: Shape = tuple(spec.input_shape)
     in_numel = math.prod(shape)
     rf, jump = (1, 1), (1, 1)
+    # the [H, W] positions a flat vector's features came from (1, 1 once a linear mixed them)
+    positions = (1, 1)
     rows: list[dict[str, Any]] = []
     total_params = total_flops = act_numel = 0
     for index, layer in enumerate(spec.layers):
@@ -260,16 +272,24 @@ def infer(spec: ModelSpec, *, max_side: int | None = None) -> dict[str, Any]:
             flops = h * w * c
             rf = (rf[0] + (kh - 1) * jump[0], rf[1] + (kw - 1) * jump[1])
             jump = (jump[0] * sh, jump[1] * sw)
+            # pooling an axis to 1 mixes all its positions: the unit sees the whole input there
+            rf = _mix_all(rf, (h, w), (oh, ow), spec.input_shape)
         elif layer.type == "batchnorm2d":
             out = shape
             params = 2 * shape[0]
             flops = 2 * math.prod(shape)
         elif layer.type == "flatten":
+            # a flattened feature is still one unit of the map before it: same field
             out = (math.prod(shape),)
+            if spatial:
+                positions = (shape[1], shape[2])
         elif layer.type == "linear":
             if spatial:
                 raise fail(f"needs a flat input but gets {list(shape)}; put a flatten (or an "
                            "adaptive_avgpool2d and a flatten) before it")
+            # the first linear layer after flatten mixes every position of the flattened map
+            rf = _mix_all(rf, positions, (1, 1), spec.input_shape)
+            positions = (1, 1)
             (features,) = shape
             params = features * layer.out_features + (layer.out_features if layer.bias else 0)
             out = (layer.out_features,)
@@ -277,9 +297,6 @@ def infer(spec: ModelSpec, *, max_side: int | None = None) -> dict[str, Any]:
         else:  # activations and dropout keep the shape
             out = shape
             flops = math.prod(shape) if layer.type in ACTIVATIONS else 0
-        if layer.type == "flatten" and len(shape) == 3:
-            # every flat feature (and every unit after it) sees the whole input
-            rf = (spec.input_shape[1], spec.input_shape[2])
         if max_side is not None and len(out) == 3 and max(out[1], out[2]) > max_side:
             raise fail(f"output {out[1]}x{out[2]} exceeds the limit max_feature_side="
                        f"{max_side}")

@@ -35,7 +35,8 @@ router = APIRouter(prefix="/v1/jobs", tags=["events"])
 POLL_SECONDS = 0.3
 # A comment line now and then keeps proxies and load balancers from closing an idle stream.
 KEEPALIVE_SECONDS = 15.0
-ID_PATTERN = re.compile(r"^(\d{1,6})-(\d{1,19})-(\d{1,5})$")
+# [0-9], not \d: \d also matches "٣" and "３", which int() reads as 3
+ID_PATTERN = re.compile(r"^([0-9]{1,6})-([0-9]{1,19})-([0-9]{1,5})$")
 # Metric ids are 64-bit signed integers in the database: a larger Last-Event-ID is not an id
 # this stream sent (it crashed the stream with an overflow).
 MAX_METRIC_ID = 2**63 - 1

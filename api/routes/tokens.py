@@ -9,7 +9,7 @@ from fastapi import APIRouter, HTTPException, Path
 
 from api.auth import create_token
 from api.deps import AdminDep, SessionDep
-from api.schemas import TokenIn, TokenOut
+from api.schemas import TokenIn, TokenOut, TokenRevokedOut
 from db import tokens
 from db.tables import Token
 
@@ -35,12 +35,19 @@ def list_tokens(session: SessionDep, admin: AdminDep) -> list[TokenOut]:
     return [token_out(t) for t in tokens.oldest_first(session)]
 
 
-@router.delete("/{token_id}", response_model=TokenOut)
-def revoke(token_id: TokenId, session: SessionDep, admin: AdminDep) -> TokenOut:
+@router.delete("/{token_id}", response_model=TokenRevokedOut)
+def revoke(token_id: TokenId, session: SessionDep, admin: AdminDep) -> TokenRevokedOut:
+    """Revoke a token (again is fine). An admin token may revoke itself, unless it is the last
+    active admin token (409); the answer then says so (`revoked_self`), since that request
+    was its last."""
     try:
         token = tokens.revoke(session, token_id=token_id)
     except tokens.LastAdmin as exc:
         raise HTTPException(409, str(exc)) from None
     if token is None:
         raise HTTPException(404, f"token {token_id[:64]} not found")
-    return token_out(token)
+    own = token.id == admin.token_id
+    message = (f"token {token.id} revoked; it is the token this request was made with, so "
+               "it no longer authenticates (this answer is the last it gets)" if own
+               else f"token {token.id} revoked")
+    return TokenRevokedOut(**token_out(token).model_dump(), revoked_self=own, message=message)

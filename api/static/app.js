@@ -451,7 +451,8 @@ function submitView() {
   const name = h("input", { id: "f-name", value: "digits-cnn", maxlength: 128 });
   const model = h("select", { id: "f-model" },
     h("option", { value: "small-cnn" }, "Small CNN (conv, relu, max-pool, linear)"),
-    h("option", { value: "lenet5" }, "Preset: LeNet-5"),
+    h("option", { value: "lenet5-padded" }, "Preset: LeNet-5, padded (fits 8×8)"),
+    h("option", { value: "lenet5" }, "Preset: LeNet-5 as published (32×32 inputs)"),
     h("option", { value: "vgg-small" }, "Preset: VGG-small"),
     h("option", { value: "custom" }, "Paste a spec"));
   const dataset = h("select", { id: "f-dataset" }, h("option", { value: "digits" }, "digits (1×8×8, 10 classes)"),

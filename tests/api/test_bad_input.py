@@ -279,7 +279,16 @@ def test_model_summary_shape(client):
 
 
 def test_model_summary_of_a_preset(client):
-    r = client.post("/v1/models/summary", json={"preset": "lenet5", "input_shape": [1, 8, 8]})
+    r = client.post("/v1/models/summary", json={"preset": "lenet5"})
+    assert r.status_code == 200, r.text
+    assert r.json()["input_shape"] == [1, 32, 32]
+    assert r.json()["total_params"] == 61_706
+    r = client.post("/v1/models/summary", json={"preset": "lenet5-padded",
+                                                "input_shape": [1, 8, 8]})
     assert r.status_code == 200, r.text
     assert r.json()["layers"][-1]["output_shape"] == [10]
     assert r.json()["input_shape"] == [1, 8, 8]
+    # the published LeNet-5 does not fit 8x8: a 422 naming its second convolution
+    r = client.post("/v1/models/summary", json={"preset": "lenet5", "input_shape": [1, 8, 8]})
+    assert r.status_code == 422, r.text
+    assert "layer 3 (conv2d)" in r.text

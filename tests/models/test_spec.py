@@ -71,8 +71,10 @@ def test_params_and_receptive_fields_of_a_small_known_net():
     # rf_l = rf_{l-1} + (span - 1) * jump_{l-1}; jump_l = jump_{l-1} * stride
     assert [r["receptive_field"][0] for r in rows[:8]] == [3, 3, 4, 8, 8, 8, 10, 10 + 4 * 4]
     assert [r["jump"][0] for r in rows[:8]] == [1, 1, 2, 2, 2, 2, 4, 4]
-    # after flatten every unit sees the whole image
-    assert rows[8]["receptive_field"] == rows[10]["receptive_field"] == [16, 16]
+    # a flattened feature is one unit of the map before it; the linear layer mixes all 4x4
+    # positions, so it sees the whole image
+    assert rows[8]["receptive_field"] == rows[9]["receptive_field"] == [26, 26]
+    assert rows[10]["receptive_field"] == [16, 16]
     assert s["output_shape"] == [10]
 
 
@@ -84,22 +86,27 @@ def test_rectangular_kernels_strides_and_ceil_mode():
     assert s["layers"][0]["params"] == 4 * 2 * 3 + 4
 
 
-LENET_LAYERS_32 = [[6, 32, 32], [6, 32, 32], [6, 16, 16], [16, 16, 16], [16, 16, 16],
-                   [16, 8, 8], [1024], [120], [120], [84], [84], [10]]
-LENET_LAYERS_8 = [[6, 8, 8], [6, 8, 8], [6, 4, 4], [16, 4, 4], [16, 4, 4],
-                  [16, 2, 2], [64], [120], [120], [84], [84], [10]]
+LENET_LAYERS_32 = [[6, 28, 28], [6, 28, 28], [6, 14, 14], [16, 10, 10], [16, 10, 10],
+                   [16, 5, 5], [400], [120], [120], [84], [84], [10]]
+PADDED_LAYERS_28 = [[6, 28, 28], [6, 28, 28], [6, 14, 14], [16, 14, 14], [16, 14, 14],
+                    [16, 7, 7], [784], [120], [120], [84], [84], [10]]
+PADDED_LAYERS_8 = [[6, 8, 8], [6, 8, 8], [6, 4, 4], [16, 4, 4], [16, 4, 4],
+                   [16, 2, 2], [64], [120], [120], [84], [84], [10]]
+HEAD = 120 * 84 + 84 + 84 * 10 + 10
 
 
-@pytest.mark.parametrize(("input_shape", "shapes", "total"), [
-    (None, LENET_LAYERS_32, 156 + 2416 + 1024 * 120 + 120 + 120 * 84 + 84 + 84 * 10 + 10),
-    ([1, 8, 8], LENET_LAYERS_8, 156 + 2416 + 64 * 120 + 120 + 120 * 84 + 84 + 84 * 10 + 10),
+@pytest.mark.parametrize(("preset", "input_shape", "default", "shapes", "total"), [
+    ("lenet5", None, [1, 32, 32], LENET_LAYERS_32, 156 + 2416 + 400 * 120 + 120 + HEAD),
+    ("lenet5-padded", None, [1, 28, 28], PADDED_LAYERS_28,
+     156 + 2416 + 784 * 120 + 120 + HEAD),
+    ("lenet5-padded", [1, 8, 8], None, PADDED_LAYERS_8, 156 + 2416 + 64 * 120 + 120 + HEAD),
 ])
-def test_lenet5_preset(input_shape, shapes, total):
-    raw: dict[str, Any] = {"preset": "lenet5"}
+def test_lenet5_presets(preset, input_shape, default, shapes, total):
+    raw: dict[str, Any] = {"preset": preset}
     if input_shape:
         raw["input_shape"] = input_shape
     model, s = summarize(raw)
-    assert model.input_shape == (input_shape or [1, 32, 32])
+    assert model.input_shape == (input_shape or default)
     assert [r["output_shape"] for r in s["layers"]] == shapes
     assert s["total_params"] == total
     assert s["num_classes"] == 10

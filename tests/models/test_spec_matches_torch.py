@@ -142,8 +142,10 @@ def test_every_layer_shape_params_and_flops_equal_torch(raw):
     assert summary["total_params"] == sum(p.numel() for p in build_model(spec).parameters())
 
 
-@pytest.mark.parametrize("preset", ["lenet5", "vgg-small"])
-@pytest.mark.parametrize("input_shape", [None, [1, 8, 8]])
+@pytest.mark.parametrize(("preset", "input_shape"), [
+    ("lenet5", None), ("lenet5", [3, 32, 32]), ("lenet5-padded", None),
+    ("lenet5-padded", [1, 8, 8]), ("vgg-small", None), ("vgg-small", [1, 8, 8]),
+])
 def test_presets_match_torch(preset, input_shape):
     raw: dict[str, Any] = {"preset": preset}
     if input_shape:

@@ -118,6 +118,31 @@ def test_revoking_is_idempotent_and_unknown_ids_are_404(client: httpx.Client) ->
     assert client.delete("/v1/tokens/" + "f" * 32).status_code == 404
 
 
+def test_a_token_that_revokes_itself_is_told_so(stack: Stack, client: httpx.Client) -> None:
+    """Self-revocation stays allowed (for an admin token that is not the last one), but the
+    answer says the caller's own token was revoked, and that token is refused from then on.
+    Revoking another token says revoked_self false."""
+    other = make_token(client, "tenant-self-other")
+    made = make_token(client, "tenant-self", admin_token=True)
+    with stack.client(made["token"]) as own:
+        r = own.delete(f"/v1/tokens/{other['id']}")
+        assert r.status_code == 200, r.text
+        assert r.json()["revoked_self"] is False
+        assert r.json()["message"] == f"token {other['id']} revoked"
+        r = own.delete(f"/v1/tokens/{made['id']}")
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["id"] == made["id"] and body["revoked_at"], body
+        assert body["revoked_self"] is True
+        assert "the token this request was made with" in body["message"], body
+        assert "token" not in body or body["token"] is None  # never the secret again
+        r = own.get("/v1/jobs")
+        assert r.status_code == 401, r.text
+    # an admin revoking it again is told it is not its own
+    r = client.delete(f"/v1/tokens/{made['id']}")
+    assert r.status_code == 200 and r.json()["revoked_self"] is False, r.text
+
+
 def test_production_api_refuses_to_start_without_a_bootstrap_token(tmp_path):
     """No secret minted into a container log: `convoy api` in production exits at start-up,
     naming the variable; the same settings are fine for a worker (compose test runs one)."""

@@ -546,6 +546,9 @@ def test_unicode_digit_layer_name_is_422_at_submission(tenant: httpx.Client,
     assert r.status_code == 422, r.text
     assert error_locs(r) == [["body", "layers", 1]], r.text
     assert "unknown layer" in r.json()["detail"][0]["msg"]
+    r = tenant.post("/v1/jobs", json=feature_request([name]))  # the issue's exact body
+    assert r.status_code == 422, r.text
+    assert error_locs(r) == [["body", "layers", 0]], r.text
 
 
 def test_unicode_digit_layer_name_in_the_url_is_404(tenant: httpx.Client) -> None:
@@ -555,7 +558,8 @@ def test_unicode_digit_layer_name_in_the_url_is_404(tenant: httpx.Client) -> Non
     assert job["state"] == "succeeded", job
     url = f"/v1/jobs/{job['id']}/feature-maps"
     assert tenant.get(f"{url}/3").status_code == 200  # ASCII digits still name an index
-    for name in ("¹", "٣", "３"):  # "٣" used to be taken as layer 3
+    # "٣" used to be taken as layer 3; "%C2%B9" is "¹" as the issue sent it
+    for name in ("¹", "٣", "３", "%C2%B9", "%D9%A3"):
         r = tenant.get(f"{url}/{name}")
         assert r.status_code == 404, f"{name}: {r.status_code} {r.text[:200]}"
         assert "not found" in r.json()["detail"]
