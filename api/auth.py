@@ -48,13 +48,15 @@ def plausible(secret: str) -> bool:
     return bool(secret) and len(secret) <= 256
 
 
+def _principal(token: Token | None) -> Principal | None:
+    return None if token is None else Principal(tenant=token.tenant, token_id=token.id,
+                                                is_admin=token.is_admin)
+
+
 def authenticate(session: Session, secret: str) -> Principal | None:
     if not plausible(secret):
         return None
-    token = tokens.find_live(session, token_hash=hash_token(secret))
-    if token is None:
-        return None
-    return Principal(tenant=token.tenant, token_id=token.id, is_admin=token.is_admin)
+    return _principal(tokens.find_live(session, token_hash=hash_token(secret)))
 
 
 def lookup_token(database_url: str, digest: str) -> Principal | None:
@@ -64,9 +66,7 @@ def lookup_token(database_url: str, digest: str) -> Principal | None:
     from db.session import get_side_sessionmaker
 
     with get_side_sessionmaker(database_url, "auth")() as session:
-        token = tokens.find_live(session, token_hash=digest)
-        return None if token is None else Principal(tenant=token.tenant, token_id=token.id,
-                                                    is_admin=token.is_admin)
+        return _principal(tokens.find_live(session, token_hash=digest))
 
 
 class _Missing(enum.Enum):
@@ -119,10 +119,6 @@ class TokenCache:
 
     def known_bad(self, secret: str) -> bool:
         return not plausible(secret) or self.get(hash_token(secret)) is None
-
-    def forget(self) -> None:
-        with self._lock:
-            self._entries.clear()
 
 
 def job_for_token(session: Session, job_id: str, secret: str) -> Job | None:

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import HTTPException, UploadFile
+from sqlalchemy.orm import Session
 
 from api.textguard import unencodable_detail
+from convoy.artifacts import LocalStore, upload_key
 from convoy.settings import Settings
 from convoy.textsafe import unencodable
+from db import uploads
+from db.ids import new_id
+from db.tables import Upload
 
 CHUNK = 1 << 20
 
@@ -39,3 +46,17 @@ def check_form_text(*fields: tuple[str, str | None]) -> None:
     for field, value in fields:
         if value is not None and unencodable(value):
             raise HTTPException(422, [unencodable_detail(["body", field], field)])
+
+
+def save_upload(session: Session, store: LocalStore, *, tenant: str, kind: str, name: str,
+          data: bytes, suffix: str, meta: dict[str, Any]) -> Upload:
+    """Store the file under a server-built key and insert its row; no file without its row."""
+    upload_id = new_id()
+    key = upload_key(f"{kind}s", upload_id, suffix)
+    size, sha = store.put_bytes(key, data)
+    try:
+        return uploads.add(session, id=upload_id, tenant=tenant, kind=kind, name=name, key=key,
+                           size=size, sha256=sha, meta=meta)
+    except Exception:
+        store.delete(key)  # no file without its row
+        raise

@@ -13,7 +13,7 @@ from sqlalchemy import func, select, text, update
 from sqlalchemy.orm import Session
 
 from db import artifacts as artifacts_db
-from db import attempts
+from db import attempts, idempotency
 from db import metrics as metrics_db
 from db.base import rowcount, utcnow
 from db.ids import new_id
@@ -68,6 +68,12 @@ class QueueFull(RuntimeError):
         self.queued, self.limit = queued, limit
 
 
+def _advisory_lock(session: Session, namespace: str, tenant: str) -> None:
+    """PostgreSQL: a transaction-scoped advisory lock on (namespace, tenant)."""
+    session.execute(text("SELECT pg_advisory_xact_lock(hashtext(:namespace), hashtext(:tenant))"),
+                    {"namespace": namespace, "tenant": tenant})
+
+
 def lock_tenant_writes(session: Session, tenant: str) -> None:
     """Serialise the tenant's submissions until the transaction ends, so a count and the
     insert it allows cannot interleave with another's. PostgreSQL: a transaction-scoped
@@ -76,8 +82,7 @@ def lock_tenant_writes(session: Session, tenant: str) -> None:
     deferred transaction reads first and so lets every concurrent request count the same)."""
     conn = session.connection()
     if conn.dialect.name == "postgresql":
-        conn.execute(text("SELECT pg_advisory_xact_lock(hashtext('convoy-submit'), "
-                          "hashtext(:tenant))"), {"tenant": tenant})
+        _advisory_lock(session, "convoy-submit", tenant)
     elif conn.dialect.name == "sqlite":
         raw = conn.connection.dbapi_connection
         # a transaction already writing holds the write lock; otherwise take it now
@@ -90,7 +95,7 @@ def create_job_once(
     *,
     tenant: str,
     max_queued: int,
-    idem: Any = None,
+    idem: idempotency.Idem | None = None,
     idem_ttl_seconds: float = 24 * 3600.0,
     **fields: Any,
 ) -> tuple[Job, bool]:
@@ -99,8 +104,6 @@ def create_job_once(
     (created False). QueueFull past the quota; db.idempotency.KeyReused for a key used with
     another body. The quota count, the key check and the inserts share one transaction under
     the tenant's lock."""
-    from db import idempotency
-
     lock_tenant_writes(session, tenant)
     if idem is not None:
         existing = idempotency.find(session, idem, ttl_seconds=idem_ttl_seconds)
@@ -131,8 +134,7 @@ def _lock_tenant(session: Session, tenant: str) -> None:
     PostgreSQL: a transaction-scoped advisory lock. SQLite: the UPDATE below is one statement
     under the database's single write lock, which already serialises it."""
     if session.get_bind().dialect.name == "postgresql":
-        session.execute(text("SELECT pg_advisory_xact_lock(hashtext('convoy-tenant'), "
-                             "hashtext(:tenant))"), {"tenant": tenant})
+        _advisory_lock(session, "convoy-tenant", tenant)
 
 
 def claim_job(session: Session, *, job_id: str, worker_id: str,

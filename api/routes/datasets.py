@@ -11,11 +11,9 @@ from starlette.concurrency import run_in_threadpool
 from api.deps import PrincipalDep, SessionDep, SettingsDep, StoreDep
 from api.idempotency import UploadKey, upload_replay
 from api.schemas import DatasetOut
-from api.uploads import check_form_text, display_name, read_capped
+from api.uploads import check_form_text, display_name, read_capped, save_upload
 from convoy import datasets
-from convoy.artifacts import upload_key
 from db import uploads
-from db.ids import new_id
 from db.tables import Upload
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
@@ -65,20 +63,13 @@ async def upload_dataset(
                 raise HTTPException(413, f"file: {exc}") from None
             raise HTTPException(422, [{"loc": ["body", "file"], "msg": str(exc),
                                        "type": "value_error"}]) from None
-        upload_id = new_id()
-        key = upload_key("datasets", upload_id, ".npz")
-        size, sha = store.put_bytes(key, data)
-        try:
-            with UploadKey(session, idem):
-                row = uploads.add(
-                    session, id=upload_id, tenant=principal.tenant, kind="dataset",
-                    name=display_name(name or file.filename), key=key, size=size, sha256=sha,
-                    meta={"input_shape": list(found.input_shape),
-                          "num_classes": int(np.max(found.y)) + 1, "samples": len(found.y)})
-        except Exception:
-            store.delete(key)  # no file without its row
-            raise
-        response.headers["Location"] = f"/v1/datasets/{upload_id}"
+        with UploadKey(session, idem):
+            row = save_upload(
+                session, store, tenant=principal.tenant, kind="dataset",
+                name=display_name(name or file.filename), data=data, suffix=".npz",
+                meta={"input_shape": list(found.input_shape),
+                      "num_classes": int(np.max(found.y)) + 1, "samples": len(found.y)})
+        response.headers["Location"] = f"/v1/datasets/{row.id}"
         return dataset_out(row)
 
     return await run_in_threadpool(store_dataset)

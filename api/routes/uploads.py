@@ -16,12 +16,10 @@ from api.idempotency import UploadKey, upload_replay
 from api.schemas import UploadOut
 from api.submit import summarize_or_422, unprocessable
 from api.textguard import unencodable_detail
-from api.uploads import check_form_text, display_name, read_capped
+from api.uploads import check_form_text, display_name, read_capped, save_upload
 from convoy import inputs
-from convoy.artifacts import LocalStore, upload_key
 from convoy.textsafe import BadJSON, first_unencodable, loads_bounded
 from db import uploads
-from db.ids import new_id
 from db.tables import Upload
 from models.spec import ModelSpec
 
@@ -31,19 +29,6 @@ router = APIRouter(tags=["uploads"])
 def upload_out(u: Upload) -> UploadOut:
     return UploadOut(id=u.id, kind=u.kind, name=u.name, size=u.size, sha256=u.sha256,
                      meta=u.meta, created_at=u.created_at)
-
-
-def _save(session: Session, store: LocalStore, *, tenant: str, kind: str, name: str,
-          data: bytes, suffix: str, meta: dict[str, Any]) -> Upload:
-    upload_id = new_id()
-    key = upload_key(f"{kind}s", upload_id, suffix)
-    size, sha = store.put_bytes(key, data)
-    try:
-        return uploads.add(session, id=upload_id, tenant=tenant, kind=kind, name=name, key=key,
-                           size=size, sha256=sha, meta=meta)
-    except Exception:
-        store.delete(key)  # no file without its row
-        raise
 
 
 def _list(session: Session, tenant: str, kind: str) -> list[UploadOut]:
@@ -103,7 +88,7 @@ async def upload_checkpoint(
         # parsing the header (up to 100 MB of JSON) and the blocking writes: thread pool
         tensors = check_checkpoint(data, spec, summary)
         with UploadKey(session, idem):
-            row = _save(session, store, tenant=principal.tenant, kind="checkpoint",
+            row = save_upload(session, store, tenant=principal.tenant, kind="checkpoint",
                         name=display_name(name or file.filename), data=data,
                         suffix=".safetensors",
                         meta={"model": spec.model_dump(mode="json"), "tensors": tensors,
@@ -161,7 +146,7 @@ async def upload_inputs(
                 raise HTTPException(413, f"file: {exc}") from None
             raise unprocessable("file", str(exc)) from None
         with UploadKey(session, idem):
-            row = _save(session, store, tenant=principal.tenant, kind="input",
+            row = save_upload(session, store, tenant=principal.tenant, kind="input",
                         name=display_name(name or file.filename), data=data,
                         suffix=".npy" if meta["format"] == "npy" else f".{meta['format']}",
                         meta=meta)
