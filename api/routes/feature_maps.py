@@ -13,7 +13,7 @@ from fastapi import APIRouter, HTTPException, Query, Response
 from sqlalchemy.orm import Session
 
 from api.deps import PrincipalDep, SessionDep, SettingsDep, StoreDep
-from api.routes.jobs import load_job
+from api.routes.jobs import digest_headers, load_job
 from api.schemas import BINARY, FeatureMapList, FeatureMapValues
 from convoy.featuremaps import is_index
 from db import artifacts
@@ -111,9 +111,10 @@ def get_feature_map(
         raise HTTPException(404, f"layer {main.name!r} has no {array} (only max pooling has)")
     shape = (artifact.meta or {})["shape"]
     if format == "npy" and image is None:
-        return Response(store.get_bytes(artifact.key), media_type="application/octet-stream",
-                        headers={**headers, "X-Sha256": artifact.sha256, "Content-Disposition":
-                                 f'attachment; filename="{main.name}.npy"'})
+        blob = store.get_bytes(artifact.key)
+        return Response(blob, media_type="application/octet-stream", headers={
+            **headers, **digest_headers(blob, artifact, what=f"{artifact.name} of job {job_id}"),
+            "Content-Disposition": f'attachment; filename="{main.name}.npy"'})
     values = math.prod(shape[1:]) if image is not None else math.prod(shape)
     if format == "json" and values > settings.max_json_map_values:
         raise HTTPException(413, f"{values} values are too many for JSON (limit "

@@ -34,7 +34,7 @@ from db import artifacts, job_reads, joblog, metrics
 from db import jobs as jobs_db
 from db.idempotency import KeyReused
 from db.states import JobState
-from db.tables import Job
+from db.tables import Artifact, Job
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -225,15 +225,20 @@ def download_checkpoint(job_id: str, name: str, session: SessionDep, principal: 
     except FileNotFoundError:
         raise HTTPException(404, f"checkpoint {artifact.name} of job {job_id}: its file is "
                                  "missing from the artifact store") from None
-    # X-Sha256 is the digest of the bytes sent, never the row's copied over: a damaged file
-    # must not come with a header vouching for it. When they differ, X-Stored-Sha256 says
-    # what was written, so a client can tell the download is not that file.
-    sent = hashlib.sha256(body).hexdigest()
     headers = {"Content-Disposition": f'attachment; filename="{artifact.name}"',
-               "X-Checkpoint-Name": artifact.name, "X-Sha256": sent}
-    if sent != artifact.sha256:
-        headers["X-Stored-Sha256"] = artifact.sha256
-        logging.getLogger(__name__).warning("checkpoint %s of job %s does not match its row "
-                                            "(sha256 %s, stored %s)", artifact.name, job_id,
-                                            sent, artifact.sha256)
+               "X-Checkpoint-Name": artifact.name,
+               **digest_headers(body, artifact, what=f"checkpoint {artifact.name} of job {job_id}")}
     return Response(body, media_type="application/octet-stream", headers=headers)
+
+
+def digest_headers(body: bytes, artifact: Artifact, *, what: str) -> dict[str, str]:
+    """X-Sha256 for a download: the digest of the bytes sent, never the row's copied over (a
+    damaged file must not come with a header vouching for it). When they differ,
+    X-Stored-Sha256 says what was written, so a client can tell the download is not that
+    file, and the API's log says so."""
+    sent = hashlib.sha256(body).hexdigest()
+    if sent == artifact.sha256:
+        return {"X-Sha256": sent}
+    logging.getLogger(__name__).warning("%s does not match its row (sha256 %s, stored %s)",
+                                        what, sent, artifact.sha256)
+    return {"X-Sha256": sent, "X-Stored-Sha256": artifact.sha256}

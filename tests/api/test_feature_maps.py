@@ -320,3 +320,28 @@ def test_another_tenants_uploads_and_maps_are_not_found(client, stack):
         r = other.post("/v1/jobs", json={"kind": "feature_maps", "source": {"job_id": job["id"]},
                                          "inputs": {"dataset": "digits"}})
         assert r.status_code == 404 and "source.job_id" in r.text
+
+
+def test_a_damaged_map_file_is_not_sent_with_its_rows_digest(client, stack):
+    """X-Sha256 of a .npy download is the digest of the bytes sent; when the file no longer
+    matches its row, X-Stored-Sha256 says what was written."""
+    import hashlib
+
+    model = {"input_shape": [1, 8, 8], "layers": [
+        {"type": "conv2d", "out_channels": 2, "kernel_size": 3, "padding": 1}]}
+    job = run_job(client, source={"model": model, "seed": 1},
+                  inputs={"dataset": "digits", "indices": [0]}, png=False)
+    url = f"/v1/jobs/{job['id']}/feature-maps/0-conv2d"
+    clean = client.get(url)
+    assert clean.status_code == 200
+    assert clean.headers["X-Sha256"] == hashlib.sha256(clean.content).hexdigest()
+    assert "X-Stored-Sha256" not in clean.headers
+    root = Path(stack.env.get("CONVOY_ARTIFACT_ROOT") or stack.home / "artifacts")
+    [path] = [p for p in root.rglob("*.npy") if job["id"] in str(p) and "0-conv2d" in p.name]
+    data = bytearray(path.read_bytes())
+    data[-8:] = bytes(b ^ 0xFF for b in data[-8:])  # the last two float32 values, flipped
+    path.write_bytes(bytes(data))
+    damaged = client.get(url)
+    assert damaged.content == bytes(data)
+    assert damaged.headers["X-Sha256"] == hashlib.sha256(damaged.content).hexdigest()
+    assert damaged.headers["X-Stored-Sha256"] == clean.headers["X-Sha256"]
