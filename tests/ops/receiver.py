@@ -55,6 +55,8 @@ def start_receiver() -> Receiver:
                 status = plan.pop(0) if plan else 200
             self.send_response(status)
             self.send_header("content-type", "text/plain")
+            if 300 <= status < 400:
+                self.send_header("location", "/elsewhere")
             self.end_headers()
             self.wfile.write(f"answered {status}".encode())
 

@@ -5,6 +5,7 @@ survive a SIGKILLed API, the workers list, and a queued job's waiting reason."""
 from __future__ import annotations
 
 import json
+import re
 import signal
 import time
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ from standardwebhooks.webhooks import Webhook
 from tests.ops.receiver import Receiver, start_receiver
 from tests.reliability.infra import api_without_workers, sync_url, tiny_job, wait_for
 from tests.services import Stack, wait_job
+from tests.ui.test_cli import convoy
 
 SEEN_SECONDS = 4  # CONVOY_WORKER_SEEN_SECONDS here; workers report every second
 
@@ -176,6 +178,13 @@ def test_attempts_show_worker_device_outcome_and_error(fleet: Stack, burst: dict
     for a in (bad, good):
         assert a["worker_id"] in ("w0", "w1") and a["device"] == "cpu"
         assert a["attempt"] == 1 and a["ended_at"] >= a["started_at"]
+    shown = convoy(fleet, "attempts", failed)
+    assert shown.returncode == 0, shown.stderr
+    assert re.search(rf" 1  {bad['worker_id']}\s+cpu\s+\S+\s+failed\s+timed out",
+                     shown.stdout), shown.stdout
+    listed = convoy(fleet, "workers")
+    assert listed.returncode == 0, listed.stderr
+    assert [line.split()[0] for line in listed.stdout.splitlines()[1:]] == ["w0", "w1"]
 
 
 def test_a_receiver_failing_twice_gets_three_deliveries_with_one_id(
@@ -228,6 +237,7 @@ def test_a_cuda_job_on_a_cpu_fleet_says_why_it_waits(fleet: Stack) -> None:
                   if j["id"] == job["id"]]
         fleet_page = c.get("/v1/fleet").json()
         samples = scrape(fleet)
+        status = convoy(fleet, "status", job["id"])
         c.post(f"/v1/jobs/{job['id']}/cancel")
         done = c.get(f"/v1/jobs/{job['id']}").json()
     gpu_queue = fleet.env["CONVOY_QUEUE"] + "-gpu"
@@ -235,6 +245,7 @@ def test_a_cuda_job_on_a_cpu_fleet_says_why_it_waits(fleet: Stack) -> None:
     assert "device cuda" in shown["waiting_reason"] and gpu_queue in shown["waiting_reason"]
     assert listed[0]["waiting_reason"] == shown["waiting_reason"]
     assert done["waiting_reason"] is None
+    assert f"waiting   {shown['waiting_reason']}" in status.stdout, status.stdout + status.stderr
     assert {"name": gpu_queue, "workers": 0, "queued": 1} in fleet_page["queues"]
     assert value(samples, "convoy_jobs_waiting", reason="no_gpu_worker") == 1
 
