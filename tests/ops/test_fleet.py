@@ -19,7 +19,8 @@ from standardwebhooks.webhooks import Webhook
 
 from tests.ops.receiver import Receiver, start_receiver
 from tests.reliability.infra import api_without_workers, sync_url, tiny_job, wait_for
-from tests.services import Stack, wait_job
+from tests.services import TOKEN, Stack, wait_job
+from tests.ui.test_browser import SHOTS, browser, js  # noqa: F401 - browser: the fixture
 from tests.ui.test_cli import convoy
 
 SEEN_SECONDS = 4  # CONVOY_WORKER_SEEN_SECONDS here; workers report every second
@@ -248,6 +249,35 @@ def test_a_cuda_job_on_a_cpu_fleet_says_why_it_waits(fleet: Stack) -> None:
     assert f"waiting   {shown['waiting_reason']}" in status.stdout, status.stdout + status.stderr
     assert {"name": gpu_queue, "workers": 0, "queued": 1} in fleet_page["queues"]
     assert value(samples, "convoy_jobs_waiting", reason="no_gpu_worker") == 1
+
+
+def test_the_dashboard_shows_the_fleet_and_the_waiting_reason(
+        fleet: Stack, browser) -> None:  # noqa: F811 - the fixture imported above
+    b = browser
+    with fleet.client() as c:
+        job = c.post("/v1/jobs", json=cuda_job()).json()["id"]
+        try:
+            b.get(fleet.url + "/")
+            js(b, f"localStorage.setItem('convoy.token', '{TOKEN}')")
+            b.get(fleet.url + "/#/fleet")
+            gpu_queue = fleet.env["CONVOY_QUEUE"] + "-gpu"
+            rows = wait_for(lambda: js(b, "return [...document.querySelectorAll("
+                                          "'#fleet-workers tbody tr')].map(r => r.dataset.id)")
+                            == ["w0", "w1"], timeout=30, what="the workers on the fleet page")
+            assert rows
+            queue = js(b, f"return [...document.querySelector('#fleet-queues tr[data-queue="
+                          f"\"{gpu_queue}\"]').cells].map(c => c.textContent)")
+            assert queue == [gpu_queue, "0", "1"]
+            assert js(b, "return document.querySelector('#fleet-counts dd[data-state=queued]')"
+                         ".textContent") == "1"
+            b.save_screenshot(str(SHOTS / "fleet.png"))
+            b.get(fleet.url + f"/#/jobs/{job}")
+            reason = wait_for(lambda: js(b, "const e = document.getElementById('waiting-reason');"
+                                            " return e && e.textContent"), timeout=30,
+                              what="the waiting reason on the job page")
+            assert "device cuda" in reason and gpu_queue in reason
+        finally:
+            c.post(f"/v1/jobs/{job}/cancel")
 
 
 def test_a_delivery_survives_an_api_killed_before_sending(fleet: Stack,
