@@ -260,6 +260,8 @@ def test_the_dashboard_shows_the_fleet_and_the_waiting_reason(
             b.get(fleet.url + "/")
             js(b, f"localStorage.setItem('convoy.token', '{TOKEN}')")
             b.get(fleet.url + "/#/fleet")
+            b.refresh()  # signed in from the start: no login dialog over the page
+            assert not js(b, "return document.getElementById('login').open")
             gpu_queue = fleet.env["CONVOY_QUEUE"] + "-gpu"
             rows = wait_for(lambda: js(b, "return [...document.querySelectorAll("
                                           "'#fleet-workers tbody tr')].map(r => r.dataset.id)")
