@@ -57,8 +57,8 @@ ROUTE_ERRORS: dict[tuple[str, str], set[int]] = {
     ("GET", "/v1/jobs/{job_id}/checkpoints/{name}"): {507},
     # a key reused, the store written
     **{("POST", path): {409, 507} for path in UPLOADS},
-    # a bad token, a token without the `metrics` scope, the token check's database
-    ("GET", "/metrics"): {401, 403, 503},
+    # a token without the `metrics` scope (401 and 503: needs_token)
+    ("GET", "/metrics"): {403},
     ("GET", "/v1/workers"): {403},  # admin
     ("GET", "/v1/fleet"): {403},  # admin
     ("POST", "/v1/webhooks"): {429},  # max_webhooks_per_tenant
@@ -81,8 +81,9 @@ def error_statuses(path: str, method: str) -> set[int]:
 
 
 def needs_token(path: str) -> bool:
-    """Every /v1 operation; the probes, the document and the dashboard need none."""
-    return path.startswith("/v1/")
+    """Every /v1 operation and /metrics (unless CONVOY_METRICS_PUBLIC); the probes, the
+    document and the dashboard need none."""
+    return path.startswith("/v1/") or path == "/metrics"
 
 
 def _error_response(status: int) -> dict[str, Any]:

@@ -43,8 +43,9 @@ def reasons(session: Session, settings: Settings,
                 why.append((NO_WORKER, f"no live worker reads its queue {queue} (none seen in "
                                        f"the last {window})"))
         if running.get(tenant, 0) >= settings.max_running_per_tenant:
-            why.append((TENANT_LIMIT, f"its tenant runs {running[tenant]} jobs, the limit "
-                                      f"max_running_per_tenant"))
+            why.append((TENANT_LIMIT, f"its tenant is at its running limit ({running[tenant]} "
+                                      f"running, max_running_per_tenant="
+                                      f"{settings.max_running_per_tenant})"))
         if why:
             found[job_id] = why
     return found

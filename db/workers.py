@@ -8,12 +8,12 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
-from db.base import utcnow
+from db.base import rowcount, utcnow
 from db.tables import Worker
 
 STATES = ("idle", "busy", "stopping")
@@ -67,3 +67,12 @@ def live_queues(session: Session, *, within_seconds: float) -> dict[str, int]:
 
 def count_all(session: Session) -> int:
     return session.scalar(select(func.count()).select_from(Worker)) or 0
+
+
+def purge(session: Session, *, unseen_seconds: float, now: datetime | None = None) -> int:
+    """Delete the rows of workers not seen for `unseen_seconds` (each process start of a
+    worker named hostname:pid leaves one); committed. Returns how many."""
+    cutoff = (now or utcnow()) - timedelta(seconds=unseen_seconds)
+    gone = rowcount(session.execute(delete(Worker).where(Worker.last_seen < cutoff)))
+    session.commit()
+    return gone
