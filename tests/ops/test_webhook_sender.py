@@ -8,7 +8,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select
 
 from api.webhooks import SCHEDULE_SECONDS, forbidden, pass_once, retry_after
@@ -18,6 +20,7 @@ from db.migrate import upgrade
 from db.session import session_scope
 from db.tables import WebhookAttempt, WebhookDelivery
 from tests.ops.receiver import Receiver, start_receiver
+from tests.reliability.infra import tiny_job
 from tests.services import Stack, api_on_sqlite
 
 
@@ -109,7 +112,8 @@ def test_a_redirect_is_a_failed_attempt_and_not_followed(db_url, receiver):
 @pytest.fixture(scope="module")
 def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     with api_on_sqlite(Path(tmp_path_factory.mktemp("hooks-api")),
-                       CONVOY_MAX_WEBHOOKS_PER_TENANT="3") as stack:
+                       CONVOY_MAX_WEBHOOKS_PER_TENANT="3",
+                       CONVOY_METRICS_PUBLIC="true") as stack:
         yield stack
 
 
@@ -161,3 +165,16 @@ def test_list_rotate_delete_and_tenants(api: Stack):
         assert full.status_code == 429 and "max_webhooks_per_tenant" in full.json()["detail"]
         assert c.delete(f"/v1/webhooks/{made['id']}").status_code == 204
         assert c.get(f"/v1/webhooks/{made['id']}").status_code == 404
+
+
+def test_public_metrics_need_no_token_and_work_on_sqlite(api: Stack):
+    with api.client() as c:
+        c.post("/v1/jobs", json={**tiny_job(0), "name": "never-run"})  # no worker here
+    r = httpx.get(api.url + "/metrics", timeout=30)
+    assert r.status_code == 200
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(r.text) for s in f.samples}
+    assert samples[("convoy_jobs", (("state", "queued"),))] == 1
+    assert samples[("convoy_jobs_submitted_total", (("kind", "train"),))] == 1
+    assert samples[("convoy_jobs_waiting", (("reason", "no_worker"),))] == 1
+    assert samples[("convoy_queue_wait_seconds_count", ())] == 0
