@@ -49,11 +49,15 @@ def _seconds(session: Session, start: Any, end: Any) -> ColumnElement[float]:
 def _histogram(session: Session, start: InstrumentedAttribute[Any],
                end: InstrumentedAttribute[Any], bounds: Sequence[float],
                *where: ColumnElement[bool]) -> Histogram:
-    secs = _seconds(session, start, end)
+    # Each row's duration once (a MATERIALIZED CTE: not inlined into every bucket's CASE,
+    # where SQLite would compute it once per bucket), then one pass over them.
+    durations = (select(_seconds(session, start, end).label("s"))
+                 .where(start.is_not(None), end.is_not(None), *where)
+                 .cte("durations").prefix_with("MATERIALIZED"))
+    secs = durations.c.s
     columns: list[ColumnElement[Any]] = [func.count(), func.coalesce(func.sum(secs), 0.0)]
     columns += [func.coalesce(func.sum(case((secs <= b, 1), else_=0)), 0) for b in bounds]
-    row = session.execute(select(*columns).where(start.is_not(None), end.is_not(None),
-                                                 *where)).one()
+    row = session.execute(select(*columns).select_from(durations)).one()
     return Histogram(buckets=[int(n) for n in row[2:]], count=int(row[0]), sum=float(row[1]))
 
 
