@@ -130,7 +130,8 @@ class JobOut(BaseModel):
     waiting_reason: str | None = Field(
         None, description="a queued job that cannot start now says why: no live worker reads "
                           "its queue (a `cuda` job with no GPU worker), or its tenant is at "
-                          "its running limit; null when nothing holds it up")
+                          "its running limit; null when nothing holds it up. Computed by the "
+                          "GET routes (the answer to a submission leaves it null)")
 
 
 class JobPage(BaseModel):

@@ -156,11 +156,16 @@ def retry_after(settings: Settings, attempts_before: int) -> float | None:
 def deliver_once(settings: Settings, delivery: webhooks.Claimed) -> str:
     """Send one claimed delivery and record the attempt; returns the delivery's state."""
     sent = send(delivery, settings)
-    with session_scope(settings.database_url) as session:
-        state = webhooks.record_attempt(
-            session, delivery=delivery, status=sent.status, response=sent.response,
-            error=sent.error, duration_seconds=sent.seconds,
-            retry_after_seconds=retry_after(settings, delivery.attempts))
+    try:
+        with session_scope(settings.database_url) as session:
+            state = webhooks.record_attempt(
+                session, delivery=delivery, status=sent.status, response=sent.response,
+                error=sent.error, duration_seconds=sent.seconds,
+                retry_after_seconds=retry_after(settings, delivery.attempts))
+    except Exception:  # the endpoint was deleted meanwhile, or the database is away:
+        # unrecorded, the delivery comes due again when its claim runs out
+        log.warning("recording webhook %s failed", delivery.id, exc_info=True)
+        return "unrecorded"
     if sent.error:
         log.info("webhook %s to endpoint %s: %s (now %s)", delivery.id, delivery.endpoint_id,
                  sent.error, state)

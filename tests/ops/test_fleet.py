@@ -320,3 +320,19 @@ def test_a_sigkilled_worker_leaves_the_list_within_the_window(fleet: Stack) -> N
                  timeout=SEEN_SECONDS + 5, what="w1 dropped")
         # the window is the documented one: it was there until about SEEN_SECONDS later
         assert time.monotonic() - killed_at >= SEEN_SECONDS - 1.5
+
+
+def test_a_busy_worker_shows_its_job_then_stopping_on_sigterm(fleet: Stack) -> None:
+    job_request = tiny_job(13)
+    job_request["dataset"]["samples"] = 2048
+    job_request["train"].update(epochs=50, batch_size=64)
+    with fleet.client() as c:
+        job = c.post("/v1/jobs", json=job_request).json()["id"]
+        busy = wait_for(lambda: [w for w in c.get("/v1/workers").json()
+                                 if w["state"] == "busy" and w["current_job"] == job],
+                        timeout=30, what="w0 busy with the job")
+        assert [w["id"] for w in busy] == ["w0"]
+        fleet.workers[0].send_signal(signal.SIGTERM)  # a warm shutdown: hands the job back
+        wait_for(lambda: [w["state"] for w in c.get("/v1/workers").json()] == ["stopping"],
+                 timeout=20, what="w0 stopping")
+        assert wait_job(c, job, states=("queued",), timeout=30)["state"] == "queued"
