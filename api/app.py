@@ -24,6 +24,7 @@ from api.guards import (
     database_unavailable,
     http_error,
 )
+from api.metrics import HttpMetrics
 from api.openapi import AllowOptions, install
 from api.reconciler import Reconciler
 from api.routes import (
@@ -34,10 +35,13 @@ from api.routes import (
     health,
     jobs,
     models,
+    ops,
     tokens,
     uploads,
+    webhooks,
 )
 from api.textguard import RejectUnencodableJSON
+from api.webhooks import Sender
 from convoy.artifacts import StoreUnavailable, get_store
 from convoy.queue import make_celery
 from convoy.settings import Settings, get_settings
@@ -188,8 +192,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             ensure_bootstrap(session, settings)
         reconciler = Reconciler(settings, app.state.celery)
         reconciler.start()
+        sender = Sender(settings)  # webhook deliveries from the outbox
+        sender.start()
         await health.warm_up(app.state)
         yield
+        sender.stop()
         reconciler.stop()
 
     # redirect_slashes=False: one spelling per resource. The redirect turned `name/` and
@@ -213,12 +220,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(module.router)
     for module in (feature_maps, uploads):  # feature-map jobs and their uploads
         app.include_router(module.router)
+    for module in (ops, webhooks):  # for operators: /metrics, workers, webhooks
+        app.include_router(module.router)
     dashboard.mount_static(app)
     install(app)  # the OpenAPI document with every status, the token and the error body
     app.add_middleware(AllowOptions, api=app)
     app.add_middleware(RejectUnencodableJSON)  # inside BodyLimit: reads capped bodies only
     app.add_middleware(BodyLimit, settings=settings)
-    app.add_middleware(RejectNul)  # outermost: runs before the body is read
+    app.add_middleware(RejectNul)  # runs before the body is read
+    app.add_middleware(HttpMetrics, api=app)  # outermost: every answer is timed
     return app
 
 

@@ -30,6 +30,7 @@ class Principal:
     tenant: str
     token_id: str
     is_admin: bool
+    scopes: frozenset[str] = frozenset()
 
 
 def hash_token(secret: str) -> str:
@@ -37,10 +38,10 @@ def hash_token(secret: str) -> str:
 
 
 def create_token(session: Session, *, tenant: str, name: str = "", is_admin: bool = False,
-                 secret: str | None = None) -> tuple[Token, str]:
+                 secret: str | None = None, scopes: tuple[str, ...] = ()) -> tuple[Token, str]:
     secret = secret or TOKEN_PREFIX + secrets.token_urlsafe(32)
     token = tokens.create(session, tenant=tenant, name=name, token_hash=hash_token(secret),
-                          is_admin=is_admin)
+                          is_admin=is_admin, scopes=" ".join(sorted(set(scopes))))
     return token, secret
 
 
@@ -50,7 +51,8 @@ def plausible(secret: str) -> bool:
 
 def _principal(token: Token | None) -> Principal | None:
     return None if token is None else Principal(tenant=token.tenant, token_id=token.id,
-                                                is_admin=token.is_admin)
+                                                is_admin=token.is_admin,
+                                                scopes=frozenset((token.scopes or "").split()))
 
 
 def authenticate(session: Session, secret: str) -> Principal | None:

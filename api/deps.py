@@ -118,7 +118,7 @@ def bearer_secret(request: Request) -> str:
     return secret.strip() if scheme.lower() == "bearer" else ""
 
 
-def _unauthorized() -> HTTPException:
+def unauthorized() -> HTTPException:
     return HTTPException(401, "missing, invalid or revoked token",
                          headers={"WWW-Authenticate": "Bearer"})
 
@@ -145,7 +145,7 @@ def principal_from(request: Request, session: Session) -> Principal:
         found = authenticate(session, secret)
         cache.put(digest, found)
     if found is None:
-        raise _unauthorized()
+        raise unauthorized()
     return found
 
 
@@ -188,7 +188,7 @@ async def get_principal(request: Request) -> Principal:
     # connection only inside its one thread call (see check_token).
     principal = await check_token(request, bearer_secret(request))
     if principal is None:
-        raise _unauthorized()
+        raise unauthorized()
     return principal
 
 

@@ -24,7 +24,7 @@ MESSAGES = {
     400: "a body that cannot be parsed (bytes that are not UTF-8, a malformed multipart "
          "body) or a malformed Idempotency-Key header",
     401: "missing, invalid or revoked token",
-    403: "this needs an admin token",
+    403: "this needs an admin token (or, for /metrics, the `metrics` scope)",
     404: "not found (or not this tenant's)",
     409: "a conflict with the resource's state, or an Idempotency-Key reused with another body",
     413: "the body (or the answer asked for) is larger than the limit",
@@ -57,6 +57,11 @@ ROUTE_ERRORS: dict[tuple[str, str], set[int]] = {
     ("GET", "/v1/jobs/{job_id}/checkpoints/{name}"): {507},
     # a key reused, the store written
     **{("POST", path): {409, 507} for path in UPLOADS},
+    # a token without the `metrics` scope (401 and 503: needs_token)
+    ("GET", "/metrics"): {403},
+    ("GET", "/v1/workers"): {403},  # admin
+    ("GET", "/v1/fleet"): {403},  # admin
+    ("POST", "/v1/webhooks"): {429},  # max_webhooks_per_tenant
 }
 
 
@@ -76,8 +81,9 @@ def error_statuses(path: str, method: str) -> set[int]:
 
 
 def needs_token(path: str) -> bool:
-    """Every /v1 operation; the probes, the document and the dashboard need none."""
-    return path.startswith("/v1/")
+    """Every /v1 operation and /metrics (unless CONVOY_METRICS_PUBLIC); the probes, the
+    document and the dashboard need none."""
+    return path.startswith("/v1/") or path == "/metrics"
 
 
 def _error_response(status: int) -> dict[str, Any]:

@@ -19,6 +19,8 @@ from db.session import session_scope
 
 log = logging.getLogger(__name__)
 
+WORKER_ROWS_KEPT_SECONDS = 24 * 3600.0
+
 def reconcile_once(settings: Settings, celery: Celery, *, expire_leases: bool = True
                    ) -> dict[str, list[str]]:
     """Requeue running jobs whose lease expired; close attempt rows their dead worker left
@@ -78,6 +80,25 @@ class Reconciler:
         while not self._stop.wait(self.settings.reconcile_interval_seconds):
             self.pass_once()
             self.purge_idempotency_keys()
+            self.purge_workers()
+
+    _workers_purged_at = 0.0
+
+    def purge_workers(self, *, every_s: float = 600.0) -> int:
+        """Rows of workers unseen for a day go (at most every 10 minutes); GET /v1/workers
+        shows only the live ones anyway."""
+        if time.monotonic() - self._workers_purged_at < every_s:
+            return 0
+        self._workers_purged_at = time.monotonic()
+        from db.workers import purge
+
+        try:
+            with session_scope(self.settings.database_url) as session:
+                return purge(session, unseen_seconds=max(
+                    WORKER_ROWS_KEPT_SECONDS, 10 * self.settings.worker_seen_seconds))
+        except Exception:  # the database is down: next time
+            log.warning("purge of old worker rows failed", exc_info=True)
+            return 0
 
     _purged_at = 0.0
 

@@ -127,6 +127,11 @@ class JobOut(BaseModel):
     request: dict[str, Any]
     # running time allowed across attempts, seconds (None for jobs from before it existed)
     timeout_seconds: float | None = None
+    waiting_reason: str | None = Field(
+        None, description="a queued job that cannot start now says why: no live worker reads "
+                          "its queue (a `cuda` job with no GPU worker), or its tenant is at "
+                          "its running limit; null when nothing holds it up. Computed by the "
+                          "GET routes (the answer to a submission leaves it null)")
 
 
 class JobPage(BaseModel):
@@ -187,6 +192,9 @@ class TokenIn(BaseModel):
     tenant: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
     name: Annotated[str, Field(max_length=128, pattern=r"^[^\x00-\x1f\x7f]*$")] = ""
     admin: bool = False
+    scopes: list[Literal["metrics"]] = Field(
+        default_factory=list, max_length=4,
+        description="extra rights of a non-admin token: `metrics` may scrape /metrics")
 
 
 class TokenOut(BaseModel):
@@ -194,6 +202,7 @@ class TokenOut(BaseModel):
     tenant: str
     name: str
     is_admin: bool
+    scopes: list[str] = Field(default_factory=list)
     created_at: datetime
     revoked_at: datetime | None
     token: str | None = None
@@ -256,3 +265,85 @@ class TokenRevokedOut(TokenOut):
     revoked_self: bool = Field(description="true when the token revoked is the one this "
                                            "request was made with: it no longer authenticates")
     message: str
+
+
+class AttemptOut(BaseModel):
+    """One claim of a job by a worker. `outcome`: succeeded, failed, canceled, released
+    (handed back by a worker shutting down), lost (its worker went away), lease_expired
+    (the reconciler took it back), store_error; null while it runs."""
+
+    attempt: int
+    worker_id: str
+    device: str | None
+    started_at: datetime
+    ended_at: datetime | None
+    outcome: str | None
+    error: str | None
+
+
+class WorkerOut(BaseModel):
+    id: str
+    host: str
+    pid: int | None
+    devices: list[str]
+    queues: list[str]
+    state: Literal["idle", "busy", "stopping"]
+    current_job: str | None
+    started_at: datetime
+    last_seen: datetime
+
+
+class QueueOut(BaseModel):
+    name: str
+    workers: int = Field(description="live workers reading it")
+    queued: int = Field(description="queued jobs whose messages go to it")
+
+
+class FleetOut(BaseModel):
+    """What the dashboard's fleet page shows: live workers, the queues, jobs by state."""
+
+    workers: list[WorkerOut]
+    queues: list[QueueOut]
+    jobs: dict[str, int]
+    worker_seen_seconds: float
+
+
+WebhookEvent = Literal["job.succeeded", "job.failed", "job.canceled"]
+
+
+class WebhookIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    url: Annotated[str, Field(min_length=8, max_length=2048, pattern=r"^https?://[^\s]+$")]
+    events: Annotated[list[WebhookEvent], Field(min_length=1, max_length=3)]
+
+
+class WebhookOut(BaseModel):
+    id: str
+    url: str
+    events: list[str]
+    created_at: datetime
+    disabled_at: datetime | None
+    disabled_reason: str | None
+    secret: str | None = Field(None, description="the `whsec_` signing secret: only in the "
+                                                 "answers to create and rotate")
+
+
+class WebhookAttemptOut(BaseModel):
+    attempt: int
+    at: datetime
+    status: int | None
+    response: str | None
+    error: str | None
+    duration_seconds: float
+
+
+class WebhookDeliveryOut(BaseModel):
+    id: str = Field(description="the `webhook-id` header of every attempt")
+    event: str
+    job_id: str
+    state: Literal["pending", "succeeded", "failed", "canceled"]
+    attempts: list[WebhookAttemptOut]
+    next_at: datetime | None
+    created_at: datetime
+    finished_at: datetime | None

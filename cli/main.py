@@ -87,7 +87,8 @@ def cmd_token(args: argparse.Namespace) -> int:
     with session_scope(settings.database_url) as session:
         if args.action == "create":
             token, secret = create_token(session, tenant=args.tenant,
-                                         name=(args.name or "")[:128], is_admin=args.admin)
+                                         name=(args.name or "")[:128], is_admin=args.admin,
+                                         scopes=tuple(args.scope or ()))
             # The secret goes to stdout alone on its line (scripts read it); it is not stored.
             print(f"id {token.id} tenant {token.tenant}\n{secret}")
         elif args.action == "revoke":
@@ -145,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--tenant", default="default")
     token.add_argument("--name")
     token.add_argument("--admin", action="store_true")
+    token.add_argument("--scope", action="append", choices=["metrics"],
+                       help="an extra right of a non-admin token: `metrics` may scrape /metrics")
     token.set_defaults(func=cmd_token)
     add_commands(sub)
     return parser

@@ -158,10 +158,32 @@ def cmd_status(args: argparse.Namespace) -> int:
           f"\nprogress  {100 * job.progress:.0f}%\nattempt   {job.attempt}\ncreated   "
           f"{job.created_at}\nstarted   {job.started_at or '-'}\nfinished  "
           f"{job.finished_at or '-'}")
+    if job.waiting_reason:
+        print(f"waiting   {job.waiting_reason}")
     if job.error:
         print(f"error     {job.error}")
     for key, value in (job.result or {}).items():
         print(f"result.{key}  {value}")
+    return 0
+
+
+def cmd_attempts(args: argparse.Namespace) -> int:
+    with _client(args) as convoy:
+        rows = convoy.attempts(args.id)
+    print(f"{'#':>2}  {'WORKER':<24} {'DEVICE':<8} {'STARTED':<27} {'OUTCOME':<14} ERROR")
+    for a in rows:
+        print(f"{a['attempt']:>2}  {a['worker_id']:<24} {a.get('device') or '-':<8} "
+              f"{a['started_at']:<27} {a.get('outcome') or 'running':<14} {a.get('error') or ''}")
+    return 0
+
+
+def cmd_workers(args: argparse.Namespace) -> int:
+    with _client(args) as convoy:
+        rows = convoy.workers()
+    print(f"{'ID':<24} {'HOST':<16} {'STATE':<9} {'JOB':<32} {'DEVICES':<16} QUEUES")
+    for w in rows:
+        print(f"{w['id']:<24} {w['host']:<16} {w['state']:<9} {w.get('current_job') or '-':<32} "
+              f"{','.join(w['devices']):<16} {','.join(w['queues'])}")
     return 0
 
 
@@ -244,6 +266,9 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--limit", type=ascii_int, default=50)
     add("status", cmd_status, "show one job").add_argument("id")
     add("cancel", cmd_cancel, "cancel a queued or running job").add_argument("id")
+    add("attempts", cmd_attempts, "a job's attempts: worker, device, outcome, error"
+        ).add_argument("id")
+    add("workers", cmd_workers, "the live workers (admin token)")
     add("logs", cmd_logs, "print a job's log lines").add_argument("id")
     p = add("fetch", cmd_fetch, "download a checkpoint")
     p.add_argument("id")

@@ -112,6 +112,14 @@ class Convoy:
     def cancel(self, job_id: str) -> Job:
         return Job.from_json(self._call("POST", f"/v1/jobs/{job_id}/cancel").json())
 
+    def attempts(self, job_id: str) -> list[dict[str, Any]]:
+        """Each attempt: worker_id, device, started_at, ended_at, outcome, error."""
+        return self._call("GET", f"/v1/jobs/{job_id}/attempts").json()
+
+    def workers(self) -> list[dict[str, Any]]:
+        """The live workers (admin token)."""
+        return self._call("GET", "/v1/workers").json()
+
     def logs(self, job_id: str) -> list[dict[str, Any]]:
         return self._call("GET", f"/v1/jobs/{job_id}/logs").json()
 

@@ -23,6 +23,8 @@ class Job:
     summary: dict[str, Any] | None
     result: dict[str, Any] | None
     raw: dict[str, Any] = field(repr=False, compare=False)
+    # a queued job that cannot start now says why (no live worker for its queue, ...)
+    waiting_reason: str | None = None
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Job:
@@ -31,7 +33,8 @@ class Job:
                    attempt=data.get("attempt", 1), error=data.get("error"),
                    created_at=data["created_at"], started_at=data.get("started_at"),
                    finished_at=data.get("finished_at"), summary=data.get("summary"),
-                   result=data.get("result"), raw=data)
+                   result=data.get("result"), raw=data,
+                   waiting_reason=data.get("waiting_reason"))
 
     @property
     def done(self) -> bool:

@@ -114,6 +114,25 @@ class Settings(BaseSettings):
     keep_alive_seconds: Annotated[int, Field(ge=1)] = 5
     max_connections: Annotated[int, Field(ge=1)] = 2048
 
+    # --- operators: /metrics, webhooks, workers (docs/operations.md) ---
+    # /metrics without a token (otherwise an admin token or one with the `metrics` scope).
+    metrics_public: bool = False
+    # A worker is listed by GET /v1/workers, and counts as reading its queues (a queued
+    # job's waiting_reason), while its last report is at most this old. Workers report
+    # every heartbeat_seconds.
+    worker_seen_seconds: Annotated[float, Field(gt=0)] = 60.0
+    # Webhook URLs may reach loopback, private and link-local addresses (checked on the
+    # address the host name resolves to when each delivery is sent).
+    webhook_allow_private: bool = False
+    # The Standard Webhooks retry schedule (5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h) is
+    # multiplied by this (tests shorten it).
+    webhook_retry_scale: Annotated[float, Field(gt=0)] = 1.0
+    # How often the API's sender looks for due deliveries; one receiver's answer is awaited
+    # at most webhook_timeout_seconds.
+    webhook_poll_seconds: Annotated[float, Field(gt=0)] = 1.0
+    webhook_timeout_seconds: Annotated[float, Field(gt=0)] = 10.0
+    max_webhooks_per_tenant: Annotated[int, Field(ge=1)] = 20
+
     @model_validator(mode="after")
     def _defaults_from_home(self) -> Settings:
         home = self.home.resolve()

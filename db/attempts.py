@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from db.base import rowcount, utcnow
@@ -14,8 +14,10 @@ from db.states import AttemptOutcome, JobState
 from db.tables import Job, JobAttempt
 
 
-def end(session: Session, *, job_id: str, worker_id: str, outcome: AttemptOutcome) -> None:
-    """Close the worker's open attempt of the job; committed with the caller's transaction."""
+def end(session: Session, *, job_id: str, worker_id: str, outcome: AttemptOutcome,
+        error: str | None = None) -> None:
+    """Close the worker's open attempt of the job (with the error it ended with, if any);
+    committed with the caller's transaction."""
     session.execute(
         update(JobAttempt)
         .where(
@@ -23,9 +25,26 @@ def end(session: Session, *, job_id: str, worker_id: str, outcome: AttemptOutcom
             JobAttempt.worker_id == worker_id,
             JobAttempt.ended_at.is_(None),
         )
-        .values(ended_at=utcnow(), outcome=outcome)
+        .values(ended_at=utcnow(), outcome=outcome, error=error)
         .execution_options(synchronize_session=False)
     )
+
+
+def set_device(session: Session, *, job_id: str, worker_id: str, device: str) -> None:
+    """Record the device the worker's open attempt runs on."""
+    session.execute(
+        update(JobAttempt)
+        .where(JobAttempt.job_id == job_id, JobAttempt.worker_id == worker_id,
+               JobAttempt.ended_at.is_(None))
+        .values(device=device[:32])
+        .execution_options(synchronize_session=False)
+    )
+
+
+def lost_count(session: Session) -> int:
+    """Attempts that ended because their worker went away (lost, or its lease expired)."""
+    return session.scalar(select(func.count()).select_from(JobAttempt).where(
+        JobAttempt.outcome.in_((AttemptOutcome.LOST, AttemptOutcome.LEASE_EXPIRED)))) or 0
 
 
 def of_job(session: Session, *, job_id: str) -> list[JobAttempt]:
@@ -58,7 +77,8 @@ def close_orphaned(session: Session, *, lease_seconds: float,
         outcome = AttemptOutcome.CANCELED if state == JobState.CANCELED else AttemptOutcome.LOST
         done = rowcount(session.execute(
             update(JobAttempt).where(JobAttempt.id == row_id, JobAttempt.ended_at.is_(None))
-            .values(ended_at=now, outcome=outcome)
+            .values(ended_at=now, outcome=outcome,
+                    error="the worker never ended the attempt")
             .execution_options(synchronize_session=False)
         )) == 1
         if done:

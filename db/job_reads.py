@@ -3,11 +3,13 @@ tenant's jobs, a job's state and its running-time budget. The writes are db.jobs
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import datetime
 
-from sqlalchemy import and_, or_, select
+from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session
 
+from db.states import JobState
 from db.tables import Job, JobAttempt, Token
 
 
@@ -71,3 +73,22 @@ def timeout_and_prior_seconds(session: Session, *, job_id: str) -> tuple[float |
     prior = sum(max(0.0, (end - start).total_seconds()) for start, end in rows
                 if end is not None)  # (never None here: the query asks for ended rows)
     return (float(timeout) if timeout is not None else None), prior
+
+
+def running_counts(session: Session, *, tenants: Iterable[str]) -> dict[str, int]:
+    """tenant -> how many of its jobs run now."""
+    names = list(set(tenants))
+    if not names:
+        return {}
+    return {tenant: n for tenant, n in session.execute(
+        select(Job.tenant, func.count()).where(Job.tenant.in_(names),
+                                               Job.state == JobState.RUNNING)
+        .group_by(Job.tenant))}
+
+
+def queued_routes(session: Session, *, limit: int = 10000) -> list[tuple[str, str, str | None]]:
+    """(id, tenant, device asked for) of the oldest `limit` queued jobs."""
+    rows = session.execute(select(Job.id, Job.tenant, Job.request)
+                           .where(Job.state == JobState.QUEUED)
+                           .order_by(Job.enqueued_at).limit(limit))
+    return [(i, tenant, (request or {}).get("device")) for i, tenant, request in rows]

@@ -13,7 +13,7 @@ from sqlalchemy import func, select, text, update
 from sqlalchemy.orm import Session
 
 from db import artifacts as artifacts_db
-from db import attempts, idempotency
+from db import attempts, idempotency, webhooks
 from db import metrics as metrics_db
 from db.base import rowcount, utcnow
 from db.ids import new_id
@@ -242,7 +242,10 @@ def finish_job(
         .execution_options(synchronize_session=False)
     )) == 1
     attempts.end(session, job_id=job_id, worker_id=worker_id,
-                 outcome=AttemptOutcome(state) if done else AttemptOutcome.LOST)
+                 outcome=AttemptOutcome(state) if done else AttemptOutcome.LOST,
+                 error=error if done else "the lease was lost before the outcome was recorded")
+    if done:  # the webhook outbox row commits with the state change
+        webhooks.job_ended(session, job_id=job_id)
     if done and log_line:  # not when the lease was lost: another attempt owns the outcome
         log(session, job_id=job_id, message=log_line)
     session.commit()
@@ -325,7 +328,9 @@ def retry_after_storage_error(session: Session, *, job_id: str, worker_id: str, 
         return retry_after_storage_error(session, job_id=job_id, worker_id=worker_id,
                                          error=error, backoff_seconds=backoff_seconds)
     attempts.end(session, job_id=job_id, worker_id=worker_id,
-                 outcome=AttemptOutcome.STORE_ERROR)
+                 outcome=AttemptOutcome.STORE_ERROR, error=error)
+    if values["state"] == JobState.FAILED:
+        webhooks.job_ended(session, job_id=job_id)
     log(session, job_id=job_id, level="error", message=line)
     session.commit()
     return StorageRetry.RETRY if values["state"] == JobState.QUEUED else StorageRetry.FAILED
@@ -341,6 +346,8 @@ def cancel_job(session: Session, *, job_id: str, tenant: str | None) -> Job:
         .values(state=JobState.CANCELED, finished_at=now, updated_at=now)
         .execution_options(synchronize_session=False)
     )
+    if rowcount(result) == 1:
+        webhooks.job_ended(session, job_id=job_id)
     session.commit()
     session.refresh(job)
     if rowcount(result) != 1:
@@ -384,7 +391,10 @@ def requeue_expired(
         )) == 1
         if done:
             attempts.end(session, job_id=job_id, worker_id=worker_id or "",
-                         outcome=AttemptOutcome.LEASE_EXPIRED)
+                         outcome=AttemptOutcome.LEASE_EXPIRED,
+                         error=f"no heartbeat from worker {worker_id} for {lease_seconds:g} s")
+            if values["state"] == JobState.FAILED:
+                webhooks.job_ended(session, job_id=job_id)
             log(session, job_id=job_id, level="warning",
                 message=f"lease of worker {worker_id} expired on attempt {attempt}")
             if values["state"] == JobState.QUEUED:

@@ -16,10 +16,10 @@ class LastAdmin(RuntimeError):
 
 
 def create(session: Session, *, tenant: str, token_hash: str, name: str = "",
-           is_admin: bool = False) -> Token:
+           is_admin: bool = False, scopes: str = "") -> Token:
     """Insert the token and commit."""
     token = Token(id=new_id(), tenant=tenant, name=name, token_hash=token_hash,
-                  is_admin=is_admin, created_at=utcnow())
+                  is_admin=is_admin, scopes=scopes, created_at=utcnow())
     session.add(token)
     session.commit()
     return token

@@ -24,6 +24,8 @@ FIGURES = {
     "bench_dispatch": [rf"dispatch pg \(Redis\), 2 jobs, created_at -> started_at: p50 {NUMBER}"],
     "bench_first_job": [rf"warm-up off  first job +{NUMBER} s  next jobs +{NUMBER} s",
                         rf"warm-up on   first job +{NUMBER} s"],
+    "bench_metrics": [rf"postgresql +300 jobs  scrape +{NUMBER} ms",
+                      rf"ratio timed/bare = {NUMBER}"],
     "bench_feature_maps": [rf"digits-cnn +256 +{NUMBER} +{NUMBER} +{NUMBER} +{NUMBER} \({NUMBER}\)",
                            rf"vgg-small +64 +{NUMBER}",
                            rf"vgg-small x16, max pool 2, no png +{NUMBER}( +{NUMBER}){{8}}"],

@@ -13,6 +13,7 @@ from convoy.settings import get_settings
 from db.session import configure_pools
 from worker import warmup
 from worker.lease import SHUTTING_DOWN
+from worker.presence import PRESENCE
 
 settings = get_settings()
 configure_pools(timeout_seconds=settings.db_pool_timeout_seconds)
@@ -33,6 +34,19 @@ set_threads()
 worker_process_init.connect(lambda **_: set_threads(), weak=False)
 # Warm shutdown (SIGTERM, first Ctrl-C) stops a training job between steps and hands it
 # back to the queue (worker.runner); a cold shutdown (second signal, SIGQUIT) does not wait.
-worker_shutting_down.connect(lambda **_: SHUTTING_DOWN.set(), weak=False)
+def _shutting_down(**_: object) -> None:
+    SHUTTING_DOWN.set()
+    PRESENCE.set("stopping", PRESENCE.job)
+
+
+def _ready(sender: object = None, **_: object) -> None:
+    """Report this worker (and its queues) in the workers table, then every heartbeat."""
+    consumer = getattr(sender, "task_consumer", None)
+    queues = [q.name for q in getattr(consumer, "queues", None) or []] or [settings.queue]
+    PRESENCE.start(settings, worker_id=worker_id(), queues=queues)
+
+
+worker_shutting_down.connect(_shutting_down, weak=False)
+worker_ready.connect(_ready, weak=False)
 if settings.worker_warm_up:
     worker_ready.connect(lambda **_: warmup.start(), weak=False)

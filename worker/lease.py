@@ -11,7 +11,7 @@ import time
 
 from sqlalchemy.orm import Session
 
-from db import job_reads, leases
+from db import job_reads, leases, workers
 from db.session import session_scope
 from worker.control import Progress, Stopped
 
@@ -86,6 +86,9 @@ class Lease:
                         held = leases.heartbeat(session, job_id=self.job_id,
                                                 worker_id=self.worker_id,
                                                 progress=round(self.progress.value, 4))
+                        if held:  # the worker's row says it is alive and on this job
+                            workers.touch(session, worker_id=self.worker_id,
+                                          current_job=self.job_id)
                     else:
                         held = leases.holds_lease(session, job_id=self.job_id,
                                                   worker_id=self.worker_id)

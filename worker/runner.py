@@ -10,7 +10,7 @@ import torch
 
 from convoy.artifacts import CorruptArtifact, StoreUnavailable
 from convoy.settings import Settings
-from db import job_reads, joblog, jobs
+from db import attempts, job_reads, joblog, jobs
 from db.session import session_scope
 from db.states import AttemptOutcome, JobState
 from db.tables import Job
@@ -35,6 +35,18 @@ def note(settings: Settings, job_id: str, message: str) -> None:
             joblog.log(session, job_id=job_id, message=message)
 
     retry_db(write, what=f"job {job_id} log", within_s=settings.db_retry_seconds)
+
+
+def started(settings: Settings, job_id: str, worker_id: str, *, device: str,
+            message: str) -> None:
+    """The attempt's device on its row, and the line saying so in the job's log."""
+
+    def write() -> None:
+        with session_scope(settings.database_url) as session:
+            attempts.set_device(session, job_id=job_id, worker_id=worker_id, device=device)
+            joblog.log(session, job_id=job_id, message=message)
+
+    retry_db(write, what=f"job {job_id} start", within_s=settings.db_retry_seconds)
 
 
 def failure_message(exc: BaseException) -> str:
@@ -88,8 +100,9 @@ def run_job(job_id: str, *, settings: Settings, worker_id: str) -> RunOutcome:
         return RunOutcome.SKIPPED
     try:
         device = pick_device(str((job.request or {}).get("device") or "auto"))
-        note(settings, job_id, f"attempt {job.attempt} started on worker {worker_id}, "
-                               f"device {device_text(device)}")
+        started(settings, job_id, worker_id, device=str(device),
+                message=f"attempt {job.attempt} started on worker {worker_id}, "
+                        f"device {device_text(device)}")
         if job.kind == "train":
             TrainRun(settings, job, worker_id).run()
         elif job.kind == "feature_maps":

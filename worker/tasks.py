@@ -9,6 +9,7 @@ from worker import warmup
 from worker.app import app, settings, worker_id
 from worker.control import RunOutcome
 from worker.lease import SHUTTING_DOWN
+from worker.presence import PRESENCE
 from worker.runner import run_job, store_backoff
 
 
@@ -26,7 +27,11 @@ def run(job_id: str, kind: str) -> RunOutcome:
         # them): sent on to the next worker, nothing claimed.
         send_again(job_id, kind)
         return RunOutcome.PASSED_ON
-    outcome = run_job(job_id, settings=settings, worker_id=worker_id())
+    PRESENCE.set("busy", job_id)
+    try:
+        outcome = run_job(job_id, settings=settings, worker_id=worker_id())
+    finally:
+        PRESENCE.set("stopping" if SHUTTING_DOWN.is_set() else "idle")
     if outcome == RunOutcome.RELEASED:
         # This worker is shutting down; the job is queued again for the next free worker
         # (should this send be lost, the reconciler resends queued jobs).

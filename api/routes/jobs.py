@@ -13,6 +13,7 @@ from fastapi import APIRouter, Body, HTTPException, Query, Request, Response
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
+from api import waiting
 from api.auth import Principal, job_for_token
 from api.deps import (
     CeleryDep,
@@ -25,12 +26,21 @@ from api.deps import (
     token_cache,
 )
 from api.idempotency import canonical_json, conflict, idem_for
-from api.schemas import BINARY, CheckpointOut, JobOut, JobPage, LogLine, MetricPoint, MetricsOut
+from api.schemas import (
+    BINARY,
+    AttemptOut,
+    CheckpointOut,
+    JobOut,
+    JobPage,
+    LogLine,
+    MetricPoint,
+    MetricsOut,
+)
 from api.submit import check_timeout, check_train
 from convoy.jobspec import FeatureMapsJobRequest, JobRequest, TrainJobRequest, dump
 from convoy.queue import enqueue
 from convoy.settings import Settings
-from db import artifacts, job_reads, joblog, metrics
+from db import artifacts, attempts, job_reads, joblog, metrics
 from db import jobs as jobs_db
 from db.idempotency import KeyReused
 from db.states import JobState
@@ -42,8 +52,18 @@ JobId = Annotated[str, Query(max_length=64)]
 Kind = Literal["train", "feature_maps"]
 
 
-def job_out(job: Job) -> JobOut:
-    return JobOut.model_validate(job, from_attributes=True)
+def job_out(job: Job, waiting_reason: str | None = None) -> JobOut:
+    out = JobOut.model_validate(job, from_attributes=True)
+    out.waiting_reason = waiting_reason  # set: answered (null when nothing holds it up)
+    return out
+
+
+def with_reasons(session: Session, settings: Settings, jobs: list[Job]) -> list[JobOut]:
+    """The jobs as answered, each queued one with its waiting_reason (api/waiting.py)."""
+    queued = [(j.id, j.tenant, (j.request or {}).get("device")) for j in jobs
+              if j.state == JobState.QUEUED]
+    found = waiting.reasons(session, settings, queued)
+    return [job_out(j, waiting.reason_text(found.get(j.id))) for j in jobs]
 
 
 def load_job(session: Session, job_id: str, tenant: str) -> Job:
@@ -134,6 +154,7 @@ def _decode_cursor(cursor: str) -> tuple[datetime, str]:
 def list_jobs(
     session: SessionDep,
     principal: PrincipalDep,
+    settings: SettingsDep,
     state: JobState | None = None,
     kind: Kind | None = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
@@ -143,11 +164,12 @@ def list_jobs(
                           before=_decode_cursor(cursor) if cursor else None, limit=limit + 1)
     next_cursor = _encode_cursor(rows[limit - 1].created_at, rows[limit - 1].id) \
         if len(rows) > limit else None
-    return JobPage(items=[job_out(j) for j in rows[:limit]], next_cursor=next_cursor)
+    return JobPage(items=with_reasons(session, settings, rows[:limit]), next_cursor=next_cursor)
 
 
 @router.get("/{job_id}", response_model=JobOut, response_model_exclude_unset=True)
-async def get_job(job_id: str, session: SessionDep, request: Request) -> Response:
+async def get_job(job_id: str, session: SessionDep, request: Request,
+                  settings: SettingsDep) -> Response:
     # Every poller's hot path (bench/bench_api.py measures it): one trip to the thread pool,
     # one SQL statement (token check joined to the read) and the JSON written straight from
     # the schema; FastAPI would dump the model, validate the dict again and encode it.
@@ -161,7 +183,10 @@ async def get_job(job_id: str, session: SessionDep, request: Request) -> Respons
             if job is None:
                 principal_from(request, session)  # 401 for a bad token, else the job is not
                 raise HTTPException(404, f"job {job_id[:64]} not found")  # there for it
-            return job_out(job).model_dump_json(exclude_unset=True).encode()
+            # a queued job says why it waits (two short reads, only while it is queued)
+            out = with_reasons(session, settings, [job])[0] if job.state == JobState.QUEUED \
+                else job_out(job)
+            return out.model_dump_json(exclude_unset=True).encode()
         finally:
             session.close()
 
@@ -190,6 +215,18 @@ def get_metrics(
     for m in metrics.series(session, job_id=job_id, name=name):
         series.setdefault(m.name, []).append(MetricPoint(step=m.step, epoch=m.epoch, value=m.value))
     return MetricsOut(series=series)
+
+
+@router.get("/{job_id}/attempts", response_model=list[AttemptOut])
+def get_attempts(job_id: str, session: SessionDep, principal: PrincipalDep
+                 ) -> list[AttemptOut]:
+    """Each claim of the job by a worker, in order: worker, device, start, end, outcome
+    and error (the lease history)."""
+    load_job(session, job_id, principal.tenant)
+    return [AttemptOut(attempt=a.attempt, worker_id=a.worker_id, device=a.device,
+                       started_at=a.started_at, ended_at=a.ended_at,
+                       outcome=str(a.outcome) if a.outcome else None, error=a.error)
+            for a in attempts.of_job(session, job_id=job_id)]
 
 
 @router.get("/{job_id}/logs", response_model=list[LogLine])

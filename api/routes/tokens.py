@@ -20,13 +20,14 @@ TokenId = Annotated[str, Path(max_length=64)]
 
 def token_out(t: Token, secret: str | None = None) -> TokenOut:
     return TokenOut(id=t.id, tenant=t.tenant, name=t.name, is_admin=t.is_admin,
-                    created_at=t.created_at, revoked_at=t.revoked_at, token=secret)
+                    scopes=(t.scopes or "").split(), created_at=t.created_at,
+                    revoked_at=t.revoked_at, token=secret)
 
 
 @router.post("", status_code=201, response_model=TokenOut)
 def create(body: TokenIn, session: SessionDep, admin: AdminDep) -> TokenOut:
     token, secret = create_token(session, tenant=body.tenant, name=body.name,
-                                 is_admin=body.admin)
+                                 is_admin=body.admin, scopes=tuple(body.scopes))
     return token_out(token, secret)
 
 

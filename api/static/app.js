@@ -181,7 +181,9 @@ function jobsView() {
       },
         h("td", {}, j.name || h("span", { class: "muted" }, "(unnamed)")),
         h("td", { class: "mono" }, j.id.slice(0, 8)),
-        h("td", {}, j.kind), h("td", {}, stateBadge(j.state)),
+        h("td", {}, j.kind), h("td", { title: j.waiting_reason || "" }, stateBadge(j.state),
+          j.waiting_reason ? h("div", { class: "muted waiting" }, `waiting: ${j.waiting_reason}`)
+            : null),
         h("td", {}, progressBar(j.progress), " ", fmt.pct(j.progress)),
         h("td", { class: "num" }, fmt.pct(j.result && j.result.val_accuracy)),
         h("td", {}, fmt.time(j.created_at)))));
@@ -325,6 +327,9 @@ function jobView(jobId) {
     if (job.kind === "train") {
       rows.push(["Val accuracy", h("span", { id: "val-accuracy" }, fmt.pct(r.val_accuracy))],
         ["Val loss", fmt.num(r.val_loss)], ["Epochs done", r.epochs_done ?? "–"]);
+    }
+    if (job.state === "queued" && job.waiting_reason) {
+      rows.push(["Waiting", h("span", { id: "waiting-reason" }, job.waiting_reason)]);
     }
     details.replaceChildren(...rows.flatMap(([k, v]) => [h("dt", {}, k), h("dd", {}, v)]));
     errorBox.textContent = job.error || "";
@@ -501,6 +506,49 @@ function submitView() {
   return () => {};
 }
 
+// ---- fleet (admin) -------------------------------------------------------------------------
+
+function fleetView() {
+  const status = h("p", { class: "muted" }, "Loading…");
+  const counts = h("dl", { class: "kv", id: "fleet-counts" });
+  const queues = h("tbody");
+  const workers = h("tbody");
+  view.append(h("h1", {}, "Fleet"), status,
+    h("div", { class: "card" }, h("h2", {}, "Jobs by state"), counts),
+    h("div", { class: "card" }, h("h2", {}, "Queues"), h("table", { id: "fleet-queues" },
+      h("thead", {}, h("tr", {}, h("th", {}, "Queue"), h("th", { class: "num" }, "Workers"),
+        h("th", { class: "num" }, "Queued"))), queues)),
+    h("div", { class: "card" }, h("h2", {}, "Workers"), h("table", { id: "fleet-workers" },
+      h("thead", {}, h("tr", {}, h("th", {}, "Worker"), h("th", {}, "Host"),
+        h("th", {}, "State"), h("th", {}, "Job"), h("th", {}, "Devices"), h("th", {}, "Queues"),
+        h("th", {}, "Last seen"))), workers)));
+  let timer = null;
+  let stopped = false;
+  async function refresh() {
+    try {
+      const f = await api("/v1/fleet");
+      counts.replaceChildren(...Object.entries(f.jobs).flatMap(([k, v]) =>
+        [h("dt", {}, k), h("dd", { "data-state": k }, fmt.int(v))]));
+      queues.replaceChildren(...f.queues.map((q) => h("tr", { "data-queue": q.name },
+        h("td", { class: "mono" }, q.name), h("td", { class: "num" }, q.workers),
+        h("td", { class: "num" }, q.queued))));
+      workers.replaceChildren(...f.workers.map((w) => h("tr", { "data-id": w.id },
+        h("td", { class: "mono" }, w.id), h("td", {}, w.host), h("td", {}, w.state),
+        h("td", {}, w.current_job ? h("a", { href: `#/jobs/${w.current_job}`, class: "mono" },
+          w.current_job.slice(0, 8)) : "–"),
+        h("td", {}, w.devices.join(", ")), h("td", { class: "mono" }, w.queues.join(", ")),
+        h("td", {}, fmt.time(w.last_seen)))));
+      status.textContent = f.workers.length ? ""
+        : `No worker seen in the last ${f.worker_seen_seconds} s.`;
+    } catch (e) {
+      status.textContent = e.status === 403 ? "The fleet page needs an admin token." : e.message;
+    }
+    if (!stopped) timer = setTimeout(refresh, 2000);
+  }
+  refresh();
+  return () => { stopped = true; clearTimeout(timer); };
+}
+
 // ---- router --------------------------------------------------------------------------------
 
 function route() {
@@ -511,6 +559,7 @@ function route() {
   const m = hash.match(/^#\/jobs\/([0-9a-f]+)$/);
   if (m) cleanup = jobView(m[1]);
   else if (hash === "#/submit") cleanup = submitView();
+  else if (hash === "#/fleet") cleanup = fleetView();
   else cleanup = jobsView();
 }
 

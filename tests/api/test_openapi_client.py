@@ -219,7 +219,7 @@ def test_document_declares_token_and_errors(stack: Stack) -> None:
     for path, operations in doc["paths"].items():
         for method, operation in operations.items():
             where = f"{method.upper()} {path}"
-            if path.startswith("/v1/"):
+            if path.startswith("/v1/") or path == "/metrics":  # (/metrics: unless public)
                 assert operation["security"] == [{"bearer": []}], where
                 assert {"401", "503"} <= set(operation["responses"]), where
                 assert "Retry-After" in operation["responses"]["503"]["headers"], where

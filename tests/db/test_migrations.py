@@ -18,7 +18,8 @@ from db.migrate import alembic_config, downgrade, upgrade
 from tests.services import create_pg_database, drop_pg_database
 
 TABLES = {"tokens", "jobs", "job_attempts", "metrics", "job_logs", "artifacts", "uploads",
-          "idempotency_keys"}
+          "idempotency_keys", "workers", "webhook_endpoints", "webhook_deliveries",
+          "webhook_attempts"}
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -44,6 +44,10 @@ def test_a_cuda_job_waits_for_a_gpu_worker_and_a_cpu_worker_never_takes_it(fleet
         fleet.env["CONVOY_WORKER_GPU_QUEUE"] = "true"
         convoy_worker(fleet, "gpu")
         assert f"{fleet.env['CONVOY_QUEUE']}-gpu" in fleet.log_text("gpu")
+        # each worker reports the queues it reads (GET /v1/workers)
+        queue = fleet.env["CONVOY_QUEUE"]
+        assert {w["id"]: w["queues"] for w in client.get("/v1/workers").json()} == {
+            "cpu": [queue], "gpu": [queue, f"{queue}-gpu"]}
         done = wait_job(client, gpu_job)
     if cuda:
         assert done["state"] == "succeeded", done["error"]
