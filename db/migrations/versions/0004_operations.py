@@ -1,7 +1,7 @@
 """operators (issue 19): workers, webhook endpoints and their delivery outbox, the device and
 error of each attempt, token scopes
 
-Revision ID: 0006
+Revision ID: 0004
 Revises: 0003
 Create Date: 2026-12-01 07:00:00
 """
@@ -13,7 +13,7 @@ from alembic import op
 
 import db.base
 
-revision = "0006"
+revision = "0004"
 down_revision = "0003"
 branch_labels = None
 depends_on = None
