@@ -27,7 +27,13 @@ from api.deps import (
 from api.idempotency import canonical_json, conflict, idem_for
 from api.schemas import BINARY, CheckpointOut, JobOut, JobPage, LogLine, MetricPoint, MetricsOut
 from api.submit import check_timeout, check_train
-from convoy.jobspec import FeatureMapsJobRequest, JobRequest, TrainJobRequest, dump
+from convoy.jobspec import (
+    FeatureMapsJobRequest,
+    InvarianceJobRequest,
+    JobRequest,
+    TrainJobRequest,
+    dump,
+)
 from convoy.queue import enqueue
 from convoy.settings import Settings
 from db import artifacts, job_reads, joblog, metrics
@@ -39,7 +45,7 @@ from db.tables import Artifact, Job
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 JobId = Annotated[str, Query(max_length=64)]
-Kind = Literal["train", "feature_maps"]
+Kind = Literal["train", "feature_maps", "invariance"]
 
 
 def job_out(job: Job) -> JobOut:
@@ -71,7 +77,7 @@ def submit_job(
         session.close()  # here, on this thread: no second trip to the pool to close it
 
 
-def _submit(body: TrainJobRequest | FeatureMapsJobRequest, session: Session,
+def _submit(body: TrainJobRequest | FeatureMapsJobRequest | InvarianceJobRequest, session: Session,
             settings: Settings, principal: Principal, celery: Any, request: Request,
             response: Response) -> JobOut:
     request_json = dump(body)
@@ -79,6 +85,10 @@ def _submit(body: TrainJobRequest | FeatureMapsJobRequest, session: Session,
                     parts=[canonical_json(request_json)])
     if isinstance(body, TrainJobRequest):
         summary = check_train(session, body, settings, tenant=principal.tenant)
+    elif isinstance(body, InvarianceJobRequest):
+        from api.invariance import check_invariance
+
+        summary = check_invariance(session, body, settings, tenant=principal.tenant)
     else:
         from api.feature_maps import check_feature_maps
 
