@@ -32,6 +32,7 @@ from api.routes import (
     events,
     feature_maps,
     health,
+    invariance,
     jobs,
     models,
     tokens,
@@ -213,6 +214,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(module.router)
     for module in (feature_maps, uploads):  # feature-map jobs and their uploads
         app.include_router(module.router)
+    app.include_router(invariance.router)
     dashboard.mount_static(app)
     install(app)  # the OpenAPI document with every status, the token and the error body
     app.add_middleware(AllowOptions, api=app)

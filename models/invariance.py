@@ -178,6 +178,7 @@ def measure(model: nn.Module, x: np.ndarray, labels: np.ndarray | None, wanted: 
     model's last layer is its output, measured as a classifier's when `classes` is given (its
     output is [N, classes]), with the true class's probability when `labels` fit those
     classes. `step(fraction done)` is called after each chunk (it may raise to stop)."""
+    assert isinstance(model.layers, nn.ModuleList), "a models.build.ConvNet"
     last = len(model.layers) - 1
     run_layers = sorted(set(wanted) | {last})
     copies = transform_list(transforms)
