@@ -43,30 +43,48 @@ def flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], -1)
 
 
-def cosine_distance(base: torch.Tensor, moved: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per copy and input: cos(φ(x), φ(Tx)) (1 for two zero vectors, 0 for one) and
-    ‖φ(x) − φ(Tx)‖₂; `base` is [B, D], `moved` [K, B, D]."""
-    dot = (moved * base).sum(-1)
-    nb, nm = base.norm(dim=-1), moved.norm(dim=-1)
-    both_zero = (nb == 0) & (nm == 0)
+def cosines(nb: torch.Tensor, nm: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """cos(φ(x), φ(Tx)) from ‖φ(x)‖, ‖φ(Tx)‖ and ‖φ(x) − φ(Tx)‖ (the dot product is
+    (‖a‖² + ‖b‖² − ‖a − b‖²) / 2, in float64): 1 for two zero vectors, 0 for one. No pass over
+    the maps multiplies them."""
+    nb, nm, d = nb.double(), nm.double(), d.double()
     norms = nb * nm
-    cos = torch.where(norms > 0, dot / norms.clamp_min(torch.finfo(norms.dtype).tiny),
-                      both_zero.to(dot.dtype)).clamp(-1, 1)
-    return cos, (moved - base).norm(dim=-1)
+    dot = (nb * nb + nm * nm - d * d) / 2
+    both_zero = (nb == 0) & (nm == 0)
+    return torch.where(norms > 0, dot / norms.clamp_min(torch.finfo(norms.dtype).tiny),
+                       both_zero.to(dot.dtype)).clamp(-1, 1)
 
 
-def pair_distance_sum(base: torch.Tensor) -> torch.Tensor:
-    """The sum of ‖φ(x) − φ(x′)‖₂ over the unordered pairs of different rows of `base`."""
-    b = base.double()
-    sq = (b * b).sum(-1)
-    d2 = (sq[:, None] + sq[None, :] - 2 * (b @ b.T)).clamp_min(0)
-    return d2.sqrt().triu(1).sum()
+# the between-inputs distance is the mean over pairs within groups of this many consecutive
+# inputs (every pair when there are no more): all pairs of a 256-input batch cost as much as
+# the model's forward pass on small models, for no better an estimate of a mean
+PAIR_GROUP = 32
+
+
+def pair_distance_sum(base: torch.Tensor, group: int = PAIR_GROUP) -> tuple[torch.Tensor, int]:
+    """The sum of ‖φ(x) − φ(x′)‖₂ over the unordered pairs of different rows of `base` in each
+    group of `group` consecutive rows, and the number of those pairs. From the Gram matrix in
+    float64 (one product instead of a difference per pair)."""
+    n = base.shape[0]
+    full = n // group * group
+    groups = [base[:full].reshape(n // group, group, -1)] if full else []
+    if full < n:
+        groups.append(base[None, full:])
+    total, count = torch.zeros((), dtype=torch.float64, device=base.device), 0
+    for g in groups:
+        b = g.double()
+        sq = (b * b).sum(-1)
+        d2 = (sq[:, :, None] + sq[:, None, :] - 2 * (b @ b.transpose(1, 2))).clamp_min(0)
+        total += d2.sqrt().triu(1).sum()
+        count += g.shape[0] * g.shape[1] * (g.shape[1] - 1) // 2
+    return total, count
 
 
 @dataclass
 class Meter:
-    """Running sums per layer and transformed copy."""
+    """Sums per layer and transformed copy, over the inputs. Within a batch, each chunk of
+    copies writes its norms into [copies, batch] buffers (two passes over its maps: the
+    difference's norm and its own); the cosines and sums follow once per batch."""
 
     layers: list[int]
     copies: int
@@ -74,13 +92,17 @@ class Meter:
     cos: dict[int, torch.Tensor] = field(default_factory=dict)
     dist: dict[int, torch.Tensor] = field(default_factory=dict)
     pair: dict[int, torch.Tensor] = field(default_factory=dict)
-    counts: list[int] = field(default_factory=list)
     pairs: int = 0
     agree: torch.Tensor | None = None
     prob: torch.Tensor | None = None
     base_correct: float = 0.0
     base_prob: float = 0.0
     inputs: int = 0
+    # the batch under way: its maps, their norms, and the buffers the chunks fill
+    base: dict[int, torch.Tensor] = field(default_factory=dict)
+    base_norm: dict[int, torch.Tensor] = field(default_factory=dict)
+    moved_norm: dict[int, torch.Tensor] = field(default_factory=dict)
+    diff_norm: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         def zeros(n: int | None = None) -> torch.Tensor:
@@ -89,41 +111,51 @@ class Meter:
         self.cos = {i: zeros(self.copies) for i in self.layers}
         self.dist = {i: zeros(self.copies) for i in self.layers}
         self.pair = {i: zeros() for i in self.layers}
-        self.counts = [0] * self.copies
         self.agree, self.prob = zeros(self.copies), zeros(self.copies)
 
-    def add_base(self, base: dict[int, torch.Tensor], logits: torch.Tensor | None,
-                 labels: torch.Tensor | None) -> None:
+    def begin(self, base: dict[int, torch.Tensor], logits: torch.Tensor | None,
+              labels: torch.Tensor | None) -> None:
         n = next(iter(base.values())).shape[0]
+        pairs = 0
         for i in self.layers:
-            self.pair[i] += pair_distance_sum(base[i])
-        self.pairs += n * (n - 1) // 2
+            total, pairs = pair_distance_sum(base[i])
+            self.pair[i] += total
+            self.base_norm[i] = torch.linalg.vector_norm(base[i], dim=-1)
+            self.moved_norm[i] = base[i].new_empty(self.copies, n)
+            self.diff_norm[i] = base[i].new_empty(self.copies, n)
+        self.base = base
+        self.pairs += pairs
         self.inputs += n
         if logits is not None and labels is not None:
             self.base_correct += float((logits.argmax(-1) == labels).sum())
             self.base_prob += float(logits.float().softmax(-1).gather(1, labels[:, None]).sum())
 
-    def add(self, slots: list[int], base: dict[int, torch.Tensor],
-            moved: dict[int, torch.Tensor], logits: tuple[torch.Tensor, torch.Tensor] | None,
-            labels: torch.Tensor | None) -> None:
-        index = torch.tensor(slots, device=self.device)
-        k = len(slots)
+    def add(self, first: int, moved: dict[int, torch.Tensor],
+            logits: tuple[torch.Tensor, torch.Tensor] | None, labels: torch.Tensor | None
+            ) -> None:
+        """Copies first, first + 1, ... (as many as `moved` holds) of the batch begun."""
         for i in self.layers:
-            b = base[i]
-            cos, dist = cosine_distance(b, moved[i].view(k, *b.shape))
-            self.cos[i].index_add_(0, index, cos.double().sum(-1))
-            self.dist[i].index_add_(0, index, dist.double().sum(-1))
-        n = next(iter(base.values())).shape[0]
-        for s in slots:
-            self.counts[s] += n
+            b = self.base[i]
+            m = moved[i].view(-1, *b.shape)
+            rows = slice(first, first + m.shape[0])
+            torch.linalg.vector_norm(m - b, dim=-1, out=self.diff_norm[i][rows])
+            torch.linalg.vector_norm(m, dim=-1, out=self.moved_norm[i][rows])
         if logits is not None:
             assert self.agree is not None and self.prob is not None
-            original, after = logits[0], logits[1].view(k, *logits[0].shape)
-            same = (after.argmax(-1) == original.argmax(-1)).double().sum(-1)
-            self.agree.index_add_(0, index, same)
+            original = logits[0]
+            after = logits[1].view(-1, *original.shape)
+            rows = slice(first, first + after.shape[0])
+            self.agree[rows] += (after.argmax(-1) == original.argmax(-1)).double().sum(-1)
             if labels is not None:
-                p = after.float().softmax(-1).gather(2, labels[None, :, None].expand(k, -1, 1))
-                self.prob.index_add_(0, index, p.double().sum((1, 2)))
+                index = labels[None, :, None].expand(after.shape[0], -1, 1)
+                self.prob[rows] += after.float().softmax(-1).gather(2, index).double().sum((1, 2))
+
+    def end(self) -> None:
+        for i in self.layers:
+            self.cos[i] += cosines(self.base_norm[i][None], self.moved_norm[i],
+                                   self.diff_norm[i]).sum(-1)
+            self.dist[i] += self.diff_norm[i].double().sum(-1)
+        self.base = {}
 
 
 @dataclass
@@ -137,14 +169,21 @@ class Measured:
     images: int  # images through the model, originals included
 
 
-def summarize(meter: Meter, copies: list[Transform], classify: bool, labelled: bool
-              ) -> Measured:
+def same_values(layers: nn.ModuleList, wanted: list[int]) -> dict[int, int]:
+    """Wanted layers whose maps hold the same values as the wanted layer before them (a
+    flatten, or a dropout in eval mode): their measures are that layer's, not measured again."""
+    return {i: i - 1 for i in wanted if i - 1 in wanted
+            and isinstance(layers[i], nn.Flatten | nn.Dropout)}
+
+
+def summarize(meter: Meter, copies: list[Transform], classify: bool, labelled: bool,
+              aliases: dict[int, int]) -> Measured:
     keys = list(dict.fromkeys((t.family, t.magnitude) for t in copies))
     slots = {key: [j for j, t in enumerate(copies) if (t.family, t.magnitude) == key]
              for key in keys}
 
     def mean(sums: np.ndarray, key: tuple[str, float]) -> float:
-        return float(sums[slots[key]].sum() / sum(meter.counts[j] for j in slots[key]))
+        return float(sums[slots[key]].sum() / (meter.inputs * len(slots[key])))
 
     layers: dict[int, dict[tuple[str, float], tuple[float, float | None]]] = {}
     for i in meter.layers:
@@ -152,6 +191,8 @@ def summarize(meter: Meter, copies: list[Transform], classify: bool, labelled: b
         between = float(meter.pair[i]) / meter.pairs if meter.pairs else 0.0
         layers[i] = {key: (mean(cos, key), mean(dist, key) / between if between > 0 else None)
                      for key in keys}
+    for i, same in sorted(aliases.items()):
+        layers[i] = layers[same]
     output = original = None
     if classify:
         assert meter.agree is not None and meter.prob is not None
@@ -184,7 +225,10 @@ def measure(model: nn.Module, x: np.ndarray, labels: np.ndarray | None, wanted: 
     copies = transform_list(transforms)
     per_batch = min(len(x), batch)
     groups = chunks(len(copies), per_batch, batch)
-    meter = Meter(wanted, len(copies), device)
+    aliases = same_values(model.layers, wanted)
+    while any(same in aliases for same in aliases.values()):  # flatten after dropout
+        aliases = {i: aliases.get(same, same) for i, same in aliases.items()}
+    meter = Meter([i for i in wanted if i not in aliases], len(copies), device)
     labelled = classes is not None and labels is not None and int(labels.max()) < classes
     batches = range(0, len(x), per_batch)
     with torch.inference_mode():
@@ -194,11 +238,12 @@ def measure(model: nn.Module, x: np.ndarray, labels: np.ndarray | None, wanted: 
                 if labelled and labels is not None else None
             base = forward(model, xb, run_layers)
             out = base[last] if classes is not None else None
-            meter.add_base(base, out, yb)
+            meter.begin(base, out, yb)
             for g, group in enumerate(groups):
                 xt = torch.cat([copies[j].apply(xb) for j in group])
                 moved = forward(model, xt, run_layers)
-                meter.add(group, base, moved, None if out is None else (out, moved[last]), yb)
+                meter.add(group[0], moved, None if out is None else (out, moved[last]), yb)
                 if step is not None:
                     step((b + (g + 1) / len(groups)) / len(batches))
-    return summarize(meter, copies, classes is not None, labelled)
+            meter.end()
+    return summarize(meter, copies, classes is not None, labelled, aliases)
