@@ -10,15 +10,14 @@ images/s each job reports beside the bare forward over its batches.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 
-from bench.bench_feature_maps import DIGITS_CNN, hooked, inputs_for, timed
-from bench.common import machine, median, pick_device
+from bench.bench_feature_maps import DIGITS_CNN, abab, hooked, inputs_for
+from bench.common import model_bench_args
 from models.build import build_model
 from models.capture import channels_last
 from models.invariance import chunks, measure, transform_list
@@ -68,14 +67,7 @@ def rates(raw: dict[str, Any], n: int, device: torch.device, rounds: int
         "bare": lambda: [bare(b) for b in prepared],
         "bare_cl": lambda: [bare_cl(b) for b in prepared_cl],
     }
-    times: dict[str, list[float]] = {k: [] for k in variants}
-    with torch.inference_mode():
-        for fn in variants.values():
-            fn()  # warm-up
-        for _ in range(rounds):
-            for key, fn in variants.items():
-                times[key].append(timed(fn, device))
-    return {k: images / median(v) for k, v in times.items()}, images
+    return {k: images / t for k, t in abab(variants, device, rounds).items()}, images
 
 
 def throughput(device: torch.device, rounds: int, smoke: bool) -> None:
@@ -97,10 +89,15 @@ def end_to_end(device: torch.device, smoke: bool) -> None:
     from bench.bench_feature_maps import run_job
     from bench.stacks import service
 
-    print("\n## invariance jobs through the service (PostgreSQL + Redis + 1 Celery worker): the "
-          "images/s each job reports,\nbeside the bare hooked forward (this process, same "
-          "batches). ratio = job / bare")
-    print(f"{'model':<11} {'inputs':>6} {'wall s':>7} {'job':>9} {'bare':>9} {'ratio':>6}")
+    clock = "wall time" if device.type == "cuda" else "process CPU time"
+    print("\n## invariance jobs through the service (PostgreSQL + Redis + 1 Celery worker): "
+          f"images/s of each job's one measuring pass\nin the worker by {clock} (timings."
+          f"{'measure_s' if device.type == 'cuda' else 'measure_cpu_s'}; first call included), "
+          "beside the bare hooked forward (NCHW, this process, same batches);\n'reported' is "
+          "the job's own images_per_second (wall time: on a shared machine, other processes' "
+          "turns count). ratio = job / bare")
+    print(f"{'model':<11} {'inputs':>6} {'wall s':>7} {'reported':>9} {'job':>9} {'bare':>9} "
+          f"{'ratio':>6}")
     with service("pg") as stack, stack.client() as client:
         for name, raw, n in cases(smoke):
             dataset = {"name": "synthetic", "samples": 80} if raw is VGG_SMALL else "digits"
@@ -109,25 +106,18 @@ def end_to_end(device: torch.device, smoke: bool) -> None:
                 "inputs": {"dataset": dataset, "split": "all", "indices": list(range(n))},
                 "transforms": TRANSFORMS})
             bare = rates(raw, n, device, 3)[0]["bare"]
-            rate = job["result"]["images_per_second"]
-            print(f"{name:<11} {n:>6} {job['wall_s']:>7.2f} {rate:>9.0f} {bare:>9.0f} "
-                  f"{rate / bare:>6.2f}")
+            res = job["result"]
+            seconds = res["timings"]["measure_s" if device.type == "cuda" else "measure_cpu_s"]
+            rate = res["images_through_model"] / max(seconds, 1e-9)
+            print(f"{name:<11} {n:>6} {job['wall_s']:>7.2f} {res['images_per_second']:>9.0f} "
+                  f"{rate:>9.0f} {bare:>9.0f} {rate / bare:>6.2f}")
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (the worker's default)")
-    p.add_argument("--rounds", type=int, default=9)
-    p.add_argument("--no-e2e", action="store_true", help="skip the service jobs")
-    p.add_argument("--smoke", action="store_true", help="a few rounds, small batches")
-    args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    device = torch.device(pick_device(args.device))
-    print(machine(), f"device={device}")
-    throughput(device, 2 if args.smoke else args.rounds, args.smoke)
+    args = model_bench_args(__doc__, rounds=9, smoke="a few rounds, small batches")
+    throughput(args.device, 2 if args.smoke else args.rounds, args.smoke)
     if not args.no_e2e:
-        end_to_end(device, args.smoke)
+        end_to_end(args.device, args.smoke)
 
 
 if __name__ == "__main__":
