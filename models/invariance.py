@@ -133,13 +133,9 @@ class Meter:
     def add(self, first: int, moved: dict[int, torch.Tensor],
             logits: tuple[torch.Tensor, torch.Tensor] | None, labels: torch.Tensor | None
             ) -> None:
-        """Copies first, first + 1, ... (as many as `moved` holds) of the batch begun."""
-        for i in self.layers:
-            b = self.base[i]
-            m = moved[i].view(-1, *b.shape)
-            rows = slice(first, first + m.shape[0])
-            torch.linalg.vector_norm(m - b, dim=-1, out=self.diff_norm[i][rows])
-            torch.linalg.vector_norm(m, dim=-1, out=self.moved_norm[i][rows])
+        """Copies first, first + 1, ... (as many as `moved` holds) of the batch begun. Takes
+        `moved`'s maps for its own: each becomes its difference from the batch's maps in
+        place (a second map-sized buffer per layer would cost more than the subtraction)."""
         if logits is not None:
             assert self.agree is not None and self.prob is not None
             original = logits[0]
@@ -149,6 +145,16 @@ class Meter:
             if labels is not None:
                 index = labels[None, :, None].expand(after.shape[0], -1, 1)
                 self.prob[rows] += after.float().softmax(-1).gather(2, index).double().sum((1, 2))
+        # maps that are views of one another (a flatten of an unmeasured layer's output) are
+        # subtracted out of place: each must keep its values until its own turn
+        where = [moved[i].untyped_storage().data_ptr() for i in self.layers]
+        for i, ptr in zip(self.layers, where, strict=True):
+            b = self.base[i]
+            m = moved[i].view(-1, *b.shape)
+            rows = slice(first, first + m.shape[0])
+            torch.linalg.vector_norm(m, dim=-1, out=self.moved_norm[i][rows])
+            diff = m - b if where.count(ptr) > 1 else m.sub_(b)
+            torch.linalg.vector_norm(diff, dim=-1, out=self.diff_norm[i][rows])
 
     def end(self) -> None:
         for i in self.layers:
