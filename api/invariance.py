@@ -17,12 +17,13 @@ from convoy.settings import Settings
 VARIANTS = {"translate": 4, "rotate": 2, "scale": 1}
 
 
-def forward_passes(transforms: dict[str, list[float]]) -> int:
+def forward_passes(transforms: dict[str, list[int | float]]) -> int:
     """Per input: the original, and every transformed copy."""
     return 1 + sum(VARIANTS[family] * len(values) for family, values in transforms.items())
 
 
-def check_transforms(req: InvarianceJobRequest, input_shape: list[int]) -> dict[str, list[float]]:
+def check_transforms(req: InvarianceJobRequest, input_shape: list[int]
+                     ) -> dict[str, list[int | float]]:
     """The families asked for, magnitudes ascending (duplicates once), or a 422 naming the
     field: a translation must leave part of the input in view in all four directions."""
     given = req.transforms.model_dump(exclude_none=True)

@@ -139,7 +139,7 @@ class InvarianceResult(_Stored):
     output: OutputCurves | None
     original: dict[str, float] | None = None
     images: int | None = None
-    transforms: dict[str, list[float]] | None = None
+    transforms: dict[str, list[int | float]] | None = None
     device: str | None = None
     images_through_model: int | None = None
     timings: dict[str, float] | None = None
@@ -158,7 +158,7 @@ class InvarianceOut(BaseModel):
     original: dict[str, float] | None = Field(description="accuracy and true class probability "
                                                           "on the untransformed inputs")
     images: int | None
-    transforms: dict[str, list[float]] | None
+    transforms: dict[str, list[int | float]] | None
 
 
 class JobOut(BaseModel):

@@ -54,9 +54,11 @@ def main() -> None:
     with Convoy() as convoy:
         for model in measure_models(convoy, inputs=args.inputs, device=args.device):
             original = model["original"] or {}
-            print(f"\n## {model['name']}: train job {model['train_job']}, invariance job "
-                  f"{model['job']}, {args.inputs} validation images, accuracy "
-                  f"{original.get('accuracy', float('nan')):.3f} untransformed")
+            print(f"\n## {model['name']}: train job {model['train_job']} (val_accuracy "
+                  f"{model['val_accuracy']:.3f}), invariance job {model['job']}: "
+                  f"{args.inputs} validation images, accuracy "
+                  f"{original.get('accuracy', float('nan')):.3f} untransformed, "
+                  f"{model['images_per_second']:.0f} images/s through the model")
             for measure in ("distance", "cosine"):
                 print()
                 print("\n".join(invariance_table(model, measure)))

@@ -195,5 +195,5 @@ class InvariancePlan(BaseModel):
     inputs: DatasetInputs | UploadedInputs
     layers: list[str]  # layer names, in model order
     # family -> magnitudes, ascending; only the families asked for
-    transforms: dict[str, list[float]]
+    transforms: dict[str, list[int | float]]  # translations in whole pixels
     forward_passes: int  # per input: the original and every transformed copy

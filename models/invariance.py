@@ -22,7 +22,7 @@ from models.transforms import Transform, variants
 BATCH = 256
 
 
-def transform_list(transforms: dict[str, list[float]]) -> list[Transform]:
+def transform_list(transforms: dict[str, list[int | float]]) -> list[Transform]:
     """Every transformed copy measured, family by family, magnitude by magnitude."""
     return [t for family, values in transforms.items() for m in values
             for t in variants(family, m)]
