@@ -28,7 +28,7 @@ FIGURES = {
                            rf"vgg-small +64 +{NUMBER}",
                            rf"vgg-small x16, max pool 2, no png +{NUMBER}( +{NUMBER}){{8}}"],
     "bench_invariance": [rf"lenet5 +32 +480 +{NUMBER} +{NUMBER} +{NUMBER} +{NUMBER} \({NUMBER}\)",
-                         rf"digits-cnn +32 +{NUMBER}( +{NUMBER}){{4}}$"],
+                         rf"(?m)^digits-cnn +32 +{NUMBER}( +{NUMBER}){{4}}$"],
 }
 
 
