@@ -5,6 +5,7 @@ Plain Python and numpy: the API never imports torch."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -20,6 +21,7 @@ from convoy.jobspec import (
     FeatureMapsJobRequest,
     PlanSource,
     RandomSource,
+    SourcedRequest,
     TrainJobSource,
     UploadedCheckpointSource,
     UploadedInputs,
@@ -147,7 +149,7 @@ def check_checkpoint(data: bytes, spec: ModelSpec, summary: dict[str, Any]) -> i
 
 # -- the model source ----------------------------------------------------------------------
 
-def resolve_source(session: Session, req: FeatureMapsJobRequest, *, tenant: str
+def resolve_source(session: Session, req: SourcedRequest, *, tenant: str
                    ) -> tuple[ModelSpec, PlanSource]:
     src = req.source
     given = [f for f in ("job_id", "checkpoint_id", "model") if getattr(src, f) is not None]
@@ -212,7 +214,7 @@ def split_size(session: Session, ref: Any, split: str, *, tenant: str, store: An
     return shape, datasets.split_sizes(y.astype(np.int64), uploaded=True)[split]
 
 
-def resolve_inputs(session: Session, req: FeatureMapsJobRequest, summary: dict[str, Any], *,
+def resolve_inputs(session: Session, req: SourcedRequest, summary: dict[str, Any], *,
                    tenant: str, store: Any, max_bytes: int | None = None
                    ) -> DatasetInputs | UploadedInputs:
     inp = req.inputs
@@ -257,9 +259,27 @@ def resolve_inputs(session: Session, req: FeatureMapsJobRequest, summary: dict[s
 
 # -- the request -----------------------------------------------------------------------------
 
-def check_feature_maps(session: Session, req: FeatureMapsJobRequest, settings: Settings, *,
-                       tenant: str, store: Any = None) -> dict[str, Any]:
-    """The job summary of a valid feature-map request, or a 4xx naming the field."""
+@dataclass
+class Resolved:
+    """A request's model, its summary (each layer row named), the layers it asked for (indices,
+    in model order) and its inputs: what feature-map and invariance jobs resolve alike."""
+
+    spec: ModelSpec
+    source: PlanSource
+    summary: dict[str, Any]
+    layers: list[int]
+    inputs: DatasetInputs | UploadedInputs
+    field: str  # where the model came from, for errors about it
+
+    @property
+    def layer_names(self) -> list[str]:
+        names = layer_names(self.summary)
+        return [names[i] for i in self.layers]
+
+
+def resolve_request(session: Session, req: SourcedRequest, settings: Settings, *,
+                    tenant: str, store: Any = None) -> Resolved:
+    """The source, the layers and the inputs of a request, or a 4xx naming the field."""
     if store is None:
         from convoy.artifacts import get_store
 
@@ -270,29 +290,36 @@ def check_feature_maps(session: Session, req: FeatureMapsJobRequest, settings: S
     if req.layers == []:
         raise unprocessable("layers", "give at least one layer, or null for every layer")
     try:
-        captured = resolve_layers(summary, req.layers)
+        wanted = resolve_layers(summary, req.layers)
     except UnknownLayer as exc:
         raise unprocessable(f"layers.{exc.position}", str(exc)) from None
-    pool = req.pool.model_dump(by_alias=True) if req.pool else None
-    if pool is not None and not pool["global"] and pool["kernel_size"] is None:
-        raise unprocessable("pool.kernel_size", "give a kernel_size, or global: true")
     inputs = resolve_inputs(session, req, summary, tenant=tenant, store=store,
                             max_bytes=settings.max_dataset_bytes)
     check_model_limits(summary, settings, batch_size=min(inputs.count, 256), field=field)
-    names = layer_names(summary)
+    for row, name in zip(summary["layers"], layer_names(summary), strict=True):
+        row["name"] = name
+    summary["model"] = spec.model_dump(mode="json")
+    return Resolved(spec, source, summary, wanted, inputs, field)
+
+
+def check_feature_maps(session: Session, req: FeatureMapsJobRequest, settings: Settings, *,
+                       tenant: str, store: Any = None) -> dict[str, Any]:
+    """The job summary of a valid feature-map request, or a 4xx naming the field."""
+    pool = req.pool.model_dump(by_alias=True) if req.pool else None
+    if pool is not None and not pool["global"] and pool["kernel_size"] is None:
+        raise unprocessable("pool.kernel_size", "give a kernel_size, or global: true")
+    got = resolve_request(session, req, settings, tenant=tenant, store=store)
+    summary, count = got.summary, got.inputs.count
     stored = unpooled = 0
-    for i in captured:
+    for i in got.layers:
         shape = summary["layers"][i]["output_shape"]
-        unpooled += map_bytes(inputs.count, shape, req.dtype)
-        stored += map_bytes(inputs.count, pooled_shape(shape, pool), req.dtype)
+        unpooled += map_bytes(count, shape, req.dtype)
+        stored += map_bytes(count, pooled_shape(shape, pool), req.dtype)
     if stored > settings.max_feature_map_bytes:
         raise unprocessable("layers", f"the maps would take {stored} bytes, over the limit "
                                       f"max_feature_map_bytes={settings.max_feature_map_bytes}; "
                                       "ask for fewer layers or inputs, or add pooling")
-    for row, name in zip(summary["layers"], names, strict=True):
-        row["name"] = name
-    summary["model"] = spec.model_dump(mode="json")
-    plan = FeatureMapPlan(source=source, inputs=inputs, layers=[names[i] for i in captured],
+    plan = FeatureMapPlan(source=got.source, inputs=got.inputs, layers=got.layer_names,
                           estimated_bytes=stored, estimated_bytes_unpooled=unpooled)
     summary["feature_maps"] = plan.model_dump(mode="json")
     return summary

@@ -59,6 +59,10 @@ class Split:
     def all_x(self) -> np.ndarray:
         return np.concatenate([self.x_train, self.x_val])
 
+    @property
+    def all_y(self) -> np.ndarray:
+        return np.concatenate([self.y_train, self.y_val])
+
 
 def builtin_info(ref: DigitsRef | SyntheticRef) -> DatasetInfo:
     if isinstance(ref, DigitsRef):

@@ -73,6 +73,10 @@ class PoolRequest(BaseModel):
     global_: bool = Field(False, alias="global")
 
 
+# layer names or indices; None: every layer
+Layers = Annotated[list[Annotated[str, Field(max_length=64)]], Field(max_length=512)] | None
+
+
 class FeatureMapsJobRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
@@ -80,8 +84,7 @@ class FeatureMapsJobRequest(BaseModel):
     name: Name = ""
     source: CheckpointSource
     inputs: InputsRef
-    layers: Annotated[list[Annotated[str, Field(max_length=64)]], Field(max_length=512)] \
-        | None = None
+    layers: Layers = None
     dtype: Literal["float32", "float16"] = "float32"
     pool: PoolRequest | None = None
     png: bool = True
@@ -90,7 +93,46 @@ class FeatureMapsJobRequest(BaseModel):
     timeout: Timeout = None
 
 
-JobRequest = Annotated[TrainJobRequest | FeatureMapsJobRequest, Field(discriminator="kind")]
+MAX_MAGNITUDES = 32
+
+
+Magnitudes = Field(min_length=1, max_length=MAX_MAGNITUDES)
+Pixels = Annotated[int, Field(ge=1, le=4096, strict=True)]
+Degrees = Annotated[float, Field(gt=0, le=180, allow_inf_nan=False)]
+Factor = Annotated[float, Field(gt=0, le=64, allow_inf_nan=False)]
+
+
+class TransformsRequest(BaseModel):
+    """The magnitudes to measure per family (docs/invariance.md defines each transform); a
+    family left out is not measured. Translations are whole pixels (JSON integers)."""
+
+    model_config = ConfigDict(extra="forbid")
+    translate: Annotated[list[Pixels], Magnitudes] | None = None
+    rotate: Annotated[list[Degrees], Magnitudes] | None = None
+    scale: Annotated[list[Factor], Magnitudes] | None = None
+
+
+class InvarianceJobRequest(BaseModel):
+    """How much each layer's maps change when the inputs are translated, rotated or scaled;
+    `source`, `inputs` and `layers` as in a feature-map job."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["invariance"]
+    name: Name = ""
+    source: CheckpointSource
+    inputs: InputsRef
+    layers: Layers = None
+    transforms: TransformsRequest
+    device: Device = "auto"
+    max_attempts: Annotated[int, Field(ge=1, le=20)] | None = None
+    timeout: Timeout = None
+
+
+# the requests whose model and inputs are resolved the same way (api/feature_maps.py)
+SourcedRequest = FeatureMapsJobRequest | InvarianceJobRequest
+JobRequest = Annotated[TrainJobRequest | FeatureMapsJobRequest | InvarianceJobRequest,
+                       Field(discriminator="kind")]
 
 
 def dump(request: BaseModel) -> dict[str, Any]:
@@ -141,3 +183,17 @@ class FeatureMapPlan(BaseModel):
     layers: list[str]  # layer names, in model order
     estimated_bytes: int
     estimated_bytes_unpooled: int
+
+
+TRANSFORM_FAMILIES = ("translate", "rotate", "scale")
+
+
+class InvariancePlan(BaseModel):
+    """What the API resolved for an invariance job, in its summary under "invariance"."""
+
+    source: PlanSource
+    inputs: DatasetInputs | UploadedInputs
+    layers: list[str]  # layer names, in model order
+    # family -> magnitudes, ascending; only the families asked for
+    transforms: dict[str, list[int | float]]  # translations in whole pixels
+    forward_passes: int  # per input: the original and every transformed copy

@@ -9,7 +9,9 @@ from convoy.settings import Settings
 
 TRAIN_TASK = "convoy.train"
 FEATURE_MAPS_TASK = "convoy.feature_maps"
-TASK_FOR_KIND = {"train": TRAIN_TASK, "feature_maps": FEATURE_MAPS_TASK}
+INVARIANCE_TASK = "convoy.invariance"
+TASK_FOR_KIND = {"train": TRAIN_TASK, "feature_maps": FEATURE_MAPS_TASK,
+                 "invariance": INVARIANCE_TASK}
 
 
 def make_celery(settings: Settings, *, include: list[str] | None = None) -> Celery:

@@ -71,9 +71,9 @@ def extra_pool(t: torch.Tensor, pool: dict[str, Any] | None) -> torch.Tensor:
 
 
 def capture(model: nn.Module, x: torch.Tensor, wanted: Sequence[int],
-            pool: dict[str, Any] | None = None) -> dict[int, Captured]:
-    """The outputs of the layers in `wanted` for the batch `x`; layers after the last one
-    wanted are not run."""
+            pool: dict[str, Any] | None = None, *, argmax: bool = True) -> dict[int, Captured]:
+    """The outputs of the layers in `wanted` for the batch `x` (with the max-pooling argmax
+    unless `argmax` is False); layers after the last one wanted are not run."""
     wanted_set, last = set(wanted), max(wanted)
     out: dict[int, Captured] = {}
     layers = model.layers
@@ -81,12 +81,12 @@ def capture(model: nn.Module, x: torch.Tensor, wanted: Sequence[int],
     for i, layer in enumerate(layers):
         if i > last:
             break
-        argmax = None
-        if i in wanted_set and isinstance(layer, nn.MaxPool2d):
-            y, argmax = max_pool_with_argmax(x, layer)
+        where = None
+        if argmax and i in wanted_set and isinstance(layer, nn.MaxPool2d):
+            y, where = max_pool_with_argmax(x, layer)
         else:
             y = layer(x)
         if i in wanted_set:
-            out[i] = Captured(i, extra_pool(y, pool), argmax)
+            out[i] = Captured(i, extra_pool(y, pool), where)
         x = y
     return out

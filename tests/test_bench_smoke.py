@@ -29,6 +29,8 @@ FIGURES = {
     "bench_feature_maps": [rf"digits-cnn +256 +{NUMBER} +{NUMBER} +{NUMBER} +{NUMBER} \({NUMBER}\)",
                            rf"vgg-small +64 +{NUMBER}",
                            rf"vgg-small x16, max pool 2, no png +{NUMBER}( +{NUMBER}){{8}}"],
+    "bench_invariance": [rf"lenet5 +32 +480 +{NUMBER} +{NUMBER} +{NUMBER} +{NUMBER} \({NUMBER}\)",
+                         rf"(?m)^digits-cnn +32 +{NUMBER}( +{NUMBER}){{4}}$"],
 }
 
 

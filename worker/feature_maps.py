@@ -98,11 +98,20 @@ def load_model(settings: Settings, job: Job, spec: ModelSpec, source: PlanSource
 def load_inputs(settings: Settings, job: Job, plan: DatasetInputs | UploadedInputs,
                 input_shape: list[int]) -> np.ndarray:
     """The (N, C, H, W) float32 inputs, in the order of `indices`."""
+    return load_labelled_inputs(settings, job, plan, input_shape)[0]
+
+
+def load_labelled_inputs(settings: Settings, job: Job, plan: DatasetInputs | UploadedInputs,
+                         input_shape: list[int]) -> tuple[np.ndarray, np.ndarray | None]:
+    """The inputs as load_inputs gives them, and their labels (int64) when they come from a
+    dataset; None for uploaded inputs, which have none."""
     indices = np.asarray(plan.indices, dtype=np.int64)
     if isinstance(plan, DatasetInputs):
         split = load_split(plan.dataset, settings=settings, tenant=job.tenant)
         x = {"all": split.all_x, "train": split.x_train, "val": split.x_val}[plan.split]
-        return np.ascontiguousarray(x[indices], dtype=np.float32)
+        y = {"all": split.all_y, "train": split.y_train, "val": split.y_val}[plan.split]
+        return (np.ascontiguousarray(x[indices], dtype=np.float32),
+                np.asarray(y[indices], dtype=np.int64))
     with session_scope(settings.database_url) as session:
         row = uploads.get(session, id=plan.input_id, tenant=job.tenant, kind="input")
         if row is None:
@@ -113,7 +122,7 @@ def load_inputs(settings: Settings, job: Job, plan: DatasetInputs | UploadedInpu
         x = inputs.parse_npy(data, max_pixels=settings.max_image_pixels)
     else:
         x = inputs.image_to_array(data, input_shape, max_pixels=settings.max_image_pixels)
-    return np.ascontiguousarray(x[indices])
+    return np.ascontiguousarray(x[indices]), None
 
 
 def extract(model: torch.nn.Module, x: np.ndarray, wanted: list[int], *,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from convoy.queue import FEATURE_MAPS_TASK, TRAIN_TASK, enqueue
+from convoy.queue import FEATURE_MAPS_TASK, INVARIANCE_TASK, TRAIN_TASK, enqueue
 from db import dispatch, job_reads
 from db.session import session_scope
 from worker import warmup
@@ -57,3 +57,8 @@ def train_task(job_id: str) -> str:
 @app.task(name=FEATURE_MAPS_TASK)
 def feature_maps_task(job_id: str) -> str:
     return run(job_id, "feature_maps")
+
+
+@app.task(name=INVARIANCE_TASK)
+def invariance_task(job_id: str) -> str:
+    return run(job_id, "invariance")

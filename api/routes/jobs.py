@@ -37,7 +37,13 @@ from api.schemas import (
     MetricsOut,
 )
 from api.submit import check_timeout, check_train
-from convoy.jobspec import FeatureMapsJobRequest, JobRequest, TrainJobRequest, dump
+from convoy.jobspec import (
+    FeatureMapsJobRequest,
+    InvarianceJobRequest,
+    JobRequest,
+    TrainJobRequest,
+    dump,
+)
 from convoy.queue import enqueue
 from convoy.settings import Settings
 from db import artifacts, attempts, job_reads, joblog, metrics
@@ -49,7 +55,7 @@ from db.tables import Artifact, Job
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 JobId = Annotated[str, Query(max_length=64)]
-Kind = Literal["train", "feature_maps"]
+Kind = Literal["train", "feature_maps", "invariance"]
 
 
 def job_out(job: Job, waiting_reason: str | None = None) -> JobOut:
@@ -91,7 +97,7 @@ def submit_job(
         session.close()  # here, on this thread: no second trip to the pool to close it
 
 
-def _submit(body: TrainJobRequest | FeatureMapsJobRequest, session: Session,
+def _submit(body: TrainJobRequest | FeatureMapsJobRequest | InvarianceJobRequest, session: Session,
             settings: Settings, principal: Principal, celery: Any, request: Request,
             response: Response) -> JobOut:
     request_json = dump(body)
@@ -99,6 +105,10 @@ def _submit(body: TrainJobRequest | FeatureMapsJobRequest, session: Session,
                     parts=[canonical_json(request_json)])
     if isinstance(body, TrainJobRequest):
         summary = check_train(session, body, settings, tenant=principal.tenant)
+    elif isinstance(body, InvarianceJobRequest):
+        from api.invariance import check_invariance
+
+        summary = check_invariance(session, body, settings, tenant=principal.tenant)
     else:
         from api.feature_maps import check_feature_maps
 
