@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 
 from convoy import inputs
-from convoy.artifacts import CorruptArtifact, LocalStore, get_store, job_key
+from convoy.artifacts import ArtifactStore, CorruptArtifact, get_store, job_key
 from convoy.featuremaps import layer_names
 from convoy.jobspec import (
     DatasetInputs,
@@ -52,7 +52,7 @@ class Timings:
         return {k: round(v, 4) for k, v in vars(self).items()}
 
 
-def _verified_state(store: LocalStore, row: Artifact | Upload, what: str
+def _verified_state(store: ArtifactStore, row: Artifact | Upload, what: str
                     ) -> dict[str, torch.Tensor]:
     """The tensors of a source checkpoint whose file matches its row (size, sha256) and
     parses; otherwise CorruptArtifact naming it: a damaged checkpoint is never extracted
