@@ -71,7 +71,7 @@ class StoreUnavailable(OSError):
     def public(self) -> str:
         """For API clients: names the store and the reason, not the server's paths (a bucket
         URL is no secret and is named; a local folder is not)."""
-        where = f" {self.root}" if self.public_name else ""
+        where = f" {self.root}" if self.public_name else " (local folder)"
         return (f"the artifact store{where} is unavailable ({self.code}: {self.strerror}); "
                 "nothing was stored, try again later")
 
