@@ -406,6 +406,17 @@ class S3Store(ArtifactStore):
                        use_multipart=True, chunk_size=self.multipart_bytes, max_concurrency=4)
         return digesting.size, digesting.digest.hexdigest()
 
+    def put_bytes(self, key: str, data: bytes | bytearray | memoryview) -> tuple[int, str]:
+        """One PUT of the buffer itself below the multipart threshold (no copy)."""
+        import obstore
+
+        view = memoryview(data).cast("B")
+        if len(view) >= self.multipart_bytes:
+            return super().put_bytes(key, view)
+        check_key(key)
+        self._call("write", key, obstore.put, self._store, key, view, use_multipart=False)
+        return len(view), hashlib.sha256(view).hexdigest()
+
     def size(self, key: str) -> int:
         import obstore
 
