@@ -11,8 +11,8 @@ import os
 import httpx
 import pytest
 
-from tests.storage.conftest import make_stack, plant, s3_env
 from tests.services import Stack
+from tests.storage.conftest import make_stack, plant, s3_env
 
 DATA = os.urandom(300_000)
 
