@@ -60,6 +60,7 @@ class WeedServer:
     bucket: str = ""
     log: Any = None
     ports: list[int] = field(default_factory=list)
+    cmd: list[str] = field(default_factory=list)
 
     @property
     def endpoint(self) -> str:
@@ -91,14 +92,26 @@ class WeedServer:
         cmd = [weed_binary(), "server", f"-dir={self.home / 'data'}", "-ip=127.0.0.1",
                "-ip.bind=127.0.0.1", f"-master.port={master}", f"-volume.port={volume}",
                f"-filer.port={filer}", "-s3", f"-s3.port={s3}", f"-s3.config={config}",
-               "-s3.autoCreateBucket=false", "-master.volumeSizeLimitMB=1024",
+               "-s3.autoCreateBucket=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
+               "-master.volumeSizeLimitMB=1024",
                "-volume.max=0"]
+        self.cmd = cmd
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         self.bucket = f"convoy-test-{uuid.uuid4().hex[:8]}"
         self._create_bucket(timeout)
 
-    def _create_bucket(self, timeout: float) -> None:
+    def restart(self, timeout: float = 60) -> None:
+        """The same server again (same ports, data and bucket) after a kill."""
+        assert self.proc is None or self.proc.poll() is not None, "still running"
+        self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        self._create_bucket(timeout, exists=True)
+
+    def data_bytes(self) -> int:
+        return sum(p.stat().st_size for p in (self.home / "data").rglob("*") if p.is_file())
+
+    def _create_bucket(self, timeout: float, exists: bool = False) -> None:
         deadline = time.monotonic() + timeout
         last: Exception | None = None
         while time.monotonic() < deadline:
@@ -108,7 +121,9 @@ class WeedServer:
                                    f"{(self.home / 'weed.log').read_text()[-2000:]}")
             try:
                 c = self.client()
-                c.create_bucket(Bucket=self.bucket)
+                if not exists:
+                    c.create_bucket(Bucket=self.bucket)
+                    exists = True
                 c.put_object(Bucket=self.bucket, Key="probe", Body=b"x")  # volumes ready
                 c.delete_object(Bucket=self.bucket, Key="probe")
                 return
