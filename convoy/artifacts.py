@@ -128,6 +128,13 @@ class ArtifactStore(ABC):
     def size(self, key: str) -> int:
         """The object's size; MissingArtifact when there is none."""
 
+    def etag(self, key: str) -> str | None:
+        """The object's ETag where the store has one (S3: the MD5 of a single-part object,
+        the MD5 of the parts' MD5s and `-N` for a multipart one); MissingArtifact when there
+        is no object."""
+        self.size(key)
+        return None
+
     @abstractmethod
     def iter_range(self, key: str, start: int = 0, end: int | None = None,
                    chunk: int = CHUNK) -> Iterator[bytes]:
@@ -143,7 +150,7 @@ class ArtifactStore(ABC):
         """Remove the object (nothing when there is none)."""
 
     @abstractmethod
-    def keys(self, prefix: str = "") -> Iterator[tuple[str, int]]:
+    def list_keys(self, prefix: str = "") -> Iterator[tuple[str, int]]:
         """Every (key, size) under `prefix`, as written (temporary files excluded)."""
 
     @abstractmethod
@@ -304,7 +311,7 @@ class LocalStore(ArtifactStore):
     def delete(self, key: str) -> None:
         self.path(key).unlink(missing_ok=True)
 
-    def keys(self, prefix: str = "") -> Iterator[tuple[str, int]]:
+    def list_keys(self, prefix: str = "") -> Iterator[tuple[str, int]]:
         base = self.root / prefix if prefix else self.root
         if not base.is_dir():
             return
@@ -406,6 +413,12 @@ class S3Store(ArtifactStore):
                        use_multipart=True, chunk_size=self.multipart_bytes, max_concurrency=4)
         return digesting.size, digesting.digest.hexdigest()
 
+    def etag(self, key: str) -> str | None:
+        import obstore
+
+        meta = self._call("read", key, obstore.head, self._store, check_key(key))
+        return str(meta["e_tag"]).strip('"') if meta.get("e_tag") else None
+
     def put_bytes(self, key: str, data: bytes | bytearray | memoryview) -> tuple[int, str]:
         """One PUT of the buffer itself below the multipart threshold (no copy)."""
         import obstore
@@ -475,7 +488,7 @@ class S3Store(ArtifactStore):
 
         self._call("delete", key, obstore.delete, self._store, check_key(key))
 
-    def keys(self, prefix: str = "") -> Iterator[tuple[str, int]]:
+    def list_keys(self, prefix: str = "") -> Iterator[tuple[str, int]]:
         import obstore
 
         pages = self._call("list", prefix or "/", obstore.list, self._store,

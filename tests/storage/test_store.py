@@ -78,7 +78,7 @@ def test_exists_delete_keys_and_missing(store: ArtifactStore) -> None:
     store.put_bytes("uploads/inputs/u1.npy", b"abc")
     store.put_bytes("uploads/inputs/u2.npy", b"defg")
     assert store.exists("uploads/inputs/u1.npy")
-    assert sorted(store.keys("uploads")) == [("uploads/inputs/u1.npy", 3),
+    assert sorted(store.list_keys("uploads")) == [("uploads/inputs/u1.npy", 3),
                                             ("uploads/inputs/u2.npy", 4)]
     store.delete("uploads/inputs/u1.npy")
     store.delete("uploads/inputs/u1.npy")  # twice: nothing to do
@@ -101,12 +101,12 @@ def test_failed_source_leaves_nothing(store: ArtifactStore) -> None:
     with pytest.raises(ValueError, match="the source broke"):
         store.write("jobs/f/half.bin", broken())
     assert not store.exists("jobs/f/half.bin")
-    assert list(store.keys("jobs/f")) == []
+    assert list(store.list_keys("jobs/f")) == []
 
 
 def test_check_and_presigned(store: ArtifactStore) -> None:
     store.check()
-    assert list(store.keys("readyz")) == []  # the probe is deleted again
+    assert list(store.list_keys("readyz")) == []  # the probe is deleted again
     store.put_bytes("jobs/p/x.bin", b"presigned body")
     url = store.presigned_url("jobs/p/x.bin", 60)
     if isinstance(store, LocalStore):
