@@ -24,6 +24,7 @@ import tempfile
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Generator, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from datetime import timedelta
 from itertools import chain
@@ -71,7 +72,7 @@ class StoreUnavailable(OSError):
     def public(self) -> str:
         """For API clients: names the store and the reason, not the server's paths (a bucket
         URL is no secret and is named; a local folder is not)."""
-        where = f" {self.root}" if self.public_name else " (local folder)"
+        where = f" {self.root}" if self.public_name else ""
         return (f"the artifact store{where} is unavailable ({self.code}: {self.strerror}); "
                 "nothing was stored, try again later")
 
@@ -410,7 +411,7 @@ class S3Store(ArtifactStore):
             self._call("write", key, obstore.put, self._store, key, body, use_multipart=False)
         else:
             self._call("write", key, obstore.put, self._store, key, chain(head, chunks),
-                       use_multipart=True, chunk_size=self.multipart_bytes, max_concurrency=4)
+                       use_multipart=True, chunk_size=self.multipart_bytes, max_concurrency=8)
         return digesting.size, digesting.digest.hexdigest()
 
     def etag(self, key: str) -> str | None:
@@ -420,15 +421,23 @@ class S3Store(ArtifactStore):
         return str(meta["e_tag"]).strip('"') if meta.get("e_tag") else None
 
     def put_bytes(self, key: str, data: bytes | bytearray | memoryview) -> tuple[int, str]:
-        """One PUT of the buffer itself below the multipart threshold (no copy)."""
+        """The buffer itself uploaded (one PUT below the multipart threshold, else a multipart
+        upload), no copy made here; its sha256 computed on another thread meanwhile (hashlib
+        releases the GIL), so hashing adds no time to the upload."""
         import obstore
 
         view = memoryview(data).cast("B")
-        if len(view) >= self.multipart_bytes:
-            return super().put_bytes(key, view)
         check_key(key)
-        self._call("write", key, obstore.put, self._store, key, view, use_multipart=False)
-        return len(view), hashlib.sha256(view).hexdigest()
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256") as pool:
+            digest = pool.submit(hashlib.sha256, view)
+            if len(view) < self.multipart_bytes:
+                self._call("write", key, obstore.put, self._store, key, view,
+                           use_multipart=False)
+            else:
+                self._call("write", key, obstore.put, self._store, key, view,
+                           use_multipart=True, chunk_size=self.multipart_bytes,
+                           max_concurrency=8)
+            return len(view), digest.result().hexdigest()
 
     def size(self, key: str) -> int:
         import obstore
