@@ -45,7 +45,7 @@ def same_object(src: LocalStore, dst: ArtifactStore, key: str, size: int) -> boo
     if etag is None:  # a store without ETags: compare the bytes' digests
         return (hashlib.sha256(dst.get_bytes(key)).digest()
                 == hashlib.sha256(src.path(key).read_bytes()).digest())
-    part = getattr(dst, "multipart_bytes", 16 << 20)
+    part = getattr(dst, "multipart_bytes", 8 << 20)
     return etag in expected_etag(src.path(key), part)
 
 

@@ -30,7 +30,7 @@ class Settings(BaseSettings):
     s3_presigned_downloads: bool = False
     s3_presigned_seconds: Annotated[int, Field(ge=1, le=7 * 24 * 3600)] = 300
     # Objects at least this large are written as multipart uploads of parts this size.
-    s3_multipart_bytes: Annotated[int, Field(ge=5 * 1024 * 1024)] = 16 * 1024 * 1024
+    s3_multipart_bytes: Annotated[int, Field(ge=5 * 1024 * 1024)] = 8 * 1024 * 1024
     queue: str = "convoy"
     # Whether `convoy worker` also reads the GPU queue (jobs with device "cuda"); unset: when
     # the worker has a CUDA device. The embedded worker always reads it.
