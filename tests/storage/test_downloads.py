@@ -6,13 +6,20 @@ recorded digest; and with presigned downloads on, a 302 whose URL a plain GET fo
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 
 import httpx
+import numpy as np
 import pytest
 
+from convoy.artifacts import job_key
+from db import artifacts
+from db.session import session_scope
+from db.tables import Artifact, Job
+from tests.factories import feature_maps_request, npy_bytes
 from tests.services import Stack
-from tests.storage.conftest import make_stack, plant, s3_env
+from tests.storage.conftest import make_stack, plant, s3_env, store_of
 
 DATA = os.urandom(300_000)
 
@@ -78,11 +85,39 @@ def test_malformed_or_multi_range_gets_the_whole_file(api_only: Stack, planted,
     assert r.content == DATA
 
 
-def test_feature_map_npy_route_ranges_too(api_only: Stack) -> None:
-    """The same download code serves .npy maps: a missing layer is still a 404."""
+def test_feature_map_npy_downloads_stream_and_range_too(api_only: Stack) -> None:
+    """The .npy route shares the download code: a planted map (object + row) comes back whole
+    with its listed sha256, and one image's slice by Range."""
+    maps = np.arange(2 * 3 * 4 * 4, dtype=np.float32).reshape(2, 3, 4, 4)
+    blob = npy_bytes(maps)
     with api_only.client() as client:
-        r = client.get("/v1/jobs/nope/feature-maps/0", headers={"Range": "bytes=0-1"})
-    assert r.status_code == 404
+        r = client.post("/v1/jobs", json=feature_maps_request(
+            {"model": {"input_shape": [1, 8, 8], "layers": [
+                {"type": "conv2d", "out_channels": 3, "kernel_size": 3}]}, "seed": 0}))
+        assert r.status_code == 201, r.text
+        job_id = r.json()["id"]
+    key = job_key(job_id, "feature-maps", "0-conv2d.npy")
+    size, sha = store_of(api_only).put_bytes(key, blob)
+    with session_scope(api_only.env["CONVOY_DATABASE_URL"]) as session:
+        row = session.get(Job, job_id)
+        assert row is not None
+        artifacts.upsert(session, artifact=Artifact(
+            job_id=job_id, tenant=row.tenant, kind="feature_map", name="0-conv2d", key=key,
+            size=size, sha256=sha, meta={"index": 0, "type": "conv2d", "shape": [2, 3, 4, 4],
+                                         "dtype": "float32", "bytes": maps.nbytes}))
+        session.commit()
+    url = f"/v1/jobs/{job_id}/feature-maps/0-conv2d"
+    with api_only.client() as client:
+        whole = client.get(url)
+        assert whole.status_code == 200 and whole.headers["x-sha256"] == sha
+        assert np.array_equal(np.load(io.BytesIO(whole.content)), maps)
+        header = size - maps.nbytes
+        per_image = maps[1].nbytes
+        second = client.get(url, headers={"Range": f"bytes={header + per_image}-"})
+        assert second.status_code == 206
+        assert np.array_equal(np.frombuffer(second.content, np.float32).reshape(3, 4, 4),
+                              maps[1])
+        assert client.get(url, headers={"Range": f"bytes={size}-"}).status_code == 416
 
 
 def test_presigned_302_then_a_plain_get(weed, pg_url, tmp_path) -> None:  # type: ignore[no-untyped-def]
