@@ -554,12 +554,21 @@ def checkpoint_name(epoch: int) -> str:
     return f"epoch-{epoch:04d}.safetensors"
 
 
+_S3_STORES: dict[tuple[str, str, int], S3Store] = {}
+
+
 def open_store(root: str, settings: Settings | None = None) -> ArtifactStore:
-    """The store a root names: s3://BUCKET/PREFIX or a local folder."""
+    """The store a root names: s3://BUCKET/PREFIX or a local folder. S3 stores are made once
+    per process and root (their clients keep connections open between jobs)."""
     if root.startswith("s3://"):
-        return S3Store(root, endpoint_url=settings.s3_endpoint_url if settings else
-                       os.environ.get("CONVOY_S3_ENDPOINT_URL", ""),
-                       multipart_bytes=settings.s3_multipart_bytes if settings else 8 << 20)
+        endpoint = (settings.s3_endpoint_url if settings
+                    else os.environ.get("CONVOY_S3_ENDPOINT_URL", ""))
+        part = settings.s3_multipart_bytes if settings else 8 << 20
+        made = _S3_STORES.get((root, endpoint, part))
+        if made is None:
+            made = _S3_STORES[(root, endpoint, part)] = S3Store(
+                root, endpoint_url=endpoint, multipart_bytes=part)
+        return made
     return LocalStore(Path(root))
 
 
