@@ -4,6 +4,7 @@ Plain Python and numpy: the API never imports torch."""
 
 from __future__ import annotations
 
+import io
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -209,7 +210,7 @@ def split_size(session: Session, ref: Any, split: str, *, tenant: str, store: An
     shape = tuple(upload.meta["input_shape"])
     if split == "all":
         return shape, int(upload.meta["samples"])
-    with np.load(store.path(upload.key), allow_pickle=False) as archive:
+    with np.load(io.BytesIO(store.get_bytes(upload.key)), allow_pickle=False) as archive:
         y = archive["y"]  # an .npz member loads alone: x is not read
     return shape, datasets.split_sizes(y.astype(np.int64), uploaded=True)[split]
 

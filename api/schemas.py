@@ -32,6 +32,8 @@ class ErrorOut(BaseModel):
 class ReadyChecks(BaseModel):
     database: str = Field(description="`ok` or `error: <reason>`")
     broker: str = Field(description="`ok` or `error: <reason>`")
+    artifacts: str = Field(description="`ok` or `error: <reason>` naming the artifact store "
+                                       "(a probe object written and deleted)")
 
 
 class ReadyOut(BaseModel):

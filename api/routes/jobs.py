@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
-import logging
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -25,6 +23,7 @@ from api.deps import (
     principal_from,
     token_cache,
 )
+from api.downloads import DOWNLOAD_RESPONSES, artifact_download
 from api.idempotency import canonical_json, conflict, idem_for
 from api.schemas import (
     BINARY,
@@ -50,7 +49,7 @@ from db import artifacts, attempts, job_reads, joblog, metrics
 from db import jobs as jobs_db
 from db.idempotency import KeyReused
 from db.states import JobState
-from db.tables import Artifact, Job
+from db.tables import Job
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -257,35 +256,22 @@ def list_checkpoints(job_id: str, session: SessionDep, principal: PrincipalDep
 
 @router.get("/{job_id}/checkpoints/{name}", response_class=Response,
             responses={200: {"content": {"application/octet-stream": BINARY},
-                             "description": "the checkpoint's .safetensors file"}})
-def download_checkpoint(job_id: str, name: str, session: SessionDep, principal: PrincipalDep,
-                        store: StoreDep) -> Response:
-    """`name` is looked up among the job's artifact rows (or `last`), never joined into a path."""
+                             "description": "the checkpoint's .safetensors file, streamed; "
+                                            "`X-Sha256` is its recorded sha256"},
+                       **DOWNLOAD_RESPONSES})
+def download_checkpoint(job_id: str, name: str, request: Request, session: SessionDep,
+                        principal: PrincipalDep, store: StoreDep, settings: SettingsDep
+                        ) -> Response:
+    """`name` is looked up among the job's artifact rows (or `last`), never joined into a path.
+    Streamed from the store; one `Range` honoured (206), or 302 to a presigned URL."""
     load_job(session, job_id, principal.tenant)
     found = artifacts.checkpoints(session, job_id=job_id)
     match = found[-1:] if name in ("last", "latest") else [a for a in found if a.name == name]
     if not match:
         raise HTTPException(404, f"checkpoint {name[:80]!r} not found for job {job_id}")
     artifact = match[0]
-    try:
-        body = store.get_bytes(artifact.key)
-    except FileNotFoundError:
-        raise HTTPException(404, f"checkpoint {artifact.name} of job {job_id}: its file is "
-                                 "missing from the artifact store") from None
-    headers = {"Content-Disposition": f'attachment; filename="{artifact.name}"',
-               "X-Checkpoint-Name": artifact.name,
-               **digest_headers(body, artifact, what=f"checkpoint {artifact.name} of job {job_id}")}
-    return Response(body, media_type="application/octet-stream", headers=headers)
-
-
-def digest_headers(body: bytes, artifact: Artifact, *, what: str) -> dict[str, str]:
-    """X-Sha256 for a download: the digest of the bytes sent, never the row's copied over (a
-    damaged file must not come with a header vouching for it). When they differ,
-    X-Stored-Sha256 says what was written, so a client can tell the download is not that
-    file, and the API's log says so."""
-    sent = hashlib.sha256(body).hexdigest()
-    if sent == artifact.sha256:
-        return {"X-Sha256": sent}
-    logging.getLogger(__name__).warning("%s does not match its row (sha256 %s, stored %s)",
-                                        what, sent, artifact.sha256)
-    return {"X-Sha256": sent, "X-Stored-Sha256": artifact.sha256}
+    return artifact_download(
+        request, store, settings, artifact, filename=artifact.name,
+        missing=f"checkpoint {artifact.name} of job {job_id}: its file is missing from the "
+                "artifact store",
+        headers={"X-Checkpoint-Name": artifact.name})
