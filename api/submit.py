@@ -11,7 +11,7 @@ from convoy import datasets
 from convoy.jobspec import TrainJobRequest
 from convoy.settings import Settings, get_settings
 from db import uploads
-from models.spec import ModelSpec, SpecError, infer
+from models.spec import ModelSpec, SpecError, infer, layer_count
 
 
 def unprocessable(field: str, message: str) -> HTTPException:
@@ -25,13 +25,17 @@ def summarize_or_422(spec: ModelSpec, *, field: str = "model",
     """The spec's summary, or a 422 naming the layer. Bounded cost: at most max_model_layers
     layers, no map larger than max_feature_side, and inference is O(layers)."""
     settings = settings or get_settings()
-    if len(spec.layers) > settings.max_model_layers:
-        raise unprocessable(f"{field}.layers", f"{len(spec.layers)} layers exceed the limit "
+    count = layer_count(spec)
+    if count > settings.max_model_layers:
+        raise unprocessable(f"{field}.layers", f"{count} layers (those inside residual blocks "
+                                               "included) exceed the limit "
                                                f"max_model_layers={settings.max_model_layers}")
     try:
         return infer(spec, max_side=settings.max_feature_side)
     except SpecError as exc:
         loc = f"{field}.layers.{exc.index}" if exc.index is not None else field
+        if exc.inner is not None:
+            loc += f".layers.{exc.inner}"
         message = str(exc)
         raise unprocessable(loc, message) from exc
 
