@@ -27,6 +27,8 @@ FIGURES = {
     "bench_feature_maps": [rf"digits-cnn +256 +{NUMBER} +{NUMBER} +{NUMBER} +{NUMBER} \({NUMBER}\)",
                            rf"vgg-small +64 +{NUMBER}",
                            rf"vgg-small x16, max pool 2, no png +{NUMBER}( +{NUMBER}){{8}}"],
+    "bench_scenes": [rf"resnet-small +augment=yes +val_accuracy={NUMBER}",
+                     rf"residual - plain \(augment=yes\): [+-]{NUMBER}"],
 }
 
 
