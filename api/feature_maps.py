@@ -229,6 +229,8 @@ def split_size(session: Session, ref: Any, split: str, *, tenant: str, store: An
     shape = tuple(upload.meta["input_shape"])
     if split == "all":
         return shape, int(upload.meta["samples"])
+    if upload.meta.get("split"):  # an image folder with its own val/ split
+        return shape, int(upload.meta["split"][split])
     with np.load(store.path(upload.key), allow_pickle=False) as archive:
         y = archive["y"]  # an .npz member loads alone: x is not read
     return shape, datasets.split_sizes(y.astype(np.int64), uploaded=True)[split]

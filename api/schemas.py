@@ -197,6 +197,11 @@ class DatasetOut(BaseModel):
     size: int | None = None
     sha256: str | None = None
     created_at: datetime | None = None
+    classes: list[str] | None = Field(default=None, description=(
+        "image-folder datasets: the class folder names; label i is classes[i]"))
+    split: dict[str, int] | None = Field(default=None, description=(
+        "image-folder datasets with a val/ or test/ folder: samples per split (train, val, "
+        "all); otherwise 20% of each class is held out for validation"))
 
 
 class UploadOut(BaseModel):

@@ -312,6 +312,33 @@ def parse_npz(data: bytes, *, max_pixels: int, max_bytes: int | None = None
     return x, y
 
 
+def parse_presplit(data: bytes, *, max_pixels: int, max_bytes: int | None = None) -> Split:
+    """A stored image-folder dataset: an .npz with x, y (training) and x_val, y_val (its
+    val/ or test/ folder), each pair checked as parse_npz checks x and y."""
+    if max_bytes is None:
+        from convoy.settings import get_settings
+
+        max_bytes = get_settings().max_dataset_bytes
+    try:
+        archive = npyfile.Npz(data, ("x", "y", "x_val", "y_val"), max_bytes=max_bytes)
+    except npyfile.BadArray as exc:
+        raise BadDataset(str(exc), status=exc.status) from None
+    with archive:
+        try:
+            arrays = [archive.load(n) for n in ("x", "y", "x_val", "y_val")]
+        except npyfile.BadArray as exc:
+            raise BadDataset(str(exc)) from None
+    x, y, x_val, y_val = arrays
+    if x.ndim != 4 or x_val.ndim != 4 or x.shape[1:] != x_val.shape[1:] \
+            or x.shape[2] * x.shape[3] > max_pixels:
+        raise BadDataset(f"x {list(x.shape)} and x_val {list(x_val.shape)} must be (N, C, H, W)"
+                         " of the same image shape")
+    if y.shape != (len(x),) or y_val.shape != (len(x_val),):
+        raise BadDataset("y and y_val must label every image of x and x_val")
+    return Split(x.astype(np.float32, copy=False), y.astype(np.int64),
+                 x_val.astype(np.float32, copy=False), y_val.astype(np.int64))
+
+
 def split_uploaded(x: np.ndarray, y: np.ndarray) -> Split:
     if len(np.unique(y)) * 2 > len(y):
         rng = np.random.default_rng(0)
