@@ -53,6 +53,12 @@ class TrainConfig(BaseModel):
 
 
 Device = Literal["auto", "cpu", "cuda"]
+# 0 (least urgent) to 9 (most): a queued job of higher priority starts before lower ones
+# queued earlier (convoy.queue.enqueue; what each broker guarantees: docs/reliability.md).
+DEFAULT_PRIORITY = 5
+Priority = Annotated[int, Field(ge=0, le=9, description=(
+    "0 (least urgent) to 9 (most urgent); a higher-priority job starts before lower-priority "
+    "jobs queued earlier"))]
 # Running time allowed (seconds, summed over attempts); None: the server's default.
 Timeout = Annotated[float, Field(gt=0, allow_inf_nan=False)] | None
 
@@ -68,6 +74,7 @@ class TrainJobRequest(BaseModel):
     device: Device = "auto"
     max_attempts: Annotated[int, Field(ge=1, le=20)] | None = None
     timeout: Timeout = None
+    priority: Priority = DEFAULT_PRIORITY
 
 
 class CheckpointSource(BaseModel):
@@ -111,6 +118,7 @@ class FeatureMapsJobRequest(BaseModel):
     device: Device = "auto"
     max_attempts: Annotated[int, Field(ge=1, le=20)] | None = None
     timeout: Timeout = None
+    priority: Priority = DEFAULT_PRIORITY
 
 
 JobRequest = Annotated[TrainJobRequest | FeatureMapsJobRequest, Field(discriminator="kind")]
