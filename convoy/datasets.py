@@ -173,34 +173,34 @@ def _draw(kind: str, size: int, rng: np.random.Generator,
 
 def _scene(label: int, size: int, channels: int, rng: np.random.Generator) -> np.ndarray:
     """One `scenes` image: a smooth random colour background (a 4x4 grid of random colours,
-    bilinearly upsampled), six distractor strokes (random straight lines, 1 px), the
-    class's shape at a random scale (12-30% of the side as its half-width) and place in a
-    random colour at least 0.2 per channel (in norm) away from the background's mean, then
-    N(0, 0.08) noise."""
+    bilinearly upsampled), four distractor strokes (random straight lines, 1 px), the
+    class's shape at a random scale (15-32% of the side as its half-width) and place in a
+    random colour at least 0.25 per channel (in norm) away from the background's mean, then
+    N(0, 0.06) noise."""
     grid = rng.uniform(0.0, 1.0, (channels, 4, 4)).astype(np.float32)
     pos = np.linspace(0, 3, size, dtype=np.float32)
     i0 = np.minimum(pos.astype(int), 2)
     f = pos - i0
     rows = grid[:, i0] * (1 - f)[None, :, None] + grid[:, i0 + 1] * f[None, :, None]
     img = rows[:, :, i0] * (1 - f) + rows[:, :, i0 + 1] * f
-    for _ in range(6):
+    for _ in range(4):
         (y0, x0), (y1, x1) = rng.uniform(0, size - 1, (2, 2))
         n = int(max(abs(y1 - y0), abs(x1 - x0))) + 2
         ys = np.linspace(y0, y1, n).round().astype(int)
         xs = np.linspace(x0, x1, n).round().astype(int)
         img[:, ys, xs] = rng.uniform(0.0, 1.0, (channels, 1))
-    mask = _draw(SHAPES[label], size, rng, scale=(0.12, 0.3), thin=True)
+    mask = _draw(SHAPES[label], size, rng, scale=(0.15, 0.32), thin=True)
     mean = img.mean(axis=(1, 2))
     colour = rng.uniform(0.0, 1.0, channels).astype(np.float32)
     push = colour - mean
     norm = float(np.linalg.norm(push))
-    if norm < 0.2 * math.sqrt(channels):
+    if norm < 0.25 * math.sqrt(channels):
         # too close to the background: push it away from the mean (any direction when equal)
         direction = push / norm if norm > 1e-6 else np.ones(channels, np.float32)
         direction /= np.linalg.norm(direction)
-        colour = np.clip(mean + direction * 0.2 * math.sqrt(channels) * 1.5, 0, 1)
+        colour = np.clip(mean + direction * 0.25 * math.sqrt(channels) * 1.5, 0, 1)
     img = img * (1 - mask) + colour[:, None, None] * mask
-    return img + rng.normal(0, 0.08, img.shape).astype(np.float32)
+    return img + rng.normal(0, 0.06, img.shape).astype(np.float32)
 
 
 def load_synthetic(ref: SyntheticRef) -> Split:

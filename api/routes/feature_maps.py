@@ -64,7 +64,7 @@ def _find(session: Session, job_id: str, tenant: str, kind: str, layer: str
     return found
 
 
-@router.get("/{job_id}/feature-maps/{layer}", response_class=Response, responses={
+@router.get("/{job_id}/feature-maps/{layer:path}", response_class=Response, responses={
     200: {"model": FeatureMapValues,
           "description": "format=npy: a .npy file; png: the image's grid of channels; "
                          "json: the values",
@@ -80,8 +80,9 @@ def get_feature_map(
     image: Annotated[int | None, Query(ge=0)] = None,
     array: Array = "maps",
 ) -> Response:
-    """`layer` is a name from the list (`2-maxpool2d`) or its index (`2`). `array` picks the
-    maps (default) or, for max pooling, the argmax positions."""
+    """`layer` is a name from the list (`2-maxpool2d`, `3-residual/1-conv2d` inside a
+    residual block) or a top-level layer's index (`2`). `array` picks the maps (default) or,
+    for max pooling, the argmax positions."""
     _feature_job(session, job_id, principal.tenant)
     kind = "feature_map" if array == "maps" else array
     main = _find(session, job_id, principal.tenant, "feature_map", layer)
@@ -114,7 +115,8 @@ def get_feature_map(
         blob = store.get_bytes(artifact.key)
         return Response(blob, media_type="application/octet-stream", headers={
             **headers, **digest_headers(blob, artifact, what=f"{artifact.name} of job {job_id}"),
-            "Content-Disposition": f'attachment; filename="{main.name}.npy"'})
+            "Content-Disposition":
+                f'attachment; filename="{main.name.replace("/", "_")}.npy"'})
     values = math.prod(shape[1:]) if image is not None else math.prod(shape)
     if format == "json" and values > settings.max_json_map_values:
         raise HTTPException(413, f"{values} values are too many for JSON (limit "

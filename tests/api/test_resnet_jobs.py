@@ -67,3 +67,25 @@ def test_a_block_error_names_the_inner_layer(client):
     assert r.status_code == 422, r.text
     assert r.json()["detail"][0]["loc"] == ["body", "layers", 0, "layers", 1]
     assert "layer 0 (residual) layer 1 (conv2d)" in r.json()["detail"][0]["msg"]
+
+
+def test_feature_maps_of_layers_inside_a_block(client):
+    request = {"kind": "feature_maps", "source": {"model": {"preset": "resnet-small"}},
+               "inputs": {"dataset": SCENES, "indices": [0, 1]},
+               "layers": ["3-residual/0-conv2d", "7-residual/4-batchnorm2d", "7"], "png": False}
+    r = client.post("/v1/jobs", json=request)
+    assert r.status_code == 201, r.text
+    plan = r.json()["summary"]["feature_maps"]
+    assert plan["layers"] == ["3-residual/0-conv2d", "7-residual/4-batchnorm2d", "7-residual"]
+    done = wait_job(client, r.json()["id"])
+    assert done["state"] == "succeeded", done["error"]
+    listing = client.get(f"/v1/jobs/{done['id']}/feature-maps").json()["layers"]
+    assert [(m["name"], m["shape"]) for m in listing] == [
+        ("3-residual/0-conv2d", [2, 16, 32, 32]), ("7-residual/4-batchnorm2d", [2, 32, 16, 16]),
+        ("7-residual", [2, 32, 16, 16])]
+    r = client.get(f"/v1/jobs/{done['id']}/feature-maps/7-residual/4-batchnorm2d",
+                   params={"format": "npy"})
+    assert r.status_code == 200, r.text
+    bad = client.post("/v1/jobs", json={**request, "layers": ["3-residual/9-conv2d"]})
+    assert bad.status_code == 422
+    assert "3-residual/0-conv2d" in bad.json()["detail"][0]["msg"]
