@@ -98,3 +98,26 @@ def test_member_count_and_unpacked_size_caps():
     refused(many, "c0/00050.png", "max_archive_members=50", small)
     refused(af.gzip_bomb(64 << 20), "red/big.png", "max_archive_bytes", small)
     refused(af.zip_bomb(64 << 20), "red/big.png", "max_archive_bytes", small)
+
+
+def test_exif_orientation_is_applied():
+    """A PNG whose pixels are red on the left and blue on the right, tagged with EXIF
+    orientation 6 (display rotated 90 degrees clockwise): decoded, red is on top."""
+    import io
+
+    from PIL import Image
+
+    pixels = np.zeros((16, 16, 3), dtype=np.uint8)
+    pixels[:, :8, 0] = 255
+    pixels[:, 8:, 2] = 255
+    image = Image.fromarray(pixels)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    out = io.BytesIO()
+    image.save(out, format="PNG", exif=exif)
+    files = {**af.class_files(2), "red/rotated.png": out.getvalue()}
+    folder = read(af.zip_bytes(files), size=16)
+    [i] = [k for k in range(len(folder.y)) if folder.x[k, 0, :8].mean() > 0.9]
+    top, bottom = folder.x[i, :, :8], folder.x[i, :, 8:]
+    assert top[0].mean() > 0.9 and top[2].mean() < 0.1  # red above
+    assert bottom[2].mean() > 0.9 and bottom[0].mean() < 0.1  # blue below
