@@ -57,10 +57,6 @@ def decode_upload(data: bytes, settings: Settings, *, image_size: int | None,
         return data, {"input_shape": list(found.input_shape),
                       "num_classes": int(np.max(found.y)) + 1, "samples": len(found.y)}
     size = image_size or DEFAULT_IMAGE_SIZE
-    if size > settings.max_input_side or size * size > settings.max_image_pixels:
-        raise datasets.BadDataset(f"image_size {size} exceeds the limit max_input_side="
-                                  f"{settings.max_input_side} / max_image_pixels="
-                                  f"{settings.max_image_pixels}", status=413)
     c = channels or 3
     folder = imagefolder.read_image_folder(data, image_size=size, channels=c, limits=(
         imagefolder.Limits(max_members=settings.max_archive_members,
@@ -99,6 +95,12 @@ async def upload_dataset(
     if channels == 2:
         raise HTTPException(422, [{"loc": ["body", "channels"], "type": "value_error",
                                    "msg": "images convert to 1 (greyscale) or 3 (RGB) channels"}])
+    if image_size is not None and (image_size > settings.max_input_side
+                                   or image_size**2 > settings.max_image_pixels):
+        raise HTTPException(422, [{"loc": ["body", "image_size"], "type": "value_error",
+                                   "msg": f"{image_size} exceeds the limit max_input_side="
+                                          f"{settings.max_input_side} / max_image_pixels="
+                                          f"{settings.max_image_pixels}"}])
     data = await read_capped(file, settings)
     idem, again = await upload_replay(request, session, settings, tenant=principal.tenant,
                                       kind="dataset", route="POST /v1/datasets",

@@ -51,9 +51,11 @@ def test_image_size_and_channels_are_checked(client):
     r = upload(client, data, "c.zip", channels="2")
     assert r.status_code == 422
     assert r.json()["detail"][0]["loc"] == ["body", "channels"]
-    r = client.post("/v1/datasets", files={"file": ("c.zip", data)},
-                    data={"image_size": "0"})
-    assert r.status_code == 422
+    for size in ("0", "2000"):
+        r = client.post("/v1/datasets", files={"file": ("c.zip", data)},
+                        data={"image_size": size})
+        assert r.status_code == 422
+        assert r.json()["detail"][0]["loc"] == ["body", "image_size"]
     r = upload(client, data, "c.zip", channels="1")
     assert r.status_code == 201, r.text
     assert r.json()["input_shape"] == [1, 16, 16]
