@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from api.submit import check_model_limits, summarize_or_422, unprocessable
 from convoy import datasets
-from convoy.featuremaps import UnknownLayer, layer_names, resolve_layers
+from convoy.featuremaps import UnknownLayer, layer_names, layer_rows, resolve_layers
 from convoy.jobspec import (
     DatasetInputs,
     FeatureMapPlan,
@@ -31,7 +31,7 @@ from convoy.settings import Settings
 from convoy.textsafe import BadJSON, loads_bounded
 from db import artifacts, job_reads, uploads
 from models.pooling import map_bytes, pooled_shape
-from models.spec import ModelSpec, pair
+from models.spec import ModelSpec, Residual, pair
 
 DEFAULT_DATASET_INPUTS = 16
 # safetensors dtype -> bytes per element
@@ -50,21 +50,43 @@ def expected_tensors(spec: ModelSpec, summary: dict[str, Any]) -> dict[str, tupl
     """The state_dict a spec's module has: name -> shape (`layers.{i}.weight` ...)."""
     out: dict[str, tuple[int, ...]] = {}
     for layer, row in zip(spec.layers, summary["layers"], strict=True):
-        p, shape_in = f"layers.{row['index']}.", row["input_shape"]
-        if layer.type == "conv2d":
-            kh, kw = pair(layer.kernel_size)
-            out[p + "weight"] = (layer.out_channels, shape_in[0] // layer.groups, kh, kw)
-            if layer.bias:
-                out[p + "bias"] = (layer.out_channels,)
-        elif layer.type == "linear":
-            out[p + "weight"] = (layer.out_features, shape_in[0])
-            if layer.bias:
-                out[p + "bias"] = (layer.out_features,)
-        elif layer.type == "batchnorm2d":
-            for name in ("weight", "bias", "running_mean", "running_var"):
-                out[p + name] = (shape_in[0],)
-            out[p + "num_batches_tracked"] = ()
+        p = f"layers.{row['index']}."
+        if isinstance(layer, Residual):
+            for inner, inner_row in zip(layer.layers, row["layers"], strict=True):
+                _layer_tensors(out, inner, inner_row, f"{p}layers.{inner_row['index']}.")
+            shortcut = row["shortcut"]
+            if shortcut["type"] == "projection":
+                c_in, c_out = row["input_shape"][0], row["output_shape"][0]
+                out[p + "shortcut.0.weight"] = (c_out, c_in, 1, 1)
+                if shortcut["batchnorm"]:
+                    _batchnorm_tensors(out, p + "shortcut.1.", c_out)
+                else:
+                    out[p + "shortcut.0.bias"] = (c_out,)
+        else:
+            _layer_tensors(out, layer, row, p)
     return out
+
+
+def _batchnorm_tensors(out: dict[str, tuple[int, ...]], p: str, channels: int) -> None:
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        out[p + name] = (channels,)
+    out[p + "num_batches_tracked"] = ()
+
+
+def _layer_tensors(out: dict[str, tuple[int, ...]], layer: Any, row: dict[str, Any],
+                   p: str) -> None:
+    shape_in = row["input_shape"]
+    if layer.type == "conv2d":
+        kh, kw = pair(layer.kernel_size)
+        out[p + "weight"] = (layer.out_channels, shape_in[0] // layer.groups, kh, kw)
+        if layer.bias:
+            out[p + "bias"] = (layer.out_channels,)
+    elif layer.type == "linear":
+        out[p + "weight"] = (layer.out_features, shape_in[0])
+        if layer.bias:
+            out[p + "bias"] = (layer.out_features,)
+    elif layer.type == "batchnorm2d":
+        _batchnorm_tensors(out, p, shape_in[0])
 
 
 def _count(value: Any) -> bool:
@@ -210,6 +232,8 @@ def split_size(session: Session, ref: Any, split: str, *, tenant: str, store: An
     shape = tuple(upload.meta["input_shape"])
     if split == "all":
         return shape, int(upload.meta["samples"])
+    if upload.meta.get("split"):  # an image folder with its own val/ split
+        return shape, int(upload.meta["split"][split])
     with np.load(io.BytesIO(store.get_bytes(upload.key)), allow_pickle=False) as archive:
         y = archive["y"]  # an .npz member loads alone: x is not read
     return shape, datasets.split_sizes(y.astype(np.int64), uploaded=True)[split]
@@ -297,7 +321,7 @@ def resolve_request(session: Session, req: SourcedRequest, settings: Settings, *
     inputs = resolve_inputs(session, req, summary, tenant=tenant, store=store,
                             max_bytes=settings.max_dataset_bytes)
     check_model_limits(summary, settings, batch_size=min(inputs.count, 256), field=field)
-    for row, name in zip(summary["layers"], layer_names(summary), strict=True):
+    for row, name in zip(layer_rows(summary), layer_names(summary), strict=True):
         row["name"] = name
     summary["model"] = spec.model_dump(mode="json")
     return Resolved(spec, source, summary, wanted, inputs, field)
@@ -310,10 +334,10 @@ def check_feature_maps(session: Session, req: FeatureMapsJobRequest, settings: S
     if pool is not None and not pool["global"] and pool["kernel_size"] is None:
         raise unprocessable("pool.kernel_size", "give a kernel_size, or global: true")
     got = resolve_request(session, req, settings, tenant=tenant, store=store)
-    summary, count = got.summary, got.inputs.count
+    summary, count, rows = got.summary, got.inputs.count, layer_rows(got.summary)
     stored = unpooled = 0
     for i in got.layers:
-        shape = summary["layers"][i]["output_shape"]
+        shape = rows[i]["output_shape"]
         unpooled += map_bytes(count, shape, req.dtype)
         stored += map_bytes(count, pooled_shape(shape, pool), req.dtype)
     if stored > settings.max_feature_map_bytes:

@@ -54,6 +54,35 @@ class LayerRow(_Stored):
     flops: int
     fc_equivalent_params: int | None = None
     name: str | None = Field(None, description="feature-map jobs: the layer's name")
+    layers: list[InnerLayerRow] | None = Field(
+        None, description="a residual block: its inner layers (named `{block}/{index}-{type}`, "
+                          "e.g. `3-residual/1-conv2d`)")
+    shortcut: Shortcut | None = Field(None, description="a residual block: its shortcut")
+
+
+class InnerLayerRow(_Stored):
+    """One layer inside a residual block (its index is its place in the block)."""
+
+    index: int
+    type: str
+    input_shape: list[int]
+    output_shape: list[int]
+    params: int
+    receptive_field: list[int]
+    jump: list[int]
+    flops: int
+    fc_equivalent_params: int | None = None
+    name: str | None = Field(None, description="feature-map jobs: the layer's name")
+
+
+class Shortcut(_Stored):
+    """`identity`, or `projection`: a 1x1 convolution with `stride` (and batch norm when
+    `batchnorm`) of `params` parameters."""
+
+    type: Literal["identity", "projection"]
+    stride: list[int] | None = None
+    batchnorm: bool | None = None
+    params: int | None = None
 
 
 class FullyConnectedEquivalent(BaseModel):
@@ -231,6 +260,11 @@ class DatasetOut(BaseModel):
     size: int | None = None
     sha256: str | None = None
     created_at: datetime | None = None
+    classes: list[str] | None = Field(default=None, description=(
+        "image-folder datasets: the class folder names; label i is classes[i]"))
+    split: dict[str, int] | None = Field(default=None, description=(
+        "image-folder datasets with a val/ or test/ folder: samples per split (train, val, "
+        "all); otherwise 20% of each class is held out for validation"))
 
 
 class UploadOut(BaseModel):

@@ -13,6 +13,28 @@ from models.spec import ModelSpec
 Name = Annotated[str, Field(max_length=128, pattern=r"^[\w .:@+-]*$")]
 
 
+class RandomCrop(BaseModel):
+    """Pad every side by `padding` pixels with zeros, then crop a window of the input's size
+    at a random place (the CIFAR recipe: padding 4)."""
+    model_config = ConfigDict(extra="forbid")
+    padding: Annotated[int, Field(ge=1, le=256)]
+
+
+class Augment(BaseModel):
+    """Random changes to each training batch, drawn on the training device for the whole
+    batch at once, from (seed, epoch): a resumed run draws the same ones. Applied in this
+    order: random_crop, translate, hflip. Validation data is never augmented."""
+    model_config = ConfigDict(extra="forbid")
+    random_crop: RandomCrop | None = None
+    hflip: bool = Field(False, description="flip half the images left to right")
+    translate: Annotated[int, Field(ge=0, le=256, description=(
+        "shift each image by up to this many pixels on each axis (uniform integers), "
+        "repeating the edge pixels into the uncovered border"))] = 0
+
+    def largest_shift(self) -> int:
+        return max(self.random_crop.padding if self.random_crop else 0, self.translate)
+
+
 class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -27,9 +49,16 @@ class TrainConfig(BaseModel):
     # bf16 autocast on CUDA (ignored on CPU)
     amp: bool = True
     compile: bool = False
+    augment: Augment | None = None
 
 
 Device = Literal["auto", "cpu", "cuda"]
+# 0 (least urgent) to 9 (most): a queued job of higher priority starts before lower ones
+# queued earlier (convoy.queue.enqueue; what each broker guarantees: docs/reliability.md).
+DEFAULT_PRIORITY = 5
+Priority = Annotated[int, Field(ge=0, le=9, description=(
+    "0 (least urgent) to 9 (most urgent); a higher-priority job starts before lower-priority "
+    "jobs queued earlier"))]
 # Running time allowed (seconds, summed over attempts); None: the server's default.
 Timeout = Annotated[float, Field(gt=0, allow_inf_nan=False)] | None
 
@@ -45,6 +74,7 @@ class TrainJobRequest(BaseModel):
     device: Device = "auto"
     max_attempts: Annotated[int, Field(ge=1, le=20)] | None = None
     timeout: Timeout = None
+    priority: Priority = DEFAULT_PRIORITY
 
 
 class CheckpointSource(BaseModel):
@@ -91,6 +121,7 @@ class FeatureMapsJobRequest(BaseModel):
     device: Device = "auto"
     max_attempts: Annotated[int, Field(ge=1, le=20)] | None = None
     timeout: Timeout = None
+    priority: Priority = DEFAULT_PRIORITY
 
 
 MAX_MAGNITUDES = 32
@@ -127,6 +158,7 @@ class InvarianceJobRequest(BaseModel):
     device: Device = "auto"
     max_attempts: Annotated[int, Field(ge=1, le=20)] | None = None
     timeout: Timeout = None
+    priority: Priority = DEFAULT_PRIORITY
 
 
 # the requests whose model and inputs are resolved the same way (api/feature_maps.py)

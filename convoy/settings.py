@@ -72,6 +72,10 @@ class Settings(BaseSettings):
     # An uploaded .npz's arrays once unpacked (x counted as float32): checked from the archive's
     # and the arrays' headers before anything is decompressed.
     max_dataset_bytes: int = 512 * 1024 * 1024
+    # Image-folder archives (.zip, .tar, .tar.gz): most members, most bytes they unpack to
+    # (summed, counted while reading: a gzip or zip bomb stops at the cap).
+    max_archive_members: Annotated[int, Field(ge=1)] = 200_000
+    max_archive_bytes: Annotated[int, Field(ge=1)] = 512 * 1024 * 1024
     max_json_map_values: int = 100_000
     # Enforced when a worker claims a job: past it the job stays queued and its message is
     # sent again after tenant_defer_seconds, so the worker serves other tenants meanwhile.

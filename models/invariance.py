@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.capture import capture, channels_last
+from models.capture import capture, channels_last, forward_layers
 from models.transforms import Transform, variants
 
 BATCH = 256
@@ -175,7 +175,7 @@ class Measured:
     images: int  # images through the model, originals included
 
 
-def same_values(layers: nn.ModuleList, wanted: list[int]) -> dict[int, int]:
+def same_values(layers: Sequence[nn.Module], wanted: list[int]) -> dict[int, int]:
     """Wanted layers whose maps hold the same values as the wanted layer before them (a
     flatten, or a dropout in eval mode): their measures are that layer's, not measured again."""
     return {i: i - 1 for i in wanted if i - 1 in wanted
@@ -225,13 +225,13 @@ def measure(model: nn.Module, x: np.ndarray, labels: np.ndarray | None, wanted: 
     model's last layer is its output, measured as a classifier's when `classes` is given (its
     output is [N, classes]), with the true class's probability when `labels` fit those
     classes. `step(fraction done)` is called after each chunk (it may raise to stop)."""
-    assert isinstance(model.layers, nn.ModuleList), "a models.build.ConvNet"
-    last = len(model.layers) - 1
+    layers = forward_layers(model)
+    last = len(layers) - 1
     run_layers = sorted(set(wanted) | {last})
     copies = transform_list(transforms)
     per_batch = min(len(x), batch)
     groups = chunks(len(copies), per_batch, batch)
-    aliases = same_values(model.layers, wanted)
+    aliases = same_values(layers, wanted)
     while any(same in aliases for same in aliases.values()):  # flatten after dropout
         aliases = {i: aliases.get(same, same) for i, same in aliases.items()}
     meter = Meter([i for i in wanted if i not in aliases], len(copies), device)

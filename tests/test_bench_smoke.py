@@ -38,6 +38,8 @@ FIGURES = {
                     rf"api download local +API +{NUMBER} MB/s +bare static +{NUMBER} MB/s +"
                     rf"ratio API/bare = {NUMBER}",
                     rf"api download seaweedfs +API +{NUMBER} MB/s"],
+    "bench_scenes": [rf"resnet-small +augment=yes +val_accuracy={NUMBER}",
+                     rf"residual - plain \(augment=yes\): [+-]{NUMBER}"],
 }
 
 

@@ -15,7 +15,7 @@ from safetensors.torch import load as load_safetensors
 
 from convoy import inputs
 from convoy.artifacts import ArtifactStore, CorruptArtifact, get_store, job_key
-from convoy.featuremaps import layer_names
+from convoy.featuremaps import layer_names, layer_rows
 from convoy.jobspec import (
     DatasetInputs,
     FeatureMapPlan,
@@ -170,7 +170,7 @@ class FeatureMapsRun:
                         key=key, size=size, sha256=sha, meta=meta)
 
     def encode_layer(self, index: int, got: dict[str, np.ndarray]) -> list[Artifact]:
-        row = self.summary["layers"][index]
+        row = layer_rows(self.summary)[index]
         name = layer_names(self.summary)[index]
         maps = got["maps"]
         t = time.perf_counter()

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from convoy.featuremaps import layer_names
+from convoy.featuremaps import layer_names, layer_rows
 from convoy.jobspec import InvarianceJobRequest, InvariancePlan
 from convoy.settings import Settings
 from db import jobs
@@ -30,14 +30,14 @@ def magnitude(family: str, value: float) -> float | int:
 
 def curves(measured: Measured, summary: dict[str, Any], wanted: list[int]) -> dict[str, Any]:
     """The result's `layers` and `output`, as GET /v1/jobs/{id}/invariance answers them."""
-    names = layer_names(summary)
+    names, rows = layer_names(summary), layer_rows(summary)
     layers = []
     for i in wanted:
         by_family: dict[str, list[dict[str, Any]]] = {}
         for (family, value), (cos, dist) in measured.layers[i].items():
             by_family.setdefault(family, []).append(
                 {"magnitude": magnitude(family, value), "cosine": cos, "distance": dist})
-        layers.append({"name": names[i], "index": i, "type": summary["layers"][i]["type"],
+        layers.append({"name": names[i], "index": i, "type": rows[i]["type"],
                        "curves": by_family})
     output: dict[str, list[dict[str, Any]]] | None = None
     if measured.output is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from convoy.jobspec import DEFAULT_PRIORITY
 from convoy.queue import FEATURE_MAPS_TASK, INVARIANCE_TASK, TRAIN_TASK, enqueue
 from db import dispatch, job_reads
 from db.session import session_scope
@@ -14,10 +15,12 @@ from worker.runner import run_job, store_backoff
 
 
 def send_again(job_id: str, kind: str, countdown: float | None = None) -> None:
-    """The job's message once more, to the queue it came from (a GPU job to the GPU queue)."""
+    """The job's message once more, to the queue it came from (a GPU job to the GPU queue),
+    with its priority."""
     with session_scope(settings.database_url) as session:
-        _, device = dispatch.routes_of(session, job_ids=[job_id]).get(job_id, (kind, None))
-    enqueue(app, kind=kind, job_id=job_id, device=device, countdown=countdown)
+        route = dispatch.routes_of(session, job_ids=[job_id]).get(job_id)
+    enqueue(app, kind=kind, job_id=job_id, device=route.device if route else None,
+            countdown=countdown, priority=route.priority if route else DEFAULT_PRIORITY)
 
 
 def run(job_id: str, kind: str) -> RunOutcome:

@@ -65,7 +65,7 @@ def _find(session: Session, job_id: str, tenant: str, kind: str, layer: str
     return found
 
 
-@router.get("/{job_id}/feature-maps/{layer}", response_class=Response, responses={
+@router.get("/{job_id}/feature-maps/{layer:path}", response_class=Response, responses={
     200: {"model": FeatureMapValues,
           "description": "format=npy: a .npy file (streamed; `X-Sha256` is its recorded "
                          "sha256); png: the image's grid of channels; json: the values",
@@ -83,8 +83,9 @@ def get_feature_map(
     image: Annotated[int | None, Query(ge=0)] = None,
     array: Array = "maps",
 ) -> Response:
-    """`layer` is a name from the list (`2-maxpool2d`) or its index (`2`). `array` picks the
-    maps (default) or, for max pooling, the argmax positions."""
+    """`layer` is a name from the list (`2-maxpool2d`, `3-residual/1-conv2d` inside a
+    residual block) or a top-level layer's index (`2`). `array` picks the maps (default) or,
+    for max pooling, the argmax positions."""
     _feature_job(session, job_id, principal.tenant)
     kind = "feature_map" if array == "maps" else array
     main = _find(session, job_id, principal.tenant, "feature_map", layer)
@@ -115,7 +116,8 @@ def get_feature_map(
     shape = (artifact.meta or {})["shape"]
     if format == "npy" and image is None:  # the whole file: streamed, Range, or 302
         return artifact_download(
-            request, store, settings, artifact, filename=f"{main.name}.npy", headers=headers,
+            request, store, settings, artifact, headers=headers,
+            filename=f"{main.name.replace('/', '_')}.npy",
             missing=f"{artifact.name} of job {job_id}: its file is missing from the artifact "
                     "store")
     values = math.prod(shape[1:]) if image is not None else math.prod(shape)

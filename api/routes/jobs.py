@@ -133,7 +133,8 @@ def _submit(body: TrainJobRequest | FeatureMapsJobRequest | InvarianceJobRequest
     # Committed before enqueue: the worker must find the row. If the broker is down the job
     # stays queued and the reconciler sends it later; nothing submitted is lost.
     try:
-        enqueue(celery, kind=job.kind, job_id=job.id, device=body.device)
+        enqueue(celery, kind=job.kind, job_id=job.id, device=body.device,
+                priority=body.priority)
     except Exception:  # noqa: BLE001 - the reconciler retries
         import logging
 
