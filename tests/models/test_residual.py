@@ -128,3 +128,39 @@ def test_checkpoint_tensor_names_and_shapes_are_the_modules():
     actual = {k: tuple(v.shape) for k, v in build_model(spec).state_dict().items()}
     assert expected == actual
     assert "layers.7.shortcut.1.running_mean" in expected  # the stage 2 projection's norm
+
+
+def test_invariance_of_a_model_with_blocks_measures_its_own_output():
+    """models.invariance numbers layers as capture() does: a block's inner layers, then the
+    block; the flatten after the relu is that relu's measure, and the output is the linear."""
+    from models.invariance import measure
+
+    spec = ModelSpec.model_validate({"input_shape": [1, 16, 16], "num_classes": 3, "layers": [
+        conv(4), stride2_block(), {"type": "relu"}, {"type": "flatten"},
+        {"type": "linear", "out_features": 3}]})
+    names = layer_names(infer(spec))
+    torch.manual_seed(0)
+    model = build_model(spec).eval()
+    x = torch.randn(5, 1, 16, 16).numpy()
+    wanted = list(range(len(names)))[:2] + [7, 8]
+    got = measure(model, x, None, wanted, {"translate": [1]}, classes=3,
+                  device=torch.device("cpu"))
+    assert sorted(got.layers) == wanted
+    assert got.layers[8] == got.layers[7]  # flatten: the relu's values
+    assert got.output is not None
+    # the output's agreement is the model's own (its last layer), computed here by hand
+    t = torch.from_numpy(x)
+    moved = []
+    for dim, step in ((3, 1), (3, -1), (2, 1), (2, -1)):
+        y = torch.roll(t, step, dims=dim)
+        edge = [slice(None)] * 4
+        edge[dim] = 0 if step == 1 else -1
+        y[tuple(edge)] = 0
+        moved.append(y)
+    with torch.no_grad():
+        base = model(t).argmax(1)
+        agree = torch.stack([model(m).argmax(1) == base for m in moved]).float().mean()
+    assert got.output[("translate", 1.0)][0] == pytest.approx(float(agree))
+    for i in wanted:
+        cos, dist = got.layers[i][("translate", 1.0)]
+        assert -1 <= cos <= 1 and dist is not None and dist >= 0, names[i]
