@@ -34,9 +34,11 @@ from api.routes import (
     health,
     jobs,
     models,
+    sweeps,
     tokens,
     uploads,
 )
+from api.sweeper import SweepDriver
 from api.textguard import RejectUnencodableJSON
 from convoy.artifacts import StoreUnavailable, get_store
 from convoy.queue import make_celery
@@ -188,8 +190,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             ensure_bootstrap(session, settings)
         reconciler = Reconciler(settings, app.state.celery)
         reconciler.start()
+        sweep_driver = SweepDriver(settings, app.state.celery)  # issue 20
+        sweep_driver.start()
         await health.warm_up(app.state)
         yield
+        sweep_driver.stop()
         reconciler.stop()
 
     # redirect_slashes=False: one spelling per resource. The redirect turned `name/` and
@@ -213,6 +218,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(module.router)
     for module in (feature_maps, uploads):  # feature-map jobs and their uploads
         app.include_router(module.router)
+    app.include_router(sweeps.router)  # hyperparameter sweeps (issue 20)
     dashboard.mount_static(app)
     install(app)  # the OpenAPI document with every status, the token and the error body
     app.add_middleware(AllowOptions, api=app)

@@ -127,6 +127,8 @@ class JobOut(BaseModel):
     request: dict[str, Any]
     # running time allowed across attempts, seconds (None for jobs from before it existed)
     timeout_seconds: float | None = None
+    # the sweep this job is a trial of (None for a job submitted alone)
+    sweep_id: str | None = None
 
 
 class JobPage(BaseModel):

@@ -391,3 +391,21 @@ def requeue_expired(
                 requeued.append(job_id)
     session.commit()
     return requeued
+
+
+def prune_job(session: Session, *, job_id: str, epoch: int, metrics: Mapping[str, float],
+              reason: str) -> bool:
+    """running -> succeeded, for a sweep trial its pruner stopped after `epoch` (issue 20):
+    result.pruned is true and the checkpoints written so far are kept. A conditional update
+    like cancel's: the worker sees its lease gone between steps and stops; its attempt ends
+    `succeeded`. False when the job was no longer running."""
+    now = utcnow()
+    result = {"pruned": True, "epochs_done": epoch, **dict(metrics)}
+    done = rowcount(session.execute(
+        update(Job).where(Job.id == job_id, Job.state == JobState.RUNNING)
+        .values(state=JobState.SUCCEEDED, result=result, finished_at=now, updated_at=now)
+        .execution_options(synchronize_session=False))) == 1
+    if done:
+        log(session, job_id=job_id, message=f"pruned after epoch {epoch}: {reason}")
+    session.commit()
+    return done
