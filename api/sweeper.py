@@ -13,6 +13,7 @@ twice and loses none. Optuna is imported only here (torch-free; about 0.3 s and 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -100,7 +101,7 @@ def check_sweep(session: Session, req: SweepRequest, settings: Settings, *, tena
                                      f"{path}={value!r} makes a trial invalid: "
                                      f"{_reason(exc)}") from None
     if req.sampler == "grid":
-        size = len(_grid(req))
+        size = math.prod(len(values) for values in _grid(req).values())
         if req.trials > size:
             raise _unprocessable(["trials"], f"{req.trials} trials but the grid has only "
                                              f"{size} points")
