@@ -18,7 +18,7 @@ from db.migrate import alembic_config, downgrade, upgrade
 from tests.services import create_pg_database, drop_pg_database
 
 TABLES = {"tokens", "jobs", "job_attempts", "metrics", "job_logs", "artifacts", "uploads",
-          "idempotency_keys"}
+          "idempotency_keys", "sweeps", "sweep_trials"}
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
