@@ -13,6 +13,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from db import idempotency
 from db import jobs as jobs_db
 from db.base import rowcount, utcnow
 from db.ids import new_id
@@ -22,13 +23,29 @@ from db.tables import Job, Metric, Sweep, SweepTrial
 RUNNING, SUCCEEDED, FAILED, CANCELED = "running", "succeeded", "failed", "canceled"
 
 
-def create_sweep(session: Session, *, tenant: str, name: str, request: dict[str, Any]) -> Sweep:
+def create_sweep(session: Session, *, tenant: str, name: str, request: dict[str, Any],
+                 idem: idempotency.Idem | None = None,
+                 idem_ttl_seconds: float = 24 * 3600.0) -> tuple[Sweep, bool]:
+    """(sweep, created): a new running sweep, committed; or, for an Idempotency-Key already
+    used with the same body, the sweep it created (db.idempotency.KeyReused for another
+    body). The key and the row share one transaction under the tenant's lock."""
+    jobs_db.lock_tenant_writes(session, tenant)
+    if idem is not None:
+        existing = idempotency.find(session, idem, ttl_seconds=idem_ttl_seconds)
+        found = session.get(Sweep, existing) if existing else None
+        if found is not None:
+            session.commit()
+            return found, False
+        if existing is not None:
+            idempotency.forget(session, idem)
     now = utcnow()
     sweep = Sweep(id=new_id(), tenant=tenant, name=name, state=RUNNING, request=request,
                   created_at=now, updated_at=now)
     session.add(sweep)
+    if idem is not None:
+        idempotency.remember(session, idem, sweep.id)
     session.commit()
-    return sweep
+    return sweep, True
 
 
 def get_sweep(session: Session, *, sweep_id: str, tenant: str | None = None) -> Sweep | None:

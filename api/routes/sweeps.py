@@ -5,13 +5,15 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, HTTPException, Query
+from fastapi import APIRouter, Body, HTTPException, Query, Request, Response
 from pydantic import BaseModel
 
 from api.deps import PrincipalDep, SessionDep, SettingsDep
+from api.idempotency import canonical_json, conflict, idem_for
 from api.sweeper import check_sweep
 from convoy.sweepspec import SweepRequest
 from db import sweeps as sweeps_db
+from db.idempotency import KeyReused
 from db.tables import Job, Sweep, SweepTrial
 
 router = APIRouter(prefix="/v1/sweeps", tags=["sweeps"])
@@ -83,17 +85,30 @@ def load(session: Any, sweep_id: str, tenant: str) -> Sweep:
     return sweep
 
 
-@router.post("", status_code=201, response_model=SweepOut)
+@router.post("", status_code=201, response_model=SweepOut,
+             responses={200: {"model": SweepOut, "description": "the sweep an earlier request "
+                              "with the same Idempotency-Key and body created"}})
 def submit_sweep(body: Annotated[SweepRequest, Body()], session: SessionDep,
-                 settings: SettingsDep, principal: PrincipalDep) -> SweepOut:
+                 settings: SettingsDep, principal: PrincipalDep, request: Request,
+                 response: Response) -> SweepOut:
     """A sweep: `base` is a train job body, `space` maps its fields' paths (`train.lr`,
     `model.layers.0.out_channels`) to ranges or choices. Every trial is a train job."""
+    spec = body.model_dump(mode="json")
+    idem = idem_for(request, tenant=principal.tenant, route="POST /v1/sweeps",
+                    parts=[canonical_json(spec)])
     base = check_sweep(session, body, settings, tenant=principal.tenant)
     session.rollback()
-    sweep = sweeps_db.create_sweep(session, tenant=principal.tenant, name=body.name,
-                                   request={"sweep": body.model_dump(mode="json"),
-                                            "base": base})
-    return sweep_out(sweep, [])
+    try:
+        sweep, created = sweeps_db.create_sweep(
+            session, tenant=principal.tenant, name=body.name,
+            request={"sweep": spec, "base": base}, idem=idem,
+            idem_ttl_seconds=settings.idempotency_ttl_seconds)
+    except KeyReused as exc:
+        raise conflict(exc) from None
+    response.headers["Location"] = f"/v1/sweeps/{sweep.id}"
+    if not created:
+        response.status_code = 200
+    return sweep_out(sweep, sweeps_db.trials(session, sweep_id=sweep.id))
 
 
 @router.get("", response_model=SweepPage)

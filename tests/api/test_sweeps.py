@@ -3,7 +3,10 @@ three Celery workers, shared by every test here."""
 
 from __future__ import annotations
 
+import json
 import signal
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -15,7 +18,7 @@ import psycopg
 import pytest
 
 from tests.factories import digits_cnn, train_request
-from tests.services import REDIS, Stack, stack_env, wait_job
+from tests.services import REDIS, TOKEN, Stack, stack_env, wait_job
 
 SPACE = {"train.lr": {"type": "float", "low": 0.01, "high": 0.3, "log": True},
          "train.batch_size": {"type": "categorical", "choices": [32, 64, 128]},
@@ -229,3 +232,31 @@ def test_bad_sweeps_get_422_naming_the_field(sc: httpx.Client, change: dict[str,
 def test_unknown_sweep_is_404(sc: httpx.Client):
     assert sc.get("/v1/sweeps/ffff").status_code == 404
     assert sc.post("/v1/sweeps/ffff/cancel").status_code == 404
+
+
+def test_cli_sweep_submit_waits_with_a_progress_of_trials(sweep_stack: Stack, tmp_path: Path):
+    body = sweep_body(trials=2, parallel=2, seed=3)
+    body["base"]["train"]["epochs"] = 1
+    spec = tmp_path / "sweep.json"
+    spec.write_text(json.dumps(body))
+    env = {**sweep_stack.env, "CONVOY_URL": sweep_stack.url, "CONVOY_TOKEN": TOKEN}
+    done = subprocess.run([sys.executable, "-m", "cli.main", "sweep", "submit", str(spec),
+                           "--wait"], env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr
+    sweep_id = done.stdout.split()[2]
+    assert "2/2 trials" in done.stderr  # the progress line, one per change when piped
+    sweep = sweep_stack.client().get(f"/v1/sweeps/{sweep_id}").json()
+    assert sweep["state"] == "succeeded"
+    assert f"best: trial {sweep['best']['number']} job {sweep['best']['job_id']}" in done.stdout
+
+
+def test_idempotency_key_gives_the_same_sweep(sc: httpx.Client):
+    body = sweep_body(trials=1, parallel=1)
+    headers = {"Idempotency-Key": uuid.uuid4().hex}
+    first = sc.post("/v1/sweeps", json=body, headers=headers)
+    again = sc.post("/v1/sweeps", json=body, headers=headers)
+    assert (first.status_code, again.status_code) == (201, 200)
+    assert first.json()["id"] == again.json()["id"]
+    other = sc.post("/v1/sweeps", json={**body, "seed": 5}, headers=headers)
+    assert other.status_code == 409
+    assert sc.post(f"/v1/sweeps/{first.json()['id']}/cancel").status_code in (200, 409)
