@@ -217,10 +217,11 @@ def ask(req: SweepRequest, views: list[TrialView], *, number: int) -> dict[str, 
     return {path: trial.params[path] for path in req.space}
 
 
-def should_prune(req: SweepRequest, views: list[TrialView], index: int
-                 ) -> tuple[bool, dict[str, Any]]:
-    """The pruner's answer for running trial views[index], and its rung notes to keep."""
-    study = build_study(req, views, number=len(views))
+def should_prune(req: SweepRequest, views: list[TrialView], index: int, *,
+                 study: Any = None) -> tuple[bool, dict[str, Any]]:
+    """The pruner's answer for running trial views[index], and its rung notes to keep.
+    `study`: one build_study of `views` shared by every check of a pass."""
+    study = study if study is not None else build_study(req, views, number=len(views))
     number = [i for i, v in enumerate(views) if set(v.params) == set(req.space)].index(index)
     prune = bool(study.pruner.prune(study, study.trials[number]))
     attrs = {k: v for k, v in study.trials[number].system_attrs.items()
@@ -286,6 +287,7 @@ def _sync(session: Session, t: SweepTrial, job: Job | None, intermediate: dict[i
 
 def _prune(session: Session, req: SweepRequest, rows: list[tuple[SweepTrial, Job | None]],
            views: list[TrialView]) -> None:
+    study: Any = None
     for i, ((t, job), view) in enumerate(zip(rows, views, strict=True)):
         if job is None or view.state != "running" or not view.intermediate:
             continue
@@ -293,18 +295,19 @@ def _prune(session: Session, req: SweepRequest, rows: list[tuple[SweepTrial, Job
         total = int((job.request or {}).get("train", {}).get("epochs") or 0)
         if epoch < req.pruner.min_epochs or epoch >= total:
             continue
-        prune, attrs = should_prune(req, views, i)
+        if study is None:
+            study = build_study(req, views, number=len(views))
+        prune, attrs = should_prune(req, views, i, study=study)
         if attrs != view.pruner_attrs:
             sweeps_db.update_trial(session, trial_id=t.id, pruner_attrs=attrs)
             view.pruner_attrs = attrs
         if prune:
             reason = (f"{req.objective.metric} {view.intermediate[epoch]:.4g} at epoch {epoch}:"
                       f" the {req.pruner.type} pruner stopped the trial")
-            if jobs_db.prune_job(session, job_id=job.id, epoch=epoch,
-                                 metrics={req.objective.metric: view.intermediate[epoch]},
-                                 reason=reason):
+            ended = jobs_db.prune_job(session, job_id=job.id, reason=reason)
+            if ended is not None:
                 log.info("sweep %s: trial %d (job %s) pruned after epoch %d", t.sweep_id,
-                         t.number, job.id, epoch)
+                         t.number, job.id, ended)
 
 
 def _top_up(session: Session, settings: Settings, celery: Celery, sweep: Sweep,

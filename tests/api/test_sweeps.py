@@ -143,10 +143,10 @@ def test_hopeless_trial_is_pruned_before_its_last_epoch(sc: httpx.Client):
     assert job["state"] == "succeeded"
     assert job["result"]["pruned"] is True
     assert job["result"]["epochs_done"] == hopeless["epochs"]
-    # its checkpoints are kept
+    # its checkpoints are kept, one per epoch it recorded, as the result says
     checkpoints = sc.get(f"/v1/jobs/{hopeless['job_id']}/checkpoints").json()
-    assert [c["epoch"] for c in checkpoints][:hopeless["epochs"]] == \
-        list(range(1, hopeless["epochs"] + 1))
+    assert [c["epoch"] for c in checkpoints] == list(range(1, hopeless["epochs"] + 1))
+    assert sc.get(f"/v1/jobs/{hopeless['job_id']}/checkpoints/last").status_code == 200
     logs = sc.get(f"/v1/jobs/{hopeless['job_id']}/logs").json()
     assert any("pruned after epoch" in line["message"] for line in logs)
     # a pruned trial is never the best
