@@ -23,6 +23,7 @@ from tests.services import REDIS, TOKEN, Stack, stack_env, wait_job
 SPACE = {"train.lr": {"type": "float", "low": 0.01, "high": 0.3, "log": True},
          "train.batch_size": {"type": "categorical", "choices": [32, 64, 128]},
          "model.layers.0.out_channels": {"type": "int", "low": 2, "high": 8}}
+EPOCHS_PRUNE = 60
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +124,9 @@ def test_random_sweep_finishes_within_its_space_and_parallel(sc: httpx.Client, p
 
 def test_hopeless_trial_is_pruned_before_its_last_epoch(sc: httpx.Client):
     base = sweep_body()["base"]
-    base["train"]["epochs"] = 5
+    # epochs of a few tens of ms each: enough of them that the driver (a pass every 0.3 s)
+    # sees the hopeless trial between two of its epochs whatever the machine's load
+    base["train"]["epochs"] = EPOCHS_PRUNE
     # seed 0's grid order is lr 0.1, then 1e-6 (cannot learn), then 0.2; parallel 1 so the
     # median pruner has the first trial's curve to compare with
     body = sweep_body(base=base, sampler="grid", trials=3, parallel=1,
@@ -138,7 +141,7 @@ def test_hopeless_trial_is_pruned_before_its_last_epoch(sc: httpx.Client):
     hopeless = by_lr[1e-6]
     assert hopeless["number"] == 1, "the grid order changed"
     assert hopeless["pruned"] is True
-    assert 1 <= hopeless["epochs"] < 5
+    assert 1 <= hopeless["epochs"] < EPOCHS_PRUNE
     job = sc.get(f"/v1/jobs/{hopeless['job_id']}").json()
     assert job["state"] == "succeeded"
     assert job["result"]["pruned"] is True
