@@ -302,12 +302,11 @@ def _prune(session: Session, req: SweepRequest, rows: list[tuple[SweepTrial, Job
             sweeps_db.update_trial(session, trial_id=t.id, pruner_attrs=attrs)
             view.pruner_attrs = attrs
         if prune:
-            reason = (f"{req.objective.metric} {view.intermediate[epoch]:.4g} at epoch {epoch}:"
-                      f" the {req.pruner.type} pruner stopped the trial")
-            ended = jobs_db.prune_job(session, job_id=job.id, reason=reason)
-            if ended is not None:
+            reason = (f"{req.objective.metric} {view.intermediate[epoch]:.4g}; the "
+                      f"{req.pruner.type} pruner stopped the trial")
+            if jobs_db.prune_job(session, job_id=job.id, epoch=epoch, reason=reason):
                 log.info("sweep %s: trial %d (job %s) pruned after epoch %d", t.sweep_id,
-                         t.number, job.id, ended)
+                         t.number, job.id, epoch)
 
 
 def _top_up(session: Session, settings: Settings, celery: Celery, sweep: Sweep,
