@@ -344,7 +344,7 @@ def add_commands(sub: Any) -> None:
         return p
 
     p = add_sweep("submit", cmd_sweep_submit, "submit a sweep from a JSON file")
-    p.add_argument("spec", help="sweep request JSON (see examples/digits-sweep.json)")
+    p.add_argument("spec", help="sweep request JSON (see examples/sweeps/digits-sweep.json)")
     p.add_argument("--wait", action="store_true", help="follow it with a progress bar of "
                    "trials; exit code 0 succeeded, 1 failed, 3 canceled")
     p.add_argument("--idempotency-key", help="send this Idempotency-Key")

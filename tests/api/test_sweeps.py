@@ -18,7 +18,7 @@ import psycopg
 import pytest
 
 from tests.factories import digits_cnn, train_request
-from tests.services import REDIS, TOKEN, Stack, stack_env, wait_job
+from tests.services import REDIS, ROOT, TOKEN, Stack, stack_env, wait_job
 
 SPACE = {"train.lr": {"type": "float", "low": 0.01, "high": 0.3, "log": True},
          "train.batch_size": {"type": "categorical", "choices": [32, 64, 128]},
@@ -263,3 +263,11 @@ def test_idempotency_key_gives_the_same_sweep(sc: httpx.Client):
     other = sc.post("/v1/sweeps", json={**body, "seed": 5}, headers=headers)
     assert other.status_code == 409
     assert sc.post(f"/v1/sweeps/{first.json()['id']}/cancel").status_code in (200, 409)
+
+
+def test_the_example_sweep_is_accepted(sc: httpx.Client):
+    body = json.loads((ROOT / "examples" / "sweeps" / "digits-sweep.json").read_text())
+    r = sc.post("/v1/sweeps", json=body)
+    assert r.status_code == 201, r.text
+    assert r.json()["trials_total"] == 8
+    assert sc.post(f"/v1/sweeps/{r.json()['id']}/cancel").status_code == 200
