@@ -77,6 +77,12 @@ def attempts_of(pg_url: str, job_ids: list[str]) -> list[tuple[Any, Any]]:
                             (job_ids,)).fetchall()
 
 
+def attempt_outcomes(pg_url: str, job_id: str) -> list[str | None]:
+    with psycopg.connect(pg_url.replace("postgresql+psycopg://", "postgresql://")) as conn:
+        return [o for (o,) in conn.execute(
+            "SELECT outcome FROM job_attempts WHERE job_id = %s ORDER BY attempt", (job_id,))]
+
+
 def test_random_sweep_finishes_within_its_space_and_parallel(sc: httpx.Client, pg_url: str):
     r = sc.post("/v1/sweeps", json=sweep_body())
     assert r.status_code == 201, r.text
@@ -122,7 +128,7 @@ def test_random_sweep_finishes_within_its_space_and_parallel(sc: httpx.Client, p
     assert sweep["id"] in [s["id"] for s in listed]
 
 
-def test_hopeless_trial_is_pruned_before_its_last_epoch(sc: httpx.Client):
+def test_hopeless_trial_is_pruned_before_its_last_epoch(sc: httpx.Client, pg_url: str):
     base = sweep_body()["base"]
     # epochs of a few tens of ms each: enough of them that the driver (a pass every 0.3 s)
     # sees the hopeless trial between two of its epochs whatever the machine's load
@@ -152,6 +158,12 @@ def test_hopeless_trial_is_pruned_before_its_last_epoch(sc: httpx.Client):
     assert sc.get(f"/v1/jobs/{hopeless['job_id']}/checkpoints/last").status_code == 200
     logs = sc.get(f"/v1/jobs/{hopeless['job_id']}/logs").json()
     assert any("pruned after epoch" in line["message"] for line in logs)
+    # its worker stopped between two steps and ended the attempt as the job ended
+    deadline = time.monotonic() + 30
+    while (outcomes := attempt_outcomes(pg_url, hopeless["job_id"])) == [None]:
+        assert time.monotonic() < deadline, "the attempt was never closed"
+        time.sleep(0.2)
+    assert outcomes == ["succeeded"]
     # a pruned trial is never the best
     assert sweep["best"]["params"]["train.lr"] != 1e-6
     assert not by_lr[0.1]["pruned"]
