@@ -283,3 +283,14 @@ def test_the_example_sweep_is_accepted(sc: httpx.Client):
     assert r.status_code == 201, r.text
     assert r.json()["trials_total"] == 8
     assert sc.post(f"/v1/sweeps/{r.json()['id']}/cancel").status_code == 200
+
+
+def test_another_tenants_sweep_is_not_found(sweep_stack: Stack, sc: httpx.Client):
+    r = sc.post("/v1/sweeps", json=sweep_body(trials=1, parallel=1))
+    sweep_id = r.json()["id"]
+    secret = sc.post("/v1/tokens", json={"tenant": "other", "name": "o"}).json()["token"]
+    with sweep_stack.client(secret) as other:
+        assert other.get(f"/v1/sweeps/{sweep_id}").status_code == 404
+        assert other.post(f"/v1/sweeps/{sweep_id}/cancel").status_code == 404
+        assert sweep_id not in [s["id"] for s in other.get("/v1/sweeps").json()["items"]]
+    assert sc.post(f"/v1/sweeps/{sweep_id}/cancel").status_code in (200, 409)
