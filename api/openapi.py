@@ -52,6 +52,9 @@ ROUTE_ERRORS: dict[tuple[str, str], set[int]] = {
     # feature-map job's inputs
     ("POST", "/v1/jobs"): {404, 409, 429, 507},
     ("POST", "/v1/jobs/{job_id}/cancel"): {409},
+    # the base's dataset upload not found; a key reused
+    ("POST", "/v1/sweeps"): {404, 409},
+    ("POST", "/v1/sweeps/{sweep_id}/cancel"): {409},  # the sweep has already ended
     ("DELETE", "/v1/tokens/{token_id}"): {409},  # the last admin token
     ("GET", "/v1/jobs/{job_id}/events"): {429},  # open streams per tenant and in total
     # too many values for JSON; a Range past the end; the store read

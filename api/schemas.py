@@ -219,6 +219,8 @@ class JobOut(BaseModel):
                           "its queue (a `cuda` job with no GPU worker), or its tenant is at "
                           "its running limit; null when nothing holds it up. Computed by the "
                           "GET routes (the answer to a submission leaves it null)")
+    # the sweep this job is a trial of (None for a job submitted alone)
+    sweep_id: str | None = None
 
 
 class JobPage(BaseModel):

@@ -92,6 +92,34 @@ class Convoy:
             raise ConvoyError(r.status_code, detail)
         return r
 
+    # ---- sweeps (issue 20) ----------------------------------------------------------------
+
+    def submit_sweep(self, request: dict[str, Any], *, idempotency_key: str | None = None
+                     ) -> dict[str, Any]:
+        """POST /v1/sweeps, retried with one Idempotency-Key: never two sweeps."""
+        return dict(self._post_idempotent("/v1/sweeps", json=request,
+                                          idempotency_key=idempotency_key).json())
+
+    def sweep(self, sweep_id: str) -> dict[str, Any]:
+        return dict(self._call("GET", f"/v1/sweeps/{sweep_id}").json())
+
+    def sweeps(self, *, limit: int = 50) -> list[dict[str, Any]]:
+        return list(self._call("GET", "/v1/sweeps", params={"limit": limit}).json()["items"])
+
+    def cancel_sweep(self, sweep_id: str) -> dict[str, Any]:
+        return dict(self._call("POST", f"/v1/sweeps/{sweep_id}/cancel").json())
+
+    def wait_sweep(self, sweep_id: str, *, on_poll: Callable[[dict[str, Any]], None] | None
+                   = None, every_s: float = 1.0) -> dict[str, Any]:
+        """Poll until the sweep has ended; `on_poll` sees each answer."""
+        while True:
+            sweep = self.sweep(sweep_id)
+            if on_poll is not None:
+                on_poll(sweep)
+            if sweep["state"] != "running":
+                return sweep
+            time.sleep(every_s)
+
     # ---- jobs ---------------------------------------------------------------------------
 
     def submit(self, request: dict[str, Any], *, idempotency_key: str | None = None) -> Job:

@@ -50,6 +50,8 @@ class Settings(BaseSettings):
     # Queued jobs older than this whose message may have been lost are sent again.
     requeue_after_seconds: float = 30.0
     reconcile_interval_seconds: float = 5.0
+    # how often the sweep driver (in the API process) tops up, prunes and ends sweeps
+    sweep_interval_seconds: Annotated[float, Field(gt=0)] = 2.0
     # A worker retries its epoch and outcome writes this long while the database is down.
     db_retry_seconds: float = 300.0
     # Longer than any job: Redis redelivers unacked messages after this.

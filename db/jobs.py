@@ -401,3 +401,30 @@ def requeue_expired(
                 requeued.append(job_id)
     session.commit()
     return requeued
+
+
+def prune_job(session: Session, *, job_id: str, epoch: int, reason: str) -> bool:
+    """running -> succeeded, for a sweep trial its pruner stopped after `epoch` (issue 20):
+    result.pruned is true, with `epoch` as epochs_done and that epoch's metrics, and the
+    checkpoints written so far are kept. A conditional update like cancel's: the worker sees
+    its lease gone between steps and stops; its attempt ends `succeeded`. The last recorded
+    epoch is read after the update holds the job's row: when the worker has recorded a later
+    epoch than the pruner judged, nothing changes (False; the next pass judges again), so a
+    later epoch can never be recorded after the prune nor one be lost from its result.
+    False too when the job was no longer running."""
+    now = utcnow()
+    done = rowcount(session.execute(
+        update(Job).where(Job.id == job_id, Job.state == JobState.RUNNING)
+        .values(state=JobState.SUCCEEDED, finished_at=now, updated_at=now)
+        .execution_options(synchronize_session=False))) == 1
+    last = metrics_db.last_epoch(session, job_id=job_id) if done else None
+    if last is None or last[0] != epoch:
+        session.rollback()
+        return False
+    result = {"pruned": True, "epochs_done": epoch, **last[1]}
+    session.execute(update(Job).where(Job.id == job_id).values(result=result)
+                    .execution_options(synchronize_session=False))
+    log(session, job_id=job_id, message=f"pruned after epoch {epoch}: {reason}")
+    webhooks.job_ended(session, job_id=job_id)  # job.succeeded, with result.pruned
+    session.commit()
+    return True

@@ -120,9 +120,12 @@ def run_job(job_id: str, *, settings: Settings, worker_id: str) -> RunOutcome:
                     if jobs.release_job(session, job_id=job_id, worker_id=worker_id):
                         return RunOutcome.RELEASED
                     state = job_reads.job_state(session, job_id=job_id)  # a cancel came first
-                jobs.end_attempt(session, job_id=job_id, worker_id=worker_id,
-                                 outcome=AttemptOutcome.CANCELED if state == JobState.CANCELED
-                                 else AttemptOutcome.LOST)
+                # a sweep trial's pruner ends its job succeeded (db.jobs.prune_job)
+                outcome = {JobState.CANCELED: AttemptOutcome.CANCELED,
+                           JobState.SUCCEEDED: AttemptOutcome.SUCCEEDED}.get(
+                               JobState(state) if state else JobState.RUNNING,
+                               AttemptOutcome.LOST)
+                jobs.end_attempt(session, job_id=job_id, worker_id=worker_id, outcome=outcome)
                 return RunOutcome.STOPPED
 
         return retry_db(stopped, what=f"job {job_id} stop", within_s=settings.db_retry_seconds)
