@@ -102,6 +102,7 @@ def test_measures_equal_the_definitions_computed_by_hand(client):
     ({"translate": []}, None, ["transforms", "translate"]),
     ({"scale": [-0.5]}, None, ["transforms", "scale", 0]),
     ({"scale": [1.25, 0]}, None, ["transforms", "scale", 1]),
+    ({"scale": [0.5, 1e-300]}, None, ["transforms", "scale", 1]),  # was accepted: NaN curves
     ({"translate": [1, 8]}, None, ["transforms", "translate", 1]),
     ({"translate": [1.5]}, None, ["transforms", "translate", 0]),
     ({"rotate": list(range(1, 34))}, None, ["transforms", "rotate"]),
