@@ -13,7 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select
 
-from api.webhooks import SCHEDULE_SECONDS, forbidden, pass_once, retry_after
+from api.webhooks import SCHEDULE_SECONDS, forbidden, literal_address, pass_once, retry_after
 from convoy.settings import Settings
 from db import jobs, webhooks
 from db.migrate import upgrade
@@ -79,6 +79,12 @@ def test_private_addresses_are_named(address):
     assert forbidden(address)
 
 
+def test_public_names_and_addresses_are_not_literal_refusals():
+    assert literal_address("example.com") is None  # resolved at send time
+    assert literal_address("8.8.8.8") == "8.8.8.8" and forbidden("8.8.8.8") is None
+    assert literal_address("2002:808:808::") is not None and forbidden("2002:808:808::") is None
+
+
 def test_public_addresses_pass():
     assert forbidden("93.184.216.34") is None and forbidden("2606:4700::1111") is None
 
@@ -126,6 +132,18 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     ("http://user:pw@example.com/x", "credentials"),
     ("http://example.com:99999/x", "port"),
     ("https://example.com/" + "a" * 3000, "url"),
+    # loopback in the forms resolvers accept, and localhost (RFC 6761): refused at creation
+    # too, not only when a send resolves them (they were accepted with a 201)
+    ("http://2130706433/x", "loopback"),
+    ("http://0x7f000001/x", "loopback"),
+    ("http://017700000001/x", "loopback"),
+    ("http://127.1/x", "loopback"),
+    ("http://0/x", "0.0.0.0"),
+    ("http://localhost:8080/x", "loopback"),
+    ("http://LocalHost./x", "loopback"),
+    ("http://[2002:7f00:1::]/x", "loopback"),  # 6to4 around 127.0.0.1
+    ("http://[::ffff:10.0.0.1]/x", "private"),
+    ("http://[::1/x", "url: Invalid IPv6 URL"),  # named the field (its loc was [])
 ])
 def test_create_refuses_bad_urls_with_the_field_named(api: Stack, url: str, fragment: str):
     with api.client() as c:
