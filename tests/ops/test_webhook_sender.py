@@ -196,3 +196,21 @@ def test_public_metrics_need_no_token_and_work_on_sqlite(api: Stack):
     assert samples[("convoy_jobs_submitted_total", (("kind", "train"),))] == 1
     assert samples[("convoy_jobs_waiting", (("reason", "no_worker"),))] == 1
     assert samples[("convoy_queue_wait_seconds_count", ())] == 0
+
+
+def test_requests_refused_before_routing_are_timed_under_their_route(api: Stack):
+    """A body refused by a middleware (a lone surrogate: 422) never reaches the router; its
+    request is still labelled with the route template (it was `unmatched`), and a path no
+    route has stays `unmatched`."""
+    with api.client() as c:
+        r = c.post("/v1/jobs", content=b'{"kind": "train", "name": "\\ud800"}',
+                   headers={"content-type": "application/json"})
+        assert r.status_code == 422, r.text
+        assert c.get("/v1/no-such-thing").status_code == 404
+    text = httpx.get(api.url + "/metrics", timeout=30).text
+    counts = {tuple(sorted(s.labels.items())): s.value
+              for f in text_string_to_metric_families(text) for s in f.samples
+              if s.name == "convoy_http_request_duration_seconds_count"}
+    assert counts.get((("method", "POST"), ("route", "/v1/jobs"), ("status", "422"))) == 1
+    assert (("method", "POST"), ("route", "unmatched"), ("status", "422")) not in counts
+    assert counts.get((("method", "GET"), ("route", "unmatched"), ("status", "404"))) == 1
