@@ -144,8 +144,9 @@ def send(delivery: webhooks.Claimed, settings: Settings, *, now: float | None = 
     target = parts._replace(netloc=f"{netloc}:{port}").geturl()
     timestamp = int(now if now is not None else time.time())
     default_port = port == (443 if scheme == "https" else 80)
+    authority = f"[{host}]" if ":" in host else host  # an IPv6 literal keeps its brackets
     headers = {
-        "host": host if default_port else f"{host}:{port}",
+        "host": authority if default_port else f"{authority}:{port}",
         "content-type": "application/json",
         "user-agent": "Convoy-Webhooks/1",
         "webhook-id": delivery.id,

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -26,7 +27,8 @@ class Receiver:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
+        host = str(self.server.server_address[0])
+        return f"http://{f'[{host}]' if ':' in host else host}:{self.server.server_address[1]}"
 
     def at(self, path: str) -> list[Received]:
         with self.lock:
@@ -42,7 +44,8 @@ class Receiver:
         raise TimeoutError(f"{path}: {len(self.at(path))} requests, waited for {n}")
 
 
-def start_receiver() -> Receiver:
+def start_receiver(host: str = "127.0.0.1") -> Receiver:
+    """On `host` (an IPv6 one such as "::1" too)."""
     receiver: Receiver
 
     class Handler(BaseHTTPRequestHandler):
@@ -63,7 +66,10 @@ def start_receiver() -> Receiver:
         def log_message(self, *args: Any) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    class Server(ThreadingHTTPServer):
+        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+    server = Server((host, 0), Handler)
     receiver = Receiver(server)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return receiver

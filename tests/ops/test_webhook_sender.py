@@ -115,6 +115,21 @@ def test_a_redirect_is_a_failed_attempt_and_not_followed(db_url, receiver):
     assert receiver.at("/elsewhere") == []
 
 
+def test_an_ipv6_literal_url_is_sent_with_a_bracketed_host_header(db_url):
+    """`Host: ::1:PORT` (brackets lost) is no valid authority; servers answer it 400."""
+    six = start_receiver("::1")
+    try:
+        port = six.server.server_address[1]
+        delivery = canceled_job_delivery(db_url, f"http://[::1]:{port}/six")
+        pass_once(Settings(database_url=db_url, webhook_allow_private=True))
+        state, _ = attempts_of(db_url, delivery)
+        assert state == "succeeded"
+        [got] = six.at("/six")
+        assert got.headers["host"] == f"[::1]:{port}"
+    finally:
+        six.server.shutdown()
+
+
 @pytest.fixture(scope="module")
 def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     with api_on_sqlite(Path(tmp_path_factory.mktemp("hooks-api")),
