@@ -137,6 +137,12 @@ def get_feature_map(
     if artifact is None:
         raise HTTPException(404, f"layer {main.name!r} has no {array} (only max pooling has)")
     shape = (artifact.meta or {})["shape"]
+    # the answer's own shape and dtype (argmax: int32, not the maps' float32)
+    headers["X-Shape"] = ",".join(map(str, shape))
+    if (artifact.meta or {}).get("dtype"):
+        headers["X-Dtype"] = str((artifact.meta or {})["dtype"])
+    else:  # an argmax row written before its dtype was recorded: not the maps' dtype
+        headers.pop("X-Dtype", None)
     if format == "npy" and image is None:  # the whole file: streamed, Range, or 302
         return artifact_download(
             request, store, settings, artifact, filename=f"{main.name}.npy", headers=headers,
