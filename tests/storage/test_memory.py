@@ -8,14 +8,15 @@ from __future__ import annotations
 import hashlib
 import io
 import threading
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from convoy.artifacts import job_key
-from db import artifacts
+from convoy.artifacts import job_key, upload_key
+from db import artifacts, uploads
 from db.session import session_scope
 from db.tables import Artifact, Job
 from tests.factories import feature_maps_request
@@ -126,3 +127,42 @@ def test_one_image_of_a_big_map_file_is_read_by_range(api_only: Stack) -> None:
     assert got.shape == (1, *shape) and float(got.min()) == float(got.max()) == 41.0
     grew = (status_kib(pid, "VmHWM") - before) * 1024
     assert grew < LIMIT, f"API VmHWM grew {grew >> 20} MiB for one 4 MiB image"
+
+
+def test_a_split_of_a_big_uploaded_dataset_is_counted_without_loading_it(
+        api_only: Stack, tmp_path: Path) -> None:
+    """A feature-map (or invariance) job on split `val` of an uploaded dataset reads the
+    archive's labels at submission: the API loaded the whole .npz (128 MiB here) each time."""
+    n = 512
+    path = tmp_path / "big.npz"
+    np.savez(path, x=np.ones((n, 1, 256, 256), np.float32),  # 128 MiB, stored uncompressed
+             y=np.arange(n, dtype=np.int64) % 10)
+
+    def chunks() -> Iterator[bytes]:
+        with path.open("rb") as f:
+            while block := f.read(BLOCK):
+                yield block
+
+    upload_id = uuid.uuid4().hex
+    key = upload_key("datasets", upload_id, ".npz")
+    size, sha = store_of(api_only).write(key, chunks())
+    with session_scope(api_only.env["CONVOY_DATABASE_URL"]) as session:
+        uploads.add(session, id=upload_id, tenant="default", kind="dataset", name="big", key=key,
+                    size=size, sha256=sha, meta={"input_shape": [1, 256, 256],
+                                                 "num_classes": 10, "samples": n})
+    assert api_only.api is not None
+    pid = api_only.api.pid
+    request = feature_maps_request(
+        {"model": {"input_shape": [1, 256, 256], "layers": [
+            {"type": "conv2d", "out_channels": 1, "kernel_size": 3}]}, "seed": 0},
+        inputs={"dataset": {"id": upload_id}, "split": "val", "indices": [0, 1]})
+    with api_only.client() as client:
+        assert client.get("/v1/jobs").status_code == 200  # warm
+        before = status_kib(pid, "VmHWM")
+        r = client.post("/v1/jobs", json=request)
+        assert r.status_code == 201, r.text
+        bad = client.post("/v1/jobs", json={**request, "inputs": {
+            **request["inputs"], "indices": [n]}})  # past the val split: counted right
+    assert bad.status_code == 422 and "split 'val'" in bad.text, bad.text
+    grew = (status_kib(pid, "VmHWM") - before) * 1024
+    assert grew < LIMIT, f"API VmHWM grew {grew >> 20} MiB counting a 128 MiB dataset's split"
