@@ -1,5 +1,6 @@
 """A webhook receiver on loopback for tests: each path answers the statuses its plan lists
-(then 200), and every request is recorded."""
+(then 200; a negative entry -s answers 200 after s seconds), and every request is
+recorded."""
 
 from __future__ import annotations
 
@@ -56,6 +57,9 @@ def start_receiver(host: str = "127.0.0.1") -> Receiver:
                                                          self.headers.items()}, body))
                 plan = receiver.plans.get(self.path) or []
                 status = plan.pop(0) if plan else 200
+            if status < 0:  # a slow receiver: answers 200 after -status seconds
+                time.sleep(-status)
+                status = 200
             self.send_response(status)
             self.send_header("content-type", "text/plain")
             if 300 <= status < 400:

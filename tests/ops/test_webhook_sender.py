@@ -115,6 +115,17 @@ def test_a_redirect_is_a_failed_attempt_and_not_followed(db_url, receiver):
     assert receiver.at("/elsewhere") == []
 
 
+def test_a_receiver_slower_than_the_timeout_is_a_failed_attempt_retried(db_url, receiver):
+    receiver.plans["/slow"] = [-3]  # answers after 3 s; the timeout is 1 s
+    delivery = canceled_job_delivery(db_url, receiver.url + "/slow")
+    pass_once(Settings(database_url=db_url, webhook_allow_private=True,
+                       webhook_timeout_seconds=1))
+    state, [attempt] = attempts_of(db_url, delivery)
+    assert state == "pending" and attempt.status is None
+    assert attempt.error == "timed out after 1 s"
+    assert attempt.duration_seconds < 2.5
+
+
 def test_an_ipv6_literal_url_is_sent_with_a_bracketed_host_header(db_url):
     """`Host: ::1:PORT` (brackets lost) is no valid authority; servers answer it 400."""
     six = start_receiver("::1")
