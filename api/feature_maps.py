@@ -215,6 +215,42 @@ def dataset_ref(raw: Any) -> datasets.DigitsRef | datasets.SyntheticRef | datase
     return raw
 
 
+class StoreFile(io.RawIOBase):
+    """A read-only, seekable file over a stored object of known size: each read is one
+    ranged read of the store (for zipfile/np.load, which seek to the parts they need)."""
+
+    def __init__(self, store: Any, key: str, size: int) -> None:
+        super().__init__()
+        self.store, self.key, self.size, self.pos = store, key, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence]
+        self.pos = max(0, base + offset)
+        return self.pos
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        n = min(len(view), self.size - self.pos)
+        if n <= 0:
+            return 0
+        got = 0
+        for chunk in self.store.iter_range(self.key, self.pos, self.pos + n):
+            part = memoryview(chunk).cast("B")
+            view[got:got + len(part)] = part
+            got += len(part)
+        self.pos += got
+        return got
+
+
 def split_size(session: Session, ref: Any, split: str, *, tenant: str, store: Any,
                max_bytes: int | None = None) -> tuple[tuple[int, ...], int]:
     """The dataset's input shape and the number of samples in the split."""
@@ -234,7 +270,10 @@ def split_size(session: Session, ref: Any, split: str, *, tenant: str, store: An
         return shape, int(upload.meta["samples"])
     if upload.meta.get("split"):  # an image folder with its own val/ split
         return shape, int(upload.meta["split"][split])
-    with np.load(io.BytesIO(store.get_bytes(upload.key)), allow_pickle=False) as archive:
+    # the labels only: the archive is read by range (its directory, then the y member), never
+    # whole (an uploaded dataset may be hundreds of MB, and this runs at every submission)
+    reader = io.BufferedReader(StoreFile(store, upload.key, upload.size), 1 << 16)
+    with np.load(reader, allow_pickle=False) as archive:
         y = archive["y"]  # an .npz member loads alone: x is not read
     return shape, datasets.split_sizes(y.astype(np.int64), uploaded=True)[split]
 

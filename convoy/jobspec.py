@@ -130,7 +130,9 @@ MAX_MAGNITUDES = 32
 Magnitudes = Field(min_length=1, max_length=MAX_MAGNITUDES)
 Pixels = Annotated[int, Field(ge=1, le=4096, strict=True)]
 Degrees = Annotated[float, Field(gt=0, le=180, allow_inf_nan=False)]
-Factor = Annotated[float, Field(gt=0, le=64, allow_inf_nan=False)]
+# 1/64 .. 64: a factor below 1/64 shrinks any input to under a pixel, and one near 0
+# (1e-300) became 0 in float32, so its 1/s sampling grid was NaN and the curves NaN
+Factor = Annotated[float, Field(ge=1 / 64, le=64, allow_inf_nan=False)]
 
 
 class TransformsRequest(BaseModel):

@@ -185,7 +185,8 @@ class FeatureMapsRun:
         rows = [self._put("feature_map", name, base + ".npy", npy_chunks(maps), meta)]
         if "argmax" in got:
             rows.append(self._put("argmax", name, f"{base}.argmax.npy", npy_chunks(got["argmax"]),
-                                  {"index": index, "shape": list(got["argmax"].shape)}))
+                                  {"index": index, "shape": list(got["argmax"].shape),
+                                   "dtype": str(got["argmax"].dtype)}))
         if self.request.png and maps.ndim == 4:
             pictures = png_images(maps)
             for k in range(len(maps)):

@@ -14,6 +14,7 @@ from db import attempts, job_reads, joblog, jobs
 from db.session import session_scope
 from db.states import AttemptOutcome, JobState
 from db.tables import Job
+from models.invariance import NonFiniteMaps
 from worker import warmup
 from worker.control import RunOutcome, Stopped
 from worker.data import device_text, pick_device
@@ -51,7 +52,7 @@ def started(settings: Settings, job_id: str, worker_id: str, *, device: str,
 
 
 def failure_message(exc: BaseException) -> str:
-    if isinstance(exc, NonFiniteLoss | CorruptArtifact | JobTimedOut):
+    if isinstance(exc, NonFiniteLoss | NonFiniteMaps | CorruptArtifact | JobTimedOut):
         return str(exc)
     if isinstance(exc, torch.OutOfMemoryError):
         return ("CUDA out of memory: the model and batch do not fit on this GPU; "

@@ -16,13 +16,16 @@ from api.deps import PrincipalDep, SessionDep, SettingsDep, StoreDep
 from api.downloads import DOWNLOAD_RESPONSES, artifact_download
 from api.routes.jobs import load_job
 from api.schemas import BINARY, FeatureMapList, FeatureMapValues
+from convoy.artifacts import ArtifactStore, CorruptArtifact, MissingArtifact
 from convoy.featuremaps import is_index
+from convoy.npyfile import BadArray, read_header
 from db import artifacts
 from db.tables import Artifact, Job
 
 router = APIRouter(prefix="/v1/jobs", tags=["feature-maps"])
 
 Array = Literal["maps", "argmax"]
+NPY_HEAD_BYTES = 65536 + 16  # the longest .npy header numpy writes, and its preamble
 
 
 def _feature_job(session: Session, job_id: str, tenant: str) -> Job:
@@ -63,6 +66,27 @@ def _find(session: Session, job_id: str, tenant: str, kind: str, layer: str
         found = artifacts.find_by_prefix(session, job_id=job_id, tenant=tenant, kind=kind,
                                          prefix=f"{int(layer)}-")
     return found
+
+
+def _one_image(store: ArtifactStore, artifact: Artifact, image: int) -> np.ndarray:
+    """Image `image` of a stored [N, ...] .npy, as [1, ...], read by range from the store:
+    its header, then its rows (the file is never read whole)."""
+    try:
+        head = b"".join(store.iter_range(artifact.key, 0, min(artifact.size, NPY_HEAD_BYTES)))
+        header = read_header(io.BytesIO(head), f"the stored file of {artifact.name}")
+    except MissingArtifact:
+        raise HTTPException(404, f"{artifact.name}: its file is missing from the artifact "
+                                 "store") from None
+    except BadArray as exc:
+        raise CorruptArtifact(str(exc)) from None
+    row = math.prod(header.shape[1:]) * header.dtype.itemsize
+    start = header.offset + image * row
+    if header.fortran or image >= header.shape[0] or start + row > artifact.size:
+        raise CorruptArtifact(f"the stored file of {artifact.name} does not match its row")
+    data = b"".join(store.iter_range(artifact.key, start, start + row))
+    if len(data) != row:
+        raise CorruptArtifact(f"the stored file of {artifact.name} ends early")
+    return np.frombuffer(data, header.dtype).reshape((1, *header.shape[1:]))
 
 
 @router.get("/{job_id}/feature-maps/{layer:path}", response_class=Response, responses={
@@ -114,6 +138,12 @@ def get_feature_map(
     if artifact is None:
         raise HTTPException(404, f"layer {main.name!r} has no {array} (only max pooling has)")
     shape = (artifact.meta or {})["shape"]
+    # the answer's own shape and dtype (argmax: int32, not the maps' float32)
+    headers["X-Shape"] = ",".join(map(str, shape))
+    if (artifact.meta or {}).get("dtype"):
+        headers["X-Dtype"] = str((artifact.meta or {})["dtype"])
+    else:  # an argmax row written before its dtype was recorded: not the maps' dtype
+        headers.pop("X-Dtype", None)
     if format == "npy" and image is None:  # the whole file: streamed, Range, or 302
         return artifact_download(
             request, store, settings, artifact, headers=headers,
@@ -125,9 +155,12 @@ def get_feature_map(
         raise HTTPException(413, f"{values} values are too many for JSON (limit "
                                  f"max_json_map_values={settings.max_json_map_values}); ask "
                                  "for format=npy, or one image with image=k")
-    data = np.load(io.BytesIO(store.get_bytes(artifact.key)), allow_pickle=False)
-    if image is not None:
-        data = data[image:image + 1]
+    if image is not None:  # that image's rows only: the file may be gigabytes
+        data = _one_image(store, artifact, image)
+    else:  # at most max_json_map_values values (checked above)
+        data = np.load(io.BytesIO(store.get_bytes(artifact.key)), allow_pickle=False)
+    headers["X-Shape"] = ",".join(map(str, data.shape))
+    headers["X-Dtype"] = str(data.dtype)
     if format == "npy":
         buf = io.BytesIO()
         np.save(buf, data, allow_pickle=False)

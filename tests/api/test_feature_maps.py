@@ -125,6 +125,11 @@ def test_pooled_maps_are_window_maxima_and_means_and_argmax_points_at_them(clien
     mp = maps(client, job["id"], "2-maxpool2d")
     ap = maps(client, job["id"], "3-avgpool2d")
     argmax = maps(client, job["id"], "2-maxpool2d", array="argmax")
+    got = client.get(f"/v1/jobs/{job['id']}/feature-maps/2-maxpool2d",
+                     params={"array": "argmax"})
+    # the headers describe the argmax file (they said the maps' float32)
+    assert got.headers["x-dtype"] == str(argmax.dtype) != str(mp.dtype)
+    assert got.headers["x-shape"] == ",".join(map(str, argmax.shape))
     n = len(relu)
     windows = relu.reshape(n, 3, 4, 2, 4, 2)
     assert np.array_equal(mp, windows.max(axis=(3, 5)))
