@@ -29,6 +29,22 @@ class TrainConfig(BaseModel):
     compile: bool = False
 
 
+RetainedMetric = Literal["val_accuracy", "val_loss", "train_accuracy", "train_loss"]
+
+
+class CheckpointPolicy(BaseModel):
+    """Which checkpoints a train job keeps (convoy/retention.py): after each epoch, the union
+    of the `keep_last` newest and the `keep_best` best by `metric`; the newest always.
+    `keep_last: null` keeps every checkpoint."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    keep_last: Annotated[int, Field(ge=1, le=100_000)] | None = 3
+    keep_best: Annotated[int, Field(ge=0, le=100_000)] = 1
+    metric: RetainedMetric = "val_accuracy"
+    mode: Literal["max", "min"] = "max"
+
+
 Device = Literal["auto", "cpu", "cuda"]
 # Running time allowed (seconds, summed over attempts); None: the server's default.
 Timeout = Annotated[float, Field(gt=0, allow_inf_nan=False)] | None
@@ -42,6 +58,7 @@ class TrainJobRequest(BaseModel):
     model: ModelSpec
     dataset: Annotated[DigitsRef | SyntheticRef | UploadRef, Field(union_mode="left_to_right")]
     train: TrainConfig = TrainConfig()
+    checkpoints: CheckpointPolicy = CheckpointPolicy()
     device: Device = "auto"
     max_attempts: Annotated[int, Field(ge=1, le=20)] | None = None
     timeout: Timeout = None

@@ -57,6 +57,9 @@ class Settings(BaseSettings):
     broker_polling_interval: float = 0.1
 
     max_attempts: int = 3
+    # A pause between committing a checkpoint retention decision and deleting the files it
+    # dropped: 0 but in the test that kills a worker in that window.
+    checkpoint_prune_delay_seconds: Annotated[float, Field(ge=0)] = 0.0
     # A storage error on a worker (full, read-only store) ends the attempt and queues the job
     # again after this many seconds, doubling per attempt up to store_retry_max_seconds.
     store_retry_seconds: Annotated[float, Field(ge=0)] = 10.0

@@ -4,7 +4,7 @@ late worker can never move a job backwards or run it twice at once. Nothing else
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
@@ -198,9 +198,12 @@ def record_epoch(
     metrics: Mapping[str, float],
     progress: float,
     artifacts: Iterable[Artifact] = (),
+    before_commit: Callable[[Session], None] | None = None,
 ) -> bool:
     """One transaction per epoch: its metrics, its checkpoint rows and the progress together,
-    so a resumed attempt finds exactly the epochs it can continue from."""
+    so a resumed attempt finds exactly the epochs it can continue from. `before_commit` runs
+    in that transaction after the rows are added (the retention decision: rows it deletes
+    go with this commit, before any file is removed)."""
     now = utcnow()
     result = session.execute(
         update(Job)
@@ -214,6 +217,8 @@ def record_epoch(
     metrics_db.add_step(session, job_id=job_id, step=step, epoch=epoch, values=metrics)
     for artifact in artifacts:
         artifacts_db.upsert(session, artifact=artifact)
+    if before_commit is not None:
+        before_commit(session)
     session.commit()
     return True
 

@@ -5,6 +5,8 @@ thread, and the success recorded by the lease holder."""
 from __future__ import annotations
 
 import logging
+import math
+import re
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager
@@ -15,6 +17,7 @@ from sqlalchemy.orm import Session
 
 from convoy.artifacts import CorruptArtifact, checkpoint_name, get_store, job_key
 from convoy.jobspec import TrainJobRequest
+from convoy.retention import decide
 from convoy.settings import Settings
 from db import artifacts, joblog, jobs, leases
 from db.session import session_scope
@@ -30,6 +33,17 @@ from worker.lease import SHUTTING_DOWN, Lease
 from worker.train import DeviceData, EpochReport, make_optimizer, train
 
 log = logging.getLogger(__name__)
+
+RETAINED = ("val_accuracy", "val_loss", "train_accuracy", "train_loss")
+EPOCH_NAME = re.compile(r"^epoch-(\d+)(?:\.optimizer)?\.safetensors$")
+
+
+def row_epoch(row: Artifact) -> int | None:
+    epoch = (row.meta or {}).get("epoch")
+    if isinstance(epoch, int):
+        return epoch
+    found = EPOCH_NAME.match(row.name)
+    return int(found.group(1)) if found else None
 
 
 class TrainRun:
@@ -87,6 +101,9 @@ class TrainRun:
             return
         name = checkpoint_name(epoch)
         rows: list[Artifact] = []
+        # the metrics retention ranks by ride in the rows (finite values only: JSON)
+        kept_metrics = {k: float(metrics[k]) for k in RETAINED
+                        if k in metrics and math.isfinite(float(metrics[k]))}
         try:
             for kind, blob, fname in (("checkpoint", model_blob, name),
                                       ("optimizer", optim_blob,
@@ -95,7 +112,7 @@ class TrainRun:
                 size, sha = self.store.put_bytes(key, blob)
                 rows.append(Artifact(job_id=self.job.id, tenant=self.job.tenant, kind=kind,
                                      name=fname, key=key, size=size, sha256=sha,
-                                     meta={"epoch": epoch}))
+                                     meta={"epoch": epoch, "metrics": kept_metrics}))
         except BaseException:
             # No file without its row: the model file written before the optimizer file hit a
             # full store goes too (a row an earlier attempt left for this name then points at
@@ -105,17 +122,55 @@ class TrainRun:
                 log.error("job %s: could not remove %s after a failed write", self.job.id, left)
             raise
 
+        dropped: list[str] = []
+
         def record() -> bool:
+            dropped.clear()
             with self.db() as session:
                 return jobs.record_epoch(
                     session, job_id=self.job.id, worker_id=self.worker_id, epoch=epoch,
                     step=step, metrics=metrics, progress=epoch / self.request.train.epochs,
-                    artifacts=rows,
+                    artifacts=rows, before_commit=lambda s: dropped.extend(self._retain(s)),
                 )
 
         if not retry_db(record, what=f"job {self.job.id} epoch {epoch}",
                         within_s=self.settings.db_retry_seconds):
             self.lease_lost = True
+            return
+        self._prune(dropped)
+
+    def _retain(self, session: Session) -> list[str]:
+        """The retention decision, in the epoch's transaction: delete the rows of the
+        checkpoints (and optimizer states) the policy drops; their keys, to remove after the
+        commit."""
+        policy = self.request.checkpoints
+        if policy.keep_last is None:
+            return []
+        rows = artifacts.resume_candidates(session, job_id=self.job.id)
+        models = {e: r for r in rows if r.kind == "checkpoint"
+                  and (e := row_epoch(r)) is not None}
+        scores: dict[int, float | None] = {
+            e: ((r.meta or {}).get("metrics") or {}).get(policy.metric) for e, r in models.items()}
+        kept = decide(scores, policy)
+        drop = [r for e, r in models.items() if e not in kept.models]
+        drop += [r for r in rows if r.kind == "optimizer"
+                 and (e := row_epoch(r)) is not None and e not in kept.optimizers]
+        return artifacts.delete_rows(session, drop)
+
+    def _prune(self, dropped: list[str]) -> None:
+        """Remove the files the committed decision dropped, and any checkpoint file of the
+        job no row lists (left by an attempt killed between its decision and its deletes)."""
+        if self.request.checkpoints.keep_last is None:
+            return
+        if self.settings.checkpoint_prune_delay_seconds:
+            time.sleep(self.settings.checkpoint_prune_delay_seconds)
+        with self.db() as session:
+            listed = {r.key for r in artifacts.resume_candidates(session, job_id=self.job.id)}
+        prefix = job_key(self.job.id, "checkpoints") + "/"
+        orphans = [k for k, _ in self.store.list_keys(prefix) if k not in listed]
+        left = self.store.discard([*dropped, *orphans])
+        if left:
+            log.warning("job %s: could not remove dropped checkpoints %s", self.job.id, left)
 
     def _wait_pending(self) -> None:
         if self.pending is not None:
