@@ -35,6 +35,7 @@ from api.routes import (
     health,
     invariance,
     jobs,
+    lifecycle,
     models,
     ops,
     tokens,
@@ -222,6 +223,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (feature_maps, uploads):  # feature-map jobs and their uploads
         app.include_router(module.router)
     app.include_router(invariance.router)
+    app.include_router(lifecycle.router)  # DELETE jobs and uploads, usage
     for module in (ops, webhooks):  # for operators: /metrics, workers, webhooks
         app.include_router(module.router)
     dashboard.mount_static(app)

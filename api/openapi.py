@@ -51,6 +51,9 @@ ROUTE_ERRORS: dict[tuple[str, str], set[int]] = {
     # unknown checkpoint/job/upload, a key reused, the queue quota, the store read for a
     # feature-map job's inputs
     ("POST", "/v1/jobs"): {404, 409, 429, 507},
+    # queued or running (or a running job starts from it); the store's deletes
+    ("DELETE", "/v1/jobs/{job_id}"): {409, 507},
+    ("DELETE", "/v1/uploads/{upload_id}"): {409, 507},
     ("POST", "/v1/jobs/{job_id}/cancel"): {409},
     ("DELETE", "/v1/tokens/{token_id}"): {409},  # the last admin token
     ("GET", "/v1/jobs/{job_id}/events"): {429},  # open streams per tenant and in total

@@ -405,3 +405,15 @@ class WebhookDeliveryOut(BaseModel):
     next_at: datetime | None
     created_at: datetime
     finished_at: datetime | None
+
+
+class UsageOut(BaseModel):
+    """What a tenant holds in the artifact store (the storage quota counts `bytes`)."""
+
+    bytes: int = Field(description="artifact_bytes + upload_bytes")
+    artifact_bytes: int = Field(description="files its jobs wrote (checkpoints, maps...)")
+    upload_bytes: int = Field(description="datasets, checkpoints and inputs it uploaded")
+    jobs: int
+    artifacts: int
+    uploads: int
+    limit_bytes: int | None = Field(description="max_storage_bytes_per_tenant; null: none")

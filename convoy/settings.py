@@ -81,6 +81,9 @@ class Settings(BaseSettings):
     max_running_per_tenant: Annotated[int, Field(ge=1)] = 8
     tenant_defer_seconds: Annotated[float, Field(gt=0)] = 5.0
     max_queued_per_tenant: int = 1000
+    # Bytes a tenant's artifacts and uploads may hold in the store; past it submissions and
+    # uploads answer 413 (None: no limit). GET /v1/usage shows what a tenant holds.
+    max_storage_bytes_per_tenant: Annotated[int, Field(ge=0)] | None = None
     max_feature_map_bytes: int = 2 * 1024**3
 
     # --- idempotency, time and CPU bounds ---

@@ -102,3 +102,8 @@ def delete_rows(session: Session, rows: Iterable[Artifact]) -> list[str]:
         keys.append(row.key)
         session.delete(row)
     return keys
+
+
+def of_job(session: Session, *, job_id: str) -> list[Artifact]:
+    """Every row of the job (the caller has checked it is the tenant's)."""
+    return list(session.scalars(select(Artifact).where(Artifact.job_id == job_id)))

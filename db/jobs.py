@@ -9,7 +9,7 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import func, select, text, update
+from sqlalchemy import delete, func, select, text, update
 from sqlalchemy.orm import Session
 
 from db import artifacts as artifacts_db
@@ -21,7 +21,7 @@ from db.job_reads import get_job, job_state
 from db.joblog import log
 from db.leases import owned
 from db.states import AttemptOutcome, JobState
-from db.tables import Artifact, Job, JobAttempt
+from db.tables import Artifact, Job, JobAttempt, JobLog, Metric
 
 
 class WrongState(RuntimeError):
@@ -406,3 +406,47 @@ def requeue_expired(
                 requeued.append(job_id)
     session.commit()
     return requeued
+
+
+ACTIVE = (JobState.QUEUED, JobState.RUNNING)
+# the request fields that name another job or an upload
+_REFERENCES = ("job_id", "checkpoint_id", "input_id", "id")
+
+
+def _references(value: Any) -> set[str]:
+    found: set[str] = set()
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if key in _REFERENCES and isinstance(item, str):
+                found.add(item)
+            else:
+                found |= _references(item)
+    elif isinstance(value, list):
+        for item in value:
+            found |= _references(item)
+    return found
+
+
+def active_users(session: Session, *, tenant: str, ref: str) -> list[Job]:
+    """The tenant's queued or running jobs whose request names `ref` (an upload's id, or a
+    job's whose checkpoint they start from)."""
+    return [job for job in session.scalars(
+        select(Job).where(Job.tenant == tenant, Job.state.in_(ACTIVE), Job.id != ref))
+        if ref in _references(job.request)]
+
+
+def delete_job_rows(session: Session, *, job_id: str) -> bool:
+    """Delete a finished job and every row of it (attempts, metrics, logs, artifacts) and
+    commit; False when it is queued or running again (nothing deleted). The caller has
+    removed its files first, so a crash half-way leaves a job that can be deleted again."""
+    state = session.scalar(select(Job.state).where(Job.id == job_id).with_for_update())
+    if state is None or state in ACTIVE:
+        session.rollback()
+        return False
+    session.execute(delete(Artifact).where(Artifact.job_id == job_id))
+    session.execute(delete(Metric).where(Metric.job_id == job_id))
+    session.execute(delete(JobLog).where(JobLog.job_id == job_id))
+    session.execute(delete(JobAttempt).where(JobAttempt.job_id == job_id))
+    session.execute(delete(Job).where(Job.id == job_id))
+    session.commit()
+    return True

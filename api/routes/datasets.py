@@ -65,7 +65,7 @@ async def upload_dataset(
                                        "type": "value_error"}]) from None
         with UploadKey(session, idem):
             row = save_upload(
-                session, store, tenant=principal.tenant, kind="dataset",
+                session, store, settings=settings, tenant=principal.tenant, kind="dataset",
                 name=display_name(name or file.filename), data=data, suffix=".npz",
                 meta={"input_shape": list(found.input_shape),
                       "num_classes": int(np.max(found.y)) + 1, "samples": len(found.y)})

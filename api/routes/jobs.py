@@ -25,6 +25,7 @@ from api.deps import (
 )
 from api.downloads import DOWNLOAD_RESPONSES, artifact_download
 from api.idempotency import canonical_json, conflict, idem_for
+from api.quota import check_storage
 from api.schemas import (
     BINARY,
     AttemptOut,
@@ -113,6 +114,7 @@ def _submit(body: TrainJobRequest | FeatureMapsJobRequest | InvarianceJobRequest
 
         summary = check_feature_maps(session, body, settings, tenant=principal.tenant)
     timeout = check_timeout(body, settings)
+    check_storage(session, settings, tenant=principal.tenant, what="job")
     # The quota count, the idempotency key and the insert in one transaction under the
     # tenant's lock: concurrent submissions can neither pass the quota nor reuse a key twice.
     try:
