@@ -30,6 +30,7 @@ from api.reconciler import Reconciler
 from api.routes import (
     dashboard,
     datasets,
+    evaluate,
     events,
     feature_maps,
     health,
@@ -224,6 +225,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(module.router)
     app.include_router(invariance.router)
     app.include_router(lifecycle.router)  # DELETE jobs and uploads, usage
+    app.include_router(evaluate.router)  # evaluate jobs' predictions, export jobs' files
     for module in (ops, webhooks):  # for operators: /metrics, workers, webhooks
         app.include_router(module.router)
     dashboard.mount_static(app)

@@ -60,6 +60,8 @@ ROUTE_ERRORS: dict[tuple[str, str], set[int]] = {
     # too many values for JSON; a Range past the end; the store read
     ("GET", "/v1/jobs/{job_id}/feature-maps/{layer}"): {413, 416, 507},
     ("GET", "/v1/jobs/{job_id}/checkpoints/{name}"): {416, 507},
+    ("GET", "/v1/jobs/{job_id}/predictions"): {507},  # the store read
+    ("GET", "/v1/jobs/{job_id}/export"): {416, 507},
     # a key reused, the store written
     **{("POST", path): {409, 507} for path in UPLOADS},
     # a token without the `metrics` scope (401 and 503: needs_token)

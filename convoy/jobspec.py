@@ -146,10 +146,45 @@ class InvarianceJobRequest(BaseModel):
     timeout: Timeout = None
 
 
+class EvaluateJobRequest(BaseModel):
+    """Score a model on inputs: loss, accuracy, confusion matrix and per-class precision and
+    recall where the inputs have labels, and every input's top-k classes (GET
+    /v1/jobs/{id}/predictions). `source` and `inputs` as in a feature-map job; without
+    `indices` every input of the split (or of the upload) is scored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["evaluate"]
+    name: Name = ""
+    source: CheckpointSource
+    inputs: InputsRef
+    top_k: Annotated[int, Field(ge=1, le=100)] = 5
+    device: Device = "auto"
+    max_attempts: Annotated[int, Field(ge=1, le=20)] | None = None
+    timeout: Timeout = None
+
+
+class ExportJobRequest(BaseModel):
+    """Export a model (`source` as in a feature-map job) to ONNX or TorchScript with a dynamic
+    batch dimension; the worker runs the exported file (onnxruntime, or torch.jit.load) on a
+    fixed batch and records the largest absolute difference from PyTorch."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["export"]
+    name: Name = ""
+    source: CheckpointSource
+    format: Literal["onnx", "torchscript"] = "onnx"
+    opset: Annotated[int, Field(ge=13, le=20)] = 17
+    device: Device = "cpu"
+    max_attempts: Annotated[int, Field(ge=1, le=20)] | None = None
+    timeout: Timeout = None
+
+
 # the requests whose model and inputs are resolved the same way (api/feature_maps.py)
-SourcedRequest = FeatureMapsJobRequest | InvarianceJobRequest
-JobRequest = Annotated[TrainJobRequest | FeatureMapsJobRequest | InvarianceJobRequest,
-                       Field(discriminator="kind")]
+SourcedRequest = FeatureMapsJobRequest | InvarianceJobRequest | EvaluateJobRequest
+JobRequest = Annotated[TrainJobRequest | FeatureMapsJobRequest | InvarianceJobRequest
+                       | EvaluateJobRequest | ExportJobRequest, Field(discriminator="kind")]
 
 
 def dump(request: BaseModel) -> dict[str, Any]:
@@ -214,3 +249,20 @@ class InvariancePlan(BaseModel):
     # family -> magnitudes, ascending; only the families asked for
     transforms: dict[str, list[int | float]]  # translations in whole pixels
     forward_passes: int  # per input: the original and every transformed copy
+
+
+class EvaluatePlan(BaseModel):
+    """What the API resolved for an evaluate job, in its summary under "evaluate"."""
+
+    source: PlanSource
+    inputs: DatasetInputs | UploadedInputs
+    classes: int  # the model's output size
+    top_k: int  # min(top_k asked, classes)
+
+
+class ExportPlan(BaseModel):
+    """What the API resolved for an export job, in its summary under "export"."""
+
+    source: PlanSource
+    format: Literal["onnx", "torchscript"]
+    filename: str  # model.onnx or model.pt

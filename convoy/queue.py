@@ -10,8 +10,11 @@ from convoy.settings import Settings
 TRAIN_TASK = "convoy.train"
 FEATURE_MAPS_TASK = "convoy.feature_maps"
 INVARIANCE_TASK = "convoy.invariance"
+EVALUATE_TASK = "convoy.evaluate"
+EXPORT_TASK = "convoy.export"
 TASK_FOR_KIND = {"train": TRAIN_TASK, "feature_maps": FEATURE_MAPS_TASK,
-                 "invariance": INVARIANCE_TASK}
+                 "invariance": INVARIANCE_TASK, "evaluate": EVALUATE_TASK,
+                 "export": EXPORT_TASK}
 
 
 def make_celery(settings: Settings, *, include: list[str] | None = None) -> Celery:

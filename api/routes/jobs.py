@@ -38,6 +38,8 @@ from api.schemas import (
 )
 from api.submit import check_timeout, check_train
 from convoy.jobspec import (
+    EvaluateJobRequest,
+    ExportJobRequest,
     FeatureMapsJobRequest,
     InvarianceJobRequest,
     JobRequest,
@@ -55,7 +57,7 @@ from db.tables import Job
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 JobId = Annotated[str, Query(max_length=64)]
-Kind = Literal["train", "feature_maps", "invariance"]
+Kind = Literal["train", "feature_maps", "invariance", "evaluate", "export"]
 
 
 def job_out(job: Job, waiting_reason: str | None = None) -> JobOut:
@@ -97,7 +99,8 @@ def submit_job(
         session.close()  # here, on this thread: no second trip to the pool to close it
 
 
-def _submit(body: TrainJobRequest | FeatureMapsJobRequest | InvarianceJobRequest, session: Session,
+def _submit(body: TrainJobRequest | FeatureMapsJobRequest | InvarianceJobRequest
+            | EvaluateJobRequest | ExportJobRequest, session: Session,
             settings: Settings, principal: Principal, celery: Any, request: Request,
             response: Response) -> JobOut:
     request_json = dump(body)
@@ -109,6 +112,14 @@ def _submit(body: TrainJobRequest | FeatureMapsJobRequest | InvarianceJobRequest
         from api.invariance import check_invariance
 
         summary = check_invariance(session, body, settings, tenant=principal.tenant)
+    elif isinstance(body, EvaluateJobRequest):
+        from api.evaluate import check_evaluate
+
+        summary = check_evaluate(session, body, settings, tenant=principal.tenant)
+    elif isinstance(body, ExportJobRequest):
+        from api.export import check_export
+
+        summary = check_export(session, body, settings, tenant=principal.tenant)
     else:
         from api.feature_maps import check_feature_maps
 
