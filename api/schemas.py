@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from convoy.jobspec import EvaluatePlan, ExportPlan, FeatureMapPlan, InvariancePlan
+from convoy.jobspec import EvaluatePlan, ExportPlan, FeatureMapPlan, InitPlan, InvariancePlan
 
 
 class _Stored(BaseModel):
@@ -80,6 +80,9 @@ class ModelSummary(_Stored):
     invariance: InvariancePlan | None = None
     evaluate: EvaluatePlan | None = None
     export: ExportPlan | None = None
+    init: InitPlan | None = Field(None, description="a train job's `init`: the checkpoint it "
+                                                    "starts from, the tensors loaded and "
+                                                    "skipped")
 
 
 class ClassScore(BaseModel):

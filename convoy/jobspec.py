@@ -45,13 +45,26 @@ class CheckpointPolicy(BaseModel):
     mode: Literal["max", "min"] = "max"
 
 
+class InitFrom(BaseModel):
+    """Weights a train job starts from: a train job's checkpoint (`job_id`, `checkpoint` a
+    name or `last`) or an uploaded one (`checkpoint_id`). `strict: false` loads the tensors
+    whose names and shapes match and leaves the others as seeded (the summary names them)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    job_id: Annotated[str, Field(max_length=64, pattern=r"^[0-9a-f]+$")] | None = None
+    checkpoint: Annotated[str, Field(max_length=64, pattern=r"^[\w.-]+$")] = "last"
+    checkpoint_id: Annotated[str, Field(max_length=64, pattern=r"^[0-9a-f]+$")] | None = None
+    strict: bool = True
+
+
 Device = Literal["auto", "cpu", "cuda"]
 # Running time allowed (seconds, summed over attempts); None: the server's default.
 Timeout = Annotated[float, Field(gt=0, allow_inf_nan=False)] | None
 
 
 class TrainJobRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     kind: Literal["train"]
     name: Name = ""
@@ -59,6 +72,10 @@ class TrainJobRequest(BaseModel):
     dataset: Annotated[DigitsRef | SyntheticRef | UploadRef, Field(union_mode="left_to_right")]
     train: TrainConfig = TrainConfig()
     checkpoints: CheckpointPolicy = CheckpointPolicy()
+    init: InitFrom | None = None
+    # with init.job_id: also restore the optimizer state, and number epochs on from the
+    # source checkpoint's (train.epochs more); the lr schedule runs over the total
+    continue_: bool = Field(False, alias="continue")
     device: Device = "auto"
     max_attempts: Annotated[int, Field(ge=1, le=20)] | None = None
     timeout: Timeout = None
@@ -266,3 +283,14 @@ class ExportPlan(BaseModel):
     source: PlanSource
     format: Literal["onnx", "torchscript"]
     filename: str  # model.onnx or model.pt
+
+
+class InitPlan(BaseModel):
+    """What the API resolved for a train job's `init`, in its summary under "init"."""
+
+    source: TrainJobSource | UploadedCheckpointSource
+    # continued: epochs numbered on from `epoch`, the optimizer state restored; else 0
+    epoch: int
+    continued: bool = False
+    loaded: list[str]  # tensor names taken from the source
+    skipped: list[str]  # tensor names left as seeded (strict: false)

@@ -16,7 +16,7 @@ import torch
 from sqlalchemy.orm import Session
 
 from convoy.artifacts import CorruptArtifact, checkpoint_name, get_store, job_key
-from convoy.jobspec import TrainJobRequest
+from convoy.jobspec import InitPlan, TrainConfig, TrainJobRequest, TrainJobSource
 from convoy.retention import decide
 from convoy.settings import Settings
 from db import artifacts, joblog, jobs, leases
@@ -53,6 +53,12 @@ class TrainRun:
         self.settings, self.job, self.worker_id = settings, job, worker_id
         self.store = get_store(settings)
         self.request = TrainJobRequest.model_validate(job.request)
+        init = (job.summary or {}).get("init")
+        self.init = InitPlan.model_validate(init) if init else None
+        # a continued job numbers its epochs on from its source's: train.epochs more
+        self.offset = self.init.epoch if self.init and self.init.continued else 0
+        self.cfg: TrainConfig = self.request.train.model_copy(
+            update={"epochs": self.offset + self.request.train.epochs})
         self.progress = Progress()
         self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt")
         self.pending: Future[None] | None = None
@@ -78,7 +84,7 @@ class TrainRun:
             "epoch": report.epoch,
             "step": report.step,
             "model": self.request.model.model_dump(mode="json"),
-            "train": self.request.train.model_dump(mode="json"),
+            "train": self.cfg.model_dump(mode="json"),
             "metrics": report.metrics,
         }
         model_blob = checkpoints.model_bytes(report.model, meta)
@@ -129,7 +135,8 @@ class TrainRun:
             with self.db() as session:
                 return jobs.record_epoch(
                     session, job_id=self.job.id, worker_id=self.worker_id, epoch=epoch,
-                    step=step, metrics=metrics, progress=epoch / self.request.train.epochs,
+                    step=step, metrics=metrics,
+                    progress=(epoch - self.offset) / self.request.train.epochs,
                     artifacts=rows, before_commit=lambda s: dropped.extend(self._retain(s)),
                 )
 
@@ -209,13 +216,15 @@ class TrainRun:
         if device.type == "cuda":
             model = channels_last(model)
             torch.backends.cudnn.benchmark = True
-        optimizer = make_optimizer(model, req.train)
+        optimizer = make_optimizer(model, self.cfg)
         start_epoch, resumed_metrics = self._resume(model, optimizer, device)
+        if start_epoch == 0 and self.init is not None:
+            start_epoch = self._init_from(self.init, model, optimizer, device)
         # torch.compile returns the module wrapped (an nn.Module); its stubs say Callable
         trained = cast(torch.nn.Module, torch.compile(model)) if req.train.compile else model
         try:
             result = train(
-                trained, data, req.train, optimizer=optimizer, start_epoch=start_epoch,
+                trained, data, self.cfg, optimizer=optimizer, start_epoch=start_epoch,
                 on_epoch=self.on_epoch,
                 should_stop=lambda: (lease.should_stop() or self.lease_lost
                                      or SHUTTING_DOWN.is_set()),
@@ -270,6 +279,43 @@ class TrainRun:
         self._log(f"{'; '.join(damaged)}; no intact checkpoint left: attempt "
                   f"{self.job.attempt} starts over from epoch 0", level="warning")
         return 0, {}
+
+    def _init_from(self, init: InitPlan, model: torch.nn.Module,
+                   optimizer: torch.optim.Optimizer, device: torch.device) -> int:
+        """Load the source checkpoint the API resolved (verified against its row): the
+        tensors it named, and for a continued job the optimizer state too. Returns the epoch
+        training starts from (the source's when continued, else 0)."""
+        from worker.feature_maps import source_row
+
+        with self.db() as session:
+            row, what = source_row(session, self.job, init.source)
+            optim_row = None
+            if init.continued and isinstance(init.source, TrainJobSource):
+                optim_row = artifacts.find(
+                    session, job_id=init.source.job_id, tenant=self.job.tenant,
+                    kind="optimizer",
+                    name=init.source.checkpoint.replace(".safetensors",
+                                                        ".optimizer.safetensors"))
+                if optim_row is None:
+                    raise CorruptArtifact(f"{what}: its optimizer state is gone; cannot "
+                                          "continue")
+        blob = self.store.get_verified(row.key, name=what, size=row.size, sha256=row.sha256)
+        source = checkpoints.load_model_state(blob)
+        state = model.state_dict()
+        for name in init.loaded:
+            state[name] = source[name].to(state[name].device, state[name].dtype)
+        model.load_state_dict(state)
+        message = f"starts from {what}: {len(init.loaded)} tensors loaded"
+        if init.skipped:
+            message += f", {len(init.skipped)} left as seeded ({', '.join(init.skipped[:8])})"
+        if optim_row is not None:
+            optim_blob = self.store.get_verified(
+                optim_row.key, name=optim_row.name, size=optim_row.size,
+                sha256=optim_row.sha256)
+            optimizer.load_state_dict(checkpoints.optimizer_state(optim_blob, device))
+            message += f"; optimizer state restored, epochs numbered on from {init.epoch}"
+        self._log(message)
+        return init.epoch if init.continued else 0
 
     def _read_checkpoint(self, row: Artifact, optimizers: dict[str, Artifact],
                          model: torch.nn.Module, device: torch.device
