@@ -92,11 +92,6 @@ def check_train(session: Session, req: TrainJobRequest, settings: Settings, *,
                                             f"{info.num_classes} classes; end with a linear "
                                             f"layer of {info.num_classes} outputs")
     check_work(summary, info.samples, cfg.epochs, settings, tenant=tenant)
-    from api.init import check_init  # api.init imports this module
-
-    init = check_init(session, req, summary, tenant=tenant)
-    if init is not None:
-        summary["init"] = init
     return summary
 
 

@@ -25,6 +25,7 @@ from api.deps import (
 )
 from api.downloads import DOWNLOAD_RESPONSES, artifact_download
 from api.idempotency import canonical_json, conflict, idem_for
+from api.init import check_init
 from api.quota import check_storage
 from api.schemas import (
     BINARY,
@@ -108,6 +109,9 @@ def _submit(body: TrainJobRequest | FeatureMapsJobRequest | InvarianceJobRequest
                     parts=[canonical_json(request_json)])
     if isinstance(body, TrainJobRequest):
         summary = check_train(session, body, settings, tenant=principal.tenant)
+        init = check_init(session, body, summary, tenant=principal.tenant)
+        if init is not None:
+            summary["init"] = init
     elif isinstance(body, InvarianceJobRequest):
         from api.invariance import check_invariance
 

@@ -7,6 +7,10 @@ checkpoint) to 1e-4 for the digits CNN, LeNet-5 and vgg-small, at two batch size
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -21,7 +25,7 @@ from convoy.datasets import load_digits
 from models.build import build_model
 from models.spec import ModelSpec
 from tests.factories import digits_cnn, inputs_upload, train_request
-from tests.services import Stack, wait_job
+from tests.services import ROOT, TOKEN, Stack, wait_job
 
 VGG_SMALL = {"preset": "vgg-small", "input_shape": [1, 8, 8], "num_classes": 10}
 LENET5 = {"preset": "lenet5-padded", "input_shape": [1, 8, 8], "num_classes": 10}
@@ -166,3 +170,24 @@ def check_export(client: httpx.Client, job: dict[str, Any], fmt: str) -> None:
             outs = [loaded(torch.from_numpy(x[:n])).numpy() for n in (len(x), 7)]
     for got in outs:  # the whole split, and a batch of 7: the batch dimension is dynamic
         assert np.abs(got - want[:len(got)]).max() < 1e-4
+
+
+def test_cli_predict_prints_the_top_classes(stack: Stack, client: httpx.Client,
+                                            digits_job: dict[str, Any], tmp_path: Path) -> None:
+    split = load_digits()
+    k = int(np.flatnonzero(split.y_val == 7)[0])
+    path = tmp_path / "seven.png"
+    Image.fromarray((split.x_val[k, 0] * 255).round().astype(np.uint8)).save(path)
+    done = subprocess.run(
+        [sys.executable, "-m", "cli.main", "predict", "--model", digits_job["id"], str(path),
+         "--top", "2", "--device", "cpu"], cwd=ROOT, capture_output=True, text=True,
+        timeout=120, env={**os.environ, "CONVOY_URL": stack.url, "CONVOY_TOKEN": TOKEN})
+    assert done.returncode == 0, done.stderr
+    line = done.stdout.strip().splitlines()[-1]
+    # the model's own answer for that image, computed here from its checkpoint
+    x = np.asarray(Image.open(path), dtype=np.float32)[None, None] / 255
+    with torch.no_grad():
+        probs = torch.softmax(torch_model(client, digits_job)(torch.from_numpy(x)), 1)[0]
+    top = probs.topk(2)
+    assert line == (f"{path}[0]: {top.indices[0].item()} ({top.values[0].item():.3f}), "
+                    f"{top.indices[1].item()} ({top.values[1].item():.3f})")
