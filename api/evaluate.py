@@ -13,14 +13,18 @@ from api.submit import job_flops_limit, unprocessable
 from convoy.jobspec import EvaluateJobRequest, EvaluatePlan
 from convoy.settings import Settings
 
-MAX_EVALUATE_INPUTS = 1_000_000
+# the predictions file holds every input's top-k: about 100 bytes each
+MAX_EVALUATE_INPUTS = 100_000
 
 
 def check_evaluate(session: Session, req: EvaluateJobRequest, settings: Settings, *,
                    tenant: str, store: Any = None) -> dict[str, Any]:
     """The job summary of a valid evaluate request, or a 4xx naming the field."""
     got = resolve_request(session, req, settings, tenant=tenant, store=store,
-                          default_count=MAX_EVALUATE_INPUTS)
+                          default_count=MAX_EVALUATE_INPUTS + 1)
+    if got.inputs.count > MAX_EVALUATE_INPUTS:
+        raise unprocessable("inputs", f"more than {MAX_EVALUATE_INPUTS} inputs: give "
+                                      "`indices` (up to 4096 per job) to score part of them")
     summary = got.summary
     out = summary["output_shape"]
     if len(out) != 1:
