@@ -30,11 +30,13 @@ from api.reconciler import Reconciler
 from api.routes import (
     dashboard,
     datasets,
+    evaluate,
     events,
     feature_maps,
     health,
     invariance,
     jobs,
+    lifecycle,
     models,
     ops,
     sweeps,
@@ -227,6 +229,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (feature_maps, uploads):  # feature-map jobs and their uploads
         app.include_router(module.router)
     app.include_router(invariance.router)
+    app.include_router(lifecycle.router)  # DELETE jobs and uploads, usage
+    app.include_router(evaluate.router)  # evaluate jobs' predictions, export jobs' files
     for module in (ops, webhooks):  # for operators: /metrics, workers, webhooks
         app.include_router(module.router)
     app.include_router(sweeps.router)  # hyperparameter sweeps (issue 20)

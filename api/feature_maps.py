@@ -18,6 +18,7 @@ from convoy import datasets
 from convoy.featuremaps import UnknownLayer, layer_names, layer_rows, resolve_layers
 from convoy.jobspec import (
     DatasetInputs,
+    ExportJobRequest,
     FeatureMapPlan,
     FeatureMapsJobRequest,
     PlanSource,
@@ -172,7 +173,7 @@ def check_checkpoint(data: bytes, spec: ModelSpec, summary: dict[str, Any]) -> i
 
 # -- the model source ----------------------------------------------------------------------
 
-def resolve_source(session: Session, req: SourcedRequest, *, tenant: str
+def resolve_source(session: Session, req: SourcedRequest | ExportJobRequest, *, tenant: str
                    ) -> tuple[ModelSpec, PlanSource]:
     src = req.source
     given = [f for f in ("job_id", "checkpoint_id", "model") if getattr(src, f) is not None]
@@ -279,7 +280,8 @@ def split_size(session: Session, ref: Any, split: str, *, tenant: str, store: An
 
 
 def resolve_inputs(session: Session, req: SourcedRequest, summary: dict[str, Any], *,
-                   tenant: str, store: Any, max_bytes: int | None = None
+                   tenant: str, store: Any, max_bytes: int | None = None,
+                   default_count: int = DEFAULT_DATASET_INPUTS
                    ) -> DatasetInputs | UploadedInputs:
     inp = req.inputs
     want = tuple(summary["input_shape"])
@@ -308,7 +310,7 @@ def resolve_inputs(session: Session, req: SourcedRequest, summary: dict[str, Any
             raise unprocessable("inputs.input_id", f"an image converts to 1 or 3 channels; "
                                                    f"the model takes {want[0]}")
     if inp.indices is None:
-        indices = list(range(min(count, DEFAULT_DATASET_INPUTS if inp.dataset else count)))
+        indices = list(range(min(count, default_count if inp.dataset else count)))
     else:
         indices = inp.indices
         for k, index in enumerate(indices):
@@ -342,7 +344,8 @@ class Resolved:
 
 
 def resolve_request(session: Session, req: SourcedRequest, settings: Settings, *,
-                    tenant: str, store: Any = None) -> Resolved:
+                    tenant: str, store: Any = None,
+                    default_count: int = DEFAULT_DATASET_INPUTS) -> Resolved:
     """The source, the layers and the inputs of a request, or a 4xx naming the field."""
     if store is None:
         from convoy.artifacts import get_store
@@ -351,14 +354,15 @@ def resolve_request(session: Session, req: SourcedRequest, settings: Settings, *
     spec, source = resolve_source(session, req, tenant=tenant)
     field = "source.model" if isinstance(source, RandomSource) else "source"
     summary = summarize_or_422(spec, field=field)
-    if req.layers == []:
+    layers = getattr(req, "layers", None)  # an evaluate job has none: every layer runs
+    if layers == []:
         raise unprocessable("layers", "give at least one layer, or null for every layer")
     try:
-        wanted = resolve_layers(summary, req.layers)
+        wanted = resolve_layers(summary, layers)
     except UnknownLayer as exc:
         raise unprocessable(f"layers.{exc.position}", str(exc)) from None
     inputs = resolve_inputs(session, req, summary, tenant=tenant, store=store,
-                            max_bytes=settings.max_dataset_bytes)
+                            max_bytes=settings.max_dataset_bytes, default_count=default_count)
     check_model_limits(summary, settings, batch_size=min(inputs.count, 256), field=field)
     for row, name in zip(layer_rows(summary), layer_names(summary), strict=True):
         row["name"] = name

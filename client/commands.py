@@ -1,5 +1,5 @@
 """The client half of the `convoy` command: submit (with a live progress bar), jobs, status,
-cancel, logs, fetch, feature-maps, invariance. cli.main adds these to its parser."""
+cancel, logs, fetch, feature-maps, invariance, predict. cli.main adds these to its parser."""
 
 from __future__ import annotations
 
@@ -349,6 +349,32 @@ def cmd_sweep_cancel(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Upload the image (or .npy), score it with the model of a train job, print the top
+    classes of each input."""
+    with _client(args) as convoy:
+        upload = convoy.upload_inputs(args.image)
+        source: dict[str, Any] = {"job_id": args.model}
+        if args.checkpoint != "last":
+            source["checkpoint"] = args.checkpoint
+        job = convoy.submit({"kind": "evaluate", "source": source,
+                             "inputs": {"input_id": upload["id"]}, "top_k": args.top,
+                             "device": args.device})
+        job = convoy.wait(job.id)
+        if job.state != "succeeded":
+            print(final_line(job, 0.0), file=sys.stderr)
+            return exit_code(job)
+        offset: int | None = 0
+        while offset is not None:
+            page = convoy.predictions(job.id, offset=offset, limit=1000)
+            for item in page["items"]:
+                ranked = ", ".join(f"{t['class']} ({t['probability']:.3f})"
+                                   for t in item["top"])
+                print(f"{args.image}[{item['index']}]: {ranked}")
+            offset = page["next_offset"]
+    return 0
+
+
 def _guard(func: Command) -> Command:
     """A refused request or an unreachable server is one clear line and exit code 2."""
 
@@ -432,3 +458,10 @@ def add_commands(sub: Any) -> None:
     add_sweep("cancel", cmd_sweep_cancel, "cancel a sweep and its trials").add_argument("id")
     p = add_sweep("list", cmd_sweep_list, "list sweeps, newest first")
     p.add_argument("--limit", type=ascii_int, default=50)
+    p = add("predict", cmd_predict, "classify an image (PNG/JPEG) or a .npy of inputs with a "
+            "trained model: submits an evaluate job, waits, prints the top classes")
+    p.add_argument("image")
+    p.add_argument("--model", required=True, help="the train job whose checkpoint to use")
+    p.add_argument("--checkpoint", default="last", help="last (default) or a checkpoint name")
+    p.add_argument("--top", type=ascii_int, default=3, help="classes shown per input")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")

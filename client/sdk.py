@@ -228,6 +228,45 @@ class Convoy:
         data: dict[str, Any] = self._call("GET", f"/v1/jobs/{job_id}/invariance").json()
         return data
 
+    # ---- a model's life after training ----------------------------------------------------
+
+    def delete_job(self, job_id: str) -> None:
+        """Delete a finished job with its files (409 while it is queued or running)."""
+        self._call("DELETE", f"/v1/jobs/{job_id}")
+
+    def delete_upload(self, upload_id: str) -> None:
+        """Delete an uploaded dataset, checkpoint or input (409 while a job uses it)."""
+        self._call("DELETE", f"/v1/uploads/{upload_id}")
+
+    def usage(self) -> dict[str, Any]:
+        """The tenant's stored bytes and counts, and its limit (limit_bytes, or None)."""
+        data: dict[str, Any] = self._call("GET", "/v1/usage").json()
+        return data
+
+    def upload_inputs(self, path: str | Path) -> dict[str, Any]:
+        """Upload a .npy (N, C, H, W) or a PNG/JPEG as inputs; returns the upload."""
+        p = Path(path)
+        r = self._post_idempotent("/v1/inputs", files={"file": (p.name, p.read_bytes())})
+        data: dict[str, Any] = r.json()
+        return data
+
+    def predictions(self, job_id: str, *, offset: int = 0, limit: int = 100
+                    ) -> dict[str, Any]:
+        """A page of an evaluate job's predictions: {"total", "items": [{"index", "label",
+        "top": [{"class", "probability"}]}], "next_offset"}."""
+        data: dict[str, Any] = self._call("GET", f"/v1/jobs/{job_id}/predictions",
+                                          params={"offset": offset, "limit": limit}).json()
+        return data
+
+    def download_export(self, job_id: str, out: str | Path) -> Path:
+        """An export job's file (model.onnx or model.pt) to `out` (a file or a folder)."""
+        r = self._call("GET", f"/v1/jobs/{job_id}/export")
+        path = Path(out)
+        if path.is_dir():
+            path = path / (job_id + (".onnx" if r.content[:1] != b"PK" else ".pt"))
+        _write(path, r.content)
+        return path
+
     def download_feature_maps(self, job_id: str, out: str | Path, *,
                               png: bool = True) -> list[Path]:
         """Every layer's .npy (and, for spatial layers, a PNG grid per input image) into

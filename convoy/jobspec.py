@@ -52,6 +52,35 @@ class TrainConfig(BaseModel):
     augment: Augment | None = None
 
 
+RetainedMetric = Literal["val_accuracy", "val_loss", "train_accuracy", "train_loss"]
+
+
+class CheckpointPolicy(BaseModel):
+    """Which checkpoints a train job keeps (convoy/retention.py): after each epoch, the union
+    of the `keep_last` newest and the `keep_best` best by `metric`; the newest always.
+    `keep_last: null` keeps every checkpoint."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    keep_last: Annotated[int, Field(ge=1, le=100_000)] | None = 3
+    keep_best: Annotated[int, Field(ge=0, le=100_000)] = 1
+    metric: RetainedMetric = "val_accuracy"
+    mode: Literal["max", "min"] = "max"
+
+
+class InitFrom(BaseModel):
+    """Weights a train job starts from: a train job's checkpoint (`job_id`, `checkpoint` a
+    name or `last`) or an uploaded one (`checkpoint_id`). `strict: false` loads the tensors
+    whose names and shapes match and leaves the others as seeded (the summary names them)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    job_id: Annotated[str, Field(max_length=64, pattern=r"^[0-9a-f]+$")] | None = None
+    checkpoint: Annotated[str, Field(max_length=64, pattern=r"^[\w.-]+$")] = "last"
+    checkpoint_id: Annotated[str, Field(max_length=64, pattern=r"^[0-9a-f]+$")] | None = None
+    strict: bool = True
+
+
 Device = Literal["auto", "cpu", "cuda"]
 # 0 (least urgent) to 9 (most): a queued job of higher priority starts before lower ones
 # queued earlier (convoy.queue.enqueue; what each broker guarantees: docs/reliability.md).
@@ -64,13 +93,18 @@ Timeout = Annotated[float, Field(gt=0, allow_inf_nan=False)] | None
 
 
 class TrainJobRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     kind: Literal["train"]
     name: Name = ""
     model: ModelSpec
     dataset: Annotated[DigitsRef | SyntheticRef | UploadRef, Field(union_mode="left_to_right")]
     train: TrainConfig = TrainConfig()
+    checkpoints: CheckpointPolicy = CheckpointPolicy()
+    init: InitFrom | None = None
+    # with init.job_id: also restore the optimizer state, and number epochs on from the
+    # source checkpoint's (train.epochs more); the lr schedule runs over the total
+    continue_: bool = Field(False, alias="continue")
     device: Device = "auto"
     max_attempts: Annotated[int, Field(ge=1, le=20)] | None = None
     timeout: Timeout = None
@@ -163,10 +197,47 @@ class InvarianceJobRequest(BaseModel):
     priority: Priority = DEFAULT_PRIORITY
 
 
+class EvaluateJobRequest(BaseModel):
+    """Score a model on inputs: loss, accuracy, confusion matrix and per-class precision and
+    recall where the inputs have labels, and every input's top-k classes (GET
+    /v1/jobs/{id}/predictions). `source` and `inputs` as in a feature-map job; without
+    `indices` every input of the split (or of the upload) is scored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["evaluate"]
+    name: Name = ""
+    source: CheckpointSource
+    inputs: InputsRef
+    top_k: Annotated[int, Field(ge=1, le=100)] = 5
+    device: Device = "auto"
+    max_attempts: Annotated[int, Field(ge=1, le=20)] | None = None
+    timeout: Timeout = None
+    priority: Priority = DEFAULT_PRIORITY
+
+
+class ExportJobRequest(BaseModel):
+    """Export a model (`source` as in a feature-map job) to ONNX or TorchScript with a dynamic
+    batch dimension; the worker runs the exported file (onnxruntime, or torch.jit.load) on a
+    fixed batch and records the largest absolute difference from PyTorch."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["export"]
+    name: Name = ""
+    source: CheckpointSource
+    format: Literal["onnx", "torchscript"] = "onnx"
+    opset: Annotated[int, Field(ge=13, le=20)] = 17
+    device: Device = "cpu"
+    max_attempts: Annotated[int, Field(ge=1, le=20)] | None = None
+    timeout: Timeout = None
+    priority: Priority = DEFAULT_PRIORITY
+
+
 # the requests whose model and inputs are resolved the same way (api/feature_maps.py)
-SourcedRequest = FeatureMapsJobRequest | InvarianceJobRequest
-JobRequest = Annotated[TrainJobRequest | FeatureMapsJobRequest | InvarianceJobRequest,
-                       Field(discriminator="kind")]
+SourcedRequest = FeatureMapsJobRequest | InvarianceJobRequest | EvaluateJobRequest
+JobRequest = Annotated[TrainJobRequest | FeatureMapsJobRequest | InvarianceJobRequest
+                       | EvaluateJobRequest | ExportJobRequest, Field(discriminator="kind")]
 
 
 def dump(request: BaseModel) -> dict[str, Any]:
@@ -231,3 +302,31 @@ class InvariancePlan(BaseModel):
     # family -> magnitudes, ascending; only the families asked for
     transforms: dict[str, list[int | float]]  # translations in whole pixels
     forward_passes: int  # per input: the original and every transformed copy
+
+
+class EvaluatePlan(BaseModel):
+    """What the API resolved for an evaluate job, in its summary under "evaluate"."""
+
+    source: PlanSource
+    inputs: DatasetInputs | UploadedInputs
+    classes: int  # the model's output size
+    top_k: int  # min(top_k asked, classes)
+
+
+class ExportPlan(BaseModel):
+    """What the API resolved for an export job, in its summary under "export"."""
+
+    source: PlanSource
+    format: Literal["onnx", "torchscript"]
+    filename: str  # model.onnx or model.pt
+
+
+class InitPlan(BaseModel):
+    """What the API resolved for a train job's `init`, in its summary under "init"."""
+
+    source: TrainJobSource | UploadedCheckpointSource
+    # continued: epochs numbered on from `epoch`, the optimizer state restored; else 0
+    epoch: int
+    continued: bool = False
+    loaded: list[str]  # tensor names taken from the source
+    skipped: list[str]  # tensor names left as seeded (strict: false)

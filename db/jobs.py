@@ -4,12 +4,12 @@ late worker can never move a job backwards or run it twice at once. Nothing else
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import func, select, text, update
+from sqlalchemy import delete, func, select, text, update
 from sqlalchemy.orm import Session
 
 from db import artifacts as artifacts_db
@@ -21,7 +21,7 @@ from db.job_reads import get_job, job_state
 from db.joblog import log
 from db.leases import owned
 from db.states import AttemptOutcome, JobState
-from db.tables import Artifact, Job, JobAttempt
+from db.tables import Artifact, Job, JobAttempt, JobLog, Metric
 
 
 class WrongState(RuntimeError):
@@ -198,9 +198,12 @@ def record_epoch(
     metrics: Mapping[str, float],
     progress: float,
     artifacts: Iterable[Artifact] = (),
+    before_commit: Callable[[Session], None] | None = None,
 ) -> bool:
     """One transaction per epoch: its metrics, its checkpoint rows and the progress together,
-    so a resumed attempt finds exactly the epochs it can continue from."""
+    so a resumed attempt finds exactly the epochs it can continue from. `before_commit` runs
+    in that transaction after the rows are added (the retention decision: rows it deletes
+    go with this commit, before any file is removed)."""
     now = utcnow()
     result = session.execute(
         update(Job)
@@ -214,6 +217,8 @@ def record_epoch(
     metrics_db.add_step(session, job_id=job_id, step=step, epoch=epoch, values=metrics)
     for artifact in artifacts:
         artifacts_db.upsert(session, artifact=artifact)
+    if before_commit is not None:
+        before_commit(session)
     session.commit()
     return True
 
@@ -426,5 +431,49 @@ def prune_job(session: Session, *, job_id: str, epoch: int, reason: str) -> bool
                     .execution_options(synchronize_session=False))
     log(session, job_id=job_id, message=f"pruned after epoch {epoch}: {reason}")
     webhooks.job_ended(session, job_id=job_id)  # job.succeeded, with result.pruned
+    session.commit()
+    return True
+
+
+ACTIVE = (JobState.QUEUED, JobState.RUNNING)
+# the request fields that name another job or an upload
+_REFERENCES = ("job_id", "checkpoint_id", "input_id", "id")
+
+
+def _references(value: Any) -> set[str]:
+    found: set[str] = set()
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if key in _REFERENCES and isinstance(item, str):
+                found.add(item)
+            else:
+                found |= _references(item)
+    elif isinstance(value, list):
+        for item in value:
+            found |= _references(item)
+    return found
+
+
+def active_users(session: Session, *, tenant: str, ref: str) -> list[Job]:
+    """The tenant's queued or running jobs whose request names `ref` (an upload's id, or a
+    job's whose checkpoint they start from)."""
+    return [job for job in session.scalars(
+        select(Job).where(Job.tenant == tenant, Job.state.in_(ACTIVE), Job.id != ref))
+        if ref in _references(job.request)]
+
+
+def delete_job_rows(session: Session, *, job_id: str) -> bool:
+    """Delete a finished job and every row of it (attempts, metrics, logs, artifacts) and
+    commit; False when it is queued or running again (nothing deleted). The caller has
+    removed its files first, so a crash half-way leaves a job that can be deleted again."""
+    state = session.scalar(select(Job.state).where(Job.id == job_id).with_for_update())
+    if state is None or state in ACTIVE:
+        session.rollback()
+        return False
+    session.execute(delete(Artifact).where(Artifact.job_id == job_id))
+    session.execute(delete(Metric).where(Metric.job_id == job_id))
+    session.execute(delete(JobLog).where(JobLog.job_id == job_id))
+    session.execute(delete(JobAttempt).where(JobAttempt.job_id == job_id))
+    session.execute(delete(Job).where(Job.id == job_id))
     session.commit()
     return True

@@ -23,6 +23,7 @@ from convoy.jobspec import (
     PlanSource,
     RandomSource,
     TrainJobSource,
+    UploadedCheckpointSource,
     UploadedInputs,
 )
 from convoy.settings import Settings
@@ -67,6 +68,24 @@ def _verified_state(store: ArtifactStore, row: Artifact | Upload, what: str
     except Exception as exc:  # noqa: BLE001 - any parse failure: the file is unusable
         raise CorruptArtifact(f"source checkpoint {what}: unreadable ({type(exc).__name__}: "
                               f"{str(exc)[:200]}); not used") from exc
+
+
+def source_row(session: Any, job: Job, source: TrainJobSource | UploadedCheckpointSource
+               ) -> tuple[Artifact | Upload, str]:
+    """The row of a source checkpoint (the job's tenant's), and how to name it; LookupError
+    when it is gone."""
+    if isinstance(source, TrainJobSource):
+        what = f"{source.checkpoint} of job {source.job_id}"
+        row: Artifact | Upload | None = artifacts.find(
+            session, job_id=source.job_id, tenant=job.tenant, kind="checkpoint",
+            name=source.checkpoint)
+    else:
+        what = f"upload {source.checkpoint_id}"
+        row = uploads.get(session, id=source.checkpoint_id, tenant=job.tenant,
+                          kind="checkpoint")
+    if row is None:
+        raise LookupError(f"source checkpoint {what} not found")
+    return row, what
 
 
 def load_model(settings: Settings, job: Job, spec: ModelSpec, source: PlanSource,

@@ -111,6 +111,14 @@ def run_job(job_id: str, *, settings: Settings, worker_id: str) -> RunOutcome:
             run_feature_maps(settings, job, worker_id)
         elif job.kind == "invariance":
             run_invariance(settings, job, worker_id)
+        elif job.kind == "evaluate":
+            from worker.evaluate import run_evaluate
+
+            run_evaluate(settings, job, worker_id)
+        elif job.kind == "export":
+            from worker.export import run_export
+
+            run_export(settings, job, worker_id)
         else:
             raise ValueError(f"unknown job kind {job.kind!r}")
     except Stopped:
