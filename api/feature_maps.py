@@ -17,9 +17,12 @@ from api.submit import check_model_limits, summarize_or_422, unprocessable
 from convoy import datasets
 from convoy.featuremaps import UnknownLayer, layer_names, resolve_layers
 from convoy.jobspec import (
+    MAX_INPUTS,
     DatasetInputs,
     FeatureMapPlan,
     FeatureMapsJobRequest,
+    IndexRange,
+    Indices,
     PlanSource,
     RandomSource,
     SourcedRequest,
@@ -244,18 +247,30 @@ def resolve_inputs(session: Session, req: SourcedRequest, summary: dict[str, Any
         if meta["format"] != "npy" and want[0] not in (1, 3):
             raise unprocessable("inputs.input_id", f"an image converts to 1 or 3 channels; "
                                                    f"the model takes {want[0]}")
+    indices: Indices
     if inp.indices is None:
         indices = list(range(min(count, DEFAULT_DATASET_INPUTS if inp.dataset else count)))
-    else:
+    elif isinstance(inp.indices, list):
         indices = inp.indices
         for k, index in enumerate(indices):
             if index >= count:
                 raise unprocessable(f"inputs.indices.{k}", f"index {index} is out of range: "
                                                            f"{what} has {count} samples")
+    else:
+        indices = IndexRange(stop=count) if inp.indices == "all" else inp.indices
+        if indices.stop > count:
+            raise unprocessable("inputs.indices.stop", f"stop {indices.stop} is out of range: "
+                                                       f"{what} has {count} samples")
+        if indices.count < 1:
+            raise unprocessable("inputs.indices", f"the range {indices.start}..{indices.stop} "
+                                                  "is empty: stop must be greater than start")
+    n = len(indices) if isinstance(indices, list) else indices.count
+    if n > MAX_INPUTS:
+        raise unprocessable("inputs.indices", f"{n} inputs are too many for one job (at most "
+                                              f"{MAX_INPUTS}); give a start..stop range")
     if inp.dataset is not None:
-        return DatasetInputs(dataset=ref, split=inp.split, indices=indices, count=len(indices))
-    return UploadedInputs(input_id=input_id, format=meta["format"], indices=indices,
-                          count=len(indices))
+        return DatasetInputs(dataset=ref, split=inp.split, indices=indices, count=n)
+    return UploadedInputs(input_id=input_id, format=meta["format"], indices=indices, count=n)
 
 
 # -- the request -----------------------------------------------------------------------------

@@ -58,6 +58,47 @@ def channel_stats(maps: np.ndarray) -> dict[str, list[float]]:
     }
 
 
+class ChannelStats:
+    """channel_stats accumulated batch by batch: per channel the sum (float64), min, max and
+    zero count, so a job never holds more than one batch to describe all of its maps."""
+
+    def __init__(self) -> None:
+        self.total: np.ndarray | None = None
+        self.low: np.ndarray | None = None
+        self.high: np.ndarray | None = None
+        self.zeros: np.ndarray | None = None
+        self.count = 0  # values per channel so far
+
+    def add(self, maps: np.ndarray) -> None:
+        if maps.size == 0:
+            return
+        x = maps.astype(np.float32, copy=False)
+        axes = tuple(a for a in range(x.ndim) if a != 1)
+        total = x.sum(axis=axes, dtype=np.float64)
+        low, high = x.min(axis=axes), x.max(axis=axes)
+        zeros = (x == 0).sum(axis=axes)
+        if self.total is None:
+            self.total, self.low, self.high, self.zeros = total, low, high, zeros
+        else:
+            assert self.low is not None and self.high is not None and self.zeros is not None
+            self.total = self.total + total
+            self.low = np.minimum(self.low, low)
+            self.high = np.maximum(self.high, high)
+            self.zeros = self.zeros + zeros
+        self.count += x.size // x.shape[1]
+
+    def result(self) -> dict[str, list[float]]:
+        if self.total is None:
+            return {"mean": [], "min": [], "max": [], "zero_fraction": []}
+        assert self.low is not None and self.high is not None and self.zeros is not None
+        return {
+            "mean": [round(float(v), 6) for v in self.total / self.count],
+            "min": [float(v) for v in self.low],
+            "max": [float(v) for v in self.high],
+            "zero_fraction": [round(float(v), 6) for v in self.zeros / self.count],
+        }
+
+
 def grid_shape(channels: int) -> tuple[int, int]:
     cols = math.ceil(math.sqrt(channels))
     return math.ceil(channels / cols), cols

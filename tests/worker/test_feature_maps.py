@@ -138,7 +138,8 @@ def test_a_job_run_directly_stores_every_artifact_with_its_row(tmp_path):
         {"type": "maxpool2d", "kernel_size": 2}, {"type": "flatten"}]}
     req = FeatureMapsJobRequest.model_validate({
         "kind": "feature_maps", "source": {"model": spec, "seed": 1},
-        "inputs": {"dataset": "digits", "indices": [5, 6, 7]}, "dtype": "float16"})
+        "inputs": {"dataset": "digits", "indices": [5, 6, 7]}, "dtype": "float16",
+        "png": "eager"})
     with session_scope(settings.database_url) as session:
         summary = check_feature_maps(session, req, settings, tenant="t1")
         job = jobs.create_job(session, tenant="t1", kind="feature_maps", name="", request=dump(req),
