@@ -15,7 +15,7 @@ from safetensors.torch import load as load_safetensors
 
 from convoy import inputs
 from convoy.artifacts import ArtifactStore, CorruptArtifact, get_store, job_key
-from convoy.featuremaps import layer_names
+from convoy.featuremaps import layer_names, png_key
 from convoy.jobspec import (
     DatasetInputs,
     FeatureMapPlan,
@@ -27,6 +27,7 @@ from convoy.jobspec import (
     index_array,
     png_mode,
 )
+from convoy.render import ChannelStats, png_images
 from convoy.settings import Settings
 from db import artifacts, jobs, uploads
 from db.session import session_scope
@@ -39,7 +40,6 @@ from worker.control import Progress, Stopped
 from worker.data import load_split, pick_device
 from worker.lease import Lease
 from worker.npystream import NpyStream
-from worker.render import ChannelStats, png_images
 
 BATCH = 256
 
@@ -241,12 +241,6 @@ class LayerOut:
                                                    "shape": list(self.argmax.shape)}))
         self.run.timings.storage_s += time.perf_counter() - t
         return rows
-
-
-def png_key(job_id: str, layer: str, image: int) -> str:
-    """Where image k's PNG grid of a layer is stored (eagerly by the job, or cached by the
-    API when first asked for)."""
-    return job_key(job_id, "feature-maps", "png", layer, f"{image:05d}.png")
 
 
 class FeatureMapsRun:

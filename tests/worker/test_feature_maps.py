@@ -25,7 +25,7 @@ from models.pooling import pooled_shape
 from models.spec import ModelSpec
 from tests.factories import npy_bytes
 from worker.feature_maps import run_feature_maps
-from worker.render import grid_shape, png_bytes
+from convoy.render import grid_shape, png_bytes
 
 
 def hooked_outputs(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:

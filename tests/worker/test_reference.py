@@ -26,7 +26,7 @@ from models.build import build_model
 from models.capture import capture, channels_last
 from models.spec import ModelSpec
 from worker.feature_maps import run_feature_maps
-from worker.render import channel_stats
+from convoy.render import channel_stats
 
 REFERENCE = Path(__file__).resolve().parents[2] / "docs" / "reference.md"
 
