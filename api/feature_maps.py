@@ -267,7 +267,7 @@ def resolve_inputs(session: Session, req: SourcedRequest, summary: dict[str, Any
     n = len(indices) if isinstance(indices, list) else indices.count
     if n > MAX_INPUTS:
         raise unprocessable("inputs.indices", f"{n} inputs are too many for one job (at most "
-                                              f"{MAX_INPUTS}); give a start..stop range")
+                                              f"{MAX_INPUTS}); split it into start..stop ranges")
     if inp.dataset is not None:
         return DatasetInputs(dataset=ref, split=inp.split, indices=indices, count=n)
     return UploadedInputs(input_id=input_id, format=meta["format"], indices=indices, count=n)
