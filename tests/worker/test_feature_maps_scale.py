@@ -95,3 +95,39 @@ def test_a_20000_image_job_streams_in_the_memory_of_a_500_image_job(api: Stack) 
     maps = np.load(root / "jobs" / big["id"] / "feature-maps" / f"{relu['name']}.npy",
                    mmap_mode="r")
     assert relu["stats"]["max"] == [float(v) for v in maps.max(axis=(0, 2, 3))]
+
+
+@pytest.mark.timeout(600)
+def test_progress_counts_images_and_cancel_stops_between_batches(api: Stack) -> None:
+    proc = api.start_worker("cancel")
+    try:
+        with api.client() as client:
+            r = client.post("/v1/jobs", json=feature_maps_request(
+                {"model": VGG, "seed": 0}, inputs={"dataset": DATASET, "indices": "all"}))
+            assert r.status_code == 201, r.text
+            job_id = r.json()["id"]
+            seen: list[float] = []
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline:
+                job = client.get(f"/v1/jobs/{job_id}").json()
+                assert job["state"] in ("queued", "running"), job
+                if job["state"] == "running" and job["progress"] > 0:
+                    seen.append(job["progress"])
+                    if job["progress"] >= 0.1:
+                        break
+                time.sleep(0.1)
+            assert seen and 0 < seen[-1] < 0.99, seen
+            assert client.post(f"/v1/jobs/{job_id}/cancel").status_code == 200
+            done = wait_job(client, job_id, timeout=120)
+            assert done["state"] == "canceled"
+            # the next job runs: the worker stopped this one between two batches
+            nxt = client.post("/v1/jobs", json=feature_maps_request(
+                {"model": VGG, "seed": 0}, inputs={"dataset": DATASET, "indices": [0, 1]}))
+            assert wait_job(client, nxt.json()["id"], timeout=120)["state"] == "succeeded"
+    finally:
+        api.kill(proc)
+        api.workers.remove(proc)
+    assert seen == sorted(seen)
+    # no half-written layer file is left behind (the streamed writes were given up)
+    folder = api.home / "artifacts" / "jobs" / job_id
+    assert not folder.exists() or not [p for p in folder.rglob("*") if p.is_file()]
