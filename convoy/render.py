@@ -72,11 +72,13 @@ class ChannelStats:
     def add(self, maps: np.ndarray) -> None:
         if maps.size == 0:
             return
-        x = maps.astype(np.float32, copy=False)
-        axes = tuple(a for a in range(x.ndim) if a != 1)
-        total = x.sum(axis=axes, dtype=np.float64)
-        low, high = x.min(axis=axes), x.max(axis=axes)
-        zeros = (x == 0).sum(axis=axes)
+        # one copy with the channels first, each channel's values contiguous: numpy reduces
+        # along a contiguous last axis several times faster than over axes (0, 2, 3) of
+        # small maps (8x8: 11 vs 38 ms a batch)
+        v = np.moveaxis(maps, 1, 0).astype(np.float32, order="C").reshape(maps.shape[1], -1)
+        total = v.sum(axis=1, dtype=np.float64)
+        low, high = v.min(axis=1), v.max(axis=1)
+        zeros = v.shape[1] - np.count_nonzero(v, axis=1)
         if self.total is None:
             self.total, self.low, self.high, self.zeros = total, low, high, zeros
         else:
@@ -85,7 +87,7 @@ class ChannelStats:
             self.low = np.minimum(self.low, low)
             self.high = np.maximum(self.high, high)
             self.zeros = self.zeros + zeros
-        self.count += x.size // x.shape[1]
+        self.count += v.shape[1]
 
     def result(self) -> dict[str, list[float]]:
         if self.total is None:

@@ -191,20 +191,23 @@ class LayerOut:
         self.argmax: NpyStream | None = None
         self.stats = ChannelStats()
 
+    def observe(self, maps: np.ndarray) -> None:
+        """On the file's writer thread: the rows' statistics (its time summed over threads)."""
+        t = time.perf_counter()
+        self.stats.add(maps)
+        self.run.timings.encode_npy_s += time.perf_counter() - t
+
     def add(self, got: dict[str, np.ndarray], first: int) -> list[Artifact]:
         """A batch's rows (inputs first.. on); the eager PNG rows it stored."""
         maps, store = got["maps"], self.run.store
         if self.maps is None:
             self.maps = NpyStream(store, self.base + ".npy", (self.total, *maps.shape[1:]),
-                                  maps.dtype)
+                                  maps.dtype, observe=self.observe)
             self.run.streams.append(self.maps)
         if "argmax" in got and self.argmax is None:
             self.argmax = NpyStream(store, f"{self.base}.argmax.npy",
                                     (self.total, *got["argmax"].shape[1:]), got["argmax"].dtype)
             self.run.streams.append(self.argmax)
-        t = time.perf_counter()
-        self.stats.add(maps)
-        self.run.timings.encode_npy_s += time.perf_counter() - t
         self.maps.append(maps)
         if self.argmax is not None:
             self.argmax.append(got["argmax"])

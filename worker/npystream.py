@@ -2,7 +2,8 @@
 then rows appended batch by batch, straight into the artifact store's streaming write
 (LocalStore: a temporary file renamed at the end; S3Store: a multipart upload). Each file is
 written by its own thread from a small bounded queue, so a job writes every layer's file in
-one pass over the inputs while its memory stays at a few batches per layer."""
+one pass over the inputs while its memory stays at a few batches per layer; the thread can
+also `observe` each block of rows on the way (a layer's statistics), off the job's thread."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import io
 import math
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -43,8 +44,9 @@ class NpyStream:
     that exactly shape[0] rows came and returns the store's (size, sha256)."""
 
     def __init__(self, store: ArtifactStore, key: str, shape: tuple[int, ...],
-                 dtype: np.dtype | str, depth: int = 4) -> None:
-        self.store, self.key = store, key
+                 dtype: np.dtype | str, depth: int = 4,
+                 observe: Callable[[np.ndarray], None] | None = None) -> None:
+        self.store, self.key, self.observe = store, key, observe
         self.shape, self.dtype = tuple(shape), np.dtype(dtype)
         self.row_shape = self.shape[1:]
         self.rows = 0
@@ -63,8 +65,13 @@ class NpyStream:
                 return
             if isinstance(item, BaseException):
                 raise item
-            assert isinstance(item, bytes | memoryview)
-            yield item
+            if isinstance(item, np.ndarray):
+                if self.observe is not None:  # e.g. statistics, on this thread
+                    self.observe(item)
+                yield item.reshape(-1).view(np.uint8).data
+            else:
+                assert isinstance(item, bytes)
+                yield item
 
     def _run(self) -> None:
         try:
@@ -94,7 +101,7 @@ class NpyStream:
         rows = np.ascontiguousarray(rows)
         self.rows += len(rows)
         if rows.size:
-            self._put(rows.reshape(-1).view(np.uint8).data)
+            self._put(rows)
 
     def close(self) -> tuple[int, str]:
         if self.rows != self.shape[0]:
