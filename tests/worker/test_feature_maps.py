@@ -15,6 +15,7 @@ from sqlalchemy import select
 from api.feature_maps import check_feature_maps
 from convoy import inputs
 from convoy.jobspec import FeatureMapsJobRequest, dump
+from convoy.render import grid_shape, png_bytes
 from convoy.settings import Settings
 from db import job_reads, jobs
 from db.migrate import upgrade
@@ -26,7 +27,6 @@ from models.pooling import pooled_shape
 from models.spec import ModelSpec
 from tests.factories import npy_bytes
 from worker.feature_maps import run_feature_maps
-from convoy.render import grid_shape, png_bytes
 
 
 def hooked_outputs(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
