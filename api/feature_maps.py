@@ -13,7 +13,7 @@ import numpy as np
 from fastapi import HTTPException
 from sqlalchemy.orm import Session
 
-from api.submit import check_model_limits, summarize_or_422, unprocessable
+from api.submit import check_model_limits, job_flops_limit, summarize_or_422, unprocessable
 from convoy import datasets
 from convoy.featuremaps import UnknownLayer, layer_names, resolve_layers
 from convoy.jobspec import (
@@ -331,6 +331,16 @@ def check_feature_maps(session: Session, req: FeatureMapsJobRequest, settings: S
         shape = summary["layers"][i]["output_shape"]
         unpooled += map_bytes(count, shape, req.dtype)
         stored += map_bytes(count, pooled_shape(shape, pool), req.dtype)
+    # the forward passes up to the last layer captured, over every input: with pooling the
+    # stored bytes stay small while 100,000 inputs through a huge model would run for days
+    last = max(got.layers)
+    work = sum(int(row["flops"]) for row in summary["layers"][:last + 1]) * count
+    limit = job_flops_limit(settings, tenant)
+    if work > limit:
+        raise unprocessable("inputs.indices", f"estimated work {work:.3g} FLOPs ({count} inputs "
+                                              f"through layers 0..{last}) exceeds the limit "
+                                              f"max_job_flops={limit:.3g} of tenant {tenant!r}; "
+                                              "ask for fewer inputs or earlier layers")
     if stored > settings.max_feature_map_bytes:
         raise unprocessable("layers", f"the maps would take {stored} bytes, over the limit "
                                       f"max_feature_map_bytes={settings.max_feature_map_bytes}; "

@@ -408,3 +408,15 @@ def test_a_whole_split_as_inputs_and_its_limits(client):
         "inputs": {"dataset": big, "indices": "all"}})
     assert r.status_code == 422 and "at most 100000" in r.text, r.text
     assert r.json()["detail"][0]["loc"] == ["body", "inputs", "indices"]
+    # a model whose maps pool to almost nothing still costs its forward passes: the work of
+    # a whole split through two convolutions padded by 60 (1.3 GFLOPs per 8x8 input) is
+    # refused at submission
+    padded = {"input_shape": [1, 8, 8], "layers": [
+        {"type": "conv2d", "out_channels": 64, "kernel_size": 3, "padding": 60},
+        {"type": "conv2d", "out_channels": 64, "kernel_size": 3, "padding": 1}]}
+    r = client.post("/v1/jobs", json={**feature_maps_request(
+        {"model": padded, "seed": 0}, pool={"type": "avg", "global": True}),
+        "inputs": {"dataset": {"name": "synthetic", "samples": 100_000, "size": 8,
+                               "channels": 1}, "indices": "all"}})
+    assert r.status_code == 422 and "max_job_flops" in r.text, r.text
+    assert r.json()["detail"][0]["loc"] == ["body", "inputs", "indices"]
