@@ -13,14 +13,17 @@ import numpy as np
 from fastapi import HTTPException
 from sqlalchemy.orm import Session
 
-from api.submit import check_model_limits, summarize_or_422, unprocessable
+from api.submit import check_model_limits, job_flops_limit, summarize_or_422, unprocessable
 from convoy import datasets
 from convoy.featuremaps import UnknownLayer, layer_names, layer_rows, resolve_layers
 from convoy.jobspec import (
+    MAX_INPUTS,
     DatasetInputs,
     ExportJobRequest,
     FeatureMapPlan,
     FeatureMapsJobRequest,
+    IndexRange,
+    Indices,
     PlanSource,
     RandomSource,
     SourcedRequest,
@@ -309,18 +312,30 @@ def resolve_inputs(session: Session, req: SourcedRequest, summary: dict[str, Any
         if meta["format"] != "npy" and want[0] not in (1, 3):
             raise unprocessable("inputs.input_id", f"an image converts to 1 or 3 channels; "
                                                    f"the model takes {want[0]}")
+    indices: Indices
     if inp.indices is None:
         indices = list(range(min(count, default_count if inp.dataset else count)))
-    else:
+    elif isinstance(inp.indices, list):
         indices = inp.indices
         for k, index in enumerate(indices):
             if index >= count:
                 raise unprocessable(f"inputs.indices.{k}", f"index {index} is out of range: "
                                                            f"{what} has {count} samples")
+    else:
+        indices = IndexRange(stop=count) if inp.indices == "all" else inp.indices
+        if indices.stop > count:
+            raise unprocessable("inputs.indices.stop", f"stop {indices.stop} is out of range: "
+                                                       f"{what} has {count} samples")
+        if indices.count < 1:
+            raise unprocessable("inputs.indices", f"the range {indices.start}..{indices.stop} "
+                                                  "is empty: stop must be greater than start")
+    n = len(indices) if isinstance(indices, list) else indices.count
+    if n > MAX_INPUTS:
+        raise unprocessable("inputs.indices", f"{n} inputs are too many for one job (at most "
+                                              f"{MAX_INPUTS}); split it into start..stop ranges")
     if inp.dataset is not None:
-        return DatasetInputs(dataset=ref, split=inp.split, indices=indices, count=len(indices))
-    return UploadedInputs(input_id=input_id, format=meta["format"], indices=indices,
-                          count=len(indices))
+        return DatasetInputs(dataset=ref, split=inp.split, indices=indices, count=n)
+    return UploadedInputs(input_id=input_id, format=meta["format"], indices=indices, count=n)
 
 
 # -- the request -----------------------------------------------------------------------------
@@ -383,6 +398,17 @@ def check_feature_maps(session: Session, req: FeatureMapsJobRequest, settings: S
         shape = rows[i]["output_shape"]
         unpooled += map_bytes(count, shape, req.dtype)
         stored += map_bytes(count, pooled_shape(shape, pool), req.dtype)
+    # the forward passes up to the last layer captured, over every input: with pooling the
+    # stored bytes stay small while 100,000 inputs through a huge model would run for days
+    last = max(got.layers)  # a position in forward order; its top-level layer's row counts
+    top = int(layer_names(summary)[last].split("-", 1)[0])  # a whole block when inside one
+    work = sum(int(row["flops"]) for row in summary["layers"][:top + 1]) * count
+    limit = job_flops_limit(settings, tenant)
+    if work > limit:
+        raise unprocessable("inputs.indices", f"estimated work {work:.3g} FLOPs ({count} inputs "
+                                              f"through layers 0..{top}) exceeds the limit "
+                                              f"max_job_flops={limit:.3g} of tenant {tenant!r}; "
+                                              "ask for fewer inputs or earlier layers")
     if stored > settings.max_feature_map_bytes:
         raise unprocessable("layers", f"the maps would take {stored} bytes, over the limit "
                                       f"max_feature_map_bytes={settings.max_feature_map_bytes}; "

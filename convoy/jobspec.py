@@ -120,12 +120,41 @@ class CheckpointSource(BaseModel):
     seed: Annotated[int, Field(ge=0, le=2**31 - 1)] = 0
 
 
+# the most inputs one feature-map job takes (a whole split, as a range or "all")
+MAX_INPUTS = 100_000
+
+
+class IndexRange(BaseModel):
+    """Inputs start..stop-1 of the split, in order (a whole split without listing it)."""
+
+    model_config = ConfigDict(extra="forbid")
+    start: Annotated[int, Field(ge=0, strict=True)] = 0
+    stop: Annotated[int, Field(ge=1, strict=True)]
+
+    @property
+    def count(self) -> int:
+        return max(0, self.stop - self.start)
+
+
+Indices = list[int] | IndexRange
+
+
+def index_array(indices: Indices) -> Any:
+    """The indices as an int64 numpy array (a range is expanded only here, in the worker)."""
+    import numpy as np
+
+    if isinstance(indices, IndexRange):
+        return np.arange(indices.start, indices.stop, dtype=np.int64)
+    return np.asarray(indices, dtype=np.int64)
+
+
 class InputsRef(BaseModel):
     model_config = ConfigDict(extra="forbid")
     dataset: Annotated[DigitsRef | SyntheticRef | UploadRef, Field(union_mode="left_to_right")] \
         | Literal["digits", "synthetic"] | None = None
+    # a list, a {"start", "stop"} range, or "all" (the whole split)
     indices: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1, max_length=4096)] \
-        | None = None
+        | IndexRange | Literal["all"] | None = None
     split: Literal["train", "val", "all"] = "all"
     input_id: Annotated[str, Field(max_length=64, pattern=r"^[0-9a-f]+$")] | None = None
 
@@ -141,6 +170,13 @@ class PoolRequest(BaseModel):
 Layers = Annotated[list[Annotated[str, Field(max_length=64)]], Field(max_length=512)] | None
 
 
+def png_mode(png: str | bool) -> str:
+    """A request's png field as lazy, eager or off."""
+    if isinstance(png, bool):
+        return "eager" if png else "off"
+    return png
+
+
 class FeatureMapsJobRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
@@ -151,7 +187,9 @@ class FeatureMapsJobRequest(BaseModel):
     layers: Layers = None
     dtype: Literal["float32", "float16"] = "float32"
     pool: PoolRequest | None = None
-    png: bool = True
+    # lazy: PNG grids are rendered on request and cached; eager: stored by the job; off: none.
+    # true/false (the old form) mean eager/off.
+    png: Literal["lazy", "eager", "off"] | bool = "lazy"
     device: Device = "auto"
     max_attempts: Annotated[int, Field(ge=1, le=20)] | None = None
     timeout: Timeout = None
@@ -271,14 +309,14 @@ PlanSource = Annotated[TrainJobSource | UploadedCheckpointSource | RandomSource,
 class DatasetInputs(BaseModel):
     dataset: Annotated[DigitsRef | SyntheticRef | UploadRef, Field(union_mode="left_to_right")]
     split: Literal["train", "val", "all"]
-    indices: list[int]
+    indices: Indices
     count: int
 
 
 class UploadedInputs(BaseModel):
     input_id: str
     format: str  # npy, png or jpeg
-    indices: list[int]
+    indices: Indices
     count: int
 
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from convoy.artifacts import get_store, job_key
-from convoy.jobspec import EvaluatePlan
+from convoy.jobspec import EvaluatePlan, index_array
 from convoy.settings import Settings
 from db import artifacts, jobs
 from db.session import session_scope
@@ -99,7 +99,8 @@ def run_evaluate(settings: Settings, job: Job, worker_id: str) -> None:
         seconds = time.perf_counter() - started
         logits = torch.cat(parts) if parts else torch.zeros((0, plan.classes))
         result = scores(logits, labels, plan.top_k)
-        blob = json.dumps(predictions(torch.softmax(logits, 1), plan.inputs.indices, labels,
+        blob = json.dumps(predictions(torch.softmax(logits, 1),
+                                      index_array(plan.inputs.indices).tolist(), labels,
                                       plan.top_k)).encode()
         key = job_key(job.id, "predictions.json")
         size, sha = store.put_bytes(key, blob)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import math
+from contextlib import suppress
 from typing import Annotated, Literal
 
 import numpy as np
@@ -14,11 +15,13 @@ from sqlalchemy.orm import Session
 
 from api.deps import PrincipalDep, SessionDep, SettingsDep, StoreDep
 from api.downloads import DOWNLOAD_RESPONSES, artifact_download
+from api.map_rows import read_rows
 from api.routes.jobs import load_job
 from api.schemas import BINARY, FeatureMapList, FeatureMapValues
-from convoy.artifacts import ArtifactStore, CorruptArtifact, MissingArtifact
-from convoy.featuremaps import is_index
-from convoy.npyfile import BadArray, read_header
+from convoy.artifacts import ArtifactStore, MissingArtifact
+from convoy.featuremaps import is_index, png_key
+from convoy.jobspec import png_mode
+from convoy.render import png_bytes
 from db import artifacts
 from db.tables import Artifact, Job
 
@@ -68,25 +71,26 @@ def _find(session: Session, job_id: str, tenant: str, kind: str, layer: str
     return found
 
 
-def _one_image(store: ArtifactStore, artifact: Artifact, image: int) -> np.ndarray:
-    """Image `image` of a stored [N, ...] .npy, as [1, ...], read by range from the store:
-    its header, then its rows (the file is never read whole)."""
-    try:
-        head = b"".join(store.iter_range(artifact.key, 0, min(artifact.size, NPY_HEAD_BYTES)))
-        header = read_header(io.BytesIO(head), f"the stored file of {artifact.name}")
-    except MissingArtifact:
-        raise HTTPException(404, f"{artifact.name}: its file is missing from the artifact "
-                                 "store") from None
-    except BadArray as exc:
-        raise CorruptArtifact(str(exc)) from None
-    row = math.prod(header.shape[1:]) * header.dtype.itemsize
-    start = header.offset + image * row
-    if header.fortran or image >= header.shape[0] or start + row > artifact.size:
-        raise CorruptArtifact(f"the stored file of {artifact.name} does not match its row")
-    data = b"".join(store.iter_range(artifact.key, start, start + row))
-    if len(data) != row:
-        raise CorruptArtifact(f"the stored file of {artifact.name} ends early")
-    return np.frombuffer(data, header.dtype).reshape((1, *header.shape[1:]))
+def _png(session: Session, store: ArtifactStore, job: Job, main: Artifact, k: int) -> bytes:
+    """Image k's grid: stored by the job (png: eager), cached by an earlier request, or
+    rendered now from image k's rows alone and cached in the store (png: lazy)."""
+    meta = main.meta or {}
+    if len(meta["shape"]) != 4:
+        raise HTTPException(404, f"layer {main.name!r} has no PNG (only [C, H, W] maps are "
+                                 "drawn)")
+    row = _find(session, job.id, job.tenant, "feature_map_png", f"{main.name}/{k}")
+    if row is not None:
+        return store.get_bytes(row.key)
+    if png_mode(job.request.get("png", True)) == "off":
+        raise HTTPException(404, f"layer {main.name!r} has no PNG: the job asked for none "
+                                 "(png: off)")
+    key = png_key(job.id, main.name, k)
+    with suppress(MissingArtifact):
+        return store.get_bytes(key)
+    rows, _ = read_rows(store, main.key, k, k + 1)
+    blob = png_bytes(rows[0])
+    store.put_bytes(key, blob)  # the next request reads it back
+    return blob
 
 
 @router.get("/{job_id}/feature-maps/{layer:path}", response_class=Response, responses={
@@ -110,7 +114,7 @@ def get_feature_map(
     """`layer` is a name from the list (`2-maxpool2d`, `3-residual/1-conv2d` inside a
     residual block) or a top-level layer's index (`2`). `array` picks the maps (default) or,
     for max pooling, the argmax positions."""
-    _feature_job(session, job_id, principal.tenant)
+    job = _feature_job(session, job_id, principal.tenant)
     kind = "feature_map" if array == "maps" else array
     main = _find(session, job_id, principal.tenant, "feature_map", layer)
     if main is None:
@@ -128,11 +132,8 @@ def get_feature_map(
         if array != "maps":
             raise HTTPException(422, "array: PNGs exist for the maps only")
         k = image or 0
-        png = _find(session, job_id, principal.tenant, "feature_map_png", f"{main.name}/{k}")
-        if png is None:
-            raise HTTPException(404, f"layer {main.name!r} has no PNG (only [C, H, W] maps are "
-                                     "drawn, and only when the job asked for png)")
-        return Response(store.get_bytes(png.key), media_type="image/png", headers=headers)
+        return Response(_png(session, store, job, main, k), media_type="image/png",
+                        headers=headers)
     artifact = main if kind == "feature_map" else _find(session, job_id, principal.tenant,
                                                         kind, main.name)
     if artifact is None:
@@ -155,10 +156,9 @@ def get_feature_map(
         raise HTTPException(413, f"{values} values are too many for JSON (limit "
                                  f"max_json_map_values={settings.max_json_map_values}); ask "
                                  "for format=npy, or one image with image=k")
-    if image is not None:  # that image's rows only: the file may be gigabytes
-        data = _one_image(store, artifact, image)
-    else:  # at most max_json_map_values values (checked above)
-        data = np.load(io.BytesIO(store.get_bytes(artifact.key)), allow_pickle=False)
+    # only the rows returned are read (one ranged read), never the whole file
+    first, last = (image, image + 1) if image is not None else (0, shape[0])
+    data, _ = read_rows(store, artifact.key, first, last)
     headers["X-Shape"] = ",".join(map(str, data.shape))
     headers["X-Dtype"] = str(data.dtype)
     if format == "npy":
