@@ -260,7 +260,8 @@ class LayerOut:
             rows.append(Artifact(job_id=self.run.job.id, tenant=self.run.job.tenant,
                                  kind="argmax", name=self.name, key=self.argmax.key, size=size,
                                  sha256=sha, meta={"index": self.index,
-                                                   "shape": list(self.argmax.shape)}))
+                                                   "shape": list(self.argmax.shape),
+                                                   "dtype": str(self.argmax.dtype)}))
         self.run.timings.storage_s += time.perf_counter() - t
         return rows
 
