@@ -45,11 +45,11 @@ def reconcile_once(settings: Settings, celery: Celery, *, expire_leases: bool = 
     sent: list[str] = []
     try:
         for job_id in expired:
-            kind, device = routes[job_id]
-            enqueue(celery, kind=kind, job_id=job_id, device=device)
+            kind, device, devices = routes[job_id]
+            enqueue(celery, kind=kind, job_id=job_id, device=device, devices=devices)
         for job_id, _ in due:
-            kind, device = routes[job_id]
-            enqueue(celery, kind=kind, job_id=job_id, device=device)
+            kind, device, devices = routes[job_id]
+            enqueue(celery, kind=kind, job_id=job_id, device=device, devices=devices)
             sent.append(job_id)
     finally:
         if sent:

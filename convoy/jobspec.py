@@ -30,6 +30,18 @@ class TrainConfig(BaseModel):
 
 
 Device = Literal["auto", "cpu", "cuda"]
+
+
+class Resources(BaseModel):
+    """What a train job runs on: `devices` DistributedDataParallel ranks on one host (GPUs
+    with device cuda, one-thread CPU processes with device cpu); train.batch_size stays the
+    global batch. Bounded by the server's max_devices_per_job at submission."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    devices: Annotated[int, Field(ge=1, le=1024)] = 1
+    # batch norm statistics synchronised across ranks (else each rank keeps its own)
+    sync_batch_norm: bool = False
 # Running time allowed (seconds, summed over attempts); None: the server's default.
 Timeout = Annotated[float, Field(gt=0, allow_inf_nan=False)] | None
 
@@ -43,6 +55,7 @@ class TrainJobRequest(BaseModel):
     dataset: Annotated[DigitsRef | SyntheticRef | UploadRef, Field(union_mode="left_to_right")]
     train: TrainConfig = TrainConfig()
     device: Device = "auto"
+    resources: Resources = Resources()
     max_attempts: Annotated[int, Field(ge=1, le=20)] | None = None
     timeout: Timeout = None
 

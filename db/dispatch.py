@@ -52,15 +52,23 @@ def count_queued(session: Session) -> int:
                           .where(Job.state == JobState.QUEUED)) or 0
 
 
+def devices_of(request: dict[str, object] | None) -> int:
+    """The device count a stored train request asks for (resources.devices; 1 by default)."""
+    resources = (request or {}).get("resources")
+    count = resources.get("devices") if isinstance(resources, dict) else None
+    return count if isinstance(count, int) and count >= 1 else 1
+
+
 def routes_of(session: Session, *, job_ids: Iterable[str]
-              ) -> dict[str, tuple[str, str | None]]:
-    """id -> (kind, device asked for): what a message for the job is sent as, and what
-    decides its queue (convoy.queue.queue_for)."""
+              ) -> dict[str, tuple[str, str | None, int]]:
+    """id -> (kind, device asked for, device count): what a message for the job is sent as,
+    and what decides its queue (convoy.queue.queue_for)."""
     ids = list(job_ids)
     if not ids:
         return {}
     rows = session.execute(select(Job.id, Job.kind, Job.request).where(Job.id.in_(ids)))
-    return {i: (kind, (request or {}).get("device")) for i, kind, request in rows}
+    return {i: (kind, (request or {}).get("device"), devices_of(request))
+            for i, kind, request in rows}
 
 
 def mark_sent(session: Session, *, job_ids: Iterable[str], now: datetime | None = None) -> None:

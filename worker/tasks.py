@@ -16,8 +16,10 @@ from worker.runner import run_job, store_backoff
 def send_again(job_id: str, kind: str, countdown: float | None = None) -> None:
     """The job's message once more, to the queue it came from (a GPU job to the GPU queue)."""
     with session_scope(settings.database_url) as session:
-        _, device = dispatch.routes_of(session, job_ids=[job_id]).get(job_id, (kind, None))
-    enqueue(app, kind=kind, job_id=job_id, device=device, countdown=countdown)
+        _, device, devices = dispatch.routes_of(session, job_ids=[job_id]).get(
+            job_id, (kind, None, 1))
+    enqueue(app, kind=kind, job_id=job_id, device=device, devices=devices,
+            countdown=countdown)
 
 
 def run(job_id: str, kind: str) -> RunOutcome:
@@ -36,6 +38,8 @@ def run(job_id: str, kind: str) -> RunOutcome:
         # This worker is shutting down; the job is queued again for the next free worker
         # (should this send be lost, the reconciler resends queued jobs).
         send_again(job_id, kind)
+    elif outcome == RunOutcome.REQUEUED:
+        send_again(job_id, kind)  # a lost rank: the next attempt resumes at once
     elif outcome == RunOutcome.RETRY:
         # A storage error (full or read-only store): the job is queued again and its message
         # comes back after the backoff (the reconciler resends it if this one is lost).

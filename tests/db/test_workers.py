@@ -85,7 +85,7 @@ def test_waiting_reasons_name_the_queue_the_device_and_the_tenant_limit(url: str
         session.commit()
         session.execute(update(Job).where(Job.id == made["running"]).values(state="running"))
         session.commit()
-        asked = [(made[n], t, d) for n, t, d in (("cpu", "t", "cpu"), ("gpu", "t", "cuda"),
+        asked = [(made[n], t, d, 1) for n, t, d in (("cpu", "t", "cpu"), ("gpu", "t", "cuda"),
                                                  ("busy", "u", "auto"))]
         nobody = waiting.reasons(session, settings, asked)
     assert [c for c, _ in nobody[made["cpu"]]] == [waiting.NO_WORKER]
