@@ -122,6 +122,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
         request.setdefault("train", {})["epochs"] = args.epochs
     if args.device is not None:
         request["device"] = args.device
+    if args.devices is not None:
+        request.setdefault("resources", {})["devices"] = args.devices
     with _client(args) as convoy:
         started = time.monotonic()
         # retried with one Idempotency-Key after a connection error or a 5xx: never two jobs
@@ -257,6 +259,8 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--epochs", type=ascii_int, help="override train.epochs")
     p.add_argument("--name", help="override the job name")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="override the device")
+    p.add_argument("--devices", type=ascii_int, help="train on N devices of one worker "
+                   "(resources.devices; docs/distributed.md)")
     p.add_argument("--idempotency-key", help="send this Idempotency-Key (default: a fresh one, "
                    "reused by the automatic retries); running the command again with the same "
                    "key and file gives the same job, never a second one")

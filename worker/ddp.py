@@ -159,7 +159,8 @@ class Ranks:
     def kill(self) -> None:
         """SIGKILL the whole group (ranks hold no state worth a grace period: checkpoints are
         written by the epoch and fenced by the lease), and reap every rank."""
-        if self.pgid:
+        if self.pgid and any(p.poll() is None for p in self.procs):
+            # (only while a member is left: once all are reaped the group id may be reused)
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.pgid, signal.SIGKILL)
         for proc in self.procs:

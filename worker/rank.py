@@ -14,7 +14,7 @@ import traceback
 from pathlib import Path
 
 
-def push_progress(rank_dir: Path, progress: object, stop: threading.Event) -> None:
+def push_progress(progress: object, stop: threading.Event) -> None:
     """Rank 0's progress, for the parent's lease heartbeat, through the store it hosts."""
     from torch.distributed import TCPStore
 
@@ -52,7 +52,7 @@ def main(job_id: str, rank: int) -> int:
                        shard=Shard(rank, world))
         stop = threading.Event()
         if rank == 0:
-            threading.Thread(target=push_progress, args=(rank_dir, run.progress, stop),
+            threading.Thread(target=push_progress, args=(run.progress, stop),
                              daemon=True).start()
         result = run.train_rank(torch.device(device, rank) if device == "cuda"
                                 else torch.device("cpu"))
@@ -82,4 +82,10 @@ def _message(exc: BaseException) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1], int(sys.argv[2])))
+    code = main(sys.argv[1], int(sys.argv[2]))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # No interpreter teardown: the result is written and the group destroyed, and a C++
+    # destructor aborting then (gloo's threads did, once, in bench/bare_ddp.py) must not turn
+    # a finished rank into a lost one.
+    os._exit(code)

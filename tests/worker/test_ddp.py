@@ -4,6 +4,7 @@ for more devices than the fleet owns."""
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from collections.abc import Iterator
@@ -114,8 +115,6 @@ def test_a_sigkilled_rank_fails_the_attempt_and_the_job_resumes_on_attempt_2(
         wait_for(lambda: client.get(f"/v1/jobs/{job_id}/checkpoints").json(), timeout=180,
                  what="epoch 1's checkpoint")
         pids = wait_for(lambda: (p := rank_pids(job_id)) and len(p) == 2 and p, timeout=10)
-        import os
-
         os.kill(pids[1], signal.SIGKILL)
         done = wait_job(client, job_id, timeout=240)
         assert done["state"] == "succeeded", done["error"]
@@ -182,3 +181,26 @@ def test_bad_device_counts_are_422_naming_the_field(fleet: Stack) -> None:
         r = client.post("/v1/jobs", json={**train_request(1, batch_size=3),
                                           "resources": {"devices": 4}})
         assert r.status_code == 422 and "global batch_size of 3" in r.text
+
+
+def test_warm_shutdown_stops_both_ranks_and_hands_the_job_back(fleet: Stack) -> None:
+    """Last here: it stops the module's 2-device worker (another one resumes the job)."""
+    with fleet.client() as client:
+        job_id = client.post("/v1/jobs", json=two_rank(slow_job(3))).json()["id"]
+        wait_for(lambda: client.get(f"/v1/jobs/{job_id}/checkpoints").json(), timeout=180,
+                 what="epoch 1's checkpoint")
+        pids = wait_for(lambda: (p := rank_pids(job_id)) and len(p) == 2 and p, timeout=10)
+        worker = next(p for p in fleet.workers if p.poll() is None)
+        asked = time.monotonic()
+        os.killpg(worker.pid, signal.SIGTERM)  # docker stop, Ctrl-C in a terminal
+        wait_for(lambda: gone(pids), timeout=30, every=0.05, what="the ranks to stop")
+        stopped_after = time.monotonic() - asked
+        assert stopped_after < 5, f"ranks stopped {stopped_after:.1f}s after SIGTERM"
+        assert worker.wait(timeout=30) is not None
+        first = wait_for(lambda: [a for a in client.get(f"/v1/jobs/{job_id}/attempts").json()
+                                  if a["outcome"]], timeout=30)[0]
+        assert first["outcome"] == "released"
+        start_worker(fleet, "w2b", devices=2)
+        done = wait_job(client, job_id, timeout=240)
+        assert done["state"] == "succeeded", done["error"]
+        assert done["result"]["resumed_from_epoch"] >= 1 and done["attempt"] == 2
