@@ -33,6 +33,7 @@ from api.routes import (
     events,
     feature_maps,
     health,
+    invariance,
     jobs,
     models,
     ops,
@@ -220,6 +221,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(module.router)
     for module in (feature_maps, uploads):  # feature-map jobs and their uploads
         app.include_router(module.router)
+    app.include_router(invariance.router)
     for module in (ops, webhooks):  # for operators: /metrics, workers, webhooks
         app.include_router(module.router)
     dashboard.mount_static(app)

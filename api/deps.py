@@ -21,7 +21,7 @@ from api.auth import (
     plausible,
 )
 from api.guards import DATABASE_RETRY_AFTER_SECONDS
-from convoy.artifacts import LocalStore
+from convoy.artifacts import ArtifactStore
 from convoy.settings import Settings
 from db.session import get_sessionmaker, pool_capacity
 
@@ -105,11 +105,11 @@ async def get_celery(request: Request) -> Celery:
 CeleryDep = Annotated[Celery, Depends(get_celery)]
 
 
-async def get_store(request: Request) -> LocalStore:
+async def get_store(request: Request) -> ArtifactStore:
     return request.app.state.store
 
 
-StoreDep = Annotated[LocalStore, Depends(get_store)]
+StoreDep = Annotated[ArtifactStore, Depends(get_store)]
 
 
 def bearer_secret(request: Request) -> str:

@@ -4,7 +4,9 @@ Plain Python and numpy: the API never imports torch."""
 
 from __future__ import annotations
 
+import io
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -13,13 +15,14 @@ from sqlalchemy.orm import Session
 
 from api.submit import check_model_limits, summarize_or_422, unprocessable
 from convoy import datasets
-from convoy.featuremaps import UnknownLayer, layer_names, resolve_layers
+from convoy.featuremaps import UnknownLayer, layer_names, layer_rows, resolve_layers
 from convoy.jobspec import (
     DatasetInputs,
     FeatureMapPlan,
     FeatureMapsJobRequest,
     PlanSource,
     RandomSource,
+    SourcedRequest,
     TrainJobSource,
     UploadedCheckpointSource,
     UploadedInputs,
@@ -28,7 +31,7 @@ from convoy.settings import Settings
 from convoy.textsafe import BadJSON, loads_bounded
 from db import artifacts, job_reads, uploads
 from models.pooling import map_bytes, pooled_shape
-from models.spec import ModelSpec, pair
+from models.spec import ModelSpec, Residual, pair
 
 DEFAULT_DATASET_INPUTS = 16
 # safetensors dtype -> bytes per element
@@ -47,21 +50,43 @@ def expected_tensors(spec: ModelSpec, summary: dict[str, Any]) -> dict[str, tupl
     """The state_dict a spec's module has: name -> shape (`layers.{i}.weight` ...)."""
     out: dict[str, tuple[int, ...]] = {}
     for layer, row in zip(spec.layers, summary["layers"], strict=True):
-        p, shape_in = f"layers.{row['index']}.", row["input_shape"]
-        if layer.type == "conv2d":
-            kh, kw = pair(layer.kernel_size)
-            out[p + "weight"] = (layer.out_channels, shape_in[0] // layer.groups, kh, kw)
-            if layer.bias:
-                out[p + "bias"] = (layer.out_channels,)
-        elif layer.type == "linear":
-            out[p + "weight"] = (layer.out_features, shape_in[0])
-            if layer.bias:
-                out[p + "bias"] = (layer.out_features,)
-        elif layer.type == "batchnorm2d":
-            for name in ("weight", "bias", "running_mean", "running_var"):
-                out[p + name] = (shape_in[0],)
-            out[p + "num_batches_tracked"] = ()
+        p = f"layers.{row['index']}."
+        if isinstance(layer, Residual):
+            for inner, inner_row in zip(layer.layers, row["layers"], strict=True):
+                _layer_tensors(out, inner, inner_row, f"{p}layers.{inner_row['index']}.")
+            shortcut = row["shortcut"]
+            if shortcut["type"] == "projection":
+                c_in, c_out = row["input_shape"][0], row["output_shape"][0]
+                out[p + "shortcut.0.weight"] = (c_out, c_in, 1, 1)
+                if shortcut["batchnorm"]:
+                    _batchnorm_tensors(out, p + "shortcut.1.", c_out)
+                else:
+                    out[p + "shortcut.0.bias"] = (c_out,)
+        else:
+            _layer_tensors(out, layer, row, p)
     return out
+
+
+def _batchnorm_tensors(out: dict[str, tuple[int, ...]], p: str, channels: int) -> None:
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        out[p + name] = (channels,)
+    out[p + "num_batches_tracked"] = ()
+
+
+def _layer_tensors(out: dict[str, tuple[int, ...]], layer: Any, row: dict[str, Any],
+                   p: str) -> None:
+    shape_in = row["input_shape"]
+    if layer.type == "conv2d":
+        kh, kw = pair(layer.kernel_size)
+        out[p + "weight"] = (layer.out_channels, shape_in[0] // layer.groups, kh, kw)
+        if layer.bias:
+            out[p + "bias"] = (layer.out_channels,)
+    elif layer.type == "linear":
+        out[p + "weight"] = (layer.out_features, shape_in[0])
+        if layer.bias:
+            out[p + "bias"] = (layer.out_features,)
+    elif layer.type == "batchnorm2d":
+        _batchnorm_tensors(out, p, shape_in[0])
 
 
 def _count(value: Any) -> bool:
@@ -147,7 +172,7 @@ def check_checkpoint(data: bytes, spec: ModelSpec, summary: dict[str, Any]) -> i
 
 # -- the model source ----------------------------------------------------------------------
 
-def resolve_source(session: Session, req: FeatureMapsJobRequest, *, tenant: str
+def resolve_source(session: Session, req: SourcedRequest, *, tenant: str
                    ) -> tuple[ModelSpec, PlanSource]:
     src = req.source
     given = [f for f in ("job_id", "checkpoint_id", "model") if getattr(src, f) is not None]
@@ -207,12 +232,14 @@ def split_size(session: Session, ref: Any, split: str, *, tenant: str, store: An
     shape = tuple(upload.meta["input_shape"])
     if split == "all":
         return shape, int(upload.meta["samples"])
-    with np.load(store.path(upload.key), allow_pickle=False) as archive:
+    if upload.meta.get("split"):  # an image folder with its own val/ split
+        return shape, int(upload.meta["split"][split])
+    with np.load(io.BytesIO(store.get_bytes(upload.key)), allow_pickle=False) as archive:
         y = archive["y"]  # an .npz member loads alone: x is not read
     return shape, datasets.split_sizes(y.astype(np.int64), uploaded=True)[split]
 
 
-def resolve_inputs(session: Session, req: FeatureMapsJobRequest, summary: dict[str, Any], *,
+def resolve_inputs(session: Session, req: SourcedRequest, summary: dict[str, Any], *,
                    tenant: str, store: Any, max_bytes: int | None = None
                    ) -> DatasetInputs | UploadedInputs:
     inp = req.inputs
@@ -257,9 +284,27 @@ def resolve_inputs(session: Session, req: FeatureMapsJobRequest, summary: dict[s
 
 # -- the request -----------------------------------------------------------------------------
 
-def check_feature_maps(session: Session, req: FeatureMapsJobRequest, settings: Settings, *,
-                       tenant: str, store: Any = None) -> dict[str, Any]:
-    """The job summary of a valid feature-map request, or a 4xx naming the field."""
+@dataclass
+class Resolved:
+    """A request's model, its summary (each layer row named), the layers it asked for (indices,
+    in model order) and its inputs: what feature-map and invariance jobs resolve alike."""
+
+    spec: ModelSpec
+    source: PlanSource
+    summary: dict[str, Any]
+    layers: list[int]
+    inputs: DatasetInputs | UploadedInputs
+    field: str  # where the model came from, for errors about it
+
+    @property
+    def layer_names(self) -> list[str]:
+        names = layer_names(self.summary)
+        return [names[i] for i in self.layers]
+
+
+def resolve_request(session: Session, req: SourcedRequest, settings: Settings, *,
+                    tenant: str, store: Any = None) -> Resolved:
+    """The source, the layers and the inputs of a request, or a 4xx naming the field."""
     if store is None:
         from convoy.artifacts import get_store
 
@@ -270,29 +315,36 @@ def check_feature_maps(session: Session, req: FeatureMapsJobRequest, settings: S
     if req.layers == []:
         raise unprocessable("layers", "give at least one layer, or null for every layer")
     try:
-        captured = resolve_layers(summary, req.layers)
+        wanted = resolve_layers(summary, req.layers)
     except UnknownLayer as exc:
         raise unprocessable(f"layers.{exc.position}", str(exc)) from None
-    pool = req.pool.model_dump(by_alias=True) if req.pool else None
-    if pool is not None and not pool["global"] and pool["kernel_size"] is None:
-        raise unprocessable("pool.kernel_size", "give a kernel_size, or global: true")
     inputs = resolve_inputs(session, req, summary, tenant=tenant, store=store,
                             max_bytes=settings.max_dataset_bytes)
     check_model_limits(summary, settings, batch_size=min(inputs.count, 256), field=field)
-    names = layer_names(summary)
+    for row, name in zip(layer_rows(summary), layer_names(summary), strict=True):
+        row["name"] = name
+    summary["model"] = spec.model_dump(mode="json")
+    return Resolved(spec, source, summary, wanted, inputs, field)
+
+
+def check_feature_maps(session: Session, req: FeatureMapsJobRequest, settings: Settings, *,
+                       tenant: str, store: Any = None) -> dict[str, Any]:
+    """The job summary of a valid feature-map request, or a 4xx naming the field."""
+    pool = req.pool.model_dump(by_alias=True) if req.pool else None
+    if pool is not None and not pool["global"] and pool["kernel_size"] is None:
+        raise unprocessable("pool.kernel_size", "give a kernel_size, or global: true")
+    got = resolve_request(session, req, settings, tenant=tenant, store=store)
+    summary, count, rows = got.summary, got.inputs.count, layer_rows(got.summary)
     stored = unpooled = 0
-    for i in captured:
-        shape = summary["layers"][i]["output_shape"]
-        unpooled += map_bytes(inputs.count, shape, req.dtype)
-        stored += map_bytes(inputs.count, pooled_shape(shape, pool), req.dtype)
+    for i in got.layers:
+        shape = rows[i]["output_shape"]
+        unpooled += map_bytes(count, shape, req.dtype)
+        stored += map_bytes(count, pooled_shape(shape, pool), req.dtype)
     if stored > settings.max_feature_map_bytes:
         raise unprocessable("layers", f"the maps would take {stored} bytes, over the limit "
                                       f"max_feature_map_bytes={settings.max_feature_map_bytes}; "
                                       "ask for fewer layers or inputs, or add pooling")
-    for row, name in zip(summary["layers"], names, strict=True):
-        row["name"] = name
-    summary["model"] = spec.model_dump(mode="json")
-    plan = FeatureMapPlan(source=source, inputs=inputs, layers=[names[i] for i in captured],
+    plan = FeatureMapPlan(source=got.source, inputs=got.inputs, layers=got.layer_names,
                           estimated_bytes=stored, estimated_bytes_unpooled=unpooled)
     summary["feature_maps"] = plan.model_dump(mode="json")
     return summary

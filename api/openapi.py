@@ -29,6 +29,7 @@ MESSAGES = {
     409: "a conflict with the resource's state, or an Idempotency-Key reused with another body",
     413: "the body (or the answer asked for) is larger than the limit",
     415: "a body of the wrong content type",
+    416: "the `Range` asked for starts past the end of the file: `Content-Range: bytes */size`",
     422: "invalid input: `detail` lists each field and the reason",
     429: "over a quota or limit: retry after `Retry-After` seconds",
     503: "the database is busy or unavailable: retry after `Retry-After` seconds",
@@ -37,6 +38,7 @@ MESSAGES = {
 RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying",
                                "schema": {"type": "integer"}}}
 HEADERS: dict[int, dict[str, Any]] = {
+    416: {"Content-Range": {"description": "`bytes */size`", "schema": {"type": "string"}}},
     401: {"WWW-Authenticate": {"description": "`Bearer`", "schema": {"type": "string"}}},
     429: RETRY_AFTER,
     503: RETRY_AFTER,
@@ -52,9 +54,9 @@ ROUTE_ERRORS: dict[tuple[str, str], set[int]] = {
     ("POST", "/v1/jobs/{job_id}/cancel"): {409},
     ("DELETE", "/v1/tokens/{token_id}"): {409},  # the last admin token
     ("GET", "/v1/jobs/{job_id}/events"): {429},  # open streams per tenant and in total
-    # too many values for JSON; the store read
-    ("GET", "/v1/jobs/{job_id}/feature-maps/{layer}"): {413, 507},
-    ("GET", "/v1/jobs/{job_id}/checkpoints/{name}"): {507},
+    # too many values for JSON; a Range past the end; the store read
+    ("GET", "/v1/jobs/{job_id}/feature-maps/{layer}"): {413, 416, 507},
+    ("GET", "/v1/jobs/{job_id}/checkpoints/{name}"): {416, 507},
     # a key reused, the store written
     **{("POST", path): {409, 507} for path in UPLOADS},
     # a token without the `metrics` scope (401 and 503: needs_token)

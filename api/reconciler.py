@@ -44,12 +44,15 @@ def reconcile_once(settings: Settings, celery: Celery, *, expire_leases: bool = 
         due = [] if held is None else [(i, k) for i, k in due if i not in held]
     sent: list[str] = []
     try:
+        # resent with the job's own priority, read from its request
         for job_id in expired:
-            kind, device, devices = routes[job_id]
-            enqueue(celery, kind=kind, job_id=job_id, device=device, devices=devices)
+            route = routes[job_id]
+            enqueue(celery, kind=route.kind, job_id=job_id, device=route.device,
+                    devices=route.devices, priority=route.priority)
         for job_id, _ in due:
-            kind, device, devices = routes[job_id]
-            enqueue(celery, kind=kind, job_id=job_id, device=device, devices=devices)
+            route = routes[job_id]
+            enqueue(celery, kind=route.kind, job_id=job_id, device=route.device,
+                    devices=route.devices, priority=route.priority)
             sent.append(job_id)
     finally:
         if sent:

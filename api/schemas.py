@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from convoy.jobspec import FeatureMapPlan
+from convoy.jobspec import FeatureMapPlan, InvariancePlan
 
 
 class _Stored(BaseModel):
@@ -32,6 +32,8 @@ class ErrorOut(BaseModel):
 class ReadyChecks(BaseModel):
     database: str = Field(description="`ok` or `error: <reason>`")
     broker: str = Field(description="`ok` or `error: <reason>`")
+    artifacts: str = Field(description="`ok` or `error: <reason>` naming the artifact store "
+                                       "(a probe object written and deleted)")
 
 
 class ReadyOut(BaseModel):
@@ -52,6 +54,35 @@ class LayerRow(_Stored):
     flops: int
     fc_equivalent_params: int | None = None
     name: str | None = Field(None, description="feature-map jobs: the layer's name")
+    layers: list[InnerLayerRow] | None = Field(
+        None, description="a residual block: its inner layers (named `{block}/{index}-{type}`, "
+                          "e.g. `3-residual/1-conv2d`)")
+    shortcut: Shortcut | None = Field(None, description="a residual block: its shortcut")
+
+
+class InnerLayerRow(_Stored):
+    """One layer inside a residual block (its index is its place in the block)."""
+
+    index: int
+    type: str
+    input_shape: list[int]
+    output_shape: list[int]
+    params: int
+    receptive_field: list[int]
+    jump: list[int]
+    flops: int
+    fc_equivalent_params: int | None = None
+    name: str | None = Field(None, description="feature-map jobs: the layer's name")
+
+
+class Shortcut(_Stored):
+    """`identity`, or `projection`: a 1x1 convolution with `stride` (and batch norm when
+    `batchnorm`) of `params` parameters."""
+
+    type: Literal["identity", "projection"]
+    stride: list[int] | None = None
+    batchnorm: bool | None = None
+    params: int | None = None
 
 
 class FullyConnectedEquivalent(BaseModel):
@@ -72,8 +103,10 @@ class ModelSummary(_Stored):
     total_flops: int
     fully_connected_equivalent: FullyConnectedEquivalent
     activation_bytes_per_sample: int
-    model: dict[str, Any] | None = Field(None, description="feature-map jobs: the model spec")
+    model: dict[str, Any] | None = Field(None, description="feature-map and invariance jobs: "
+                                                           "the model spec")
     feature_maps: FeatureMapPlan | None = None
+    invariance: InvariancePlan | None = None
 
 
 class TrainResult(_Stored):
@@ -105,6 +138,60 @@ class FeatureMapsResult(_Stored):
     images_per_second: float | None = None
 
 
+class LayerCurvePoint(BaseModel):
+    magnitude: int | float = Field(description="pixels, degrees or the scale factor")
+    cosine: float = Field(description="mean cos(φ(x), φ(Tx)) over the inputs")
+    distance: float | None = Field(description="mean ‖φ(x) − φ(Tx)‖ / mean ‖φ(x) − φ(x′)‖; "
+                                               "null when fewer than two different inputs")
+
+
+class OutputCurvePoint(BaseModel):
+    magnitude: int | float
+    agreement: float = Field(description="fraction of inputs whose argmax class is unchanged")
+    true_class_probability: float | None = Field(description="mean softmax probability of the "
+                                                             "label; null without labels")
+
+
+Curves = dict[Literal["translate", "rotate", "scale"], list[LayerCurvePoint]]
+OutputCurves = dict[Literal["translate", "rotate", "scale"], list[OutputCurvePoint]]
+
+
+class InvarianceLayer(BaseModel):
+    name: str
+    index: int
+    type: str
+    curves: Curves
+
+
+class InvarianceResult(_Stored):
+    """An invariance job's result (GET /v1/jobs/{id}/invariance answers its curves)."""
+
+    layers: list[InvarianceLayer]
+    output: OutputCurves | None
+    original: dict[str, float] | None = None
+    images: int | None = None
+    transforms: dict[str, list[int | float]] | None = None
+    device: str | None = None
+    images_through_model: int | None = None
+    timings: dict[str, float] | None = None
+    images_per_second: float | None = None
+
+
+class InvarianceOut(BaseModel):
+    """Per layer, how much its maps change against each transform's magnitude; empty until
+    the job has succeeded (`state` says where it is)."""
+
+    job_id: str
+    state: str
+    layers: list[InvarianceLayer]
+    output: OutputCurves | None = Field(description="the model's output, when it is a "
+                                                    "classifier's [classes]")
+    original: dict[str, float] | None = Field(description="accuracy and true class probability "
+                                                          "on the untransformed inputs")
+    images: int | None
+    transforms: dict[str, list[int | float]] | None
+
+
 class JobOut(BaseModel):
     id: str
     kind: str
@@ -122,7 +209,7 @@ class JobOut(BaseModel):
     # older or damaged one) is still answered as it is, never a 500.
     summary: Annotated[ModelSummary | dict[str, Any], Field(union_mode="left_to_right")] | None
     # a feature-map job's result names its layers; TrainResult's fields are all optional
-    result: Annotated[FeatureMapsResult | TrainResult | dict[str, Any],
+    result: Annotated[FeatureMapsResult | InvarianceResult | TrainResult | dict[str, Any],
                       Field(union_mode="left_to_right")] | None
     request: dict[str, Any]
     # running time allowed across attempts, seconds (None for jobs from before it existed)
@@ -173,6 +260,11 @@ class DatasetOut(BaseModel):
     size: int | None = None
     sha256: str | None = None
     created_at: datetime | None = None
+    classes: list[str] | None = Field(default=None, description=(
+        "image-folder datasets: the class folder names; label i is classes[i]"))
+    split: dict[str, int] | None = Field(default=None, description=(
+        "image-folder datasets with a val/ or test/ folder: samples per split (train, val, "
+        "all); otherwise 20% of each class is held out for validation"))
 
 
 class UploadOut(BaseModel):

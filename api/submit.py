@@ -8,10 +8,10 @@ from fastapi import HTTPException
 from sqlalchemy.orm import Session
 
 from convoy import datasets
-from convoy.jobspec import TrainJobRequest
+from convoy.jobspec import TrainConfig, TrainJobRequest
 from convoy.settings import Settings, get_settings
 from db import uploads
-from models.spec import ModelSpec, SpecError, infer
+from models.spec import ModelSpec, SpecError, infer, layer_count
 
 
 def unprocessable(field: str, message: str) -> HTTPException:
@@ -25,13 +25,17 @@ def summarize_or_422(spec: ModelSpec, *, field: str = "model",
     """The spec's summary, or a 422 naming the layer. Bounded cost: at most max_model_layers
     layers, no map larger than max_feature_side, and inference is O(layers)."""
     settings = settings or get_settings()
-    if len(spec.layers) > settings.max_model_layers:
-        raise unprocessable(f"{field}.layers", f"{len(spec.layers)} layers exceed the limit "
+    count = layer_count(spec)
+    if count > settings.max_model_layers:
+        raise unprocessable(f"{field}.layers", f"{count} layers (those inside residual blocks "
+                                               "included) exceed the limit "
                                                f"max_model_layers={settings.max_model_layers}")
     try:
         return infer(spec, max_side=settings.max_feature_side)
     except SpecError as exc:
         loc = f"{field}.layers.{exc.index}" if exc.index is not None else field
+        if exc.inner is not None:
+            loc += f".layers.{exc.inner}"
         message = str(exc)
         raise unprocessable(loc, message) from exc
 
@@ -79,6 +83,7 @@ def check_train(session: Session, req: TrainJobRequest, settings: Settings, *,
         raise unprocessable("train.batch_size", f"{cfg.batch_size} exceeds the limit "
                                                 f"max_batch_size={settings.max_batch_size}")
     check_model_limits(summary, settings, batch_size=cfg.batch_size)
+    check_augment(cfg, summary["input_shape"])
     check_devices(req, settings, summary)
     info = dataset_info(session, req.dataset, tenant=tenant)
     if too_large := datasets.oversized(req.dataset, settings.max_dataset_bytes):
@@ -94,6 +99,23 @@ def check_train(session: Session, req: TrainJobRequest, settings: Settings, *,
                                             f"layer of {info.num_classes} outputs")
     check_work(summary, info.samples, cfg.epochs, settings, tenant=tenant)
     return summary
+
+
+def check_augment(cfg: TrainConfig, input_shape: list[int]) -> None:
+    """Augmentation that fits the model's input: a crop padding or a shift smaller than the
+    image's smaller side (a larger one could move the whole image out of view)."""
+    aug = cfg.augment
+    if aug is None:
+        return
+    side = min(input_shape[1], input_shape[2])
+    if aug.random_crop is not None and aug.random_crop.padding >= side:
+        raise unprocessable("train.augment.random_crop.padding",
+                            f"{aug.random_crop.padding} must be smaller than the input's "
+                            f"smaller side {side} (input {input_shape[1]}x{input_shape[2]})")
+    if aug.translate >= side:
+        raise unprocessable("train.augment.translate",
+                            f"{aug.translate} must be smaller than the input's smaller side "
+                            f"{side} (input {input_shape[1]}x{input_shape[2]})")
 
 
 def check_devices(req: TrainJobRequest, settings: Settings, summary: dict[str, Any]) -> None:

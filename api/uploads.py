@@ -8,7 +8,7 @@ from fastapi import HTTPException, UploadFile
 from sqlalchemy.orm import Session
 
 from api.textguard import unencodable_detail
-from convoy.artifacts import LocalStore, upload_key
+from convoy.artifacts import ArtifactStore, upload_key
 from convoy.settings import Settings
 from convoy.textsafe import unencodable
 from db import uploads
@@ -48,7 +48,7 @@ def check_form_text(*fields: tuple[str, str | None]) -> None:
             raise HTTPException(422, [unencodable_detail(["body", field], field)])
 
 
-def save_upload(session: Session, store: LocalStore, *, tenant: str, kind: str, name: str,
+def save_upload(session: Session, store: ArtifactStore, *, tenant: str, kind: str, name: str,
           data: bytes, suffix: str, meta: dict[str, Any]) -> Upload:
     """Store the file under a server-built key and insert its row; no file without its row."""
     upload_id = new_id()

@@ -10,7 +10,6 @@ forward, encoding (npy, PNG) and storage, and the stored bytes pooled vs unpoole
 
 from __future__ import annotations
 
-import argparse
 import time
 from collections.abc import Callable
 from typing import Any
@@ -18,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.common import machine, median, pick_device
+from bench.common import median, model_bench_args
 from convoy import datasets
 from models.build import build_model
 from models.capture import capture, channels_last
@@ -74,6 +73,20 @@ def repeat(fn: Callable[[], Any], times: int) -> None:
         fn()  # the result is dropped at once, as the worker drops each batch's tensors
 
 
+def abab(variants: dict[str, Callable[[], Any]], device: torch.device, rounds: int,
+         reps: int = 1) -> dict[str, float]:
+    """Median seconds of `reps` calls of each variant, the variants taking turns in each of
+    `rounds` rounds (ABAB), after one warm-up call each; under inference mode."""
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    with torch.inference_mode():
+        for fn in variants.values():  # warm-up (cudnn autotune, allocator)
+            fn()
+        for _ in range(rounds):
+            for key, fn in variants.items():
+                times[key].append(timed(lambda f=fn: repeat(f, reps), device))
+    return {k: median(v) for k, v in times.items()}
+
+
 def measure(name: str, raw: dict[str, Any], n: int, device: torch.device, rounds: int,
             reps: int) -> dict[str, float]:
     """Images/s of each variant on one model and batch."""
@@ -98,14 +111,7 @@ def measure(name: str, raw: dict[str, Any], n: int, device: torch.device, rounds
         "extract": lambda: extract(model, x_np, layers, pool=POOL, dtype="float32",
                                    device=device, batch=n),
     }
-    times: dict[str, list[float]] = {k: [] for k in variants}
-    with torch.inference_mode():
-        for fn in variants.values():  # warm-up (cudnn autotune, allocator)
-            fn()
-        for _ in range(rounds):
-            for key, fn in variants.items():
-                times[key].append(timed(lambda f=fn: repeat(f, reps), device))
-    return {k: n * reps / median(v) for k, v in times.items()}
+    return {k: n * reps / t for k, t in abab(variants, device, rounds, reps).items()}
 
 
 def throughput(device: torch.device, rounds: int, reps: int) -> None:
@@ -172,17 +178,9 @@ def end_to_end(device: str, smoke: bool) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (the worker's default)")
-    p.add_argument("--rounds", type=int, default=15)
-    p.add_argument("--reps", type=int, default=5, help="batches per timed window")
-    p.add_argument("--no-e2e", action="store_true", help="skip the service jobs (GPU hosts)")
-    p.add_argument("--smoke", action="store_true", help="a few rounds, 16-image jobs")
-    args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    device = torch.device(pick_device(args.device))
-    print(machine(), f"device={device}")
+    args = model_bench_args(__doc__, rounds=15, smoke="a few rounds, 16-image jobs", extra=[
+        ("--reps", {"type": int, "default": 5, "help": "batches per timed window"})])
+    device = args.device
     throughput(device, 3 if args.smoke else args.rounds, 1 if args.smoke else args.reps)
     if not args.no_e2e:
         end_to_end(device.type, args.smoke)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import multiprocessing as mp
 import os
 import platform
 import statistics
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 
 def median(xs: Sequence[float]) -> float:
@@ -60,3 +62,24 @@ def pick_device(wanted: str = "auto") -> str:
     if wanted == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return wanted
+
+
+def model_bench_args(doc: str | None, *, rounds: int, smoke: str,
+                     extra: Sequence[tuple[str, dict[str, Any]]] = ()) -> argparse.Namespace:
+    """The options of the model benchmarks (device, threads, rounds, --no-e2e, --smoke), read;
+    torch set to the threads asked for, and the machine printed."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (the worker's default)")
+    p.add_argument("--rounds", type=int, default=rounds)
+    for flag, options in extra:
+        p.add_argument(flag, **options)
+    p.add_argument("--no-e2e", action="store_true", help="skip the service jobs")
+    p.add_argument("--smoke", action="store_true", help=smoke)
+    args = p.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    args.device = torch.device(pick_device(args.device))
+    print(machine(), f"device={args.device}")
+    return args

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from convoy.settings import Settings
 
@@ -109,6 +110,32 @@ def cmd_token(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_artifacts(args: argparse.Namespace) -> int:
+    from cli.artifacts import copy_root
+    from convoy.artifacts import LocalStore, StoreUnavailable, open_store
+
+    settings = _settings()
+    source = args.source or settings.artifact_root
+    if source.startswith("s3://") or not args.to.startswith("s3://"):
+        print("usage: convoy artifacts copy --to s3://BUCKET/PREFIX [--from LOCAL_ROOT] "
+              "(copies a local artifact root into a bucket)", file=sys.stderr)
+        return 2
+    if not os.path.isdir(source):
+        print(f"no artifact folder at {source}", file=sys.stderr)
+        return 1
+    dst = open_store(args.to, settings)
+    try:
+        dst.check()
+        report = copy_root(LocalStore(Path(source)), dst)
+    except StoreUnavailable as exc:
+        print(f"\n{exc}", file=sys.stderr)
+        return 1
+    print(f"{report.copied} copied ({report.bytes_copied} bytes), {report.skipped} already "
+          f"there, {report.ignored} other files left alone; {source} -> {dst.name}. Point "
+          f"CONVOY_ARTIFACT_ROOT at {dst.name} on the API and every worker.")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     # submit, jobs, status, cancel, logs, fetch, ...; numbers in ASCII digits only
     from client.commands import add_commands, ascii_float, ascii_int
@@ -149,6 +176,13 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--scope", action="append", choices=["metrics"],
                        help="an extra right of a non-admin token: `metrics` may scrape /metrics")
     token.set_defaults(func=cmd_token)
+    arts = sub.add_parser("artifacts", help="the artifact store")
+    arts.add_argument("action", choices=["copy"])
+    arts.add_argument("--to", required=True, metavar="s3://BUCKET/PREFIX",
+                      help="the bucket to copy the local artifact root into (same keys)")
+    arts.add_argument("--from", dest="source", metavar="DIR",
+                      help="the local artifact root (default: CONVOY_ARTIFACT_ROOT)")
+    arts.set_defaults(func=cmd_artifacts)
     add_commands(sub)
     return parser
 

@@ -1,5 +1,5 @@
 """The client half of the `convoy` command: submit (with a live progress bar), jobs, status,
-cancel, logs, fetch, feature-maps. cli.main adds these to its parser."""
+cancel, logs, fetch, feature-maps, invariance. cli.main adds these to its parser."""
 
 from __future__ import annotations
 
@@ -124,6 +124,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
         request["device"] = args.device
     if args.devices is not None:
         request.setdefault("resources", {})["devices"] = args.devices
+    if args.priority is not None:
+        request["priority"] = args.priority
     with _client(args) as convoy:
         started = time.monotonic()
         # retried with one Idempotency-Key after a connection error or a 5xx: never two jobs
@@ -220,6 +222,53 @@ def cmd_feature_maps(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def invariance_table(data: dict[str, Any], measure: str = "distance") -> list[str]:
+    """An invariance job's curves as text: a row per layer, a column per transform and
+    magnitude, the `measure` (distance or cosine) in each cell; then the output's agreement
+    and true class probability."""
+    layers = data.get("layers") or []
+    output = data.get("output") or {}
+    columns: list[tuple[str, Any]] = []
+    for row in [*(layer["curves"] for layer in layers), output]:
+        for family, points in row.items():
+            for p in points:
+                if (family, p["magnitude"]) not in columns:
+                    columns.append((family, p["magnitude"]))
+    heads = [f"{family[:5]} {magnitude:g}" for family, magnitude in columns]
+    width = max([len("output p(true)"), *(len(layer["name"]) for layer in layers)]) + 2
+
+    def line(label: str, cells: dict[tuple[str, Any], float | None]) -> str:
+        return label.ljust(width) + "".join(_cell(cells.get(c)).rjust(max(len(h), 6) + 2)
+                                            for c, h in zip(columns, heads, strict=True))
+
+    out = [f"{measure} per layer".ljust(width)
+           + "".join(h.rjust(max(len(h), 6) + 2) for h in heads)]
+    for layer in layers:
+        out.append(line(layer["name"], {(f, p["magnitude"]): p[measure]
+                                         for f, points in layer["curves"].items()
+                                         for p in points}))
+    for key, label in (("agreement", "output agree"), ("true_class_probability",
+                                                         "output p(true)")):
+        if output:
+            out.append(line(label, {(f, p["magnitude"]): p[key]
+                                    for f, points in output.items() for p in points}))
+    return out
+
+
+def cmd_invariance(args: argparse.Namespace) -> int:
+    with _client(args) as convoy:
+        data = convoy.invariance(args.id)
+    if data.get("state") != "succeeded":
+        print(f"job {args.id} is {data.get('state')}: no curves yet", file=sys.stderr)
+        return EXIT_ERROR
+    print("\n".join(invariance_table(data, args.measure)))
+    return 0
+
+
 def _guard(func: Command) -> Command:
     """A refused request or an unreachable server is one clear line and exit code 2."""
 
@@ -261,6 +310,8 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="override the device")
     p.add_argument("--devices", type=ascii_int, help="train on N devices of one worker "
                    "(resources.devices; docs/distributed.md)")
+    p.add_argument("--priority", type=ascii_int, choices=range(10), metavar="0..9",
+                   help="override the priority (9 most urgent; default 5)")
     p.add_argument("--idempotency-key", help="send this Idempotency-Key (default: a fresh one, "
                    "reused by the automatic retries); running the command again with the same "
                    "key and file gives the same job, never a second one")
@@ -282,3 +333,7 @@ def add_commands(sub: Any) -> None:
     p.add_argument("id")
     p.add_argument("--out", required=True, help="folder")
     p.add_argument("--no-png", action="store_true", help="only the .npy arrays")
+    p = add("invariance", cmd_invariance, "print an invariance job's curves as a table")
+    p.add_argument("id")
+    p.add_argument("--measure", choices=["distance", "cosine"], default="distance",
+                   help="what each cell shows (default: distance)")

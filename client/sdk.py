@@ -194,6 +194,12 @@ class Convoy:
             params["image"] = image
         return self._call("GET", f"/v1/jobs/{job_id}/feature-maps/{layer}", params=params).content
 
+    def invariance(self, job_id: str) -> dict[str, Any]:
+        """An invariance job's curves: {"state", "layers": [{"name", "index", "type",
+        "curves": {family: [{"magnitude", "cosine", "distance"}]}}], "output", ...}."""
+        data: dict[str, Any] = self._call("GET", f"/v1/jobs/{job_id}/invariance").json()
+        return data
+
     def download_feature_maps(self, job_id: str, out: str | Path, *,
                               png: bool = True) -> list[Path]:
         """Every layer's .npy (and, for spatial layers, a PNG grid per input image) into

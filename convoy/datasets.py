@@ -10,7 +10,7 @@ from functools import lru_cache
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from convoy import npyfile
 
@@ -18,7 +18,8 @@ DIGITS_SAMPLES = 1797
 # Labels index the classifier's outputs, and a linear layer has at most 1,000,000
 # (models.spec): a larger label could never be trained on.
 MAX_CLASSES = 1_000_000
-SHAPES = ("square", "disc", "cross", "triangle", "ring", "bar")
+SHAPES = ("square", "disc", "cross", "triangle", "ring", "bar", "diamond", "saltire",
+          "frame", "half_disc")
 
 
 class DigitsRef(BaseModel):
@@ -27,13 +28,26 @@ class DigitsRef(BaseModel):
 
 
 class SyntheticRef(BaseModel):
+    """Generated images. `task: "shapes"` (the default): one shape per image, class = shape,
+    on a plain noisy background. `task: "scenes"`: the CIFAR-sized task (defaults: 10
+    classes, 3x32x32, 10,000 samples): each shape at a random scale and place, in a random
+    colour, on a random smooth colour background with distractor strokes (docs/reference.md)."""
+
     model_config = ConfigDict(extra="forbid")
     name: Literal["synthetic"]
+    task: Literal["shapes", "scenes"] = "shapes"
     samples: Annotated[int, Field(ge=10, le=200_000)] = 2048
     size: Annotated[int, Field(ge=8, le=512)] = 32
     channels: Annotated[int, Field(ge=1, le=16)] = 3
     num_classes: Annotated[int, Field(ge=2, le=len(SHAPES))] = 4
     seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = 0  # numpy refuses negative seeds
+
+    @model_validator(mode="before")
+    @classmethod
+    def _scene_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("task") == "scenes":
+            return {"num_classes": len(SHAPES), "samples": 10_000, **data}
+        return data
 
 
 class UploadRef(BaseModel):
@@ -58,6 +72,10 @@ class Split:
     @property
     def all_x(self) -> np.ndarray:
         return np.concatenate([self.x_train, self.x_val])
+
+    @property
+    def all_y(self) -> np.ndarray:
+        return np.concatenate([self.y_train, self.y_val])
 
 
 def builtin_info(ref: DigitsRef | SyntheticRef) -> DatasetInfo:
@@ -123,13 +141,16 @@ def _digits_split() -> Split:
     return _stratified_split(x, y, 0.2, seed=0)
 
 
-def _draw(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
+def _draw(kind: str, size: int, rng: np.random.Generator,
+          scale: tuple[float, float] = (0.2, 0.35), thin: bool = False) -> np.ndarray:
+    """A shape's mask; strokes are size/12 thick, or r/4 with `thin` (small shapes keep
+    their hole: a ring stays a ring)."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    r = rng.uniform(0.2, 0.35) * size
+    r = rng.uniform(*scale) * size
     cy, cx = rng.uniform(r, size - r, 2)
     dy, dx = np.abs(yy - cy), np.abs(xx - cx)
     dist = np.hypot(yy - cy, xx - cx)
-    t = max(1.0, size / 12)
+    t = max(1.0, r / 4 if thin else size / 12)
     if kind == "square":
         m = (dy <= r) & (dx <= r)
     elif kind == "disc":
@@ -140,9 +161,50 @@ def _draw(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
         m = (yy >= cy - r) & (yy <= cy + r) & (dx <= (yy - (cy - r)) / 2)
     elif kind == "ring":
         m = (dist <= r) & (dist >= r - 2 * t)
-    else:  # bar
+    elif kind == "bar":
         m = (dy <= t) & (dx <= r)
+    elif kind == "diamond":
+        m = dy + dx <= r
+    elif kind == "saltire":  # a diagonal cross
+        m = ((np.abs(dy - dx) <= t) | (np.abs((yy - cy) + (xx - cx)) <= t)) \
+            & (dy <= r) & (dx <= r)
+    elif kind == "frame":
+        m = (dy <= r) & (dx <= r) & ((dy >= r - 2 * t) | (dx >= r - 2 * t))
+    else:  # half_disc
+        m = (dist <= r) & (yy >= cy)
     return m.astype(np.float32)
+
+
+def _scene(label: int, size: int, channels: int, rng: np.random.Generator) -> np.ndarray:
+    """One `scenes` image: a smooth random colour background (a 4x4 grid of random colours,
+    bilinearly upsampled), four distractor strokes (random straight lines, 1 px), the
+    class's shape at a random scale (15-32% of the side as its half-width) and place in a
+    random colour at least 0.25 per channel (in norm) away from the background's mean, then
+    N(0, 0.06) noise."""
+    grid = rng.uniform(0.0, 1.0, (channels, 4, 4)).astype(np.float32)
+    pos = np.linspace(0, 3, size, dtype=np.float32)
+    i0 = np.minimum(pos.astype(int), 2)
+    f = pos - i0
+    rows = grid[:, i0] * (1 - f)[None, :, None] + grid[:, i0 + 1] * f[None, :, None]
+    img = rows[:, :, i0] * (1 - f) + rows[:, :, i0 + 1] * f
+    for _ in range(4):
+        (y0, x0), (y1, x1) = rng.uniform(0, size - 1, (2, 2))
+        n = int(max(abs(y1 - y0), abs(x1 - x0))) + 2
+        ys = np.linspace(y0, y1, n).round().astype(int)
+        xs = np.linspace(x0, x1, n).round().astype(int)
+        img[:, ys, xs] = rng.uniform(0.0, 1.0, (channels, 1))
+    mask = _draw(SHAPES[label], size, rng, scale=(0.15, 0.32), thin=True)
+    mean = img.mean(axis=(1, 2))
+    colour = rng.uniform(0.0, 1.0, channels).astype(np.float32)
+    push = colour - mean
+    norm = float(np.linalg.norm(push))
+    if norm < 0.25 * math.sqrt(channels):
+        # too close to the background: push it away from the mean (any direction when equal)
+        direction = push / norm if norm > 1e-6 else np.ones(channels, np.float32)
+        direction /= np.linalg.norm(direction)
+        colour = np.clip(mean + direction * 0.25 * math.sqrt(channels) * 1.5, 0, 1)
+    img = img * (1 - mask) + colour[:, None, None] * mask
+    return img + rng.normal(0, 0.06, img.shape).astype(np.float32)
 
 
 def load_synthetic(ref: SyntheticRef) -> Split:
@@ -150,6 +212,10 @@ def load_synthetic(ref: SyntheticRef) -> Split:
     y = np.arange(ref.samples, dtype=np.int64) % ref.num_classes
     rng.shuffle(y)
     x = np.empty((ref.samples, ref.channels, ref.size, ref.size), dtype=np.float32)
+    if ref.task == "scenes":
+        for i, label in enumerate(y):
+            x[i] = _scene(int(label), ref.size, ref.channels, rng)
+        return _stratified_split(x, y, 0.2, seed=ref.seed)
     for i, label in enumerate(y):
         mask = _draw(SHAPES[label], ref.size, rng)
         colour = rng.uniform(0.5, 1.0, (ref.channels, 1, 1)).astype(np.float32)
@@ -249,6 +315,33 @@ def parse_npz(data: bytes, *, max_pixels: int, max_bytes: int | None = None
     if not np.isfinite(x).all():
         raise BadDataset("x holds NaN or infinite values")
     return x, y
+
+
+def parse_presplit(data: bytes, *, max_pixels: int, max_bytes: int | None = None) -> Split:
+    """A stored image-folder dataset: an .npz with x, y (training) and x_val, y_val (its
+    val/ or test/ folder), each pair checked as parse_npz checks x and y."""
+    if max_bytes is None:
+        from convoy.settings import get_settings
+
+        max_bytes = get_settings().max_dataset_bytes
+    try:
+        archive = npyfile.Npz(data, ("x", "y", "x_val", "y_val"), max_bytes=max_bytes)
+    except npyfile.BadArray as exc:
+        raise BadDataset(str(exc), status=exc.status) from None
+    with archive:
+        try:
+            arrays = [archive.load(n) for n in ("x", "y", "x_val", "y_val")]
+        except npyfile.BadArray as exc:
+            raise BadDataset(str(exc)) from None
+    x, y, x_val, y_val = arrays
+    if x.ndim != 4 or x_val.ndim != 4 or x.shape[1:] != x_val.shape[1:] \
+            or x.shape[2] * x.shape[3] > max_pixels:
+        raise BadDataset(f"x {list(x.shape)} and x_val {list(x_val.shape)} must be (N, C, H, W)"
+                         " of the same image shape")
+    if y.shape != (len(x),) or y_val.shape != (len(x_val),):
+        raise BadDataset("y and y_val must label every image of x and x_val")
+    return Split(x.astype(np.float32, copy=False), y.astype(np.int64),
+                 x_val.astype(np.float32, copy=False), y_val.astype(np.int64))
 
 
 def split_uploaded(x: np.ndarray, y: np.ndarray) -> Split:

@@ -13,6 +13,28 @@ from models.spec import ModelSpec
 Name = Annotated[str, Field(max_length=128, pattern=r"^[\w .:@+-]*$")]
 
 
+class RandomCrop(BaseModel):
+    """Pad every side by `padding` pixels with zeros, then crop a window of the input's size
+    at a random place (the CIFAR recipe: padding 4)."""
+    model_config = ConfigDict(extra="forbid")
+    padding: Annotated[int, Field(ge=1, le=256)]
+
+
+class Augment(BaseModel):
+    """Random changes to each training batch, drawn on the training device for the whole
+    batch at once, from (seed, epoch): a resumed run draws the same ones. Applied in this
+    order: random_crop, translate, hflip. Validation data is never augmented."""
+    model_config = ConfigDict(extra="forbid")
+    random_crop: RandomCrop | None = None
+    hflip: bool = Field(False, description="flip half the images left to right")
+    translate: Annotated[int, Field(ge=0, le=256, description=(
+        "shift each image by up to this many pixels on each axis (uniform integers), "
+        "repeating the edge pixels into the uncovered border"))] = 0
+
+    def largest_shift(self) -> int:
+        return max(self.random_crop.padding if self.random_crop else 0, self.translate)
+
+
 class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -27,6 +49,7 @@ class TrainConfig(BaseModel):
     # bf16 autocast on CUDA (ignored on CPU)
     amp: bool = True
     compile: bool = False
+    augment: Augment | None = None
 
 
 Device = Literal["auto", "cpu", "cuda"]
@@ -42,6 +65,12 @@ class Resources(BaseModel):
     devices: Annotated[int, Field(ge=1, le=1024)] = 1
     # batch norm statistics synchronised across ranks (else each rank keeps its own)
     sync_batch_norm: bool = False
+# 0 (least urgent) to 9 (most): a queued job of higher priority starts before lower ones
+# queued earlier (convoy.queue.enqueue; what each broker guarantees: docs/reliability.md).
+DEFAULT_PRIORITY = 5
+Priority = Annotated[int, Field(ge=0, le=9, description=(
+    "0 (least urgent) to 9 (most urgent); a higher-priority job starts before lower-priority "
+    "jobs queued earlier"))]
 # Running time allowed (seconds, summed over attempts); None: the server's default.
 Timeout = Annotated[float, Field(gt=0, allow_inf_nan=False)] | None
 
@@ -58,6 +87,7 @@ class TrainJobRequest(BaseModel):
     resources: Resources = Resources()
     max_attempts: Annotated[int, Field(ge=1, le=20)] | None = None
     timeout: Timeout = None
+    priority: Priority = DEFAULT_PRIORITY
 
 
 class CheckpointSource(BaseModel):
@@ -86,6 +116,10 @@ class PoolRequest(BaseModel):
     global_: bool = Field(False, alias="global")
 
 
+# layer names or indices; None: every layer
+Layers = Annotated[list[Annotated[str, Field(max_length=64)]], Field(max_length=512)] | None
+
+
 class FeatureMapsJobRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
@@ -93,17 +127,57 @@ class FeatureMapsJobRequest(BaseModel):
     name: Name = ""
     source: CheckpointSource
     inputs: InputsRef
-    layers: Annotated[list[Annotated[str, Field(max_length=64)]], Field(max_length=512)] \
-        | None = None
+    layers: Layers = None
     dtype: Literal["float32", "float16"] = "float32"
     pool: PoolRequest | None = None
     png: bool = True
     device: Device = "auto"
     max_attempts: Annotated[int, Field(ge=1, le=20)] | None = None
     timeout: Timeout = None
+    priority: Priority = DEFAULT_PRIORITY
 
 
-JobRequest = Annotated[TrainJobRequest | FeatureMapsJobRequest, Field(discriminator="kind")]
+MAX_MAGNITUDES = 32
+
+
+Magnitudes = Field(min_length=1, max_length=MAX_MAGNITUDES)
+Pixels = Annotated[int, Field(ge=1, le=4096, strict=True)]
+Degrees = Annotated[float, Field(gt=0, le=180, allow_inf_nan=False)]
+Factor = Annotated[float, Field(gt=0, le=64, allow_inf_nan=False)]
+
+
+class TransformsRequest(BaseModel):
+    """The magnitudes to measure per family (docs/invariance.md defines each transform); a
+    family left out is not measured. Translations are whole pixels (JSON integers)."""
+
+    model_config = ConfigDict(extra="forbid")
+    translate: Annotated[list[Pixels], Magnitudes] | None = None
+    rotate: Annotated[list[Degrees], Magnitudes] | None = None
+    scale: Annotated[list[Factor], Magnitudes] | None = None
+
+
+class InvarianceJobRequest(BaseModel):
+    """How much each layer's maps change when the inputs are translated, rotated or scaled;
+    `source`, `inputs` and `layers` as in a feature-map job."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["invariance"]
+    name: Name = ""
+    source: CheckpointSource
+    inputs: InputsRef
+    layers: Layers = None
+    transforms: TransformsRequest
+    device: Device = "auto"
+    max_attempts: Annotated[int, Field(ge=1, le=20)] | None = None
+    timeout: Timeout = None
+    priority: Priority = DEFAULT_PRIORITY
+
+
+# the requests whose model and inputs are resolved the same way (api/feature_maps.py)
+SourcedRequest = FeatureMapsJobRequest | InvarianceJobRequest
+JobRequest = Annotated[TrainJobRequest | FeatureMapsJobRequest | InvarianceJobRequest,
+                       Field(discriminator="kind")]
 
 
 def dump(request: BaseModel) -> dict[str, Any]:
@@ -154,3 +228,17 @@ class FeatureMapPlan(BaseModel):
     layers: list[str]  # layer names, in model order
     estimated_bytes: int
     estimated_bytes_unpooled: int
+
+
+TRANSFORM_FAMILIES = ("translate", "rotate", "scale")
+
+
+class InvariancePlan(BaseModel):
+    """What the API resolved for an invariance job, in its summary under "invariance"."""
+
+    source: PlanSource
+    inputs: DatasetInputs | UploadedInputs
+    layers: list[str]  # layer names, in model order
+    # family -> magnitudes, ascending; only the families asked for
+    transforms: dict[str, list[int | float]]  # translations in whole pixels
+    forward_passes: int  # per input: the original and every transformed copy

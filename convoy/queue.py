@@ -3,13 +3,74 @@ the worker (worker/app.py) adds the tasks. JSON only, never pickle."""
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 from celery import Celery
 
+from convoy.jobspec import DEFAULT_PRIORITY
 from convoy.settings import Settings
 
 TRAIN_TASK = "convoy.train"
 FEATURE_MAPS_TASK = "convoy.feature_maps"
-TASK_FOR_KIND = {"train": TRAIN_TASK, "feature_maps": FEATURE_MAPS_TASK}
+INVARIANCE_TASK = "convoy.invariance"
+TASK_FOR_KIND = {"train": TRAIN_TASK, "feature_maps": FEATURE_MAPS_TASK,
+                 "invariance": INVARIANCE_TASK}
+
+
+# Redis: one list per priority level (kombu's default is 4 bands, 0/3/6/9), polled in order
+# by every BRPOP, so a waiting message of a higher band is always taken first.
+REDIS_PRIORITY_STEPS = list(range(10))
+# The embedded (SQLAlchemy) broker: how many waiting messages a poll looks at for the most
+# urgent one.
+SQL_PRIORITY_SCAN = 1000
+
+
+def broker_priority(broker_url: str, priority: int) -> int:
+    """The message priority for a job priority (0..9, 9 most urgent). kombu's Redis transport
+    serves priority 0 first, so it is reversed there; the embedded broker (and AMQP) take
+    the higher number first."""
+    return 9 - priority if broker_url.startswith(("redis://", "rediss://")) else priority
+
+
+def _message_priority(payload: Any) -> int:
+    try:
+        value = json.loads(payload)["properties"].get("priority") or 0
+        return int(value) if isinstance(value, int | float) else 0
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return 0
+
+
+def _prioritised_sqla_channel() -> Any:
+    """kombu's SQLAlchemy channel, taking the most urgent of the first SQL_PRIORITY_SCAN
+    waiting messages (oldest first among equals) instead of the oldest one: that transport
+    has no priorities of its own."""
+    from kombu.transport import sqlalchemy as kombu_sqla
+    from kombu.transport.virtual import Empty
+    from kombu.utils.encoding import bytes_to_str
+    from sqlalchemy import text
+
+    class PriorityChannel(kombu_sqla.Channel):
+        def _get(self, queue: Any, timeout: Any = None) -> Any:
+            obj = self._get_or_create(queue)
+            if self.session.bind.name == "sqlite":
+                self.session.execute(text("BEGIN IMMEDIATE TRANSACTION"))
+            try:
+                rows = (self.session.query(self.message_cls).with_for_update()
+                        .filter(self.message_cls.queue_id == obj.id)
+                        .filter(self.message_cls.visible != False)  # noqa: E712 - SQL
+                        .order_by(self.message_cls.sent_at).order_by(self.message_cls.id)
+                        .limit(SQL_PRIORITY_SCAN).all())
+                if not rows:
+                    raise Empty()
+                best = max(enumerate(rows), key=lambda r: (
+                    _message_priority(bytes_to_str(r[1].payload)), -r[0]))[1]
+                best.visible = False
+                return json.loads(bytes_to_str(best.payload))
+            finally:
+                self.session.commit()
+
+    return PriorityChannel
 
 
 def make_celery(settings: Settings, *, include: list[str] | None = None) -> Celery:
@@ -18,13 +79,16 @@ def make_celery(settings: Settings, *, include: list[str] | None = None) -> Cele
         # Longer than any job: Redis would hand an unacked long job to a second worker
         # after the default hour (the lease still makes that a no-op).
         "visibility_timeout": settings.visibility_timeout_seconds,
+        "priority_steps": REDIS_PRIORITY_STEPS,
     }
     if settings.broker_url.startswith("sqla+"):
         from kombu.transport import sqlalchemy as kombu_sqla
 
         # This transport hands every transport option to create_engine, so the polling
-        # interval (1 s by default: slow dispatch) can only be set on the class.
+        # interval (1 s by default: slow dispatch) and the channel can only be set on the
+        # class.
         kombu_sqla.Transport.polling_interval = settings.broker_polling_interval
+        kombu_sqla.Transport.Channel = _prioritised_sqla_channel()
         transport_options = {"connect_args": {"timeout": 30}}
     app.conf.update(
         task_serializer="json",
@@ -80,7 +144,10 @@ def all_queues(queue: str, *, max_devices: int) -> list[str]:
 
 
 def enqueue(app: Celery, *, kind: str, job_id: str, device: str | None = None,
-            devices: int = 1, countdown: float | None = None) -> None:
-    """Send the job's message (its id only) to the queue its device (and count) asks for."""
+            devices: int = 1, countdown: float | None = None,
+            priority: int = DEFAULT_PRIORITY) -> None:
+    """Send the job's message (its id only) to the queue its device (and device count) asks
+    for, with the job's priority (0..9, 9 most urgent) in the broker's terms."""
     app.send_task(TASK_FOR_KIND[kind], args=[job_id], countdown=countdown,
-                  queue=queue_for(app.conf.task_default_queue, device, devices))
+                  queue=queue_for(app.conf.task_default_queue, device, devices),
+                  priority=broker_priority(str(app.conf.broker_url or ""), priority))

@@ -6,12 +6,12 @@ from __future__ import annotations
 import base64
 import json
 
-from convoy.queue import all_queues
+from convoy.queue import REDIS_PRIORITY_STEPS, all_queues
 from convoy.settings import Settings
 
-# kombu's Redis transport keeps one list per priority step: "q", "q\x06\x163", ...
+# kombu's Redis transport keeps one list per priority step: "q", "q\x06\x161", ...
+# (convoy.queue sets the steps to 0..9)
 REDIS_PRIORITY_SEP = "\x06\x16"
-REDIS_PRIORITY_STEPS = (0, 3, 6, 9)
 
 
 def job_id_of(raw: bytes | str) -> str | None:

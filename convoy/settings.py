@@ -22,7 +22,15 @@ class Settings(BaseSettings):
     port: int = 8000
     database_url: str = ""  # default: SQLite file in home
     broker_url: str = ""  # default: kombu's SQLAlchemy transport over SQLite in home
-    artifact_root: Path | None = None  # default: home/artifacts
+    # A local folder (default: home/artifacts) or s3://BUCKET/PREFIX (an S3-compatible bucket;
+    # credentials and region from the standard AWS variables).
+    artifact_root: str = ""
+    s3_endpoint_url: str = ""  # a server other than AWS (SeaweedFS, MinIO...)
+    # Downloads answer 302 to a presigned URL valid this long, instead of streaming.
+    s3_presigned_downloads: bool = False
+    s3_presigned_seconds: Annotated[int, Field(ge=1, le=7 * 24 * 3600)] = 300
+    # Objects at least this large are written as multipart uploads of parts this size.
+    s3_multipart_bytes: Annotated[int, Field(ge=5 * 1024 * 1024)] = 8 * 1024 * 1024
     queue: str = "convoy"
     # Whether `convoy worker` also reads the GPU queue (jobs with device "cuda"); unset: when
     # the worker has a CUDA device. The embedded worker always reads it.
@@ -71,6 +79,10 @@ class Settings(BaseSettings):
     # An uploaded .npz's arrays once unpacked (x counted as float32): checked from the archive's
     # and the arrays' headers before anything is decompressed.
     max_dataset_bytes: int = 512 * 1024 * 1024
+    # Image-folder archives (.zip, .tar, .tar.gz): most members, most bytes they unpack to
+    # (summed, counted while reading: a gzip or zip bomb stops at the cap).
+    max_archive_members: Annotated[int, Field(ge=1)] = 200_000
+    max_archive_bytes: Annotated[int, Field(ge=1)] = 512 * 1024 * 1024
     max_json_map_values: int = 100_000
     # Enforced when a worker claims a job: past it the job stays queued and its message is
     # sent again after tenant_defer_seconds, so the worker serves other tenants meanwhile.
@@ -148,17 +160,22 @@ class Settings(BaseSettings):
             self.database_url = f"sqlite:///{home / 'convoy.db'}"
         if not self.broker_url:
             self.broker_url = f"sqla+sqlite:///{home / 'broker.db'}"
-        if self.artifact_root is None:
-            self.artifact_root = home / "artifacts"
+        if not self.artifact_root:
+            self.artifact_root = str(home / "artifacts")
         if self.token_file is None:
             self.token_file = home / "admin-token"
         return self
 
     @property
+    def artifacts_in_s3(self) -> bool:
+        return self.artifact_root.startswith("s3://")
+
+    @property
     def artifacts_dir(self) -> Path:
-        """artifact_root, always set once the settings are made (default: home/artifacts)."""
-        assert self.artifact_root is not None, "set by _defaults_from_home"
-        return self.artifact_root
+        """The local artifact folder (ValueError when the store is a bucket)."""
+        if self.artifacts_in_s3:
+            raise ValueError(f"the artifact root is a bucket ({self.artifact_root}), not a folder")
+        return Path(self.artifact_root)
 
 
 @lru_cache

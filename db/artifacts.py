@@ -88,7 +88,9 @@ def find(session: Session, *, job_id: str, tenant: str, kind: str, name: str
 
 def find_by_prefix(session: Session, *, job_id: str, tenant: str, kind: str, prefix: str
                    ) -> Artifact | None:
-    """The first of the job's rows of that kind whose name starts with `prefix`."""
+    """The first of the job's rows of that kind whose name starts with `prefix` and has no
+    `/` after it (a top-level layer, not one inside a residual block)."""
     return session.scalars(select(Artifact).where(
         Artifact.job_id == job_id, Artifact.tenant == tenant, Artifact.kind == kind,
-        Artifact.name.startswith(prefix))).first()
+        Artifact.name.startswith(prefix, autoescape=True),
+        ~Artifact.name.contains("/", autoescape=True))).first()

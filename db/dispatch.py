@@ -4,7 +4,9 @@ message may be lost), where a job's message goes, and when it was last sent."""
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
@@ -52,6 +54,22 @@ def count_queued(session: Session) -> int:
                           .where(Job.state == JobState.QUEUED)) or 0
 
 
+@dataclass(frozen=True)
+class Route:
+    """What a job's message is sent as (kind), where (the device and the device count decide
+    the queue: convoy.queue.queue_for) and with what priority (0..9)."""
+    kind: str
+    device: str | None
+    priority: int
+    devices: int = 1
+
+
+def _priority(request: dict[str, Any] | None) -> int:
+    value = (request or {}).get("priority")
+    # jobs submitted before priorities existed have none: the default, 5
+    return value if type(value) is int and 0 <= value <= 9 else 5
+
+
 def devices_of(request: dict[str, object] | None) -> int:
     """The device count a stored train request asks for (resources.devices; 1 by default)."""
     resources = (request or {}).get("resources")
@@ -59,15 +77,14 @@ def devices_of(request: dict[str, object] | None) -> int:
     return count if isinstance(count, int) and count >= 1 else 1
 
 
-def routes_of(session: Session, *, job_ids: Iterable[str]
-              ) -> dict[str, tuple[str, str | None, int]]:
-    """id -> (kind, device asked for, device count): what a message for the job is sent as,
-    and what decides its queue (convoy.queue.queue_for)."""
+def routes_of(session: Session, *, job_ids: Iterable[str]) -> dict[str, Route]:
+    """id -> Route: everything a message for the job needs, read from its request."""
     ids = list(job_ids)
     if not ids:
         return {}
     rows = session.execute(select(Job.id, Job.kind, Job.request).where(Job.id.in_(ids)))
-    return {i: (kind, (request or {}).get("device"), devices_of(request))
+    return {i: Route(kind, (request or {}).get("device"), _priority(request),
+                     devices_of(request))
             for i, kind, request in rows}
 
 

@@ -12,6 +12,7 @@ from models.spec import (
     AdaptiveAvgPool2d,
     AvgPool2d,
     BatchNorm2d,
+    BlockLayer,
     Conv2d,
     Dropout,
     Flatten,
@@ -20,11 +21,40 @@ from models.spec import (
     Linear,
     MaxPool2d,
     ModelSpec,
+    Residual,
     pair,
 )
 
 
-def build_layer(layer: Layer, in_shape: tuple[int, ...]) -> nn.Module:
+class ResidualBlock(nn.Module):
+    """y = layers(x) + shortcut(x); parameters are named `layers.{j}.*` after the inner
+    layer's index and `shortcut.0.*` (the 1x1 convolution), `shortcut.1.*` (its batch norm)."""
+
+    def __init__(self, block: Residual, row: dict[str, Any]) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(
+            build_layer(layer, tuple(inner["input_shape"]))
+            for layer, inner in zip(block.layers, row["layers"], strict=True))
+        shortcut = row["shortcut"]
+        if shortcut["type"] == "projection":
+            c_in, c_out = row["input_shape"][0], row["output_shape"][0]
+            bn = bool(shortcut["batchnorm"])
+            parts: list[nn.Module] = [nn.Conv2d(c_in, c_out, 1, stride=tuple(shortcut["stride"]),
+                                                bias=not bn)]
+            if bn:
+                parts.append(nn.BatchNorm2d(c_out))
+            self.shortcut: nn.Module = nn.Sequential(*parts)
+        else:
+            self.shortcut = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x
+        for layer in self.layers:
+            y = layer(y)
+        return y + self.shortcut(x)
+
+
+def build_layer(layer: Layer | BlockLayer, in_shape: tuple[int, ...]) -> nn.Module:
     if isinstance(layer, Conv2d):
         return nn.Conv2d(in_shape[0], layer.out_channels, pair(layer.kernel_size),
                          stride=pair(layer.stride), padding=pair(layer.padding),
@@ -59,7 +89,8 @@ class ConvNet(nn.Module):
         super().__init__()
         self.spec = spec
         self.layers = nn.ModuleList(
-            build_layer(layer, tuple(row["input_shape"]))
+            ResidualBlock(layer, row) if isinstance(layer, Residual)
+            else build_layer(layer, tuple(row["input_shape"]))
             for layer, row in zip(spec.layers, summary["layers"], strict=True)
         )
 

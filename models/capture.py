@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.build import ResidualBlock
 from models.pooling import pool_window
 
 
@@ -70,23 +71,65 @@ def extra_pool(t: torch.Tensor, pool: dict[str, Any] | None) -> torch.Tensor:
     return out
 
 
+def forward_layers(model: nn.Module) -> list[nn.Module]:
+    """The model's layers in forward order, as capture() numbers them: a residual block's
+    inner layers, then the block itself (its output is the sum)."""
+    layers = model.layers
+    assert isinstance(layers, nn.ModuleList), "a models.build.ConvNet"
+    found: list[nn.Module] = []
+    for layer in layers:
+        if isinstance(layer, ResidualBlock):
+            found.extend(layer.layers)
+        found.append(layer)
+    return found
+
+
 def capture(model: nn.Module, x: torch.Tensor, wanted: Sequence[int],
-            pool: dict[str, Any] | None = None) -> dict[int, Captured]:
-    """The outputs of the layers in `wanted` for the batch `x`; layers after the last one
-    wanted are not run."""
+            pool: dict[str, Any] | None = None, *, argmax: bool = True) -> dict[int, Captured]:
+    """The outputs of the layers in `wanted` for the batch `x` (with the max-pooling argmax
+    unless `argmax` is False); layers after the last one wanted are not run. A layer is its
+    position in forward order (models.spec.named_rows: a residual block's inner layers come
+    before the block, whose output is the sum), which is the spec's index for a model
+    without blocks."""
     wanted_set, last = set(wanted), max(wanted)
     out: dict[int, Captured] = {}
     layers = model.layers
     assert isinstance(layers, nn.ModuleList), "a models.build.ConvNet"
-    for i, layer in enumerate(layers):
-        if i > last:
-            break
-        argmax = None
-        if i in wanted_set and isinstance(layer, nn.MaxPool2d):
-            y, argmax = max_pool_with_argmax(x, layer)
+    position = 0
+
+    def run(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        nonlocal position
+        i, where = position, None
+        position += 1
+        if argmax and i in wanted_set and isinstance(layer, nn.MaxPool2d):
+            y, where = max_pool_with_argmax(x, layer)
         else:
             y = layer(x)
         if i in wanted_set:
-            out[i] = Captured(i, extra_pool(y, pool), argmax)
-        x = y
+            out[i] = Captured(i, extra_pool(y, pool), where)
+        return y
+
+    for layer in layers:
+        if position > last:
+            break
+        if isinstance(layer, ResidualBlock):
+            y = x
+            for inner in layer.layers:
+                if position > last:
+                    return out
+                y = run(inner, y)
+            x = run(_Sum(layer.shortcut(x)), y)
+        else:
+            x = run(layer, x)
     return out
+
+
+class _Sum(nn.Module):
+    """A residual block's last step: its layers' output plus the shortcut."""
+
+    def __init__(self, shortcut: torch.Tensor) -> None:
+        super().__init__()
+        self.shortcut = shortcut
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return y + self.shortcut

@@ -1,5 +1,5 @@
 """Named specs: `{"preset": "lenet5"}` (the published LeNet-5, 1x32x32), `"lenet5-padded"`
-and `"vgg-small"`, sized to any input that fits; and
+`"vgg-small"` and `"resnet-small"`, sized to any input that fits; and
 `digits_cnn()`, the small CNN on scikit-learn's 8x8 digits that the worker's warm-up, the
 benches and the tests share (a spec to pass, not a preset name the API accepts)."""
 
@@ -66,10 +66,38 @@ def vgg_small(num_classes: int) -> list[dict[str, Any]]:
     return layers
 
 
+def _basic_block(width: int, stride: int, projection: bool) -> dict[str, Any]:
+    conv = {"type": "conv2d", "out_channels": width, "kernel_size": 3, "padding": 1,
+            "bias": False}
+    return {"type": "residual", "shortcut": "projection" if projection else "identity",
+            "layers": [{**conv, "stride": stride}, {"type": "batchnorm2d"}, {"type": "relu"},
+                       conv, {"type": "batchnorm2d"}]}
+
+
+def resnet_small(num_classes: int) -> list[dict[str, Any]]:
+    """A CIFAR-style ResNet (He et al. 2016, section 4.2, with n = 2: 14 weighted layers):
+    a 3x3 convolution of 16 filters, then 3 stages of 2 basic blocks (two 3x3 convolutions
+    with batch norm, ReLU after the sum) of 16, 32 and 64 filters, the 2nd and 3rd stage
+    halving the map with a stride-2 first convolution and a projection shortcut (the paper's
+    option B: 1x1 convolution + batch norm), global average pooling and a linear layer.
+    175,258 parameters with 10 classes."""
+    layers: list[dict[str, Any]] = [
+        {"type": "conv2d", "out_channels": 16, "kernel_size": 3, "padding": 1, "bias": False},
+        {"type": "batchnorm2d"}, {"type": "relu"}]
+    for stage, width in enumerate((16, 32, 64)):
+        for block in range(2):
+            down = stage > 0 and block == 0
+            layers += [_basic_block(width, 2 if down else 1, down), {"type": "relu"}]
+    layers += [{"type": "adaptive_avgpool2d", "output_size": 1}, {"type": "flatten"},
+               {"type": "linear", "out_features": num_classes}]
+    return layers
+
+
 PRESETS = {
     "lenet5": (lenet5, [1, 32, 32]),
     "lenet5-padded": (lenet5_padded, [1, 28, 28]),
     "vgg-small": (vgg_small, [3, 32, 32]),
+    "resnet-small": (resnet_small, [3, 32, 32]),
 }
 
 

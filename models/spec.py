@@ -7,6 +7,8 @@ Shapes follow torch's own formulas exactly (tests/models/test_spec_matches_torch
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, GetJsonSchemaHandler, model_validator
@@ -104,14 +106,39 @@ class Linear(_Layer):
     bias: bool = True
 
 
+# What a residual block may hold: layers that keep a [C, H, W] map (no flatten or linear,
+# and no block inside a block).
+BlockLayer = Annotated[
+    Conv2d | MaxPool2d | AvgPool2d | AdaptiveAvgPool2d | ReLU | LeakyReLU | GELU | Tanh
+    | Sigmoid | BatchNorm2d | Dropout,
+    Field(discriminator="type"),
+]
+
+
+class Residual(_Layer):
+    """y = layers(x) + shortcut(x). `identity` adds x itself (the block must keep its shape);
+    `projection` adds a 1x1 convolution of x with the block's stride (the product of its
+    layers' strides) to the block's output channels, followed by batch norm when the block
+    has a batchnorm2d layer (and then the 1x1 convolution has no bias). Put the activation
+    that follows the sum (ResNet's ReLU) after the block."""
+
+    type: Literal["residual"]
+    layers: Annotated[list[BlockLayer], Field(min_length=1, max_length=64)]
+    shortcut: Literal["identity", "projection"] = "identity"
+
+    @property
+    def projection_bn(self) -> bool:
+        return any(inner.type == "batchnorm2d" for inner in self.layers)
+
+
 Layer = Annotated[
     Conv2d | MaxPool2d | AvgPool2d | AdaptiveAvgPool2d | ReLU | LeakyReLU | GELU | Tanh
-    | Sigmoid | BatchNorm2d | Dropout | Flatten | Linear,
+    | Sigmoid | BatchNorm2d | Dropout | Flatten | Linear | Residual,
     Field(discriminator="type"),
 ]
 LAYER_TYPES = (
     "conv2d", "maxpool2d", "avgpool2d", "adaptive_avgpool2d", "relu", "leaky_relu", "gelu",
-    "tanh", "sigmoid", "batchnorm2d", "dropout", "flatten", "linear",
+    "tanh", "sigmoid", "batchnorm2d", "dropout", "flatten", "linear", "residual",
 )
 ACTIVATIONS = ("relu", "leaky_relu", "gelu", "tanh", "sigmoid")
 POOLS = ("maxpool2d", "avgpool2d", "adaptive_avgpool2d")
@@ -166,13 +193,43 @@ class ModelSpec(BaseModel):
 
 
 class SpecError(ValueError):
-    """An invalid spec, naming the layer index and the reason."""
+    """An invalid spec, naming the layer index and the reason. A layer inside a residual
+    block has `inner` set to its index in the block (`index` is the block's)."""
 
-    def __init__(self, index: int | None, layer_type: str | None, reason: str) -> None:
+    def __init__(self, index: int | None, layer_type: str | None, reason: str,
+                 inner: tuple[int, str] | None = None) -> None:
         where = f"layer {index} ({layer_type})" if index is not None else "model"
+        if inner is not None:
+            where += f" layer {inner[0]} ({inner[1]})"
         super().__init__(f"{where}: {reason}")
         self.index = index
+        self.inner = inner[0] if inner is not None else None
         self.reason = reason
+
+
+def layer_count(spec: ModelSpec) -> int:
+    """Every layer of the spec, those inside residual blocks included."""
+    return sum(1 + (len(layer.layers) if isinstance(layer, Residual) else 0)
+               for layer in spec.layers)
+
+
+def layer_path(index: int, layer_type: str, parent: str | None = None) -> str:
+    """A layer's name: `{index}-{type}`, and `{block}/{index}-{type}` inside a residual
+    block (`3-residual/1-conv2d`). Feature-map and invariance jobs name layers by it."""
+    name = f"{index}-{layer_type}"
+    return f"{parent}/{name}" if parent else name
+
+
+def named_rows(summary: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """Every layer's (name, summary row) in the order the forward pass computes them: a
+    block's inner layers, then the block itself (its output is the sum)."""
+    out: list[tuple[str, dict[str, Any]]] = []
+    for row in summary["layers"]:
+        name = layer_path(row["index"], row["type"])
+        for inner in row.get("layers") or ():
+            out.append((layer_path(inner["index"], inner["type"], name), inner))
+        out.append((name, row))
+    return out
 
 
 def _window_out(size: int, kernel: int, stride: int, pad: int, dilation: int, ceil: bool) -> int:
@@ -208,15 +265,175 @@ def _mix_all(rf: tuple[int, int], before: tuple[int, int], after: tuple[int, int
             input_shape[2] if before[1] > 1 and after[1] == 1 else rf[1])
 
 
+@dataclass
+class _State:
+    """What inference carries from one layer to the next."""
+    shape: Shape
+    rf: tuple[int, int]
+    jump: tuple[int, int]
+    # the [H, W] positions a flat vector's features came from (1, 1 once a linear mixed them)
+    positions: tuple[int, int]
+
+
+def _row(index: int, layer: Any, before: _State, after: _State, params: int,
+         flops: int) -> dict[str, Any]:
+    out_numel = math.prod(after.shape)
+    fc_equivalent = math.prod(before.shape) * out_numel + out_numel
+    return {
+        "index": index,
+        "type": layer.type,
+        "input_shape": list(before.shape),
+        "output_shape": list(after.shape),
+        "params": params,
+        "receptive_field": list(after.rf),
+        "jump": list(after.jump),
+        "flops": flops,
+        "fc_equivalent_params": fc_equivalent if layer.type in ("conv2d", "linear") else None,
+    }
+
+
+def _plain(layer: Any, st: _State, input_shape: list[int],
+           fail: Callable[[str], SpecError]) -> tuple[_State, int, int]:
+    """One layer that is not a block: the state after it, its parameters and FLOPs."""
+    shape, rf, jump, positions = st.shape, st.rf, st.jump, st.positions
+    params = flops = 0
+    spatial = len(shape) == 3
+    needs_map = layer.type in (*POOLS, "conv2d", "batchnorm2d")
+    if needs_map and not spatial:
+        raise fail(f"needs a [C, H, W] input but gets the flat vector {list(shape)}; "
+                   "put it before flatten")
+    if layer.type in ("conv2d", "maxpool2d", "avgpool2d"):
+        c, h, w = shape
+        k = pair(layer.kernel_size)
+        stride_raw = layer.stride if layer.stride is not None else layer.kernel_size
+        s = pair(stride_raw)
+        p = pair(layer.padding)
+        d = pair(getattr(layer, "dilation", 1))
+        ceil = bool(getattr(layer, "ceil_mode", False))
+        for axis, size in enumerate((h, w)):
+            if layer.type != "conv2d" and p[axis] > k[axis] // 2:
+                raise fail(f"padding {p[axis]} must be at most half the kernel size {k[axis]}")
+            window = d[axis] * (k[axis] - 1) + 1
+            # with ceil_mode a pooling window may overhang the padded input (torch allows it
+            # as long as one window starts inside), so the output size is the test
+            if _window_out(size, k[axis], s[axis], p[axis], d[axis], ceil) < 1:
+                raise fail(f"window {window} is larger than its padded input "
+                           f"{size + 2 * p[axis]} (input {h}x{w}, padding {p[axis]}), so "
+                           "its output would shrink to zero")
+        oh = _window_out(h, k[0], s[0], p[0], d[0], ceil)
+        ow = _window_out(w, k[1], s[1], p[1], d[1], ceil)
+        if layer.type == "conv2d":
+            if c % layer.groups or layer.out_channels % layer.groups:
+                raise fail(f"groups {layer.groups} must divide in_channels {c} and "
+                           f"out_channels {layer.out_channels}")
+            per_out = (c // layer.groups) * k[0] * k[1]
+            params = layer.out_channels * per_out + (layer.out_channels if layer.bias else 0)
+            out: Shape = (layer.out_channels, oh, ow)
+            flops = 2 * per_out * math.prod(out)
+        else:
+            out = (c, oh, ow)
+            flops = k[0] * k[1] * math.prod(out)
+        span = (d[0] * (k[0] - 1) + 1, d[1] * (k[1] - 1) + 1)
+        rf = (rf[0] + (span[0] - 1) * jump[0], rf[1] + (span[1] - 1) * jump[1])
+        jump = (jump[0] * s[0], jump[1] * s[1])
+    elif layer.type == "adaptive_avgpool2d":
+        c, h, w = shape
+        oh, ow = pair(layer.output_size)
+        (kh, sh), (kw, sw) = _adaptive_windows(h, oh), _adaptive_windows(w, ow)
+        out = (c, oh, ow)
+        flops = h * w * c
+        rf = (rf[0] + (kh - 1) * jump[0], rf[1] + (kw - 1) * jump[1])
+        jump = (jump[0] * sh, jump[1] * sw)
+        # pooling an axis to 1 mixes all its positions: the unit sees the whole input there
+        rf = _mix_all(rf, (h, w), (oh, ow), input_shape)
+    elif layer.type == "batchnorm2d":
+        out = shape
+        params = 2 * shape[0]
+        flops = 2 * math.prod(shape)
+    elif layer.type == "flatten":
+        # a flattened feature is still one unit of the map before it: same field
+        out = (math.prod(shape),)
+        if spatial:
+            positions = (shape[1], shape[2])
+    elif layer.type == "linear":
+        if spatial:
+            raise fail(f"needs a flat input but gets {list(shape)}; put a flatten (or an "
+                       "adaptive_avgpool2d and a flatten) before it")
+        # the first linear layer after flatten mixes every position of the flattened map
+        rf = _mix_all(rf, positions, (1, 1), input_shape)
+        positions = (1, 1)
+        (features,) = shape
+        params = features * layer.out_features + (layer.out_features if layer.bias else 0)
+        out = (layer.out_features,)
+        flops = 2 * features * layer.out_features
+    else:  # activations and dropout keep the shape
+        out = shape
+        flops = math.prod(shape) if layer.type in ACTIVATIONS else 0
+    return _State(out, rf, jump, positions), params, flops
+
+
+def _residual(index: int, block: Residual, st: _State, input_shape: list[int],
+              max_side: int | None
+              ) -> tuple[_State, int, int, list[dict[str, Any]], dict[str, Any]]:
+    """A residual block: the state after the sum, parameters, FLOPs, its inner rows and its
+    shortcut (`{"type", "stride", "batchnorm", "params"}`)."""
+    if len(st.shape) != 3:
+        raise SpecError(index, "residual", f"needs a [C, H, W] input but gets the flat "
+                                           f"vector {list(st.shape)}; put it before flatten")
+    inner_rows: list[dict[str, Any]] = []
+    cur, params, flops = st, 0, 0
+    for j, layer in enumerate(block.layers):
+        def fail(reason: str, _j: int = j, _t: str = layer.type) -> SpecError:
+            return SpecError(index, "residual", reason, inner=(_j, _t))
+
+        nxt, p, f = _plain(layer, cur, input_shape, fail)
+        _check_side(nxt.shape, max_side, fail)
+        inner_rows.append(_row(j, layer, cur, nxt, p, f))
+        params, flops, cur = params + p, flops + f, nxt
+    c_in, h, w = st.shape
+    c_out, oh, ow = cur.shape
+    rf = cur.rf
+    shortcut: dict[str, Any] = {"type": block.shortcut}
+    if block.shortcut == "identity":
+        if cur.shape != st.shape:
+            raise SpecError(index, "residual", f"an identity shortcut needs the block to keep "
+                                               f"its shape {list(st.shape)}, but its layers "
+                                               f"output {list(cur.shape)}; use \"shortcut\": "
+                                               "\"projection\"")
+    else:
+        # the block's stride: how far apart its output units are in its input
+        sh, sw = cur.jump[0] // st.jump[0], cur.jump[1] // st.jump[1]
+        if sh < 1 or sw < 1 or ((h - 1) // sh + 1, (w - 1) // sw + 1) != (oh, ow):
+            raise SpecError(index, "residual", f"the projection shortcut (a 1x1 convolution "
+                                               f"with the block's stride {[sh, sw]}) maps "
+                                               f"{h}x{w} to {(h - 1) // max(sh, 1) + 1}x"
+                                               f"{(w - 1) // max(sw, 1) + 1}, but the block's "
+                                               f"layers output {oh}x{ow}")
+        bn = block.projection_bn
+        own = c_in * c_out + (2 * c_out if bn else c_out)
+        shortcut.update(stride=[sh, sw], batchnorm=bn, params=own)
+        params += own
+        flops += 2 * c_in * c_out * oh * ow + (2 * c_out * oh * ow if bn else 0)
+        # a 1x1 window adds nothing to the field: the sum sees what the main path saw
+    flops += c_out * oh * ow  # the sum
+    return (_State(cur.shape, rf, cur.jump, st.positions), params, flops, inner_rows,
+            shortcut)
+
+
+def _check_side(shape: Shape, max_side: int | None, fail: Callable[[str], SpecError]) -> None:
+    if max_side is not None and len(shape) == 3 and max(shape[1], shape[2]) > max_side:
+        raise fail(f"output {shape[1]}x{shape[2]} exceeds the limit max_feature_side="
+                   f"{max_side}")
+
+
 def infer(spec: ModelSpec, *, max_side: int | None = None) -> dict[str, Any]:
     """Each layer's output shape, parameters, receptive field, jump and FLOPs, and totals.
-    Raises SpecError for a layer that cannot take its input, or (with `max_side`) whose
-    output map is larger than max_side on a side. Costs O(layers)."""
-    shape: Shape = tuple(spec.input_shape)
-    in_numel = math.prod(shape)
-    rf, jump = (1, 1), (1, 1)
-    # the [H, W] positions a flat vector's features came from (1, 1 once a linear mixed them)
-    positions = (1, 1)
+    A residual block's row holds its inner layers' rows under `layers` and counts their
+    parameters and FLOPs (plus its projection's and the sum's). Raises SpecError for a
+    layer that cannot take its input, or (with `max_side`) whose output map is larger than
+    max_side on a side. Costs O(layers)."""
+    state = _State(tuple(spec.input_shape), (1, 1), (1, 1), (1, 1))
+    in_numel = math.prod(state.shape)
     rows: list[dict[str, Any]] = []
     total_params = total_flops = act_numel = 0
     for index, layer in enumerate(spec.layers):
@@ -224,99 +441,24 @@ def infer(spec: ModelSpec, *, max_side: int | None = None) -> dict[str, Any]:
         def fail(reason: str, _i: int = index, _t: str = layer.type) -> SpecError:
             return SpecError(_i, _t, reason)
 
-        params = flops = 0
-        spatial = len(shape) == 3
-        needs_map = layer.type in (*POOLS, "conv2d", "batchnorm2d")
-        if needs_map and not spatial:
-            raise fail(f"needs a [C, H, W] input but gets the flat vector {list(shape)}; "
-                       "put it before flatten")
-        if layer.type in ("conv2d", "maxpool2d", "avgpool2d"):
-            c, h, w = shape
-            k = pair(layer.kernel_size)
-            stride_raw = layer.stride if layer.stride is not None else layer.kernel_size
-            s = pair(stride_raw)
-            p = pair(layer.padding)
-            d = pair(getattr(layer, "dilation", 1))
-            ceil = bool(getattr(layer, "ceil_mode", False))
-            for axis, size in enumerate((h, w)):
-                if layer.type != "conv2d" and p[axis] > k[axis] // 2:
-                    raise fail(f"padding {p[axis]} must be at most half the kernel size {k[axis]}")
-                window = d[axis] * (k[axis] - 1) + 1
-                # with ceil_mode a pooling window may overhang the padded input (torch allows it
-                # as long as one window starts inside), so the output size is the test
-                if _window_out(size, k[axis], s[axis], p[axis], d[axis], ceil) < 1:
-                    raise fail(f"window {window} is larger than its padded input "
-                               f"{size + 2 * p[axis]} (input {h}x{w}, padding {p[axis]}), so "
-                               "its output would shrink to zero")
-            oh = _window_out(h, k[0], s[0], p[0], d[0], ceil)
-            ow = _window_out(w, k[1], s[1], p[1], d[1], ceil)
-            if layer.type == "conv2d":
-                if c % layer.groups or layer.out_channels % layer.groups:
-                    raise fail(f"groups {layer.groups} must divide in_channels {c} and "
-                               f"out_channels {layer.out_channels}")
-                per_out = (c // layer.groups) * k[0] * k[1]
-                params = layer.out_channels * per_out + (layer.out_channels if layer.bias else 0)
-                out: Shape = (layer.out_channels, oh, ow)
-                flops = 2 * per_out * math.prod(out)
-            else:
-                out = (c, oh, ow)
-                flops = k[0] * k[1] * math.prod(out)
-            span = (d[0] * (k[0] - 1) + 1, d[1] * (k[1] - 1) + 1)
-            rf = (rf[0] + (span[0] - 1) * jump[0], rf[1] + (span[1] - 1) * jump[1])
-            jump = (jump[0] * s[0], jump[1] * s[1])
-        elif layer.type == "adaptive_avgpool2d":
-            c, h, w = shape
-            oh, ow = pair(layer.output_size)
-            (kh, sh), (kw, sw) = _adaptive_windows(h, oh), _adaptive_windows(w, ow)
-            out = (c, oh, ow)
-            flops = h * w * c
-            rf = (rf[0] + (kh - 1) * jump[0], rf[1] + (kw - 1) * jump[1])
-            jump = (jump[0] * sh, jump[1] * sw)
-            # pooling an axis to 1 mixes all its positions: the unit sees the whole input there
-            rf = _mix_all(rf, (h, w), (oh, ow), spec.input_shape)
-        elif layer.type == "batchnorm2d":
-            out = shape
-            params = 2 * shape[0]
-            flops = 2 * math.prod(shape)
-        elif layer.type == "flatten":
-            # a flattened feature is still one unit of the map before it: same field
-            out = (math.prod(shape),)
-            if spatial:
-                positions = (shape[1], shape[2])
-        elif layer.type == "linear":
-            if spatial:
-                raise fail(f"needs a flat input but gets {list(shape)}; put a flatten (or an "
-                           "adaptive_avgpool2d and a flatten) before it")
-            # the first linear layer after flatten mixes every position of the flattened map
-            rf = _mix_all(rf, positions, (1, 1), spec.input_shape)
-            positions = (1, 1)
-            (features,) = shape
-            params = features * layer.out_features + (layer.out_features if layer.bias else 0)
-            out = (layer.out_features,)
-            flops = 2 * features * layer.out_features
-        else:  # activations and dropout keep the shape
-            out = shape
-            flops = math.prod(shape) if layer.type in ACTIVATIONS else 0
-        if max_side is not None and len(out) == 3 and max(out[1], out[2]) > max_side:
-            raise fail(f"output {out[1]}x{out[2]} exceeds the limit max_feature_side="
-                       f"{max_side}")
-        out_numel = math.prod(out)
-        fc_equivalent = math.prod(shape) * out_numel + out_numel
-        rows.append({
-            "index": index,
-            "type": layer.type,
-            "input_shape": list(shape),
-            "output_shape": list(out),
-            "params": params,
-            "receptive_field": list(rf),
-            "jump": list(jump),
-            "flops": flops,
-            "fc_equivalent_params": fc_equivalent if layer.type in ("conv2d", "linear") else None,
-        })
+        if isinstance(layer, Residual):
+            after, params, flops, inner, shortcut = _residual(
+                index, layer, state, spec.input_shape, max_side)
+            act_numel += sum(math.prod(r["output_shape"]) for r in inner)
+        else:
+            after, params, flops = _plain(layer, state, spec.input_shape, fail)
+            inner = []
+        _check_side(after.shape, max_side, fail)
+        row = _row(index, layer, state, after, params, flops)
+        if isinstance(layer, Residual):
+            row["layers"] = inner
+            row["shortcut"] = shortcut
+        rows.append(row)
         total_params += params
         total_flops += flops
-        act_numel += out_numel
-        shape = out
+        act_numel += math.prod(after.shape)
+        state = after
+    shape = state.shape
     if spec.num_classes is not None and shape != (spec.num_classes,):
         raise SpecError(len(spec.layers) - 1, spec.layers[-1].type,
                         f"the model outputs {list(shape)} but num_classes is {spec.num_classes}; "

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.s3server import WeedServer
 from tests.services import (
     REDIS,
     Stack,
@@ -43,3 +44,14 @@ def stack(tmp_path_factory: pytest.TempPathFactory, pg_url: str) -> Iterator[Sta
 def client(stack: Stack):  # type: ignore[no-untyped-def]
     with stack.client() as c:
         yield c
+
+
+@pytest.fixture(scope="session")
+def weed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WeedServer]:
+    """One real S3 server (SeaweedFS) per test session, with a bucket made for the tests."""
+    server = WeedServer(tmp_path_factory.mktemp("weed"))
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()

@@ -31,6 +31,17 @@ FIGURES = {
     "bench_feature_maps": [rf"digits-cnn +256 +{NUMBER} +{NUMBER} +{NUMBER} +{NUMBER} \({NUMBER}\)",
                            rf"vgg-small +64 +{NUMBER}",
                            rf"vgg-small x16, max pool 2, no png +{NUMBER}( +{NUMBER}){{8}}"],
+    "bench_invariance": [rf"lenet5 +32 +480 +{NUMBER} +{NUMBER} +{NUMBER} +{NUMBER} \({NUMBER}\)",
+                         rf"(?m)^digits-cnn +32 +{NUMBER}( +{NUMBER}){{4}}$"],
+    "bench_store": [rf"upload +seaweedfs +convoy +{NUMBER} MB/s +obstore +{NUMBER} MB/s +"
+                    rf"ratio convoy/obstore = {NUMBER}",
+                    rf"download +local folder +convoy +{NUMBER} MB/s",
+                    rf"ratio obstore/boto3 up = {NUMBER} down = {NUMBER}",
+                    rf"api download local +API +{NUMBER} MB/s +bare static +{NUMBER} MB/s +"
+                    rf"ratio API/bare = {NUMBER}",
+                    rf"api download seaweedfs +API +{NUMBER} MB/s"],
+    "bench_scenes": [rf"resnet-small +augment=yes +val_accuracy={NUMBER}",
+                     rf"residual - plain \(augment=yes\): [+-]{NUMBER}"],
 }
 
 

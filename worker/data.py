@@ -35,7 +35,9 @@ def load_split(ref: datasets.DigitsRef | datasets.SyntheticRef | datasets.Upload
         upload = uploads.get(session, id=ref.id, tenant=tenant, kind="dataset")
         if upload is None:
             raise LookupError(f"dataset {ref.id} not found")
-        key = upload.key
+        key, presplit = upload.key, bool((upload.meta or {}).get("split"))
     data = get_store(settings).get_bytes(key)
+    if presplit:  # an image folder with its own val/ split
+        return datasets.parse_presplit(data, max_pixels=settings.max_image_pixels)
     x, y = datasets.parse_npz(data, max_pixels=settings.max_image_pixels)
     return datasets.split_uploaded(x, y)

@@ -5,6 +5,7 @@ job's summary, capture the layers in one inference pass, then encode and store e
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,8 +14,8 @@ import torch
 from safetensors.torch import load as load_safetensors
 
 from convoy import inputs
-from convoy.artifacts import CorruptArtifact, LocalStore, get_store, job_key
-from convoy.featuremaps import layer_names
+from convoy.artifacts import ArtifactStore, CorruptArtifact, get_store, job_key
+from convoy.featuremaps import layer_names, layer_rows
 from convoy.jobspec import (
     DatasetInputs,
     FeatureMapPlan,
@@ -35,7 +36,7 @@ from models.spec import ModelSpec
 from worker.control import Progress, Stopped
 from worker.data import load_split, pick_device
 from worker.lease import Lease
-from worker.render import channel_stats, npy_bytes, png_images
+from worker.render import channel_stats, npy_chunks, png_images
 
 BATCH = 256
 
@@ -52,7 +53,7 @@ class Timings:
         return {k: round(v, 4) for k, v in vars(self).items()}
 
 
-def _verified_state(store: LocalStore, row: Artifact | Upload, what: str
+def _verified_state(store: ArtifactStore, row: Artifact | Upload, what: str
                     ) -> dict[str, torch.Tensor]:
     """The tensors of a source checkpoint whose file matches its row (size, sha256) and
     parses; otherwise CorruptArtifact naming it: a damaged checkpoint is never extracted
@@ -98,11 +99,20 @@ def load_model(settings: Settings, job: Job, spec: ModelSpec, source: PlanSource
 def load_inputs(settings: Settings, job: Job, plan: DatasetInputs | UploadedInputs,
                 input_shape: list[int]) -> np.ndarray:
     """The (N, C, H, W) float32 inputs, in the order of `indices`."""
+    return load_labelled_inputs(settings, job, plan, input_shape)[0]
+
+
+def load_labelled_inputs(settings: Settings, job: Job, plan: DatasetInputs | UploadedInputs,
+                         input_shape: list[int]) -> tuple[np.ndarray, np.ndarray | None]:
+    """The inputs as load_inputs gives them, and their labels (int64) when they come from a
+    dataset; None for uploaded inputs, which have none."""
     indices = np.asarray(plan.indices, dtype=np.int64)
     if isinstance(plan, DatasetInputs):
         split = load_split(plan.dataset, settings=settings, tenant=job.tenant)
         x = {"all": split.all_x, "train": split.x_train, "val": split.x_val}[plan.split]
-        return np.ascontiguousarray(x[indices], dtype=np.float32)
+        y = {"all": split.all_y, "train": split.y_train, "val": split.y_val}[plan.split]
+        return (np.ascontiguousarray(x[indices], dtype=np.float32),
+                np.asarray(y[indices], dtype=np.int64))
     with session_scope(settings.database_url) as session:
         row = uploads.get(session, id=plan.input_id, tenant=job.tenant, kind="input")
         if row is None:
@@ -113,7 +123,7 @@ def load_inputs(settings: Settings, job: Job, plan: DatasetInputs | UploadedInpu
         x = inputs.parse_npy(data, max_pixels=settings.max_image_pixels)
     else:
         x = inputs.image_to_array(data, input_shape, max_pixels=settings.max_image_pixels)
-    return np.ascontiguousarray(x[indices])
+    return np.ascontiguousarray(x[indices]), None
 
 
 def extract(model: torch.nn.Module, x: np.ndarray, wanted: list[int], *,
@@ -147,33 +157,34 @@ class FeatureMapsRun:
         self.timings = Timings()
         self.written: list[str] = []
 
-    def _put(self, kind: str, name: str, key: str, data: bytes, meta: dict[str, Any] | None
-             ) -> Artifact:
+    def _put(self, kind: str, name: str, key: str, data: bytes | Iterable[bytes | memoryview],
+             meta: dict[str, Any] | None) -> Artifact:
         t = time.perf_counter()
         self.written.append(key)
-        size, sha = self.store.put_bytes(key, data)
+        if isinstance(data, bytes):
+            size, sha = self.store.put_bytes(key, data)
+        else:  # streamed: the store computes size and sha256 on the way
+            size, sha = self.store.write(key, data)
         self.timings.storage_s += time.perf_counter() - t
         return Artifact(job_id=self.job.id, tenant=self.job.tenant, kind=kind, name=name,
                         key=key, size=size, sha256=sha, meta=meta)
 
     def encode_layer(self, index: int, got: dict[str, np.ndarray]) -> list[Artifact]:
-        row = self.summary["layers"][index]
+        row = layer_rows(self.summary)[index]
         name = layer_names(self.summary)[index]
         maps = got["maps"]
         t = time.perf_counter()
-        blob = npy_bytes(maps)
         stats = channel_stats(maps)
+        # the .npy itself is streamed to the store (header, then views of the maps): its
+        # time counts in storage_s
         self.timings.encode_npy_s += time.perf_counter() - t
         meta = {"index": index, "type": row["type"], "shape": list(maps.shape),
                 "dtype": str(maps.dtype), "bytes": int(maps.nbytes), "stats": stats,
                 "unpooled_shape": [len(maps), *row["output_shape"]]}
         base = job_key(self.job.id, "feature-maps", name)
-        rows = [self._put("feature_map", name, base + ".npy", blob, meta)]
+        rows = [self._put("feature_map", name, base + ".npy", npy_chunks(maps), meta)]
         if "argmax" in got:
-            t = time.perf_counter()
-            blob = npy_bytes(got["argmax"])
-            self.timings.encode_npy_s += time.perf_counter() - t
-            rows.append(self._put("argmax", name, f"{base}.argmax.npy", blob,
+            rows.append(self._put("argmax", name, f"{base}.argmax.npy", npy_chunks(got["argmax"]),
                                   {"index": index, "shape": list(got["argmax"].shape)}))
         if self.request.png and maps.ndim == 4:
             pictures = png_images(maps)

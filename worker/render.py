@@ -28,6 +28,24 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def npy_chunks(array: np.ndarray, chunk: int = 8 << 20) -> Iterator[bytes | memoryview]:
+    """The same bytes as `np.save` (header, then the C-ordered data), as the header and
+    views of the array's own memory: an artifact store writes them without a second copy of
+    the maps in memory."""
+    array = np.ascontiguousarray(array)
+    header = io.BytesIO()
+    fields = np.lib.format.header_data_from_array_1_0(array)
+    try:
+        np.lib.format.write_array_header_1_0(header, fields)
+    except ValueError:  # a header too long for format 1.0: np.save writes 2.0 then
+        header = io.BytesIO()
+        np.lib.format.write_array_header_2_0(header, fields)
+    yield header.getvalue()
+    data = memoryview(array.reshape(-1).view(np.uint8).data)
+    for start in range(0, len(data), chunk):
+        yield data[start:start + chunk]
+
+
 def channel_stats(maps: np.ndarray) -> dict[str, list[float]]:
     """Per channel (axis 1) over all inputs and positions: mean, min, max, fraction of zeros."""
     x = maps.astype(np.float32, copy=False)

@@ -20,6 +20,7 @@ from worker.data import device_text, pick_device
 from worker.dbretry import is_disconnect, retry_db
 from worker.ddp import RankFailed, RankLost, plan
 from worker.feature_maps import run_feature_maps
+from worker.invariance import run_invariance
 from worker.lease import SHUTTING_DOWN, JobTimedOut
 from worker.train import NonFiniteLoss
 from worker.train_job import TrainRun
@@ -116,6 +117,8 @@ def run_job(job_id: str, *, settings: Settings, worker_id: str) -> RunOutcome:
             TrainRun(settings, job, worker_id).run()
         elif job.kind == "feature_maps":
             run_feature_maps(settings, job, worker_id)
+        elif job.kind == "invariance":
+            run_invariance(settings, job, worker_id)
         else:
             raise ValueError(f"unknown job kind {job.kind!r}")
     except Stopped:

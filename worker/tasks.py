@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from convoy.queue import FEATURE_MAPS_TASK, TRAIN_TASK, enqueue
+from convoy.jobspec import DEFAULT_PRIORITY
+from convoy.queue import FEATURE_MAPS_TASK, INVARIANCE_TASK, TRAIN_TASK, enqueue
 from db import dispatch, job_reads
 from db.session import session_scope
 from worker import warmup
@@ -14,12 +15,13 @@ from worker.runner import run_job, store_backoff
 
 
 def send_again(job_id: str, kind: str, countdown: float | None = None) -> None:
-    """The job's message once more, to the queue it came from (a GPU job to the GPU queue)."""
+    """The job's message once more, to the queue it came from (a GPU job to the GPU queue),
+    with its priority."""
     with session_scope(settings.database_url) as session:
-        _, device, devices = dispatch.routes_of(session, job_ids=[job_id]).get(
-            job_id, (kind, None, 1))
-    enqueue(app, kind=kind, job_id=job_id, device=device, devices=devices,
-            countdown=countdown)
+        route = dispatch.routes_of(session, job_ids=[job_id]).get(job_id)
+    enqueue(app, kind=kind, job_id=job_id, device=route.device if route else None,
+            devices=route.devices if route else 1, countdown=countdown,
+            priority=route.priority if route else DEFAULT_PRIORITY)
 
 
 def run(job_id: str, kind: str) -> RunOutcome:
@@ -61,3 +63,8 @@ def train_task(job_id: str) -> str:
 @app.task(name=FEATURE_MAPS_TASK)
 def feature_maps_task(job_id: str) -> str:
     return run(job_id, "feature_maps")
+
+
+@app.task(name=INVARIANCE_TASK)
+def invariance_task(job_id: str) -> str:
+    return run(job_id, "invariance")

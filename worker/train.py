@@ -3,7 +3,7 @@
 Data lives on the device as one tensor and batches are slices of a random permutation
 (no per-sample DataLoader work); metrics accumulate on the device and sync once per epoch.
 Each epoch reseeds from (seed, epoch), so a run resumed from a checkpoint draws the same
-batches and dropout masks as one that never stopped.
+batches, dropout masks and augmentations (worker/augment.py) as one that never stopped.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from convoy.jobspec import TrainConfig
+from worker.augment import augment_batch, augment_generator
 from worker.control import Progress, Stopped
 from worker.shard import Shard
 
@@ -145,6 +146,8 @@ def train(
         for group in optimizer.param_groups:
             group["lr"] = lr
         perm = torch.randperm(n, device=device)
+        augment = augment_generator(device, epoch_seed(cfg.seed, epoch0)) \
+            if cfg.augment is not None else None
         # One slot per step, written in place: a single small op per step instead of the
         # several a running sum plus a NaN flag cost (they showed on small CPU models).
         step_losses = torch.zeros(steps_per_epoch, device=device)
@@ -159,7 +162,12 @@ def train(
         for i in range(steps_per_epoch):
             idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
             lo, hi = (0, len(idx)) if shard is None else shard.bounds(len(idx))
-            xb, yb = data.x_train[idx[lo:hi]], data.y_train[idx[lo:hi]]
+            if augment is not None and cfg.augment is not None:
+                # the whole global batch's draws, as on one device; a rank keeps its share
+                xb = augment_batch(data.x_train[idx], cfg.augment, augment)[lo:hi]
+            else:
+                xb = data.x_train[idx[lo:hi]]
+            yb = data.y_train[idx[lo:hi]]
             if autocast is not None:
                 with autocast():
                     logits = model(xb)

@@ -9,11 +9,12 @@ import math
 from typing import Annotated, Literal
 
 import numpy as np
-from fastapi import APIRouter, HTTPException, Query, Response
+from fastapi import APIRouter, HTTPException, Query, Request, Response
 from sqlalchemy.orm import Session
 
 from api.deps import PrincipalDep, SessionDep, SettingsDep, StoreDep
-from api.routes.jobs import digest_headers, load_job
+from api.downloads import DOWNLOAD_RESPONSES, artifact_download
+from api.routes.jobs import load_job
 from api.schemas import BINARY, FeatureMapList, FeatureMapValues
 from convoy.featuremaps import is_index
 from db import artifacts
@@ -64,14 +65,16 @@ def _find(session: Session, job_id: str, tenant: str, kind: str, layer: str
     return found
 
 
-@router.get("/{job_id}/feature-maps/{layer}", response_class=Response, responses={
+@router.get("/{job_id}/feature-maps/{layer:path}", response_class=Response, responses={
     200: {"model": FeatureMapValues,
-          "description": "format=npy: a .npy file; png: the image's grid of channels; "
-                         "json: the values",
-          "content": {"application/octet-stream": BINARY, "image/png": BINARY}}})
+          "description": "format=npy: a .npy file (streamed; `X-Sha256` is its recorded "
+                         "sha256); png: the image's grid of channels; json: the values",
+          "content": {"application/octet-stream": BINARY, "image/png": BINARY}},
+    **DOWNLOAD_RESPONSES})
 def get_feature_map(
     job_id: str,
     layer: str,
+    request: Request,
     session: SessionDep,
     principal: PrincipalDep,
     settings: SettingsDep,
@@ -80,8 +83,9 @@ def get_feature_map(
     image: Annotated[int | None, Query(ge=0)] = None,
     array: Array = "maps",
 ) -> Response:
-    """`layer` is a name from the list (`2-maxpool2d`) or its index (`2`). `array` picks the
-    maps (default) or, for max pooling, the argmax positions."""
+    """`layer` is a name from the list (`2-maxpool2d`, `3-residual/1-conv2d` inside a
+    residual block) or a top-level layer's index (`2`). `array` picks the maps (default) or,
+    for max pooling, the argmax positions."""
     _feature_job(session, job_id, principal.tenant)
     kind = "feature_map" if array == "maps" else array
     main = _find(session, job_id, principal.tenant, "feature_map", layer)
@@ -110,11 +114,12 @@ def get_feature_map(
     if artifact is None:
         raise HTTPException(404, f"layer {main.name!r} has no {array} (only max pooling has)")
     shape = (artifact.meta or {})["shape"]
-    if format == "npy" and image is None:
-        blob = store.get_bytes(artifact.key)
-        return Response(blob, media_type="application/octet-stream", headers={
-            **headers, **digest_headers(blob, artifact, what=f"{artifact.name} of job {job_id}"),
-            "Content-Disposition": f'attachment; filename="{main.name}.npy"'})
+    if format == "npy" and image is None:  # the whole file: streamed, Range, or 302
+        return artifact_download(
+            request, store, settings, artifact, headers=headers,
+            filename=f"{main.name.replace('/', '_')}.npy",
+            missing=f"{artifact.name} of job {job_id}: its file is missing from the artifact "
+                    "store")
     values = math.prod(shape[1:]) if image is not None else math.prod(shape)
     if format == "json" and values > settings.max_json_map_values:
         raise HTTPException(413, f"{values} values are too many for JSON (limit "

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
-import logging
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -25,6 +23,7 @@ from api.deps import (
     principal_from,
     token_cache,
 )
+from api.downloads import DOWNLOAD_RESPONSES, artifact_download
 from api.idempotency import canonical_json, conflict, idem_for
 from api.schemas import (
     BINARY,
@@ -37,7 +36,13 @@ from api.schemas import (
     MetricsOut,
 )
 from api.submit import check_timeout, check_train
-from convoy.jobspec import FeatureMapsJobRequest, JobRequest, TrainJobRequest, dump
+from convoy.jobspec import (
+    FeatureMapsJobRequest,
+    InvarianceJobRequest,
+    JobRequest,
+    TrainJobRequest,
+    dump,
+)
 from convoy.queue import enqueue
 from convoy.settings import Settings
 from db import artifacts, attempts, job_reads, joblog, metrics
@@ -45,12 +50,12 @@ from db import jobs as jobs_db
 from db.dispatch import devices_of
 from db.idempotency import KeyReused
 from db.states import JobState
-from db.tables import Artifact, Job
+from db.tables import Job
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 JobId = Annotated[str, Query(max_length=64)]
-Kind = Literal["train", "feature_maps"]
+Kind = Literal["train", "feature_maps", "invariance"]
 
 
 def job_out(job: Job, waiting_reason: str | None = None) -> JobOut:
@@ -92,7 +97,7 @@ def submit_job(
         session.close()  # here, on this thread: no second trip to the pool to close it
 
 
-def _submit(body: TrainJobRequest | FeatureMapsJobRequest, session: Session,
+def _submit(body: TrainJobRequest | FeatureMapsJobRequest | InvarianceJobRequest, session: Session,
             settings: Settings, principal: Principal, celery: Any, request: Request,
             response: Response) -> JobOut:
     request_json = dump(body)
@@ -100,6 +105,10 @@ def _submit(body: TrainJobRequest | FeatureMapsJobRequest, session: Session,
                     parts=[canonical_json(request_json)])
     if isinstance(body, TrainJobRequest):
         summary = check_train(session, body, settings, tenant=principal.tenant)
+    elif isinstance(body, InvarianceJobRequest):
+        from api.invariance import check_invariance
+
+        summary = check_invariance(session, body, settings, tenant=principal.tenant)
     else:
         from api.feature_maps import check_feature_maps
 
@@ -126,7 +135,8 @@ def _submit(body: TrainJobRequest | FeatureMapsJobRequest, session: Session,
     # stays queued and the reconciler sends it later; nothing submitted is lost.
     try:
         enqueue(celery, kind=job.kind, job_id=job.id, device=body.device,
-                devices=body.resources.devices if isinstance(body, TrainJobRequest) else 1)
+                devices=body.resources.devices if isinstance(body, TrainJobRequest) else 1,
+                priority=body.priority)
     except Exception:  # noqa: BLE001 - the reconciler retries
         import logging
 
@@ -249,35 +259,22 @@ def list_checkpoints(job_id: str, session: SessionDep, principal: PrincipalDep
 
 @router.get("/{job_id}/checkpoints/{name}", response_class=Response,
             responses={200: {"content": {"application/octet-stream": BINARY},
-                             "description": "the checkpoint's .safetensors file"}})
-def download_checkpoint(job_id: str, name: str, session: SessionDep, principal: PrincipalDep,
-                        store: StoreDep) -> Response:
-    """`name` is looked up among the job's artifact rows (or `last`), never joined into a path."""
+                             "description": "the checkpoint's .safetensors file, streamed; "
+                                            "`X-Sha256` is its recorded sha256"},
+                       **DOWNLOAD_RESPONSES})
+def download_checkpoint(job_id: str, name: str, request: Request, session: SessionDep,
+                        principal: PrincipalDep, store: StoreDep, settings: SettingsDep
+                        ) -> Response:
+    """`name` is looked up among the job's artifact rows (or `last`), never joined into a path.
+    Streamed from the store; one `Range` honoured (206), or 302 to a presigned URL."""
     load_job(session, job_id, principal.tenant)
     found = artifacts.checkpoints(session, job_id=job_id)
     match = found[-1:] if name in ("last", "latest") else [a for a in found if a.name == name]
     if not match:
         raise HTTPException(404, f"checkpoint {name[:80]!r} not found for job {job_id}")
     artifact = match[0]
-    try:
-        body = store.get_bytes(artifact.key)
-    except FileNotFoundError:
-        raise HTTPException(404, f"checkpoint {artifact.name} of job {job_id}: its file is "
-                                 "missing from the artifact store") from None
-    headers = {"Content-Disposition": f'attachment; filename="{artifact.name}"',
-               "X-Checkpoint-Name": artifact.name,
-               **digest_headers(body, artifact, what=f"checkpoint {artifact.name} of job {job_id}")}
-    return Response(body, media_type="application/octet-stream", headers=headers)
-
-
-def digest_headers(body: bytes, artifact: Artifact, *, what: str) -> dict[str, str]:
-    """X-Sha256 for a download: the digest of the bytes sent, never the row's copied over (a
-    damaged file must not come with a header vouching for it). When they differ,
-    X-Stored-Sha256 says what was written, so a client can tell the download is not that
-    file, and the API's log says so."""
-    sent = hashlib.sha256(body).hexdigest()
-    if sent == artifact.sha256:
-        return {"X-Sha256": sent}
-    logging.getLogger(__name__).warning("%s does not match its row (sha256 %s, stored %s)",
-                                        what, sent, artifact.sha256)
-    return {"X-Sha256": sent, "X-Stored-Sha256": artifact.sha256}
+    return artifact_download(
+        request, store, settings, artifact, filename=artifact.name,
+        missing=f"checkpoint {artifact.name} of job {job_id}: its file is missing from the "
+                "artifact store",
+        headers={"X-Checkpoint-Name": artifact.name})

@@ -292,6 +292,76 @@ async function featureMapsCard(jobId, card) {
   if (!layers.length) card.append(h("p", { class: "muted" }, "No feature maps."));
 }
 
+// ---- invariance curves ---------------------------------------------------------------------
+
+const FAMILY_UNITS = { translate: "pixels", rotate: "degrees", scale: "scale factor" };
+
+function layerColor(i, n) {
+  return `hsl(${Math.round((300 * i) / Math.max(n - 1, 1))}, 70%, 42%)`;
+}
+
+function lineChart(container, { title, xLabel, xs, series, xIncrs }) {
+  const width = Math.max(320, container.clientWidth - 34);
+  const opts = {
+    title, width, height: 260, scales: { x: { time: false } }, legend: { live: false },
+    axes: [{ label: xLabel, ...(xIncrs ? { incrs: xIncrs } : {}) }, { label: "distance" }],
+    series: [{ label: xLabel }, ...series.map((s) => ({ label: s.label, stroke: s.color,
+      width: 2, points: { show: true, size: 6 } }))],
+  };
+  container.dataset.points = String(xs.length);
+  container.dataset.series = String(series.length);
+  return new uPlot(opts, [xs, ...series.map((s) => s.values)], container);
+}
+
+async function invarianceCard(jobId, card) {
+  const data = await api(`/v1/jobs/${jobId}/invariance`);
+  const layers = data.layers || [];
+  card.replaceChildren(h("h2", {}, "Invariance"),
+    h("p", { class: "muted" }, "Distance: how much a layer's maps change under the transform, " +
+      "relative to how much they differ between two inputs (0: invariant; about 1: as much as " +
+      "another image). See docs/invariance.md."));
+  if (!layers.length) { card.append(h("p", { class: "muted" }, "No curves.")); return; }
+  const families = Object.keys(layers[0].curves);
+  const byFamily = h("div", { class: "grid2" });
+  card.append(byFamily);
+  // per family: distance against magnitude, one line per layer
+  for (const family of families) {
+    const xs = layers[0].curves[family].map((p) => p.magnitude);
+    const box = h("div", { class: "card chart", id: `inv-${family}` });
+    byFamily.append(box);
+    lineChart(box, { title: `${family}: distance by magnitude`, xLabel: FAMILY_UNITS[family],
+      xs, xIncrs: family === "translate" ? [1, 2, 5, 10, 20, 50, 100] : null, series: layers.map((l, i) => ({ label: l.name, color: layerColor(i, layers.length),
+        values: l.curves[family].map((p) => p.distance) })) });
+  }
+  // distance against depth at one chosen magnitude
+  const choices = families.flatMap((f) => layers[0].curves[f].map((p, k) => [f, k, p.magnitude]));
+  const select = h("select", { id: "inv-magnitude" }, choices.map(([f, k, m]) =>
+    h("option", { value: `${f}:${k}` }, `${f} ${m} ${FAMILY_UNITS[f]}`)));
+  const depthBox = h("div", { class: "card chart", id: "inv-depth" });
+  card.append(h("p", {}, "Distance by depth at ", select), depthBox);
+  const drawDepth = () => {
+    const [f, k] = select.value.split(":");
+    depthBox.replaceChildren();
+    lineChart(depthBox, { title: `distance by layer, ${select.selectedOptions[0].textContent}`,
+      xLabel: "layer index", xs: layers.map((l) => l.index), xIncrs: [1, 2, 5, 10, 20, 50],
+      series: [{ label: "distance", color: "#2b59c3",
+        values: layers.map((l) => l.curves[f][Number(k)].distance) }] });
+    depthBox.append(h("p", { class: "muted" }, layers.map((l) => `${l.index}: ${l.name}`).join(" · ")));
+  };
+  select.addEventListener("change", drawDepth);
+  drawDepth();
+  // the output: argmax agreement per family and magnitude
+  if (data.output) {
+    card.append(h("table", { id: "inv-output" },
+      h("thead", {}, h("tr", {}, h("th", {}, "Output"), h("th", { class: "num" }, "Magnitude"),
+        h("th", { class: "num" }, "Agreement"), h("th", { class: "num" }, "P(true class)"))),
+      h("tbody", {}, Object.entries(data.output).flatMap(([f, points]) => points.map((p) =>
+        h("tr", {}, h("td", {}, f), h("td", { class: "num" }, p.magnitude),
+          h("td", { class: "num" }, fmt.pct(p.agreement)),
+          h("td", { class: "num" }, fmt.num(p.true_class_probability, 3))))))));
+  }
+}
+
 function jobView(jobId) {
   const ctrl = new AbortController();
   const title = h("span", {}, "Job");
@@ -305,10 +375,11 @@ function jobView(jobId) {
   const summaryCard = h("div", { class: "card" }, h("h2", {}, "Model summary"));
   const ckptCard = h("div", { class: "card", id: "checkpoints" }, h("h2", {}, "Checkpoints"));
   const fmCard = h("div", { class: "card", id: "feature-maps", hidden: true });
+  const invCard = h("div", { class: "card", id: "invariance", hidden: true });
   const logsCard = h("div", { class: "card" }, h("h2", {}, "Logs"));
   view.append(h("h1", {}, title, badge, h("span", { class: "toolbar" }, fmBtn, cancelBtn)),
     h("div", { class: "card" }, details, errorBox), charts, summaryCard, ckptCard, fmCard,
-    logsCard);
+    invCard, logsCard);
 
   let job = null;
   let chartSet = null;
@@ -364,6 +435,10 @@ function jobView(jobId) {
     if (job.kind === "feature_maps" && job.state === "succeeded") {
       fmCard.hidden = false;
       featureMapsCard(jobId, fmCard).catch((e) => fmCard.append(h("p", { class: "error" }, e.message)));
+    }
+    if (job.kind === "invariance" && job.state === "succeeded") {
+      invCard.hidden = false;
+      invarianceCard(jobId, invCard).catch((e) => invCard.append(h("p", { class: "error" }, e.message)));
     }
   }
 

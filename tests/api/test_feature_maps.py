@@ -322,9 +322,10 @@ def test_another_tenants_uploads_and_maps_are_not_found(client, stack):
         assert r.status_code == 404 and "source.job_id" in r.text
 
 
-def test_a_damaged_map_file_is_not_sent_with_its_rows_digest(client, stack):
-    """X-Sha256 of a .npy download is the digest of the bytes sent; when the file no longer
-    matches its row, X-Stored-Sha256 says what was written."""
+def test_a_damaged_map_file_does_not_match_the_sent_digest(client, stack):
+    """X-Sha256 of a streamed .npy download is the sha256 recorded when the map was written
+    (the row's, listed too): a file damaged since then no longer matches it, which a client
+    verifying the download sees."""
     import hashlib
 
     model = {"input_shape": [1, 8, 8], "layers": [
@@ -332,10 +333,11 @@ def test_a_damaged_map_file_is_not_sent_with_its_rows_digest(client, stack):
     job = run_job(client, source={"model": model, "seed": 1},
                   inputs={"dataset": "digits", "indices": [0]}, png=False)
     url = f"/v1/jobs/{job['id']}/feature-maps/0-conv2d"
+    listed = client.get(f"/v1/jobs/{job['id']}/feature-maps").json()["layers"][0]
     clean = client.get(url)
     assert clean.status_code == 200
     assert clean.headers["X-Sha256"] == hashlib.sha256(clean.content).hexdigest()
-    assert "X-Stored-Sha256" not in clean.headers
+    assert clean.headers["X-Sha256"] == listed["sha256"]
     root = Path(stack.env.get("CONVOY_ARTIFACT_ROOT") or stack.home / "artifacts")
     [path] = [p for p in root.rglob("*.npy") if job["id"] in str(p) and "0-conv2d" in p.name]
     data = bytearray(path.read_bytes())
@@ -343,5 +345,5 @@ def test_a_damaged_map_file_is_not_sent_with_its_rows_digest(client, stack):
     path.write_bytes(bytes(data))
     damaged = client.get(url)
     assert damaged.content == bytes(data)
-    assert damaged.headers["X-Sha256"] == hashlib.sha256(damaged.content).hexdigest()
-    assert damaged.headers["X-Stored-Sha256"] == clean.headers["X-Sha256"]
+    assert damaged.headers["X-Sha256"] == listed["sha256"]
+    assert hashlib.sha256(damaged.content).hexdigest() != damaged.headers["X-Sha256"]

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch.utils.flop_counter import FlopCounterMode
 
-from models.build import build_layer, build_model
+from models.build import ResidualBlock, build_layer, build_model
 from models.spec import ModelSpec, SpecError, infer
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -90,10 +90,35 @@ def shape_after(input_shape: list[int], layers: list[dict[str, Any]]) -> tuple[i
 
 
 @st.composite
+def residual_block(draw: st.DrawFn, input_shape: list[int], before: list[dict[str, Any]]
+                   ) -> dict[str, Any] | None:
+    """A residual block of 1-3 spatial layers on the current shape, with an identity shortcut
+    when they keep the shape (or a projection, drawn), a projection otherwise; None when no
+    1x1 projection with the block's stride fits (the spec is then refused, tested apart)."""
+    shape = shape_after(input_shape, before)
+    inner: list[dict[str, Any]] = []
+    for _ in range(draw(st.integers(1, 3))):
+        inner.append(draw(spatial_layer(shape_after(list(shape), inner))))
+    block = {"type": "residual", "layers": inner,
+             "shortcut": "projection" if shape_after(list(shape), inner) != shape
+             or draw(st.booleans()) else "identity"}
+    try:
+        infer(ModelSpec.model_validate({"input_shape": input_shape, "layers": [*before, block]}))
+    except SpecError:
+        return None
+    return block
+
+
+@st.composite
 def valid_specs(draw: st.DrawFn) -> dict[str, Any]:
     input_shape = [draw(st.integers(1, 4)), draw(st.integers(1, 14)), draw(st.integers(1, 14))]
     layers: list[dict[str, Any]] = []
     for _ in range(draw(st.integers(1, 6))):
+        if draw(st.integers(0, 3)) == 0:
+            block = draw(residual_block(input_shape, layers))
+            if block is not None:
+                layers.append(block)
+                continue
         layers.append(draw(spatial_layer(shape_after(input_shape, layers))))
     if draw(st.booleans()):
         layers.append({"type": "flatten"})
@@ -109,20 +134,39 @@ def valid_specs(draw: st.DrawFn) -> dict[str, Any]:
 
 
 def torch_rows(model: torch.nn.Module, input_shape: list[int]) -> list[dict[str, Any]]:
-    """Each layer's output shape (per sample), parameter count and counted FLOPs."""
-    shapes: list[list[int]] = []
-    hooks = [layer.register_forward_hook(lambda _m, _i, out: shapes.append(list(out.shape[1:])))
-             for layer in model.layers]
+    """Each layer's output shape (per sample), parameter count and counted FLOPs; a residual
+    block's also its inner layers' rows under "layers"."""
+    shapes: dict[torch.nn.Module, list[int]] = {}
+
+    def hook(module: torch.nn.Module, _i: Any, out: torch.Tensor) -> None:
+        shapes[module] = list(out.shape[1:])
+
+    hooks = [m.register_forward_hook(hook) for m in model.layers.modules()]
     model.eval()
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(torch.randn(2, *input_shape))
     for h in hooks:
         h.remove()
     counts = counter.get_flop_counts()
-    return [{"output_shape": shape,
-             "params": sum(p.numel() for p in layer.parameters()),
-             "flops": sum(counts.get(f"ConvNet.layers.{i}", {}).values()) // 2}
-            for i, (shape, layer) in enumerate(zip(shapes, model.layers, strict=True))]
+
+    def row(name: str, layer: torch.nn.Module) -> dict[str, Any]:
+        out: dict[str, Any] = {"output_shape": shapes[layer],
+                               "params": sum(p.numel() for p in layer.parameters()),
+                               "flops": sum(counts.get(name, {}).values()) // 2}
+        if isinstance(layer, ResidualBlock):
+            out["layers"] = [row(f"{name}.layers.{j}", inner)
+                             for j, inner in enumerate(layer.layers)]
+        return out
+
+    return [row(f"ConvNet.layers.{i}", layer) for i, layer in enumerate(model.layers)]
+
+
+def projection_flops(row: dict[str, Any]) -> int:
+    """The multiply-adds of a block's 1x1 projection, as torch counts them (no batch norm)."""
+    if row["shortcut"]["type"] != "projection":
+        return 0
+    c_out, oh, ow = row["output_shape"]
+    return 2 * row["input_shape"][0] * c_out * oh * ow
 
 
 @FAST
@@ -139,12 +183,22 @@ def test_every_layer_shape_params_and_flops_equal_torch(raw):
         # torch counts the multiply-adds of convolutions and matrix products only
         if ours["type"] in ("conv2d", "linear"):
             assert ours["flops"] == theirs["flops"], where
+        if ours["type"] == "residual":
+            counted = 0
+            for inner, inner_torch in zip(ours["layers"], theirs["layers"], strict=True):
+                assert inner["output_shape"] == inner_torch["output_shape"], where
+                assert inner["params"] == inner_torch["params"], where
+                if inner["type"] == "conv2d":
+                    assert inner["flops"] == inner_torch["flops"], where
+                    counted += inner["flops"]
+            assert counted + projection_flops(ours) == theirs["flops"], where
     assert summary["total_params"] == sum(p.numel() for p in build_model(spec).parameters())
 
 
 @pytest.mark.parametrize(("preset", "input_shape"), [
     ("lenet5", None), ("lenet5", [3, 32, 32]), ("lenet5-padded", None),
     ("lenet5-padded", [1, 8, 8]), ("vgg-small", None), ("vgg-small", [1, 8, 8]),
+    ("resnet-small", None), ("resnet-small", [1, 8, 8]),
 ])
 def test_presets_match_torch(preset, input_shape):
     raw: dict[str, Any] = {"preset": preset}

@@ -4,6 +4,7 @@ back off per job. (The lease transitions themselves: tests/db/test_transitions.p
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator
 from datetime import timedelta
@@ -48,6 +49,11 @@ def make_jobs(settings: Settings, n: int, *, age_s: float) -> list[str]:
         return [job.id for job in made]
 
 
+def ids_on(r: redis.Redis, queue: str) -> list[str]:
+    """Job ids waiting on a queue, in every priority list of it."""
+    return [job_id_of(m) or "?" for key in redis_queue_keys(queue) for m in r.lrange(key, 0, -1)]
+
+
 def queued_messages(settings: Settings) -> list[str]:
     r = redis.Redis.from_url(settings.broker_url)
     return [job_id_of(m) or "?" for key in redis_queue_keys(settings.queue)
@@ -68,9 +74,10 @@ def test_reconciler_resends_exactly_the_lost_messages(settings):
     # Redis lost five of them
     r = redis.Redis.from_url(settings.broker_url)
     lost = set(ids[10:15])
-    for raw in r.lrange(settings.queue, 0, -1):
-        if job_id_of(raw) in lost:
-            r.lrem(settings.queue, 1, raw)
+    for key in redis_queue_keys(settings.queue):
+        for raw in r.lrange(key, 0, -1):
+            if job_id_of(raw) in lost:
+                r.lrem(key, 1, raw)
     assert reconcile_once(settings, celery)["resent"] == sorted(lost, key=ids.index)
     assert sorted(queued_messages(settings)) == sorted(ids)
     # resent jobs are marked sent: the next pass does nothing
@@ -108,16 +115,38 @@ def test_gpu_jobs_are_sent_held_and_resent_on_the_gpu_queue(settings):
             request={**tiny_job(), "device": "cuda"}))
     for job_id, device in ((cpu_job, "auto"), (gpu_job, "cuda")):
         enqueue(celery, kind="train", job_id=job_id, device=device)
-    assert [job_id_of(m) for m in r.lrange(settings.queue, 0, -1)] == [cpu_job]
-    assert [job_id_of(m) for m in r.lrange(gpu_key, 0, -1)] == [gpu_job]
+    assert ids_on(r, settings.queue) == [cpu_job]
+    assert ids_on(r, gpu_key) == [gpu_job]
     # a message waiting on the GPU queue counts as held: nothing is resent
     assert reconcile_once(settings, celery) == {"requeued": [], "resent": []}
     # both lost (a Redis restart): each is resent to its own queue
     r.delete(*redis_queue_keys(settings.queue), *redis_queue_keys(gpu_key))
     assert sorted(reconcile_once(settings, celery)["resent"]) == sorted([cpu_job, gpu_job])
-    assert [job_id_of(m) for m in r.lrange(settings.queue, 0, -1)] == [cpu_job]
-    assert [job_id_of(m) for m in r.lrange(gpu_key, 0, -1)] == [gpu_job]
+    assert ids_on(r, settings.queue) == [cpu_job]
+    assert ids_on(r, gpu_key) == [gpu_job]
     r.delete(*redis_queue_keys(settings.queue), *redis_queue_keys(gpu_key))
     with session_scope(settings.database_url) as session:
         session.execute(update(Job).where(Job.id.in_([cpu_job, gpu_job]))
                         .values(state="canceled"))
+
+
+def test_resent_messages_keep_the_jobs_priority(settings):
+    """kombu's Redis transport keeps one list per priority (0 served first), so a job's
+    priority p (9 most urgent) waits on the list 9 - p; a resent message must land there."""
+    celery = make_celery(settings)
+    r = redis.Redis.from_url(settings.broker_url)
+    ids = make_jobs(settings, 3, age_s=60)
+    priorities = dict(zip(ids, (9, 0, 5), strict=True))
+    with session_scope(settings.database_url) as session:
+        for job_id, priority in priorities.items():
+            session.execute(update(Job).where(Job.id == job_id).values(
+                request={**tiny_job(), "priority": priority}))
+    keys = redis_queue_keys(settings.queue)
+    assert sorted(reconcile_once(settings, celery)["resent"]) == sorted(ids)
+    for job_id, priority in priorities.items():
+        [message] = [m for m in r.lrange(keys[9 - priority], 0, -1) if job_id_of(m) == job_id]
+        assert json.loads(message)["properties"]["priority"] == 9 - priority
+    assert sorted(queued_messages(settings)) == sorted(ids)
+    r.delete(*keys)
+    with session_scope(settings.database_url) as session:
+        session.execute(update(Job).where(Job.id.in_(ids)).values(state="canceled"))

@@ -40,6 +40,7 @@ class Owned:
     checkpoint: str  # name of a checkpoint of train_job
     feature_job: str | None = None
     feature_layer: str | None = None
+    invariance_job: str | None = None
     checkpoint_upload: str | None = None
     input_upload: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -89,6 +90,14 @@ def owned(tenant_a: httpx.Client) -> Owned:
         assert fjob["state"] == "succeeded", fjob
         layers = tenant_a.get(f"/v1/jobs/{fjob['id']}/feature-maps").json()["layers"]
         owned.feature_job, owned.feature_layer = fjob["id"], layers[0]["name"]
+    if "/v1/jobs/{job_id}/invariance" in paths:
+        r = tenant_a.post("/v1/jobs", json={
+            "kind": "invariance", "source": {"job_id": owned.train_job},
+            "inputs": {"dataset": "digits", "indices": [0, 1]}, "transforms": {"rotate": [90]}})
+        assert r.status_code == 201, r.text
+        ijob = wait_job(tenant_a, r.json()["id"])
+        assert ijob["state"] == "succeeded", ijob
+        owned.invariance_job = ijob["id"]
     if "/v1/checkpoints" in paths:
         blob = tenant_a.get(f"/v1/jobs/{owned.train_job}/checkpoints/{owned.checkpoint}")
         assert blob.status_code == 200

@@ -29,6 +29,9 @@ def urls(o: Owned) -> list[tuple[str, str]]:
                 ("GET", f"/v1/jobs/{f}/feature-maps/{o.feature_layer}"),
                 ("GET", f"/v1/jobs/{f}/feature-maps/{o.feature_layer}?format=png"),
                 ("GET", f"/v1/jobs/{f}/feature-maps/0?format=json")]
+    if o.invariance_job:
+        out += [("GET", f"/v1/jobs/{o.invariance_job}"),
+                ("GET", f"/v1/jobs/{o.invariance_job}/invariance")]
     if o.checkpoint_upload:
         out.append(("GET", f"/v1/checkpoints/{o.checkpoint_upload}"))
     if o.input_upload:
@@ -97,6 +100,9 @@ def test_other_tenants_ids_are_not_usable_as_inputs(owned: Owned,
         if owned.input_upload:
             bodies.append({**fm, "source": {"job_id": owned.train_job},
                            "inputs": {"input_id": owned.input_upload}})
+    if owned.invariance_job:  # the same source and inputs checks serve invariance jobs
+        bodies += [{**body, "kind": "invariance", "transforms": {"translate": [1]}}
+                   for body in list(bodies)]
     for body in bodies:
         r = tenant_b.post("/v1/jobs", json=body)
         assert r.status_code in (404, 422), (body, r.status_code, r.text)

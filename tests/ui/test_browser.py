@@ -159,3 +159,40 @@ def test_dashboard_submits_a_job_charts_it_live_and_shows_feature_maps(stack, br
     b.find_element(By.ID, "cancel").click()
     wait_for(lambda: page_state(b) == "canceled", 60, "canceled")
     assert not b.find_element(By.ID, "cancel").is_displayed()
+
+
+def test_invariance_job_page_draws_a_curve_per_layer_and_one_by_depth(stack, browser):
+    b = browser
+    with stack.client() as api:
+        r = api.post("/v1/jobs", json={
+            "kind": "invariance", "source": {"model": SPEC, "seed": 0}, "device": "cpu",
+            "inputs": {"dataset": "digits", "indices": list(range(8))},
+            "transforms": {"translate": [1, 2, 3], "scale": [0.8, 1.25]}})
+        assert r.status_code == 201, r.text
+        job_id = r.json()["id"]
+    b.get(stack.url + "/")
+    js(b, f"localStorage.setItem('convoy.token', '{TOKEN}')")
+    b.get(f"{stack.url}/#/jobs/{job_id}")
+    b.refresh()  # the first load asked for the token: load again with it
+    wait_for(lambda: page_state(b) == "succeeded", 120, "invariance job succeeded")
+    assert not js(b, "return document.getElementById('login').open")
+
+    def chart(element_id: str) -> tuple[str, str] | None:
+        return js(b, f"""const e = document.getElementById('{element_id}');
+            return e && e.querySelector('canvas') ? [e.dataset.points, e.dataset.series] : null""")
+
+    # distance by magnitude: a point per magnitude, a line per layer, for each family asked
+    assert wait_for(lambda: chart("inv-translate"), 30, "translate chart") == [
+        "3", str(len(SPEC["layers"]))]
+    assert chart("inv-scale") == ["2", str(len(SPEC["layers"]))]
+    assert chart("inv-rotate") is None
+    # distance by depth at the chosen magnitude: a point per layer
+    assert chart("inv-depth") == [str(len(SPEC["layers"])), "1"]
+    options = js(b, "return [...document.querySelectorAll('#inv-magnitude option')]"
+                    ".map(o => o.textContent)")
+    assert options == ["translate 1 pixels", "translate 2 pixels", "translate 3 pixels",
+                       "scale 0.8 scale factor", "scale 1.25 scale factor"]
+    rows = b.find_elements(By.CSS_SELECTOR, "#inv-output tbody tr")
+    assert len(rows) == 5 and rows[0].text.startswith("translate 1")
+    b.execute_script("document.getElementById('invariance').scrollIntoView()")
+    b.save_screenshot(str(SHOTS / "6-invariance.png"))

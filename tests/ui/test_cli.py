@@ -108,7 +108,7 @@ def test_every_example_is_accepted(stack, client):
         client.post(f"/v1/jobs/{r.json()['id']}/cancel")
     names = {p.name for p in EXAMPLES.glob("*.json")}
     assert {"digits-cnn.json", "lenet5-digits.json", "vgg-small-synthetic.json",
-            "feature-maps.json"} <= names
+            "feature-maps.json", "invariance.json"} <= names
 
 
 def test_feature_maps_command_writes_arrays_and_pngs(stack, tmp_path):
@@ -125,6 +125,28 @@ def test_feature_maps_command_writes_arrays_and_pngs(stack, tmp_path):
     assert len(spatial) == 3  # conv2d, relu, maxpool2d
     assert len(pngs) == 3 * len(spatial)
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+
+
+def test_invariance_command_prints_a_row_per_layer_and_a_column_per_magnitude(stack):
+    done = convoy(stack, "submit", str(EXAMPLES / "invariance.json"), "--wait")
+    job_id = submitted_id(done)
+    got = convoy(stack, "invariance", job_id)
+    assert got.returncode == 0, got.stderr
+    head, *rows = got.stdout.strip().splitlines()
+    assert head.split() == ["distance", "per", "layer", "trans", "1", "trans", "2", "trans",
+                            "3", "rotat", "15", "rotat", "30", "scale", "0.8", "scale", "1.25"]
+    names = ["0-conv2d", "1-relu", "2-maxpool2d", "3-flatten", "4-linear", "output agree",
+             "output p(true)"]
+    assert [r[:len(n)] for r, n in zip(rows, names, strict=True)] == names
+    with stack.client() as client:
+        curves = client.get(f"/v1/jobs/{job_id}/invariance").json()
+    conv = rows[0].split()[1:]
+    assert conv == [f"{p['distance']:.3f}" for family in ("translate", "rotate", "scale")
+                    for p in curves["layers"][0]["curves"][family]]
+    cosine = convoy(stack, "invariance", job_id, "--measure", "cosine")
+    assert cosine.stdout.split()[:3] == ["cosine", "per", "layer"]
+    refused = convoy(stack, "invariance", "0" * 32)
+    assert refused.returncode == 2 and "404" in refused.stderr
 
 
 def test_token_create_list_revoke(stack):

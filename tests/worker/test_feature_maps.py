@@ -157,7 +157,7 @@ def test_a_job_run_directly_stores_every_artifact_with_its_row(tmp_path):
                      ("feature_map", "2-flatten"),
                      *[("feature_map_png", f"{n}/{k}") for n in ("0-conv2d", "1-maxpool2d")
                        for k in range(3)]]
-    store_root = settings.artifact_root
+    store_root = settings.artifacts_dir
     for r in rows:
         assert (store_root / r.key).stat().st_size == r.size
     conv = next(r for r in rows if r.name == "0-conv2d" and r.kind == "feature_map")

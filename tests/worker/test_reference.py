@@ -115,7 +115,7 @@ def test_listing_stats_are_computed_on_the_pooled_maps(tmp_path: Path) -> None:
             "png": False}
     _, (raw_row,) = _run(settings, base)
     _, (pooled_row,) = _run(settings, {**base, "pool": {"type": "max", "kernel_size": 4}})
-    store = settings.artifact_root
+    store = settings.artifacts_dir
     raw = np.load(store / raw_row.key, allow_pickle=False)
     pooled = np.load(store / pooled_row.key, allow_pickle=False)
     assert raw.shape == (5, 3, 8, 8) and pooled.shape == (5, 3, 2, 2)
