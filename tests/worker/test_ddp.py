@@ -190,7 +190,9 @@ def test_warm_shutdown_stops_both_ranks_and_hands_the_job_back(fleet: Stack) -> 
         wait_for(lambda: client.get(f"/v1/jobs/{job_id}/checkpoints").json(), timeout=180,
                  what="epoch 1's checkpoint")
         pids = wait_for(lambda: (p := rank_pids(job_id)) and len(p) == 2 and p, timeout=10)
-        worker = next(p for p in fleet.workers if p.poll() is None)
+        # the worker running it: the ranks' parent
+        parent = int(Path(f"/proc/{pids[0]}/stat").read_text().split(") ", 1)[1].split()[1])
+        worker = next(p for p in fleet.workers if p.pid == parent)
         asked = time.monotonic()
         os.killpg(worker.pid, signal.SIGTERM)  # docker stop, Ctrl-C in a terminal
         wait_for(lambda: gone(pids), timeout=30, every=0.05, what="the ranks to stop")
@@ -200,7 +202,7 @@ def test_warm_shutdown_stops_both_ranks_and_hands_the_job_back(fleet: Stack) -> 
         first = wait_for(lambda: [a for a in client.get(f"/v1/jobs/{job_id}/attempts").json()
                                   if a["outcome"]], timeout=30)[0]
         assert first["outcome"] == "released"
-        start_worker(fleet, "w2b", devices=2)
+        start_worker(fleet, "w2b", devices=2)  # (or the 4-device worker, if it is still up)
         done = wait_job(client, job_id, timeout=240)
         assert done["state"] == "succeeded", done["error"]
         assert done["result"]["resumed_from_epoch"] >= 1 and done["attempt"] == 2
