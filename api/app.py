@@ -30,17 +30,21 @@ from api.reconciler import Reconciler
 from api.routes import (
     dashboard,
     datasets,
+    evaluate,
     events,
     feature_maps,
     health,
     invariance,
     jobs,
+    lifecycle,
     models,
     ops,
+    sweeps,
     tokens,
     uploads,
     webhooks,
 )
+from api.sweeper import SweepDriver
 from api.textguard import RejectUnencodableJSON
 from api.webhooks import Sender
 from convoy.artifacts import StoreUnavailable, get_store
@@ -195,8 +199,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         reconciler.start()
         sender = Sender(settings)  # webhook deliveries from the outbox
         sender.start()
+        sweep_driver = SweepDriver(settings, app.state.celery)  # issue 20
+        sweep_driver.start()
         await health.warm_up(app.state)
         yield
+        sweep_driver.stop()
         sender.stop()
         reconciler.stop()
 
@@ -222,8 +229,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (feature_maps, uploads):  # feature-map jobs and their uploads
         app.include_router(module.router)
     app.include_router(invariance.router)
+    app.include_router(lifecycle.router)  # DELETE jobs and uploads, usage
+    app.include_router(evaluate.router)  # evaluate jobs' predictions, export jobs' files
     for module in (ops, webhooks):  # for operators: /metrics, workers, webhooks
         app.include_router(module.router)
+    app.include_router(sweeps.router)  # hyperparameter sweeps (issue 20)
     dashboard.mount_static(app)
     install(app)  # the OpenAPI document with every status, the token and the error body
     app.add_middleware(AllowOptions, api=app)

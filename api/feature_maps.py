@@ -13,13 +13,17 @@ import numpy as np
 from fastapi import HTTPException
 from sqlalchemy.orm import Session
 
-from api.submit import check_model_limits, summarize_or_422, unprocessable
+from api.submit import check_model_limits, job_flops_limit, summarize_or_422, unprocessable
 from convoy import datasets
 from convoy.featuremaps import UnknownLayer, layer_names, layer_rows, resolve_layers
 from convoy.jobspec import (
+    MAX_INPUTS,
     DatasetInputs,
+    ExportJobRequest,
     FeatureMapPlan,
     FeatureMapsJobRequest,
+    IndexRange,
+    Indices,
     PlanSource,
     RandomSource,
     SourcedRequest,
@@ -172,7 +176,7 @@ def check_checkpoint(data: bytes, spec: ModelSpec, summary: dict[str, Any]) -> i
 
 # -- the model source ----------------------------------------------------------------------
 
-def resolve_source(session: Session, req: SourcedRequest, *, tenant: str
+def resolve_source(session: Session, req: SourcedRequest | ExportJobRequest, *, tenant: str
                    ) -> tuple[ModelSpec, PlanSource]:
     src = req.source
     given = [f for f in ("job_id", "checkpoint_id", "model") if getattr(src, f) is not None]
@@ -215,6 +219,42 @@ def dataset_ref(raw: Any) -> datasets.DigitsRef | datasets.SyntheticRef | datase
     return raw
 
 
+class StoreFile(io.RawIOBase):
+    """A read-only, seekable file over a stored object of known size: each read is one
+    ranged read of the store (for zipfile/np.load, which seek to the parts they need)."""
+
+    def __init__(self, store: Any, key: str, size: int) -> None:
+        super().__init__()
+        self.store, self.key, self.size, self.pos = store, key, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence]
+        self.pos = max(0, base + offset)
+        return self.pos
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        n = min(len(view), self.size - self.pos)
+        if n <= 0:
+            return 0
+        got = 0
+        for chunk in self.store.iter_range(self.key, self.pos, self.pos + n):
+            part = memoryview(chunk).cast("B")
+            view[got:got + len(part)] = part
+            got += len(part)
+        self.pos += got
+        return got
+
+
 def split_size(session: Session, ref: Any, split: str, *, tenant: str, store: Any,
                max_bytes: int | None = None) -> tuple[tuple[int, ...], int]:
     """The dataset's input shape and the number of samples in the split."""
@@ -234,13 +274,17 @@ def split_size(session: Session, ref: Any, split: str, *, tenant: str, store: An
         return shape, int(upload.meta["samples"])
     if upload.meta.get("split"):  # an image folder with its own val/ split
         return shape, int(upload.meta["split"][split])
-    with np.load(io.BytesIO(store.get_bytes(upload.key)), allow_pickle=False) as archive:
+    # the labels only: the archive is read by range (its directory, then the y member), never
+    # whole (an uploaded dataset may be hundreds of MB, and this runs at every submission)
+    reader = io.BufferedReader(StoreFile(store, upload.key, upload.size), 1 << 16)
+    with np.load(reader, allow_pickle=False) as archive:
         y = archive["y"]  # an .npz member loads alone: x is not read
     return shape, datasets.split_sizes(y.astype(np.int64), uploaded=True)[split]
 
 
 def resolve_inputs(session: Session, req: SourcedRequest, summary: dict[str, Any], *,
-                   tenant: str, store: Any, max_bytes: int | None = None
+                   tenant: str, store: Any, max_bytes: int | None = None,
+                   default_count: int = DEFAULT_DATASET_INPUTS
                    ) -> DatasetInputs | UploadedInputs:
     inp = req.inputs
     want = tuple(summary["input_shape"])
@@ -268,18 +312,30 @@ def resolve_inputs(session: Session, req: SourcedRequest, summary: dict[str, Any
         if meta["format"] != "npy" and want[0] not in (1, 3):
             raise unprocessable("inputs.input_id", f"an image converts to 1 or 3 channels; "
                                                    f"the model takes {want[0]}")
+    indices: Indices
     if inp.indices is None:
-        indices = list(range(min(count, DEFAULT_DATASET_INPUTS if inp.dataset else count)))
-    else:
+        indices = list(range(min(count, default_count if inp.dataset else count)))
+    elif isinstance(inp.indices, list):
         indices = inp.indices
         for k, index in enumerate(indices):
             if index >= count:
                 raise unprocessable(f"inputs.indices.{k}", f"index {index} is out of range: "
                                                            f"{what} has {count} samples")
+    else:
+        indices = IndexRange(stop=count) if inp.indices == "all" else inp.indices
+        if indices.stop > count:
+            raise unprocessable("inputs.indices.stop", f"stop {indices.stop} is out of range: "
+                                                       f"{what} has {count} samples")
+        if indices.count < 1:
+            raise unprocessable("inputs.indices", f"the range {indices.start}..{indices.stop} "
+                                                  "is empty: stop must be greater than start")
+    n = len(indices) if isinstance(indices, list) else indices.count
+    if n > MAX_INPUTS:
+        raise unprocessable("inputs.indices", f"{n} inputs are too many for one job (at most "
+                                              f"{MAX_INPUTS}); split it into start..stop ranges")
     if inp.dataset is not None:
-        return DatasetInputs(dataset=ref, split=inp.split, indices=indices, count=len(indices))
-    return UploadedInputs(input_id=input_id, format=meta["format"], indices=indices,
-                          count=len(indices))
+        return DatasetInputs(dataset=ref, split=inp.split, indices=indices, count=n)
+    return UploadedInputs(input_id=input_id, format=meta["format"], indices=indices, count=n)
 
 
 # -- the request -----------------------------------------------------------------------------
@@ -303,7 +359,8 @@ class Resolved:
 
 
 def resolve_request(session: Session, req: SourcedRequest, settings: Settings, *,
-                    tenant: str, store: Any = None) -> Resolved:
+                    tenant: str, store: Any = None,
+                    default_count: int = DEFAULT_DATASET_INPUTS) -> Resolved:
     """The source, the layers and the inputs of a request, or a 4xx naming the field."""
     if store is None:
         from convoy.artifacts import get_store
@@ -312,14 +369,15 @@ def resolve_request(session: Session, req: SourcedRequest, settings: Settings, *
     spec, source = resolve_source(session, req, tenant=tenant)
     field = "source.model" if isinstance(source, RandomSource) else "source"
     summary = summarize_or_422(spec, field=field)
-    if req.layers == []:
+    layers = getattr(req, "layers", None)  # an evaluate job has none: every layer runs
+    if layers == []:
         raise unprocessable("layers", "give at least one layer, or null for every layer")
     try:
-        wanted = resolve_layers(summary, req.layers)
+        wanted = resolve_layers(summary, layers)
     except UnknownLayer as exc:
         raise unprocessable(f"layers.{exc.position}", str(exc)) from None
     inputs = resolve_inputs(session, req, summary, tenant=tenant, store=store,
-                            max_bytes=settings.max_dataset_bytes)
+                            max_bytes=settings.max_dataset_bytes, default_count=default_count)
     check_model_limits(summary, settings, batch_size=min(inputs.count, 256), field=field)
     for row, name in zip(layer_rows(summary), layer_names(summary), strict=True):
         row["name"] = name
@@ -340,6 +398,17 @@ def check_feature_maps(session: Session, req: FeatureMapsJobRequest, settings: S
         shape = rows[i]["output_shape"]
         unpooled += map_bytes(count, shape, req.dtype)
         stored += map_bytes(count, pooled_shape(shape, pool), req.dtype)
+    # the forward passes up to the last layer captured, over every input: with pooling the
+    # stored bytes stay small while 100,000 inputs through a huge model would run for days
+    last = max(got.layers)  # a position in forward order; its top-level layer's row counts
+    top = int(layer_names(summary)[last].split("-", 1)[0])  # a whole block when inside one
+    work = sum(int(row["flops"]) for row in summary["layers"][:top + 1]) * count
+    limit = job_flops_limit(settings, tenant)
+    if work > limit:
+        raise unprocessable("inputs.indices", f"estimated work {work:.3g} FLOPs ({count} inputs "
+                                              f"through layers 0..{top}) exceeds the limit "
+                                              f"max_job_flops={limit:.3g} of tenant {tenant!r}; "
+                                              "ask for fewer inputs or earlier layers")
     if stored > settings.max_feature_map_bytes:
         raise unprocessable("layers", f"the maps would take {stored} bytes, over the limit "
                                       f"max_feature_map_bytes={settings.max_feature_map_bytes}; "

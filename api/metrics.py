@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
@@ -50,12 +50,27 @@ def route_of(app: FastAPI, scope: Scope) -> str:
     path = getattr(route, "path", None)
     if isinstance(path, str):
         return path
-    for candidate in app.router.routes:
-        match, _ = candidate.matches(scope)
+    return _template(app.router.routes, scope) or "unmatched"
+
+
+def _template(routes: Sequence[object], scope: Scope) -> str | None:
+    """The template of the first route the path matches. FastAPI (0.16x) keeps each
+    included router as one entry that "matches" any path: look inside it instead."""
+    for candidate in routes:
+        inner = getattr(getattr(candidate, "original_router", None), "routes", None)
+        if inner is not None:
+            found = _template(inner, scope)
+            if found:
+                return found
+            continue
+        matches = getattr(candidate, "matches", None)
+        if matches is None:
+            continue
+        match, _ = matches(scope)
         if match != Match.NONE:
-            found = getattr(candidate, "path", None)
-            return found if isinstance(found, str) else "unmatched"
-    return "unmatched"
+            path = getattr(candidate, "path", None)
+            return path if isinstance(path, str) else None
+    return None
 
 
 class HttpMetrics:

@@ -51,12 +51,20 @@ ROUTE_ERRORS: dict[tuple[str, str], set[int]] = {
     # unknown checkpoint/job/upload, a key reused, the queue quota, the store read for a
     # feature-map job's inputs
     ("POST", "/v1/jobs"): {404, 409, 429, 507},
+    # queued or running (or a running job starts from it); the store's deletes
+    ("DELETE", "/v1/jobs/{job_id}"): {409, 507},
+    ("DELETE", "/v1/uploads/{upload_id}"): {409, 507},
     ("POST", "/v1/jobs/{job_id}/cancel"): {409},
+    # the base's dataset upload not found; a key reused
+    ("POST", "/v1/sweeps"): {404, 409},
+    ("POST", "/v1/sweeps/{sweep_id}/cancel"): {409},  # the sweep has already ended
     ("DELETE", "/v1/tokens/{token_id}"): {409},  # the last admin token
     ("GET", "/v1/jobs/{job_id}/events"): {429},  # open streams per tenant and in total
     # too many values for JSON; a Range past the end; the store read
     ("GET", "/v1/jobs/{job_id}/feature-maps/{layer}"): {413, 416, 507},
     ("GET", "/v1/jobs/{job_id}/checkpoints/{name}"): {416, 507},
+    ("GET", "/v1/jobs/{job_id}/predictions"): {507},  # the store read
+    ("GET", "/v1/jobs/{job_id}/export"): {416, 507},
     # a key reused, the store written
     **{("POST", path): {409, 507} for path in UPLOADS},
     # a token without the `metrics` scope (401 and 503: needs_token)

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from convoy.jobspec import FeatureMapPlan, InvariancePlan
+from convoy.jobspec import EvaluatePlan, ExportPlan, FeatureMapPlan, InitPlan, InvariancePlan
 
 
 class _Stored(BaseModel):
@@ -107,6 +107,47 @@ class ModelSummary(_Stored):
                                                            "the model spec")
     feature_maps: FeatureMapPlan | None = None
     invariance: InvariancePlan | None = None
+    evaluate: EvaluatePlan | None = None
+    export: ExportPlan | None = None
+    init: InitPlan | None = Field(None, description="a train job's `init`: the checkpoint it "
+                                                    "starts from, the tensors loaded and "
+                                                    "skipped")
+
+
+class ClassScore(BaseModel):
+    precision: float | None = Field(description="null when nothing was predicted as it")
+    recall: float | None = Field(description="null when no input has it as its label")
+    support: int = Field(description="inputs labelled with it")
+
+
+class EvaluateResult(_Stored):
+    """An evaluate job's result (its per-input predictions: GET /v1/jobs/{id}/predictions)."""
+
+    inputs: int
+    top_k: int
+    classes: int
+    labelled: bool
+    loss: float | None = None
+    accuracy: float | None = None
+    top_k_accuracy: float | None = None
+    confusion: list[list[int]] | None = Field(
+        None, description="confusion[label][predicted] counts (classes <= 100)")
+    per_class: list[ClassScore] | None = None
+    device: str | None = None
+    images_per_second: float | None = None
+
+
+class ExportResult(_Stored):
+    """An export job's result (the file: GET /v1/jobs/{id}/export)."""
+
+    format: str
+    max_abs_diff: float = Field(description="largest |exported - PyTorch| over the check "
+                                            "batch's outputs")
+    check_batch: int | None = None
+    batch_sizes_checked: list[int] | None = None
+    bytes: int | None = None
+    sha256: str | None = None
+    opset: int | None = None
 
 
 class TrainResult(_Stored):
@@ -209,7 +250,8 @@ class JobOut(BaseModel):
     # older or damaged one) is still answered as it is, never a 500.
     summary: Annotated[ModelSummary | dict[str, Any], Field(union_mode="left_to_right")] | None
     # a feature-map job's result names its layers; TrainResult's fields are all optional
-    result: Annotated[FeatureMapsResult | InvarianceResult | TrainResult | dict[str, Any],
+    result: Annotated[FeatureMapsResult | InvarianceResult | EvaluateResult | ExportResult
+                      | TrainResult | dict[str, Any],
                       Field(union_mode="left_to_right")] | None
     request: dict[str, Any]
     # running time allowed across attempts, seconds (None for jobs from before it existed)
@@ -219,6 +261,8 @@ class JobOut(BaseModel):
                           "its queue (a `cuda` job with no GPU worker), or its tenant is at "
                           "its running limit; null when nothing holds it up. Computed by the "
                           "GET routes (the answer to a submission leaves it null)")
+    # the sweep this job is a trial of (None for a job submitted alone)
+    sweep_id: str | None = None
 
 
 class JobPage(BaseModel):
@@ -439,3 +483,39 @@ class WebhookDeliveryOut(BaseModel):
     next_at: datetime | None
     created_at: datetime
     finished_at: datetime | None
+
+
+class UsageOut(BaseModel):
+    """What a tenant holds in the artifact store (the storage quota counts `bytes`)."""
+
+    bytes: int = Field(description="artifact_bytes + upload_bytes")
+    artifact_bytes: int = Field(description="files its jobs wrote (checkpoints, maps...)")
+    upload_bytes: int = Field(description="datasets, checkpoints and inputs it uploaded")
+    jobs: int
+    artifacts: int
+    uploads: int
+    limit_bytes: int | None = Field(description="max_storage_bytes_per_tenant; null: none")
+
+
+class ClassProbability(BaseModel):
+    class_: int = Field(alias="class")
+    probability: float
+
+    model_config = ConfigDict(populate_by_name=True)
+
+
+class Prediction(BaseModel):
+    index: int = Field(description="the input's index in its split (or upload)")
+    label: int | None = Field(description="its label; null for uploaded inputs")
+    top: list[ClassProbability] = Field(description="the top-k classes, most probable first")
+
+
+class PredictionsOut(BaseModel):
+    """A page of an evaluate job's predictions; empty until it has succeeded."""
+
+    job_id: str
+    state: str
+    total: int
+    offset: int
+    items: list[Prediction]
+    next_offset: int | None

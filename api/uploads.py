@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import HTTPException, UploadFile
 from sqlalchemy.orm import Session
 
+from api.quota import check_storage
 from api.textguard import unencodable_detail
 from convoy.artifacts import ArtifactStore, upload_key
 from convoy.settings import Settings
@@ -49,8 +50,12 @@ def check_form_text(*fields: tuple[str, str | None]) -> None:
 
 
 def save_upload(session: Session, store: ArtifactStore, *, tenant: str, kind: str, name: str,
-          data: bytes, suffix: str, meta: dict[str, Any]) -> Upload:
-    """Store the file under a server-built key and insert its row; no file without its row."""
+          data: bytes, suffix: str, meta: dict[str, Any], settings: Settings | None = None
+          ) -> Upload:
+    """Store the file under a server-built key and insert its row; no file without its row.
+    With `settings`, 413 when the file would take the tenant past its storage quota."""
+    if settings is not None:
+        check_storage(session, settings, tenant=tenant, adding=len(data), what="file")
     upload_id = new_id()
     key = upload_key(f"{kind}s", upload_id, suffix)
     size, sha = store.put_bytes(key, data)

@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import ipaddress
 import logging
+import re
 import socket
 import threading
 import time
@@ -48,8 +49,8 @@ def sign(secret: str, msg_id: str, timestamp: int, body: str) -> str:
 def forbidden(address: str) -> str | None:
     """Why a webhook may not go to this IP address (None: a public address)."""
     ip = ipaddress.ip_address(address)
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):  # an IPv4 address inside: judged as that one
+        ip = ip.ipv4_mapped or ip.sixtofour or ip
     for what, flag in (("loopback", ip.is_loopback), ("link-local", ip.is_link_local),
                        ("private", ip.is_private), ("multicast", ip.is_multicast),
                        ("unspecified", ip.is_unspecified), ("reserved", ip.is_reserved)):
@@ -60,9 +61,36 @@ def forbidden(address: str) -> str | None:
     return None
 
 
+# what inet_aton reads as an IPv4 address besides the dotted quad: 2130706433, 0x7f000001,
+# 017700000001, 127.1, 0 (resolvers and HTTP clients accept these forms too)
+LOOSE_IPV4 = re.compile(r"^(0x[0-9a-f]+|[0-9]+)(\.(0x[0-9a-f]+|[0-9]+)){0,3}$", re.IGNORECASE)
+
+
+def literal_address(host: str) -> str | None:
+    """The IP address a URL's host names without any lookup: an IP literal, an IPv4 address
+    in decimal, octal, hex or short form, or a `localhost` name (RFC 6761: always
+    loopback); None for a name that must be resolved."""
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        pass
+    if LOOSE_IPV4.match(host):
+        try:
+            return socket.inet_ntoa(socket.inet_aton(host))
+        except OSError:
+            return None
+    name = host.rstrip(".").lower()
+    if name == "localhost" or name.endswith(".localhost"):
+        return "127.0.0.1"
+    return None
+
+
 def check_url(url: str) -> tuple[str, str, int]:
     """(scheme, host, port) of an http(s) URL without credentials; ValueError otherwise."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:  # "Invalid IPv6 URL"
+        raise ValueError(f"url: {exc}") from None
     if parts.scheme not in ("http", "https"):
         raise ValueError("url: only http and https URLs are sent to")
     if parts.username is not None or parts.password is not None:
@@ -116,8 +144,9 @@ def send(delivery: webhooks.Claimed, settings: Settings, *, now: float | None = 
     target = parts._replace(netloc=f"{netloc}:{port}").geturl()
     timestamp = int(now if now is not None else time.time())
     default_port = port == (443 if scheme == "https" else 80)
+    authority = f"[{host}]" if ":" in host else host  # an IPv6 literal keeps its brackets
     headers = {
-        "host": host if default_port else f"{host}:{port}",
+        "host": authority if default_port else f"{authority}:{port}",
         "content-type": "application/json",
         "user-agent": "Convoy-Webhooks/1",
         "webhook-id": delivery.id,

@@ -3,15 +3,22 @@ with argmax and extra pooling, and of worker.feature_maps.extract, which also br
 to host numpy) over a bare PyTorch forward pass with a forward hook on every layer, same
 model, inputs and threads, interleaved ABAB, medians; (2) end-to-end feature-map jobs
 through the real service (API, Redis, Celery worker, PostgreSQL), their time split into
-forward, encoding (npy, PNG) and storage, and the stored bytes pooled vs unpooled.
+forward, encoding (npy, PNG) and storage, and the stored bytes pooled vs unpooled, and the
+first (rendering) and cached request of a lazy PNG; (3) dataset scale: 500 and 20,000-image
+jobs over every layer of vgg-small beside a bare hooked forward that writes the same .npy
+files, the lazy-PNG default beside no PNGs, and images/s by size.
 
     python -m bench.bench_feature_maps [--device auto|cpu|cuda] [--rounds 15] [--smoke]
+                                       [--scale-only]
 """
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -41,7 +48,7 @@ def inputs_for(spec: dict[str, Any], n: int) -> np.ndarray:
 def hooked(model: torch.nn.Module) -> Callable[[torch.Tensor], list[torch.Tensor]]:
     """The baseline: a forward pass with a hook on every layer keeping its output."""
     holder: list[list[torch.Tensor]] = [[]]
-    for m in model.layers:  # type: ignore[union-attr]
+    for m in model.layers:
         m.register_forward_hook(lambda _m, _i, out: holder[0].append(out))
 
     def run(x: torch.Tensor) -> list[torch.Tensor]:
@@ -156,15 +163,17 @@ def end_to_end(device: str, smoke: bool) -> None:
     print("\n## end-to-end feature-map jobs (PostgreSQL + Redis + 1 Celery worker), seconds")
     print(f"{'job':<34} {'wall':>6} {'load':>6} {'forward':>7} {'npy':>6} {'png':>6} "
           f"{'store':>6} {'files':>6} {'stored MB':>9} {'unpooled MB':>11}")
+    lazy_pngs: list[tuple[str, str]] = []
     with service("pg") as stack, stack.client() as client:
         for name, raw, n in CASES:
             n = 16 if smoke else n
             inputs = {"dataset": "digits" if raw is DIGITS_CNN else
                       {"name": "synthetic", "samples": 80}, "indices": list(range(n)),
                       "split": "all"}
-            for label, extra in (("png", {}), ("no png", {"png": False}),
-                                 ("max pool 2, no png", {"png": False, "pool": POOL}),
-                                 ("global avg, no png", {"png": False,
+            for label, extra in (("eager png", {"png": "eager"}), ("lazy png", {}),
+                                 ("no png", {"png": "off"}),
+                                 ("max pool 2, no png", {"png": "off", "pool": POOL}),
+                                 ("global avg, no png", {"png": "off",
                                                          "pool": {"type": "avg",
                                                                   "global": True}})):
                 body = {"kind": "feature_maps", "device": device, "inputs": inputs,
@@ -175,15 +184,116 @@ def end_to_end(device: str, smoke: bool) -> None:
                       f"{t['forward_s']:>7.3f} {t['encode_npy_s']:>6.3f} "
                       f"{t['encode_png_s']:>6.2f} {t['storage_s']:>6.2f} {res['artifacts']:>6} "
                       f"{res['bytes_stored'] / 1e6:>9.3f} {res['bytes_unpooled'] / 1e6:>11.3f}")
+                if label == "lazy png":
+                    lazy_pngs.append((name, job["id"]))
+        for name, job_id in lazy_pngs:  # the first request renders and caches; then cached
+            url = f"/v1/jobs/{job_id}/feature-maps/0"
+            times = []
+            for _ in range(2):
+                t = time.perf_counter()
+                r = client.get(url, params={"format": "png", "image": 5 % n})
+                r.raise_for_status()
+                times.append(time.perf_counter() - t)
+            print(f"{name} lazy png of layer 0: first request {times[0] * 1e3:.1f} ms, "
+                  f"cached {times[1] * 1e3:.1f} ms")
+
+
+SCALE_MODEL = {"preset": "vgg-small", "input_shape": [3, 8, 8], "num_classes": 4}
+
+
+def scale_dataset(n: int) -> dict[str, Any]:
+    return {"name": "synthetic", "samples": max(n, 80), "size": 8, "channels": 3,
+            "num_classes": 4}
+
+
+def bare_job(n: int, out: Path, batch: int = 256) -> float:
+    """The baseline of a job: the same dataset generated, the same model built, a plain
+    forward pass with a hook on every layer, each layer's outputs appended batch by batch to
+    its own .npy (header first); seconds of wall time."""
+    from worker.npystream import npy_header
+
+    t = time.perf_counter()
+    x = datasets.load_synthetic(datasets.SyntheticRef(**scale_dataset(n))).all_x[:n]
+    spec = ModelSpec.model_validate(SCALE_MODEL)
+    torch.manual_seed(0)
+    model = build_model(spec).eval()
+    files: list[Any] = []
+    outputs: list[torch.Tensor] = []
+    for m in model.layers:
+        m.register_forward_hook(lambda _m, _i, o: outputs.append(o))
+    try:
+        with torch.inference_mode():
+            for start in range(0, n, batch):
+                outputs.clear()
+                model(torch.from_numpy(np.ascontiguousarray(x[start:start + batch])))
+                if not files:
+                    for i, o in enumerate(outputs):
+                        f = open(out / f"{i}.npy", "wb")  # noqa: SIM115 - closed below
+                        f.write(npy_header((n, *o.shape[1:]), np.dtype(np.float32)))
+                        files.append(f)
+                for f, o in zip(files, outputs, strict=True):
+                    f.write(o.contiguous().numpy().data)
+    finally:
+        for f in files:
+            f.close()
+    return time.perf_counter() - t
+
+
+def scale(device: str, smoke: bool, rounds: int = 2) -> None:
+    """Jobs over every layer of vgg-small (3x8x8, no pooling) for a small and a large number
+    of inputs: the no-PNG job beside the bare hooked forward writing the same .npy files, the
+    default (lazy PNG) job beside the no-PNG job, and images/s for both sizes. Each size runs
+    `rounds` rounds of bare, no-PNG, lazy in turn (the fastest of each counts); a job's files
+    are removed after it, so the disk does not fill up between rounds."""
+    from bench.stacks import service
+
+    sizes = (64, 512) if smoke else (500, 20_000)
+    print(f"\n## dataset scale: vgg-small 3x8x8, every layer, no pooling, wall seconds, best of "
+          f"{rounds} (bare: hooked forward + .npy writes in this process; jobs: submit -> "
+          "succeeded; forward/stats/store: the no-PNG job's result.timings)")
+    rates = {}
+    with service("pg") as stack, stack.client() as client:
+        for n in sizes:
+            inputs = {"dataset": scale_dataset(n), "indices": {"start": 0, "stop": n}}
+            times: dict[str, list[float]] = {"bare": [], "off": [], "lazy": []}
+            timings: dict[str, float] = {}
+            for _ in range(rounds):
+                with tempfile.TemporaryDirectory(prefix="convoy-bare-") as tmp:
+                    times["bare"].append(bare_job(n, Path(tmp)))
+                for png in ("off", "lazy"):
+                    job = run_job(client, {"kind": "feature_maps", "device": device,
+                                           "inputs": inputs, "png": png,
+                                           "source": {"model": SCALE_MODEL, "seed": 0}})
+                    times[png].append(job["wall_s"])
+                    if png == "off":
+                        timings = job["result"]["timings"]
+                        stored = job["result"]["bytes_stored"]
+                    shutil.rmtree(stack.home / "artifacts" / "jobs" / job["id"],
+                                  ignore_errors=True)
+            bare, off, lazy = (min(times[k]) for k in ("bare", "off", "lazy"))
+            rates[n] = n / off
+            print(f"x{n:<6} bare {bare:6.2f}  no-png job {off:6.2f}  ratio bare/job = "
+                  f"{bare / off:.2f}  lazy-png job {lazy:6.2f}  ratio lazy/no-png = "
+                  f"{lazy / off:.2f}  images/s {rates[n]:.0f}  stored {stored / 1e9:.2f} GB  "
+                  f"forward {timings['forward_s']:.2f} stats {timings['encode_npy_s']:.2f} "
+                  f"store {timings['storage_s']:.2f}")
+    small, large = sizes
+    print(f"images/s x{large} / x{small} = {rates[large] / rates[small]:.2f} (the cost per image "
+          "does not grow with N when >= 1)")
 
 
 def main() -> None:
     args = model_bench_args(__doc__, rounds=15, smoke="a few rounds, 16-image jobs", extra=[
-        ("--reps", {"type": int, "default": 5, "help": "batches per timed window"})])
+        ("--reps", {"type": int, "default": 5, "help": "batches per timed window"}),
+        ("--scale-only", {"action": "store_true", "help": "only the dataset-scale jobs"})])
     device = args.device
+    if args.scale_only:
+        scale(device.type, args.smoke)
+        return
     throughput(device, 3 if args.smoke else args.rounds, 1 if args.smoke else args.reps)
     if not args.no_e2e:
         end_to_end(device.type, args.smoke)
+        scale(device.type, args.smoke)
 
 
 if __name__ == "__main__":

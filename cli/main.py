@@ -123,7 +123,11 @@ def cmd_artifacts(args: argparse.Namespace) -> int:
     if not os.path.isdir(source):
         print(f"no artifact folder at {source}", file=sys.stderr)
         return 1
-    dst = open_store(args.to, settings)
+    try:
+        dst = open_store(args.to, settings)
+    except ValueError as exc:  # no bucket, a `..` in the prefix: a usage error, no traceback
+        print(f"--to {args.to}: {exc}", file=sys.stderr)
+        return 2
     try:
         dst.check()
         report = copy_root(LocalStore(Path(source)), dst)

@@ -1,5 +1,5 @@
 """The client half of the `convoy` command: submit (with a live progress bar), jobs, status,
-cancel, logs, fetch, feature-maps, invariance. cli.main adds these to its parser."""
+cancel, logs, fetch, feature-maps, invariance, predict. cli.main adds these to its parser."""
 
 from __future__ import annotations
 
@@ -269,6 +269,114 @@ def cmd_invariance(args: argparse.Namespace) -> int:
     return 0
 
 
+def sweep_line(sweep: dict[str, Any]) -> str:
+    """One line of a sweep's progress: a bar of ended trials, the running count, the best."""
+    trials, total = sweep.get("trials", []), int(sweep.get("trials_total") or 1)
+    ended = sum(t["state"] in ("succeeded", "failed", "canceled") for t in trials)
+    running = sum(t["state"] == "running" for t in trials)
+    pruned = sum(bool(t.get("pruned")) for t in trials)
+    width = 24
+    filled = int(round(ended / total * width))
+    line = (f"[{'#' * filled}{'.' * (width - filled)}] {ended}/{total} trials  "
+            f"{running} running  {pruned} pruned  {sweep['state']}")
+    best = sweep.get("best")
+    if best:
+        metric = (sweep.get("objective") or {}).get("metric", "value")
+        line += f"  best {metric} {best['value']:.4f} (trial {best['number']})"
+    return line
+
+
+def cmd_sweep_submit(args: argparse.Namespace) -> int:
+    try:
+        request: dict[str, Any] = json.loads(Path(args.spec).read_text())
+    except (OSError, ValueError) as exc:
+        print(f"error: {args.spec}: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    with _client(args) as convoy:
+        sweep = convoy.submit_sweep(request, idempotency_key=args.idempotency_key)
+        print(f"submitted sweep {sweep['id']} ({sweep['trials_total']} trials, "
+              f"{sweep['parallel']} at once)", flush=True)
+        if not args.wait:
+            return 0
+        tty = sys.stderr.isatty()
+        last = [""]
+
+        def show(s: dict[str, Any]) -> None:
+            line = sweep_line(s)
+            if tty:
+                sys.stderr.write("\r" + line + "\x1b[K")
+            elif line != last[0]:
+                sys.stderr.write(line + "\n")
+            sys.stderr.flush()
+            last[0] = line
+
+        sweep = convoy.wait_sweep(sweep["id"], on_poll=show)
+        if tty:
+            sys.stderr.write("\n")
+        print_sweep(sweep)
+        return {"succeeded": 0, "canceled": EXIT_CANCELED}.get(sweep["state"], EXIT_FAILED)
+
+
+def print_sweep(sweep: dict[str, Any]) -> None:
+    print(f"sweep {sweep['id']} {sweep['state']}")
+    for t in sweep["trials"]:
+        value = "-" if t["value"] is None else f"{t['value']:.4f}"
+        params = ", ".join(f"{k}={v}" for k, v in t["params"].items())
+        note = " pruned" if t["pruned"] else ""
+        print(f"  trial {t['number']:>3} {t['state']:<10}{note:<7} {value:>8}  "
+              f"epochs {t['epochs']}  {params}")
+    if sweep.get("best"):
+        b = sweep["best"]
+        print(f"best: trial {b['number']} job {b['job_id']} value {b['value']:.4f} "
+              f"params {json.dumps(b['params'])}")
+
+
+def cmd_sweep_status(args: argparse.Namespace) -> int:
+    with _client(args) as convoy:
+        print_sweep(convoy.sweep(args.id))
+    return 0
+
+
+def cmd_sweep_list(args: argparse.Namespace) -> int:
+    with _client(args) as convoy:
+        for s in convoy.sweeps(limit=args.limit):
+            print(f"{s['id']:<32}  {s['state']:<10} {100 * s['progress']:4.0f}%  {s['name']}")
+    return 0
+
+
+def cmd_sweep_cancel(args: argparse.Namespace) -> int:
+    with _client(args) as convoy:
+        sweep = convoy.cancel_sweep(args.id)
+    print(f"sweep {sweep['id']} {sweep['state']}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Upload the image (or .npy), score it with the model of a train job, print the top
+    classes of each input."""
+    with _client(args) as convoy:
+        upload = convoy.upload_inputs(args.image)
+        source: dict[str, Any] = {"job_id": args.model}
+        if args.checkpoint != "last":
+            source["checkpoint"] = args.checkpoint
+        job = convoy.submit({"kind": "evaluate", "source": source,
+                             "inputs": {"input_id": upload["id"]}, "top_k": args.top,
+                             "device": args.device})
+        job = convoy.wait(job.id)
+        if job.state != "succeeded":
+            print(final_line(job, 0.0), file=sys.stderr)
+            return exit_code(job)
+        offset: int | None = 0
+        while offset is not None:
+            page = convoy.predictions(job.id, offset=offset, limit=1000)
+            for item in page["items"]:
+                ranked = ", ".join(f"{t['class']} ({t['probability']:.3f})"
+                                   for t in item["top"])
+                print(f"{args.image}[{item['index']}]: {ranked}")
+            offset = page["next_offset"]
+    return 0
+
+
 def _guard(func: Command) -> Command:
     """A refused request or an unreachable server is one clear line and exit code 2."""
 
@@ -337,3 +445,27 @@ def add_commands(sub: Any) -> None:
     p.add_argument("id")
     p.add_argument("--measure", choices=["distance", "cosine"], default="distance",
                    help="what each cell shows (default: distance)")
+    sweep = sub.add_parser("sweep", help="hyperparameter sweeps (docs/sweeps.md)")
+    sweeps = sweep.add_subparsers(dest="sweep_command", required=True)
+
+    def add_sweep(name: str, func: Command, help_text: str) -> argparse.ArgumentParser:
+        p = sweeps.add_parser(name, help=help_text, parents=[common])
+        p.set_defaults(func=_guard(func))
+        return p
+
+    p = add_sweep("submit", cmd_sweep_submit, "submit a sweep from a JSON file")
+    p.add_argument("spec", help="sweep request JSON (see examples/sweeps/digits-sweep.json)")
+    p.add_argument("--wait", action="store_true", help="follow it with a progress bar of "
+                   "trials; exit code 0 succeeded, 1 failed, 3 canceled")
+    p.add_argument("--idempotency-key", help="send this Idempotency-Key")
+    add_sweep("status", cmd_sweep_status, "show a sweep's trials and best").add_argument("id")
+    add_sweep("cancel", cmd_sweep_cancel, "cancel a sweep and its trials").add_argument("id")
+    p = add_sweep("list", cmd_sweep_list, "list sweeps, newest first")
+    p.add_argument("--limit", type=ascii_int, default=50)
+    p = add("predict", cmd_predict, "classify an image (PNG/JPEG) or a .npy of inputs with a "
+            "trained model: submits an evaluate job, waits, prints the top classes")
+    p.add_argument("image")
+    p.add_argument("--model", required=True, help="the train job whose checkpoint to use")
+    p.add_argument("--checkpoint", default="last", help="last (default) or a checkpoint name")
+    p.add_argument("--top", type=ascii_int, default=3, help="classes shown per input")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")

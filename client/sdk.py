@@ -92,6 +92,34 @@ class Convoy:
             raise ConvoyError(r.status_code, detail)
         return r
 
+    # ---- sweeps (issue 20) ----------------------------------------------------------------
+
+    def submit_sweep(self, request: dict[str, Any], *, idempotency_key: str | None = None
+                     ) -> dict[str, Any]:
+        """POST /v1/sweeps, retried with one Idempotency-Key: never two sweeps."""
+        return dict(self._post_idempotent("/v1/sweeps", json=request,
+                                          idempotency_key=idempotency_key).json())
+
+    def sweep(self, sweep_id: str) -> dict[str, Any]:
+        return dict(self._call("GET", f"/v1/sweeps/{sweep_id}").json())
+
+    def sweeps(self, *, limit: int = 50) -> list[dict[str, Any]]:
+        return list(self._call("GET", "/v1/sweeps", params={"limit": limit}).json()["items"])
+
+    def cancel_sweep(self, sweep_id: str) -> dict[str, Any]:
+        return dict(self._call("POST", f"/v1/sweeps/{sweep_id}/cancel").json())
+
+    def wait_sweep(self, sweep_id: str, *, on_poll: Callable[[dict[str, Any]], None] | None
+                   = None, every_s: float = 1.0) -> dict[str, Any]:
+        """Poll until the sweep has ended; `on_poll` sees each answer."""
+        while True:
+            sweep = self.sweep(sweep_id)
+            if on_poll is not None:
+                on_poll(sweep)
+            if sweep["state"] != "running":
+                return sweep
+            time.sleep(every_s)
+
     # ---- jobs ---------------------------------------------------------------------------
 
     def submit(self, request: dict[str, Any], *, idempotency_key: str | None = None) -> Job:
@@ -199,6 +227,45 @@ class Convoy:
         "curves": {family: [{"magnitude", "cosine", "distance"}]}}], "output", ...}."""
         data: dict[str, Any] = self._call("GET", f"/v1/jobs/{job_id}/invariance").json()
         return data
+
+    # ---- a model's life after training ----------------------------------------------------
+
+    def delete_job(self, job_id: str) -> None:
+        """Delete a finished job with its files (409 while it is queued or running)."""
+        self._call("DELETE", f"/v1/jobs/{job_id}")
+
+    def delete_upload(self, upload_id: str) -> None:
+        """Delete an uploaded dataset, checkpoint or input (409 while a job uses it)."""
+        self._call("DELETE", f"/v1/uploads/{upload_id}")
+
+    def usage(self) -> dict[str, Any]:
+        """The tenant's stored bytes and counts, and its limit (limit_bytes, or None)."""
+        data: dict[str, Any] = self._call("GET", "/v1/usage").json()
+        return data
+
+    def upload_inputs(self, path: str | Path) -> dict[str, Any]:
+        """Upload a .npy (N, C, H, W) or a PNG/JPEG as inputs; returns the upload."""
+        p = Path(path)
+        r = self._post_idempotent("/v1/inputs", files={"file": (p.name, p.read_bytes())})
+        data: dict[str, Any] = r.json()
+        return data
+
+    def predictions(self, job_id: str, *, offset: int = 0, limit: int = 100
+                    ) -> dict[str, Any]:
+        """A page of an evaluate job's predictions: {"total", "items": [{"index", "label",
+        "top": [{"class", "probability"}]}], "next_offset"}."""
+        data: dict[str, Any] = self._call("GET", f"/v1/jobs/{job_id}/predictions",
+                                          params={"offset": offset, "limit": limit}).json()
+        return data
+
+    def download_export(self, job_id: str, out: str | Path) -> Path:
+        """An export job's file (model.onnx or model.pt) to `out` (a file or a folder)."""
+        r = self._call("GET", f"/v1/jobs/{job_id}/export")
+        path = Path(out)
+        if path.is_dir():
+            path = path / (job_id + (".onnx" if r.content[:1] != b"PK" else ".pt"))
+        _write(path, r.content)
+        return path
 
     def download_feature_maps(self, job_id: str, out: str | Path, *,
                               png: bool = True) -> list[Path]:

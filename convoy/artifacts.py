@@ -74,8 +74,10 @@ class StoreUnavailable(OSError):
         """For API clients: names the store and the reason, not the server's paths (a bucket
         URL is no secret and is named; a local folder is not)."""
         where = f" {self.root}" if self.public_name else ""
-        return (f"the artifact store{where} is unavailable ({self.code}: {self.strerror}); "
-                "nothing was stored, try again later")
+        # a failed read (a download) stored nothing either, but saying so misleads
+        then = ("nothing was stored, try again later" if self.action in ("write", "delete")
+                else f"could not {self.action} the file, try again later")
+        return f"the artifact store{where} is unavailable ({self.code}: {self.strerror}); {then}"
 
 
 class CorruptArtifact(ValueError):

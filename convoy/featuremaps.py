@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from convoy.artifacts import job_key
 from models.spec import layer_path, named_rows
 
 
@@ -60,3 +61,9 @@ def resolve_layers(summary: dict[str, Any], wanted: list[str] | None) -> list[in
         else:
             raise UnknownLayer(position, item, names)
     return sorted(picked)
+
+
+def png_key(job_id: str, layer: str, image: int) -> str:
+    """Where image k's PNG grid of a layer is stored: by the job (png: eager), or by the API
+    when it is first asked for (png: lazy, the default)."""
+    return job_key(job_id, "feature-maps", "png", layer, f"{image:05d}.png")

@@ -52,6 +52,35 @@ class TrainConfig(BaseModel):
     augment: Augment | None = None
 
 
+RetainedMetric = Literal["val_accuracy", "val_loss", "train_accuracy", "train_loss"]
+
+
+class CheckpointPolicy(BaseModel):
+    """Which checkpoints a train job keeps (convoy/retention.py): after each epoch, the union
+    of the `keep_last` newest and the `keep_best` best by `metric`; the newest always.
+    `keep_last: null` keeps every checkpoint."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    keep_last: Annotated[int, Field(ge=1, le=100_000)] | None = 3
+    keep_best: Annotated[int, Field(ge=0, le=100_000)] = 1
+    metric: RetainedMetric = "val_accuracy"
+    mode: Literal["max", "min"] = "max"
+
+
+class InitFrom(BaseModel):
+    """Weights a train job starts from: a train job's checkpoint (`job_id`, `checkpoint` a
+    name or `last`) or an uploaded one (`checkpoint_id`). `strict: false` loads the tensors
+    whose names and shapes match and leaves the others as seeded (the summary names them)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    job_id: Annotated[str, Field(max_length=64, pattern=r"^[0-9a-f]+$")] | None = None
+    checkpoint: Annotated[str, Field(max_length=64, pattern=r"^[\w.-]+$")] = "last"
+    checkpoint_id: Annotated[str, Field(max_length=64, pattern=r"^[0-9a-f]+$")] | None = None
+    strict: bool = True
+
+
 Device = Literal["auto", "cpu", "cuda"]
 
 
@@ -76,13 +105,18 @@ Timeout = Annotated[float, Field(gt=0, allow_inf_nan=False)] | None
 
 
 class TrainJobRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     kind: Literal["train"]
     name: Name = ""
     model: ModelSpec
     dataset: Annotated[DigitsRef | SyntheticRef | UploadRef, Field(union_mode="left_to_right")]
     train: TrainConfig = TrainConfig()
+    checkpoints: CheckpointPolicy = CheckpointPolicy()
+    init: InitFrom | None = None
+    # with init.job_id: also restore the optimizer state, and number epochs on from the
+    # source checkpoint's (train.epochs more); the lr schedule runs over the total
+    continue_: bool = Field(False, alias="continue")
     device: Device = "auto"
     resources: Resources = Resources()
     max_attempts: Annotated[int, Field(ge=1, le=20)] | None = None
@@ -99,12 +133,41 @@ class CheckpointSource(BaseModel):
     seed: Annotated[int, Field(ge=0, le=2**31 - 1)] = 0
 
 
+# the most inputs one feature-map job takes (a whole split, as a range or "all")
+MAX_INPUTS = 100_000
+
+
+class IndexRange(BaseModel):
+    """Inputs start..stop-1 of the split, in order (a whole split without listing it)."""
+
+    model_config = ConfigDict(extra="forbid")
+    start: Annotated[int, Field(ge=0, strict=True)] = 0
+    stop: Annotated[int, Field(ge=1, strict=True)]
+
+    @property
+    def count(self) -> int:
+        return max(0, self.stop - self.start)
+
+
+Indices = list[int] | IndexRange
+
+
+def index_array(indices: Indices) -> Any:
+    """The indices as an int64 numpy array (a range is expanded only here, in the worker)."""
+    import numpy as np
+
+    if isinstance(indices, IndexRange):
+        return np.arange(indices.start, indices.stop, dtype=np.int64)
+    return np.asarray(indices, dtype=np.int64)
+
+
 class InputsRef(BaseModel):
     model_config = ConfigDict(extra="forbid")
     dataset: Annotated[DigitsRef | SyntheticRef | UploadRef, Field(union_mode="left_to_right")] \
         | Literal["digits", "synthetic"] | None = None
+    # a list, a {"start", "stop"} range, or "all" (the whole split)
     indices: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1, max_length=4096)] \
-        | None = None
+        | IndexRange | Literal["all"] | None = None
     split: Literal["train", "val", "all"] = "all"
     input_id: Annotated[str, Field(max_length=64, pattern=r"^[0-9a-f]+$")] | None = None
 
@@ -120,6 +183,13 @@ class PoolRequest(BaseModel):
 Layers = Annotated[list[Annotated[str, Field(max_length=64)]], Field(max_length=512)] | None
 
 
+def png_mode(png: str | bool) -> str:
+    """A request's png field as lazy, eager or off."""
+    if isinstance(png, bool):
+        return "eager" if png else "off"
+    return png
+
+
 class FeatureMapsJobRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
@@ -130,7 +200,9 @@ class FeatureMapsJobRequest(BaseModel):
     layers: Layers = None
     dtype: Literal["float32", "float16"] = "float32"
     pool: PoolRequest | None = None
-    png: bool = True
+    # lazy: PNG grids are rendered on request and cached; eager: stored by the job; off: none.
+    # true/false (the old form) mean eager/off.
+    png: Literal["lazy", "eager", "off"] | bool = "lazy"
     device: Device = "auto"
     max_attempts: Annotated[int, Field(ge=1, le=20)] | None = None
     timeout: Timeout = None
@@ -143,7 +215,9 @@ MAX_MAGNITUDES = 32
 Magnitudes = Field(min_length=1, max_length=MAX_MAGNITUDES)
 Pixels = Annotated[int, Field(ge=1, le=4096, strict=True)]
 Degrees = Annotated[float, Field(gt=0, le=180, allow_inf_nan=False)]
-Factor = Annotated[float, Field(gt=0, le=64, allow_inf_nan=False)]
+# 1/64 .. 64: a factor below 1/64 shrinks any input to under a pixel, and one near 0
+# (1e-300) became 0 in float32, so its 1/s sampling grid was NaN and the curves NaN
+Factor = Annotated[float, Field(ge=1 / 64, le=64, allow_inf_nan=False)]
 
 
 class TransformsRequest(BaseModel):
@@ -174,10 +248,47 @@ class InvarianceJobRequest(BaseModel):
     priority: Priority = DEFAULT_PRIORITY
 
 
+class EvaluateJobRequest(BaseModel):
+    """Score a model on inputs: loss, accuracy, confusion matrix and per-class precision and
+    recall where the inputs have labels, and every input's top-k classes (GET
+    /v1/jobs/{id}/predictions). `source` and `inputs` as in a feature-map job; without
+    `indices` every input of the split (or of the upload) is scored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["evaluate"]
+    name: Name = ""
+    source: CheckpointSource
+    inputs: InputsRef
+    top_k: Annotated[int, Field(ge=1, le=100)] = 5
+    device: Device = "auto"
+    max_attempts: Annotated[int, Field(ge=1, le=20)] | None = None
+    timeout: Timeout = None
+    priority: Priority = DEFAULT_PRIORITY
+
+
+class ExportJobRequest(BaseModel):
+    """Export a model (`source` as in a feature-map job) to ONNX or TorchScript with a dynamic
+    batch dimension; the worker runs the exported file (onnxruntime, or torch.jit.load) on a
+    fixed batch and records the largest absolute difference from PyTorch."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["export"]
+    name: Name = ""
+    source: CheckpointSource
+    format: Literal["onnx", "torchscript"] = "onnx"
+    opset: Annotated[int, Field(ge=13, le=20)] = 17
+    device: Device = "cpu"
+    max_attempts: Annotated[int, Field(ge=1, le=20)] | None = None
+    timeout: Timeout = None
+    priority: Priority = DEFAULT_PRIORITY
+
+
 # the requests whose model and inputs are resolved the same way (api/feature_maps.py)
-SourcedRequest = FeatureMapsJobRequest | InvarianceJobRequest
-JobRequest = Annotated[TrainJobRequest | FeatureMapsJobRequest | InvarianceJobRequest,
-                       Field(discriminator="kind")]
+SourcedRequest = FeatureMapsJobRequest | InvarianceJobRequest | EvaluateJobRequest
+JobRequest = Annotated[TrainJobRequest | FeatureMapsJobRequest | InvarianceJobRequest
+                       | EvaluateJobRequest | ExportJobRequest, Field(discriminator="kind")]
 
 
 def dump(request: BaseModel) -> dict[str, Any]:
@@ -211,14 +322,14 @@ PlanSource = Annotated[TrainJobSource | UploadedCheckpointSource | RandomSource,
 class DatasetInputs(BaseModel):
     dataset: Annotated[DigitsRef | SyntheticRef | UploadRef, Field(union_mode="left_to_right")]
     split: Literal["train", "val", "all"]
-    indices: list[int]
+    indices: Indices
     count: int
 
 
 class UploadedInputs(BaseModel):
     input_id: str
     format: str  # npy, png or jpeg
-    indices: list[int]
+    indices: Indices
     count: int
 
 
@@ -242,3 +353,31 @@ class InvariancePlan(BaseModel):
     # family -> magnitudes, ascending; only the families asked for
     transforms: dict[str, list[int | float]]  # translations in whole pixels
     forward_passes: int  # per input: the original and every transformed copy
+
+
+class EvaluatePlan(BaseModel):
+    """What the API resolved for an evaluate job, in its summary under "evaluate"."""
+
+    source: PlanSource
+    inputs: DatasetInputs | UploadedInputs
+    classes: int  # the model's output size
+    top_k: int  # min(top_k asked, classes)
+
+
+class ExportPlan(BaseModel):
+    """What the API resolved for an export job, in its summary under "export"."""
+
+    source: PlanSource
+    format: Literal["onnx", "torchscript"]
+    filename: str  # model.onnx or model.pt
+
+
+class InitPlan(BaseModel):
+    """What the API resolved for a train job's `init`, in its summary under "init"."""
+
+    source: TrainJobSource | UploadedCheckpointSource
+    # continued: epochs numbered on from `epoch`, the optimizer state restored; else 0
+    epoch: int
+    continued: bool = False
+    loaded: list[str]  # tensor names taken from the source
+    skipped: list[str]  # tensor names left as seeded (strict: false)

@@ -14,8 +14,11 @@ from convoy.settings import Settings
 TRAIN_TASK = "convoy.train"
 FEATURE_MAPS_TASK = "convoy.feature_maps"
 INVARIANCE_TASK = "convoy.invariance"
+EVALUATE_TASK = "convoy.evaluate"
+EXPORT_TASK = "convoy.export"
 TASK_FOR_KIND = {"train": TRAIN_TASK, "feature_maps": FEATURE_MAPS_TASK,
-                 "invariance": INVARIANCE_TASK}
+                 "invariance": INVARIANCE_TASK, "evaluate": EVALUATE_TASK,
+                 "export": EXPORT_TASK}
 
 
 # Redis: one list per priority level (kombu's default is 4 bands, 0/3/6/9), polled in order

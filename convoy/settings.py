@@ -57,6 +57,8 @@ class Settings(BaseSettings):
     # Queued jobs older than this whose message may have been lost are sent again.
     requeue_after_seconds: float = 30.0
     reconcile_interval_seconds: float = 5.0
+    # how often the sweep driver (in the API process) tops up, prunes and ends sweeps
+    sweep_interval_seconds: Annotated[float, Field(gt=0)] = 2.0
     # A worker retries its epoch and outcome writes this long while the database is down.
     db_retry_seconds: float = 300.0
     # Longer than any job: Redis redelivers unacked messages after this.
@@ -64,6 +66,9 @@ class Settings(BaseSettings):
     broker_polling_interval: float = 0.1
 
     max_attempts: int = 3
+    # A pause between committing a checkpoint retention decision and deleting the files it
+    # dropped: 0 but in the test that kills a worker in that window.
+    checkpoint_prune_delay_seconds: Annotated[float, Field(ge=0)] = 0.0
     # A storage error on a worker (full, read-only store) ends the attempt and queues the job
     # again after this many seconds, doubling per attempt up to store_retry_max_seconds.
     store_retry_seconds: Annotated[float, Field(ge=0)] = 10.0
@@ -89,6 +94,9 @@ class Settings(BaseSettings):
     max_running_per_tenant: Annotated[int, Field(ge=1)] = 8
     tenant_defer_seconds: Annotated[float, Field(gt=0)] = 5.0
     max_queued_per_tenant: int = 1000
+    # Bytes a tenant's artifacts and uploads may hold in the store; past it submissions and
+    # uploads answer 413 (None: no limit). GET /v1/usage shows what a tenant holds.
+    max_storage_bytes_per_tenant: Annotated[int, Field(ge=0)] | None = None
     max_feature_map_bytes: int = 2 * 1024**3
 
     # --- idempotency, time and CPU bounds ---

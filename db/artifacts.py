@@ -94,3 +94,17 @@ def find_by_prefix(session: Session, *, job_id: str, tenant: str, kind: str, pre
         Artifact.job_id == job_id, Artifact.tenant == tenant, Artifact.kind == kind,
         Artifact.name.startswith(prefix, autoescape=True),
         ~Artifact.name.contains("/", autoescape=True))).first()
+
+def delete_rows(session: Session, rows: Iterable[Artifact]) -> list[str]:
+    """Delete the rows (with the caller's transaction) and return their store keys, which
+    the caller removes only after the commit: a listed file is never missing."""
+    keys: list[str] = []
+    for row in rows:
+        keys.append(row.key)
+        session.delete(row)
+    return keys
+
+
+def of_job(session: Session, *, job_id: str) -> list[Artifact]:
+    """Every row of the job (the caller has checked it is the tenant's)."""
+    return list(session.scalars(select(Artifact).where(Artifact.job_id == job_id)))

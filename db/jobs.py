@@ -4,12 +4,12 @@ late worker can never move a job backwards or run it twice at once. Nothing else
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import func, select, text, update
+from sqlalchemy import delete, func, select, text, update
 from sqlalchemy.orm import Session
 
 from db import artifacts as artifacts_db
@@ -21,7 +21,7 @@ from db.job_reads import get_job, job_state
 from db.joblog import log
 from db.leases import owned
 from db.states import AttemptOutcome, JobState
-from db.tables import Artifact, Job, JobAttempt
+from db.tables import Artifact, Job, JobAttempt, JobLog, Metric
 
 
 class WrongState(RuntimeError):
@@ -198,9 +198,12 @@ def record_epoch(
     metrics: Mapping[str, float],
     progress: float,
     artifacts: Iterable[Artifact] = (),
+    before_commit: Callable[[Session], None] | None = None,
 ) -> bool:
     """One transaction per epoch: its metrics, its checkpoint rows and the progress together,
-    so a resumed attempt finds exactly the epochs it can continue from."""
+    so a resumed attempt finds exactly the epochs it can continue from. `before_commit` runs
+    in that transaction after the rows are added (the retention decision: rows it deletes
+    go with this commit, before any file is removed)."""
     now = utcnow()
     result = session.execute(
         update(Job)
@@ -214,6 +217,8 @@ def record_epoch(
     metrics_db.add_step(session, job_id=job_id, step=step, epoch=epoch, values=metrics)
     for artifact in artifacts:
         artifacts_db.upsert(session, artifact=artifact)
+    if before_commit is not None:
+        before_commit(session)
     session.commit()
     return True
 
@@ -404,3 +409,74 @@ def requeue_expired(
                 requeued.append(job_id)
     session.commit()
     return requeued
+
+
+def prune_job(session: Session, *, job_id: str, epoch: int, reason: str) -> bool:
+    """running -> succeeded, for a sweep trial its pruner stopped after `epoch` (issue 20):
+    result.pruned is true, with `epoch` as epochs_done and that epoch's metrics, and the
+    checkpoints written so far are kept. A conditional update like cancel's: the worker sees
+    its lease gone between steps and stops; its attempt ends `succeeded`. The last recorded
+    epoch is read after the update holds the job's row: when the worker has recorded a later
+    epoch than the pruner judged, nothing changes (False; the next pass judges again), so a
+    later epoch can never be recorded after the prune nor one be lost from its result.
+    False too when the job was no longer running."""
+    now = utcnow()
+    done = rowcount(session.execute(
+        update(Job).where(Job.id == job_id, Job.state == JobState.RUNNING)
+        .values(state=JobState.SUCCEEDED, finished_at=now, updated_at=now)
+        .execution_options(synchronize_session=False))) == 1
+    last = metrics_db.last_epoch(session, job_id=job_id) if done else None
+    if last is None or last[0] != epoch:
+        session.rollback()
+        return False
+    result = {"pruned": True, "epochs_done": epoch, **last[1]}
+    session.execute(update(Job).where(Job.id == job_id).values(result=result)
+                    .execution_options(synchronize_session=False))
+    log(session, job_id=job_id, message=f"pruned after epoch {epoch}: {reason}")
+    webhooks.job_ended(session, job_id=job_id)  # job.succeeded, with result.pruned
+    session.commit()
+    return True
+
+
+ACTIVE = (JobState.QUEUED, JobState.RUNNING)
+# the request fields that name another job or an upload
+_REFERENCES = ("job_id", "checkpoint_id", "input_id", "id")
+
+
+def _references(value: Any) -> set[str]:
+    found: set[str] = set()
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if key in _REFERENCES and isinstance(item, str):
+                found.add(item)
+            else:
+                found |= _references(item)
+    elif isinstance(value, list):
+        for item in value:
+            found |= _references(item)
+    return found
+
+
+def active_users(session: Session, *, tenant: str, ref: str) -> list[Job]:
+    """The tenant's queued or running jobs whose request names `ref` (an upload's id, or a
+    job's whose checkpoint they start from)."""
+    return [job for job in session.scalars(
+        select(Job).where(Job.tenant == tenant, Job.state.in_(ACTIVE), Job.id != ref))
+        if ref in _references(job.request)]
+
+
+def delete_job_rows(session: Session, *, job_id: str) -> bool:
+    """Delete a finished job and every row of it (attempts, metrics, logs, artifacts) and
+    commit; False when it is queued or running again (nothing deleted). The caller has
+    removed its files first, so a crash half-way leaves a job that can be deleted again."""
+    state = session.scalar(select(Job.state).where(Job.id == job_id).with_for_update())
+    if state is None or state in ACTIVE:
+        session.rollback()
+        return False
+    session.execute(delete(Artifact).where(Artifact.job_id == job_id))
+    session.execute(delete(Metric).where(Metric.job_id == job_id))
+    session.execute(delete(JobLog).where(JobLog.job_id == job_id))
+    session.execute(delete(JobAttempt).where(JobAttempt.job_id == job_id))
+    session.execute(delete(Job).where(Job.id == job_id))
+    session.commit()
+    return True

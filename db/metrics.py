@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from db.tables import Metric
@@ -38,3 +38,13 @@ def after(session: Session, *, job_id: str, after_id: int) -> list[Metric]:
     return list(session.scalars(
         select(Metric).where(Metric.job_id == job_id, Metric.id > after_id)
         .order_by(Metric.id)))
+
+
+def last_epoch(session: Session, *, job_id: str) -> tuple[int, dict[str, float]] | None:
+    """The job's last recorded epoch and its values by name, or None before any."""
+    epoch = session.scalar(select(func.max(Metric.epoch)).where(Metric.job_id == job_id))
+    if epoch is None:
+        return None
+    rows = session.execute(select(Metric.name, Metric.value).where(
+        Metric.job_id == job_id, Metric.epoch == epoch)).all()
+    return int(epoch), {name: float(value) for name, value in rows}

@@ -65,6 +65,8 @@ class Job(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     # running time allowed across attempts (seconds); None for rows older than migration 0002
     timeout_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # the sweep this job is a trial of (migration 0008); None for a job submitted alone
+    sweep_id: Mapped[str | None] = mapped_column(String(32), nullable=True, index=True)
 
 
 class JobAttempt(Base):
@@ -229,3 +231,46 @@ class WebhookAttempt(Base):
     response: Mapped[str | None] = mapped_column(Text, nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     duration_seconds: Mapped[float] = mapped_column(Float, default=0.0)
+class Sweep(Base):
+    """A hyperparameter search (issue 20): its request, its state and its best trial. The
+    search itself is rebuilt from its trial rows on every pass of the sweep driver."""
+
+    __tablename__ = "sweeps"
+    __table_args__ = (Index("ix_sweeps_tenant_created", "tenant", "created_at", "id"),
+                      Index("ix_sweeps_state", "state"))
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(64))
+    name: Mapped[str] = mapped_column(String(128), default="")
+    state: Mapped[str] = mapped_column(String(16), default="running")
+    request: Mapped[dict[str, Any]] = mapped_column(JSON)
+    best: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
+class SweepTrial(Base):
+    """One trial of a sweep: its number (unique in the sweep, so a trial cannot be created
+    twice), its params and the train job that runs it, written in one transaction with that
+    job. A trial whose body failed validation has no job and is `failed` with the reason."""
+
+    __tablename__ = "sweep_trials"
+    __table_args__ = (UniqueConstraint("sweep_id", "number"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    sweep_id: Mapped[str] = mapped_column(ForeignKey("sweeps.id", ondelete="CASCADE"),
+                                          index=True)
+    number: Mapped[int] = mapped_column(Integer)
+    job_id: Mapped[str | None] = mapped_column(String(32), nullable=True, unique=True)
+    params: Mapped[dict[str, Any]] = mapped_column(JSON)
+    # queued | running | succeeded | failed | canceled (the job's, copied when it ends)
+    state: Mapped[str] = mapped_column(String(16), default="queued")
+    value: Mapped[float | None] = mapped_column(Float, nullable=True)
+    pruned: Mapped[bool] = mapped_column(default=False)
+    epochs: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # the pruner's own notes (successive halving's rung values), kept across passes
+    pruner_attrs: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

@@ -35,3 +35,14 @@ def add(session: Session, *, id: str, tenant: str, kind: str, name: str,
     session.add(row)
     session.commit()
     return row
+
+
+def find_any(session: Session, *, id: str, tenant: str) -> Upload | None:
+    """The tenant's upload of any kind (for DELETE /v1/uploads/{id})."""
+    return session.scalars(
+        select(Upload).where(Upload.id == id, Upload.tenant == tenant)).one_or_none()
+
+
+def delete(session: Session, *, row: Upload) -> None:
+    session.delete(row)
+    session.commit()

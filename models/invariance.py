@@ -157,11 +157,28 @@ class Meter:
             torch.linalg.vector_norm(diff, dim=-1, out=self.diff_norm[i][rows])
 
     def end(self) -> None:
+        # one check per layer and batch: a NaN or an infinity anywhere in a map makes its norm
+        # non-finite (and the cosine would silently read 0, the distance null)
+        for i in self.layers:
+            if not (bool(torch.isfinite(self.base_norm[i]).all())
+                    and bool(torch.isfinite(self.moved_norm[i]).all())):
+                raise NonFiniteMaps(i)
         for i in self.layers:
             self.cos[i] += cosines(self.base_norm[i][None], self.moved_norm[i],
                                    self.diff_norm[i]).sum(-1)
             self.dist[i] += self.diff_norm[i].double().sum(-1)
         self.base = {}
+
+
+class NonFiniteMaps(ValueError):
+    """A measured layer's maps hold NaN or infinite values (weights that are not finite, or
+    that overflow float32): no cosine or distance is defined."""
+
+    def __init__(self, index: int, name: str | None = None) -> None:
+        self.index, self.name = index, name
+        super().__init__(f"layer {name or index}: its maps hold NaN or infinite values for "
+                         "these inputs (are the model's weights finite?), so no invariance "
+                         "measure is defined")
 
 
 @dataclass

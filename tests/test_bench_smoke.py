@@ -30,7 +30,10 @@ FIGURES = {
                       rf"ratio timed/bare = {NUMBER}"],
     "bench_feature_maps": [rf"digits-cnn +256 +{NUMBER} +{NUMBER} +{NUMBER} +{NUMBER} \({NUMBER}\)",
                            rf"vgg-small +64 +{NUMBER}",
-                           rf"vgg-small x16, max pool 2, no png +{NUMBER}( +{NUMBER}){{8}}"],
+                           rf"vgg-small x16, max pool 2, no png +{NUMBER}( +{NUMBER}){{8}}",
+                           rf"x512 +bare +{NUMBER} +no-png job +{NUMBER} +ratio bare/job = "
+                           rf"{NUMBER} +lazy-png job +{NUMBER} +ratio lazy/no-png = {NUMBER}",
+                           rf"images/s x512 / x64 = {NUMBER}"],
     "bench_invariance": [rf"lenet5 +32 +480 +{NUMBER} +{NUMBER} +{NUMBER} +{NUMBER} \({NUMBER}\)",
                          rf"(?m)^digits-cnn +32 +{NUMBER}( +{NUMBER}){{4}}$"],
     "bench_store": [rf"upload +seaweedfs +convoy +{NUMBER} MB/s +obstore +{NUMBER} MB/s +"

@@ -5,7 +5,7 @@ job's summary, capture the layers in one inference pass, then encode and store e
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,7 +15,7 @@ from safetensors.torch import load as load_safetensors
 
 from convoy import inputs
 from convoy.artifacts import ArtifactStore, CorruptArtifact, get_store, job_key
-from convoy.featuremaps import layer_names, layer_rows
+from convoy.featuremaps import layer_names, layer_rows, png_key
 from convoy.jobspec import (
     DatasetInputs,
     FeatureMapPlan,
@@ -23,8 +23,12 @@ from convoy.jobspec import (
     PlanSource,
     RandomSource,
     TrainJobSource,
+    UploadedCheckpointSource,
     UploadedInputs,
+    index_array,
+    png_mode,
 )
+from convoy.render import ChannelStats, png_images
 from convoy.settings import Settings
 from db import artifacts, jobs, uploads
 from db.session import session_scope
@@ -36,7 +40,7 @@ from models.spec import ModelSpec
 from worker.control import Progress, Stopped
 from worker.data import load_split, pick_device
 from worker.lease import Lease
-from worker.render import channel_stats, npy_chunks, png_images
+from worker.npystream import NpyStream
 
 BATCH = 256
 
@@ -67,6 +71,24 @@ def _verified_state(store: ArtifactStore, row: Artifact | Upload, what: str
     except Exception as exc:  # noqa: BLE001 - any parse failure: the file is unusable
         raise CorruptArtifact(f"source checkpoint {what}: unreadable ({type(exc).__name__}: "
                               f"{str(exc)[:200]}); not used") from exc
+
+
+def source_row(session: Any, job: Job, source: TrainJobSource | UploadedCheckpointSource
+               ) -> tuple[Artifact | Upload, str]:
+    """The row of a source checkpoint (the job's tenant's), and how to name it; LookupError
+    when it is gone."""
+    if isinstance(source, TrainJobSource):
+        what = f"{source.checkpoint} of job {source.job_id}"
+        row: Artifact | Upload | None = artifacts.find(
+            session, job_id=source.job_id, tenant=job.tenant, kind="checkpoint",
+            name=source.checkpoint)
+    else:
+        what = f"upload {source.checkpoint_id}"
+        row = uploads.get(session, id=source.checkpoint_id, tenant=job.tenant,
+                          kind="checkpoint")
+    if row is None:
+        raise LookupError(f"source checkpoint {what} not found")
+    return row, what
 
 
 def load_model(settings: Settings, job: Job, spec: ModelSpec, source: PlanSource,
@@ -102,17 +124,18 @@ def load_inputs(settings: Settings, job: Job, plan: DatasetInputs | UploadedInpu
     return load_labelled_inputs(settings, job, plan, input_shape)[0]
 
 
-def load_labelled_inputs(settings: Settings, job: Job, plan: DatasetInputs | UploadedInputs,
-                         input_shape: list[int]) -> tuple[np.ndarray, np.ndarray | None]:
-    """The inputs as load_inputs gives them, and their labels (int64) when they come from a
-    dataset; None for uploaded inputs, which have none."""
-    indices = np.asarray(plan.indices, dtype=np.int64)
+def load_source(settings: Settings, job: Job, plan: DatasetInputs | UploadedInputs,
+                input_shape: list[int]) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """The whole split (or upload) the inputs are drawn from, its labels (None for uploaded
+    inputs) and the indices into it: a job gathers its inputs batch by batch from these."""
+    indices = index_array(plan.indices)
     if isinstance(plan, DatasetInputs):
         split = load_split(plan.dataset, settings=settings, tenant=job.tenant)
-        x = {"all": split.all_x, "train": split.x_train, "val": split.x_val}[plan.split]
-        y = {"all": split.all_y, "train": split.y_train, "val": split.y_val}[plan.split]
-        return (np.ascontiguousarray(x[indices], dtype=np.float32),
-                np.asarray(y[indices], dtype=np.int64))
+        if plan.split == "all":
+            return split.all_x, split.all_y, indices
+        if plan.split == "train":
+            return split.x_train, split.y_train, indices
+        return split.x_val, split.y_val, indices
     with session_scope(settings.database_url) as session:
         row = uploads.get(session, id=plan.input_id, tenant=job.tenant, kind="input")
         if row is None:
@@ -123,39 +146,136 @@ def load_labelled_inputs(settings: Settings, job: Job, plan: DatasetInputs | Upl
         x = inputs.parse_npy(data, max_pixels=settings.max_image_pixels)
     else:
         x = inputs.image_to_array(data, input_shape, max_pixels=settings.max_image_pixels)
-    return np.ascontiguousarray(x[indices]), None
+    return x, None, indices
+
+
+def load_labelled_inputs(settings: Settings, job: Job, plan: DatasetInputs | UploadedInputs,
+                         input_shape: list[int]) -> tuple[np.ndarray, np.ndarray | None]:
+    """The inputs as load_inputs gives them, and their labels (int64) when they come from a
+    dataset; None for uploaded inputs, which have none."""
+    x, y, indices = load_source(settings, job, plan, input_shape)
+    return (np.ascontiguousarray(x[indices], dtype=np.float32),
+            None if y is None else np.asarray(y[indices], dtype=np.int64))
+
+
+def batches(x: np.ndarray, indices: np.ndarray | None = None, batch: int = BATCH
+            ) -> Iterator[np.ndarray]:
+    """The inputs x[indices] (all of x when None), `batch` at a time, as contiguous float32."""
+    count = len(x) if indices is None else len(indices)
+    for start in range(0, count, batch):
+        part = x[start:start + batch] if indices is None else x[indices[start:start + batch]]
+        yield np.ascontiguousarray(part, dtype=np.float32)
+
+
+def extract_batches(model: torch.nn.Module, parts: Iterable[np.ndarray], wanted: list[int], *,
+                    pool: dict[str, Any] | None, dtype: str, device: torch.device
+                    ) -> Iterator[dict[int, dict[str, np.ndarray]]]:
+    """Per input batch, the captured maps per layer index as host numpy arrays: 'maps', and
+    'argmax' for max-pooling layers. Nothing is kept between batches."""
+    out_dtype = torch.float16 if dtype == "float16" else torch.float32
+    with torch.inference_mode():
+        for part in parts:
+            xb = channels_last(model, torch.from_numpy(part).to(device))
+            got: dict[int, dict[str, np.ndarray]] = {}
+            for i, cap in capture(model, xb, wanted, pool).items():
+                # back to NCHW on the device, where the copy is cheapest
+                got[i] = {"maps": cap.maps.to(out_dtype).contiguous().cpu().numpy()}
+                if cap.argmax is not None:
+                    got[i]["argmax"] = cap.argmax.int().contiguous().cpu().numpy()
+            yield got
 
 
 def extract(model: torch.nn.Module, x: np.ndarray, wanted: list[int], *,
             pool: dict[str, Any] | None, dtype: str, device: torch.device,
             batch: int = BATCH) -> dict[int, dict[str, np.ndarray]]:
-    """Captured maps per layer index as numpy arrays: 'maps', and 'argmax' for max-pooling
-    layers. Runs in batches so that memory stays bounded by one batch."""
-    out_dtype = torch.float16 if dtype == "float16" else torch.float32
+    """Every batch's maps concatenated (for small inputs, benches and tests; a job streams
+    them to the store instead, see FeatureMapsRun)."""
     parts: dict[int, dict[str, list[np.ndarray]]] = {i: {} for i in wanted}
-    with torch.inference_mode():
-        for start in range(0, len(x), batch):
-            xb = channels_last(model, torch.from_numpy(x[start:start + batch]).to(device))
-            for i, cap in capture(model, xb, wanted, pool).items():
-                got = parts[i]
-                # back to NCHW on the device, where the copy is cheapest
-                maps = cap.maps.to(out_dtype).contiguous()
-                got.setdefault("maps", []).append(maps.cpu().numpy())
-                if cap.argmax is not None:
-                    got.setdefault("argmax", []).append(
-                        cap.argmax.int().contiguous().cpu().numpy())
+    for got in extract_batches(model, batches(x, batch=batch), wanted, pool=pool, dtype=dtype,
+                               device=device):
+        for i, arrays in got.items():
+            for k, v in arrays.items():
+                parts[i].setdefault(k, []).append(v)
     return {i: {k: np.concatenate(v) for k, v in got.items()} for i, got in parts.items()}
+
+
+class LayerOut:
+    """One captured layer's streamed files and statistics during a job."""
+
+    def __init__(self, run: FeatureMapsRun, index: int, total: int) -> None:
+        self.run, self.index, self.total = run, index, total
+        self.name = layer_names(run.summary)[index]
+        self.base = job_key(run.job.id, "feature-maps", self.name)
+        self.maps: NpyStream | None = None
+        self.argmax: NpyStream | None = None
+        self.stats = ChannelStats()
+
+    def observe(self, maps: np.ndarray) -> None:
+        """On the file's writer thread: the rows' statistics (its time summed over threads)."""
+        t = time.perf_counter()
+        self.stats.add(maps)
+        self.run.timings.encode_npy_s += time.perf_counter() - t
+
+    def add(self, got: dict[str, np.ndarray], first: int) -> list[Artifact]:
+        """A batch's rows (inputs first.. on); the eager PNG rows it stored."""
+        maps, store = got["maps"], self.run.store
+        if self.maps is None:
+            self.maps = NpyStream(store, self.base + ".npy", (self.total, *maps.shape[1:]),
+                                  maps.dtype, observe=self.observe)
+            self.run.streams.append(self.maps)
+        if "argmax" in got and self.argmax is None:
+            self.argmax = NpyStream(store, f"{self.base}.argmax.npy",
+                                    (self.total, *got["argmax"].shape[1:]), got["argmax"].dtype)
+            self.run.streams.append(self.argmax)
+        self.maps.append(maps)
+        if self.argmax is not None:
+            self.argmax.append(got["argmax"])
+        rows: list[Artifact] = []
+        if self.run.png == "eager" and maps.ndim == 4:
+            pictures = png_images(maps)
+            for k in range(first, first + len(maps)):
+                t = time.perf_counter()
+                blob = next(pictures)
+                self.run.timings.encode_png_s += time.perf_counter() - t
+                rows.append(self.run._put("feature_map_png", f"{self.name}/{k}",
+                                          png_key(self.run.job.id, self.name, k), blob,
+                                          {"index": self.index, "image": k}))
+        return rows
+
+    def close(self) -> list[Artifact]:
+        """The layer's finished files as artifact rows (maps first)."""
+        assert self.maps is not None
+        row = layer_rows(self.run.summary)[self.index]
+        t = time.perf_counter()
+        size, sha = self.maps.close()
+        self.run.written.append(self.maps.key)
+        meta = {"index": self.index, "type": row["type"], "shape": list(self.maps.shape),
+                "dtype": str(self.maps.dtype), "bytes": self.maps.nbytes,
+                "stats": self.stats.result(), "unpooled_shape": [self.total, *row["output_shape"]]}
+        rows = [Artifact(job_id=self.run.job.id, tenant=self.run.job.tenant, kind="feature_map",
+                         name=self.name, key=self.maps.key, size=size, sha256=sha, meta=meta)]
+        if self.argmax is not None:
+            size, sha = self.argmax.close()
+            self.run.written.append(self.argmax.key)
+            rows.append(Artifact(job_id=self.run.job.id, tenant=self.run.job.tenant,
+                                 kind="argmax", name=self.name, key=self.argmax.key, size=size,
+                                 sha256=sha, meta={"index": self.index,
+                                                   "shape": list(self.argmax.shape)}))
+        self.run.timings.storage_s += time.perf_counter() - t
+        return rows
 
 
 class FeatureMapsRun:
     def __init__(self, settings: Settings, job: Job, worker_id: str) -> None:
         self.settings, self.job, self.worker_id = settings, job, worker_id
         self.request = FeatureMapsJobRequest.model_validate(job.request)
+        self.png = png_mode(self.request.png)
         self.summary = job.summary or {}
         self.plan = FeatureMapPlan.model_validate(self.summary["feature_maps"])
         self.store = get_store(settings)
         self.timings = Timings()
         self.written: list[str] = []
+        self.streams: list[NpyStream] = []
 
     def _put(self, kind: str, name: str, key: str, data: bytes | Iterable[bytes | memoryview],
              meta: dict[str, Any] | None) -> Artifact:
@@ -169,50 +289,41 @@ class FeatureMapsRun:
         return Artifact(job_id=self.job.id, tenant=self.job.tenant, kind=kind, name=name,
                         key=key, size=size, sha256=sha, meta=meta)
 
-    def encode_layer(self, index: int, got: dict[str, np.ndarray]) -> list[Artifact]:
-        row = layer_rows(self.summary)[index]
-        name = layer_names(self.summary)[index]
-        maps = got["maps"]
-        t = time.perf_counter()
-        stats = channel_stats(maps)
-        # the .npy itself is streamed to the store (header, then views of the maps): its
-        # time counts in storage_s
-        self.timings.encode_npy_s += time.perf_counter() - t
-        meta = {"index": index, "type": row["type"], "shape": list(maps.shape),
-                "dtype": str(maps.dtype), "bytes": int(maps.nbytes), "stats": stats,
-                "unpooled_shape": [len(maps), *row["output_shape"]]}
-        base = job_key(self.job.id, "feature-maps", name)
-        rows = [self._put("feature_map", name, base + ".npy", npy_chunks(maps), meta)]
-        if "argmax" in got:
-            rows.append(self._put("argmax", name, f"{base}.argmax.npy", npy_chunks(got["argmax"]),
-                                  {"index": index, "shape": list(got["argmax"].shape)}))
-        if self.request.png and maps.ndim == 4:
-            pictures = png_images(maps)
-            for k in range(len(maps)):
-                t = time.perf_counter()
-                blob = next(pictures)
-                self.timings.encode_png_s += time.perf_counter() - t
-                rows.append(self._put("feature_map_png", f"{name}/{k}",
-                                      job_key(self.job.id, "feature-maps", "png", name,
-                                              f"{k:05d}.png"),
-                                      blob, {"index": index, "image": k}))
-        return rows
-
-    def encode_all(self, captured: dict[int, dict[str, np.ndarray]], wanted: list[int],
-                   lease: Lease, progress: Progress) -> tuple[list[Artifact], int, int]:
-        """Every layer encoded and written; the rows, the stored and the unpooled map bytes."""
+    def stream_all(self, model: torch.nn.Module, x: np.ndarray, indices: np.ndarray,
+                   wanted: list[int], device: torch.device, lease: Lease, progress: Progress
+                   ) -> tuple[list[Artifact], int, int]:
+        """One pass over the inputs, batch by batch: each batch's maps appended to every
+        layer's files (and statistics) before the next batch runs. Progress is images done
+        out of the total; a cancel (or a lost lease) stops it between two batches."""
+        req, total = self.request, len(indices)
+        pool = req.pool.model_dump(by_alias=True) if req.pool else None
+        outs = {i: LayerOut(self, i, total) for i in wanted}
         rows: list[Artifact] = []
-        stored = unpooled = 0
-        itemsize = 2 if self.request.dtype == "float16" else 4
-        for n, i in enumerate(wanted):
+        done = 0
+        parts = extract_batches(model, batches(x, indices), wanted, pool=pool, dtype=req.dtype,
+                                device=device)
+        while True:
             if lease.should_stop():
                 raise Stopped()
-            layer_rows = self.encode_layer(i, captured.pop(i))
+            t = time.perf_counter()
+            got = next(parts, None)
+            self.timings.forward_s += time.perf_counter() - t
+            if got is None:
+                break
+            count = 0
+            for i, arrays in got.items():
+                rows += outs[i].add(arrays, done)
+                count = len(arrays["maps"])
+            done += count
+            progress.value = 0.99 * done / total
+        stored = unpooled = 0
+        itemsize = 2 if req.dtype == "float16" else 4
+        for i in wanted:
+            layer_rows = outs[i].close()
             meta = layer_rows[0].meta or {}
             stored += meta["bytes"]
             unpooled += int(np.prod(meta["unpooled_shape"])) * itemsize
-            rows += layer_rows
-            progress.value = 0.5 + 0.45 * (n + 1) / len(wanted)
+            rows = layer_rows + rows
         return rows, stored, unpooled
 
     def run(self) -> None:
@@ -220,7 +331,7 @@ class FeatureMapsRun:
         device = pick_device(req.device)
         spec = ModelSpec.model_validate(self.summary["model"])
         model = load_model(self.settings, self.job, spec, self.plan.source, device)
-        x = load_inputs(self.settings, self.job, self.plan.inputs, spec.input_shape)
+        x, _, indices = load_source(self.settings, self.job, self.plan.inputs, spec.input_shape)
         names = layer_names(self.summary)
         wanted = [names.index(n) for n in self.plan.layers]
         pool = req.pool.model_dump(by_alias=True) if req.pool else None
@@ -229,19 +340,20 @@ class FeatureMapsRun:
         with Lease(db_url=self.settings.database_url, job_id=self.job.id,
                    worker_id=self.worker_id, every_s=self.settings.heartbeat_seconds,
                    progress=progress) as lease:
-            t = time.perf_counter()
-            captured = extract(model, x, wanted, pool=pool, dtype=req.dtype, device=device)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            self.timings.forward_s = time.perf_counter() - t
-            progress.value = 0.5
             try:
-                rows, stored, unpooled = self.encode_all(captured, wanted, lease, progress)
+                rows, stored, unpooled = self.stream_all(model, x, indices, wanted, device,
+                                                         lease, progress)
             except Stopped:
+                for stream in self.streams:  # unfinished files are never stored
+                    stream.abort()
                 raise  # the lease moved on: another attempt may be writing these keys now
             except BaseException:
+                for stream in self.streams:
+                    stream.abort()
                 self.store.discard(self.written)  # no file without its row
                 raise
+            if device.type == "cuda":
+                torch.cuda.synchronize()
             t = time.perf_counter()
             with session_scope(self.settings.database_url) as session:
                 held = artifacts.add(session, job_id=self.job.id, worker_id=self.worker_id,
@@ -249,16 +361,17 @@ class FeatureMapsRun:
             self.timings.storage_s += time.perf_counter() - t
             if not held or lease.should_stop():
                 raise Stopped()
+        n = len(indices)
         result = {
-            "layers": self.plan.layers, "images": len(x), "dtype": req.dtype,
-            "pool": pool, "device": str(device),
+            "layers": self.plan.layers, "images": n, "dtype": req.dtype,
+            "pool": pool, "device": str(device), "png": self.png,
             # the maps' data bytes as stored, and what the same maps take unpooled
             "bytes_stored": stored, "bytes_unpooled": unpooled,
             "artifacts": len(rows), "artifact_bytes": sum(r.size for r in rows),
             "timings": self.timings.as_dict(),
-            "images_per_second": round(len(x) / max(self.timings.forward_s, 1e-9), 1),
+            "images_per_second": round(n / max(self.timings.forward_s, 1e-9), 1),
         }
-        line = (f"succeeded: {len(wanted)} layers of {len(x)} images in "
+        line = (f"succeeded: {len(wanted)} layers of {n} images in "
                 f"{time.perf_counter() - t0:.1f} s, {len(rows)} artifacts "
                 f"({result['artifact_bytes']} bytes)")
         with session_scope(self.settings.database_url) as session:

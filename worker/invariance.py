@@ -16,7 +16,7 @@ from db import jobs
 from db.session import session_scope
 from db.states import JobState
 from db.tables import Job
-from models.invariance import Measured, measure
+from models.invariance import Measured, NonFiniteMaps, measure
 from models.spec import ModelSpec
 from worker.control import Progress, Stopped
 from worker.data import pick_device
@@ -72,9 +72,12 @@ def run_invariance(settings: Settings, job: Job, worker_id: str) -> None:
                 raise Stopped()
 
         t, cpu = time.perf_counter(), time.process_time()
-        measured = measure(model, x, labels, wanted, plan.transforms,
-                           classes=out_shape[0] if len(out_shape) == 1 else None,
-                           device=device, step=step)
+        try:
+            measured = measure(model, x, labels, wanted, plan.transforms,
+                               classes=out_shape[0] if len(out_shape) == 1 else None,
+                               device=device, step=step)
+        except NonFiniteMaps as exc:  # named as the job names its layers
+            raise NonFiniteMaps(exc.index, names[exc.index]) from None
         if device.type == "cuda":
             torch.cuda.synchronize()
         measure_s, measure_cpu_s = time.perf_counter() - t, time.process_time() - cpu

@@ -14,6 +14,7 @@ from db import attempts, dispatch, job_reads, joblog, jobs
 from db.session import session_scope
 from db.states import AttemptOutcome, JobState
 from db.tables import Job
+from models.invariance import NonFiniteMaps
 from worker import warmup
 from worker.control import RunOutcome, Stopped
 from worker.data import device_text, pick_device
@@ -52,7 +53,8 @@ def started(settings: Settings, job_id: str, worker_id: str, *, device: str,
 
 
 def failure_message(exc: BaseException) -> str:
-    if isinstance(exc, NonFiniteLoss | CorruptArtifact | JobTimedOut | RankFailed):
+    if isinstance(exc, NonFiniteLoss | NonFiniteMaps | CorruptArtifact | JobTimedOut
+                  | RankFailed):
         return str(exc)
     if isinstance(exc, torch.OutOfMemoryError):
         return ("CUDA out of memory: the model and batch do not fit on this GPU; "
@@ -119,6 +121,14 @@ def run_job(job_id: str, *, settings: Settings, worker_id: str) -> RunOutcome:
             run_feature_maps(settings, job, worker_id)
         elif job.kind == "invariance":
             run_invariance(settings, job, worker_id)
+        elif job.kind == "evaluate":
+            from worker.evaluate import run_evaluate
+
+            run_evaluate(settings, job, worker_id)
+        elif job.kind == "export":
+            from worker.export import run_export
+
+            run_export(settings, job, worker_id)
         else:
             raise ValueError(f"unknown job kind {job.kind!r}")
     except Stopped:
@@ -129,9 +139,12 @@ def run_job(job_id: str, *, settings: Settings, worker_id: str) -> RunOutcome:
                     if jobs.release_job(session, job_id=job_id, worker_id=worker_id):
                         return RunOutcome.RELEASED
                     state = job_reads.job_state(session, job_id=job_id)  # a cancel came first
-                jobs.end_attempt(session, job_id=job_id, worker_id=worker_id,
-                                 outcome=AttemptOutcome.CANCELED if state == JobState.CANCELED
-                                 else AttemptOutcome.LOST)
+                # a sweep trial's pruner ends its job succeeded (db.jobs.prune_job)
+                outcome = {JobState.CANCELED: AttemptOutcome.CANCELED,
+                           JobState.SUCCEEDED: AttemptOutcome.SUCCEEDED}.get(
+                               JobState(state) if state else JobState.RUNNING,
+                               AttemptOutcome.LOST)
+                jobs.end_attempt(session, job_id=job_id, worker_id=worker_id, outcome=outcome)
                 return RunOutcome.STOPPED
 
         return retry_db(stopped, what=f"job {job_id} stop", within_s=settings.db_retry_seconds)

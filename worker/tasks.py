@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 from convoy.jobspec import DEFAULT_PRIORITY
-from convoy.queue import FEATURE_MAPS_TASK, INVARIANCE_TASK, TRAIN_TASK, enqueue
+from convoy.queue import (
+    EVALUATE_TASK,
+    EXPORT_TASK,
+    FEATURE_MAPS_TASK,
+    INVARIANCE_TASK,
+    TRAIN_TASK,
+    enqueue,
+)
 from db import dispatch, job_reads
 from db.session import session_scope
 from worker import warmup
@@ -68,3 +75,13 @@ def feature_maps_task(job_id: str) -> str:
 @app.task(name=INVARIANCE_TASK)
 def invariance_task(job_id: str) -> str:
     return run(job_id, "invariance")
+
+
+@app.task(name=EVALUATE_TASK)
+def evaluate_task(job_id: str) -> str:
+    return run(job_id, "evaluate")
+
+
+@app.task(name=EXPORT_TASK)
+def export_task(job_id: str) -> str:
+    return run(job_id, "export")

@@ -5,6 +5,8 @@ thread, and the success recorded by the lease holder."""
 from __future__ import annotations
 
 import logging
+import math
+import re
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager
@@ -15,7 +17,8 @@ from sqlalchemy.orm import Session
 from torch.nn.parallel import DistributedDataParallel
 
 from convoy.artifacts import CorruptArtifact, checkpoint_name, get_store, job_key
-from convoy.jobspec import TrainJobRequest
+from convoy.jobspec import InitPlan, TrainConfig, TrainJobRequest, TrainJobSource
+from convoy.retention import decide
 from convoy.settings import Settings
 from db import artifacts, joblog, jobs, leases
 from db.session import session_scope
@@ -34,6 +37,17 @@ from worker.train import DeviceData, EpochReport, make_optimizer, train
 
 log = logging.getLogger(__name__)
 
+RETAINED = ("val_accuracy", "val_loss", "train_accuracy", "train_loss")
+EPOCH_NAME = re.compile(r"^epoch-(\d+)(?:\.optimizer)?\.safetensors$")
+
+
+def row_epoch(row: Artifact) -> int | None:
+    epoch = (row.meta or {}).get("epoch")
+    if isinstance(epoch, int):
+        return epoch
+    found = EPOCH_NAME.match(row.name)
+    return int(found.group(1)) if found else None
+
 
 class TrainRun:
     """One attempt of a train job, from claim to outcome."""
@@ -44,6 +58,12 @@ class TrainRun:
         self.settings, self.job, self.worker_id, self.shard = settings, job, worker_id, shard
         self.store = get_store(settings)
         self.request = TrainJobRequest.model_validate(job.request)
+        init = (job.summary or {}).get("init")
+        self.init = InitPlan.model_validate(init) if init else None
+        # a continued job numbers its epochs on from its source's: train.epochs more
+        self.offset = self.init.epoch if self.init and self.init.continued else 0
+        self.cfg: TrainConfig = self.request.train.model_copy(
+            update={"epochs": self.offset + self.request.train.epochs})
         self.progress = Progress()
         self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt")
         self.pending: Future[None] | None = None
@@ -72,7 +92,7 @@ class TrainRun:
             "epoch": report.epoch,
             "step": report.step,
             "model": self.request.model.model_dump(mode="json"),
-            "train": self.request.train.model_dump(mode="json"),
+            "train": self.cfg.model_dump(mode="json"),
             "metrics": report.metrics,
         }
         model_blob = checkpoints.model_bytes(model, meta)
@@ -95,6 +115,9 @@ class TrainRun:
             return
         name = checkpoint_name(epoch)
         rows: list[Artifact] = []
+        # the metrics retention ranks by ride in the rows (finite values only: JSON)
+        kept_metrics = {k: float(metrics[k]) for k in RETAINED
+                        if k in metrics and math.isfinite(float(metrics[k]))}
         try:
             for kind, blob, fname in (("checkpoint", model_blob, name),
                                       ("optimizer", optim_blob,
@@ -103,7 +126,7 @@ class TrainRun:
                 size, sha = self.store.put_bytes(key, blob)
                 rows.append(Artifact(job_id=self.job.id, tenant=self.job.tenant, kind=kind,
                                      name=fname, key=key, size=size, sha256=sha,
-                                     meta={"epoch": epoch}))
+                                     meta={"epoch": epoch, "metrics": kept_metrics}))
         except BaseException:
             # No file without its row: the model file written before the optimizer file hit a
             # full store goes too (a row an earlier attempt left for this name then points at
@@ -113,17 +136,56 @@ class TrainRun:
                 log.error("job %s: could not remove %s after a failed write", self.job.id, left)
             raise
 
+        dropped: list[str] = []
+
         def record() -> bool:
+            dropped.clear()
             with self.db() as session:
                 return jobs.record_epoch(
                     session, job_id=self.job.id, worker_id=self.worker_id, epoch=epoch,
-                    step=step, metrics=metrics, progress=epoch / self.request.train.epochs,
-                    artifacts=rows,
+                    step=step, metrics=metrics,
+                    progress=(epoch - self.offset) / self.request.train.epochs,
+                    artifacts=rows, before_commit=lambda s: dropped.extend(self._retain(s)),
                 )
 
         if not retry_db(record, what=f"job {self.job.id} epoch {epoch}",
                         within_s=self.settings.db_retry_seconds):
             self.lease_lost = True
+            return
+        self._prune(dropped)
+
+    def _retain(self, session: Session) -> list[str]:
+        """The retention decision, in the epoch's transaction: delete the rows of the
+        checkpoints (and optimizer states) the policy drops; their keys, to remove after the
+        commit."""
+        policy = self.request.checkpoints
+        if policy.keep_last is None:
+            return []
+        rows = artifacts.resume_candidates(session, job_id=self.job.id)
+        models = {e: r for r in rows if r.kind == "checkpoint"
+                  and (e := row_epoch(r)) is not None}
+        scores: dict[int, float | None] = {
+            e: ((r.meta or {}).get("metrics") or {}).get(policy.metric) for e, r in models.items()}
+        kept = decide(scores, policy)
+        drop = [r for e, r in models.items() if e not in kept.models]
+        drop += [r for r in rows if r.kind == "optimizer"
+                 and (e := row_epoch(r)) is not None and e not in kept.optimizers]
+        return artifacts.delete_rows(session, drop)
+
+    def _prune(self, dropped: list[str]) -> None:
+        """Remove the files the committed decision dropped, and any checkpoint file of the
+        job no row lists (left by an attempt killed between its decision and its deletes)."""
+        if self.request.checkpoints.keep_last is None:
+            return
+        if self.settings.checkpoint_prune_delay_seconds:
+            time.sleep(self.settings.checkpoint_prune_delay_seconds)
+        with self.db() as session:
+            listed = {r.key for r in artifacts.resume_candidates(session, job_id=self.job.id)}
+        prefix = job_key(self.job.id, "checkpoints") + "/"
+        orphans = [k for k, _ in self.store.list_keys(prefix) if k not in listed]
+        left = self.store.discard([*dropped, *orphans])
+        if left:
+            log.warning("job %s: could not remove dropped checkpoints %s", self.job.id, left)
 
     def _wait_pending(self) -> None:
         if self.pending is not None:
@@ -186,9 +248,11 @@ class TrainRun:
         if device.type == "cuda":
             model = channels_last(model)
             torch.backends.cudnn.benchmark = True
-        optimizer = make_optimizer(model, req.train)
+        optimizer = make_optimizer(model, self.cfg)
         # every rank loads the same checkpoint (the checkpoint does not depend on N)
         start_epoch, resumed_metrics = self._resume(model, optimizer, device)
+        if start_epoch == 0 and self.init is not None:
+            start_epoch = self._init_from(self.init, model, optimizer, device)
         if shard is not None:
             model = DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -197,7 +261,7 @@ class TrainRun:
         writes = shard is None or shard.rank == 0
         try:
             result = train(
-                trained, data, req.train, optimizer=optimizer, start_epoch=start_epoch,
+                trained, data, self.cfg, optimizer=optimizer, start_epoch=start_epoch,
                 on_epoch=self.on_epoch if writes else None,
                 should_stop=lambda: ((lease is not None and lease.should_stop())
                                      or self.lease_lost or SHUTTING_DOWN.is_set()),
@@ -252,6 +316,43 @@ class TrainRun:
         self._log(f"{'; '.join(damaged)}; no intact checkpoint left: attempt "
                   f"{self.job.attempt} starts over from epoch 0", level="warning")
         return 0, {}
+
+    def _init_from(self, init: InitPlan, model: torch.nn.Module,
+                   optimizer: torch.optim.Optimizer, device: torch.device) -> int:
+        """Load the source checkpoint the API resolved (verified against its row): the
+        tensors it named, and for a continued job the optimizer state too. Returns the epoch
+        training starts from (the source's when continued, else 0)."""
+        from worker.feature_maps import source_row
+
+        with self.db() as session:
+            row, what = source_row(session, self.job, init.source)
+            optim_row = None
+            if init.continued and isinstance(init.source, TrainJobSource):
+                optim_row = artifacts.find(
+                    session, job_id=init.source.job_id, tenant=self.job.tenant,
+                    kind="optimizer",
+                    name=init.source.checkpoint.replace(".safetensors",
+                                                        ".optimizer.safetensors"))
+                if optim_row is None:
+                    raise CorruptArtifact(f"{what}: its optimizer state is gone; cannot "
+                                          "continue")
+        blob = self.store.get_verified(row.key, name=what, size=row.size, sha256=row.sha256)
+        source = checkpoints.load_model_state(blob)
+        state = model.state_dict()
+        for name in init.loaded:
+            state[name] = source[name].to(state[name].device, state[name].dtype)
+        model.load_state_dict(state)
+        message = f"starts from {what}: {len(init.loaded)} tensors loaded"
+        if init.skipped:
+            message += f", {len(init.skipped)} left as seeded ({', '.join(init.skipped[:8])})"
+        if optim_row is not None:
+            optim_blob = self.store.get_verified(
+                optim_row.key, name=optim_row.name, size=optim_row.size,
+                sha256=optim_row.sha256)
+            optimizer.load_state_dict(checkpoints.optimizer_state(optim_blob, device))
+            message += f"; optimizer state restored, epochs numbered on from {init.epoch}"
+        self._log(message)
+        return init.epoch if init.continued else 0
 
     def _read_checkpoint(self, row: Artifact, optimizers: dict[str, Artifact],
                          model: torch.nn.Module, device: torch.device

@@ -120,7 +120,7 @@ async def upload_dataset(
             raise bad_file(exc) from None
         with UploadKey(session, idem):
             row = save_upload(
-                session, store, tenant=principal.tenant, kind="dataset",
+                session, store, settings=settings, tenant=principal.tenant, kind="dataset",
                 name=display_name(name or file.filename), data=stored, suffix=".npz",
                 meta=meta)
         response.headers["Location"] = f"/v1/datasets/{row.id}"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import math
+from contextlib import suppress
 from typing import Annotated, Literal
 
 import numpy as np
@@ -14,15 +15,20 @@ from sqlalchemy.orm import Session
 
 from api.deps import PrincipalDep, SessionDep, SettingsDep, StoreDep
 from api.downloads import DOWNLOAD_RESPONSES, artifact_download
+from api.map_rows import read_rows
 from api.routes.jobs import load_job
 from api.schemas import BINARY, FeatureMapList, FeatureMapValues
-from convoy.featuremaps import is_index
+from convoy.artifacts import ArtifactStore, MissingArtifact
+from convoy.featuremaps import is_index, png_key
+from convoy.jobspec import png_mode
+from convoy.render import png_bytes
 from db import artifacts
 from db.tables import Artifact, Job
 
 router = APIRouter(prefix="/v1/jobs", tags=["feature-maps"])
 
 Array = Literal["maps", "argmax"]
+NPY_HEAD_BYTES = 65536 + 16  # the longest .npy header numpy writes, and its preamble
 
 
 def _feature_job(session: Session, job_id: str, tenant: str) -> Job:
@@ -65,6 +71,28 @@ def _find(session: Session, job_id: str, tenant: str, kind: str, layer: str
     return found
 
 
+def _png(session: Session, store: ArtifactStore, job: Job, main: Artifact, k: int) -> bytes:
+    """Image k's grid: stored by the job (png: eager), cached by an earlier request, or
+    rendered now from image k's rows alone and cached in the store (png: lazy)."""
+    meta = main.meta or {}
+    if len(meta["shape"]) != 4:
+        raise HTTPException(404, f"layer {main.name!r} has no PNG (only [C, H, W] maps are "
+                                 "drawn)")
+    row = _find(session, job.id, job.tenant, "feature_map_png", f"{main.name}/{k}")
+    if row is not None:
+        return store.get_bytes(row.key)
+    if png_mode(job.request.get("png", True)) == "off":
+        raise HTTPException(404, f"layer {main.name!r} has no PNG: the job asked for none "
+                                 "(png: off)")
+    key = png_key(job.id, main.name, k)
+    with suppress(MissingArtifact):
+        return store.get_bytes(key)
+    rows, _ = read_rows(store, main.key, k, k + 1)
+    blob = png_bytes(rows[0])
+    store.put_bytes(key, blob)  # the next request reads it back
+    return blob
+
+
 @router.get("/{job_id}/feature-maps/{layer:path}", response_class=Response, responses={
     200: {"model": FeatureMapValues,
           "description": "format=npy: a .npy file (streamed; `X-Sha256` is its recorded "
@@ -86,7 +114,7 @@ def get_feature_map(
     """`layer` is a name from the list (`2-maxpool2d`, `3-residual/1-conv2d` inside a
     residual block) or a top-level layer's index (`2`). `array` picks the maps (default) or,
     for max pooling, the argmax positions."""
-    _feature_job(session, job_id, principal.tenant)
+    job = _feature_job(session, job_id, principal.tenant)
     kind = "feature_map" if array == "maps" else array
     main = _find(session, job_id, principal.tenant, "feature_map", layer)
     if main is None:
@@ -104,16 +132,19 @@ def get_feature_map(
         if array != "maps":
             raise HTTPException(422, "array: PNGs exist for the maps only")
         k = image or 0
-        png = _find(session, job_id, principal.tenant, "feature_map_png", f"{main.name}/{k}")
-        if png is None:
-            raise HTTPException(404, f"layer {main.name!r} has no PNG (only [C, H, W] maps are "
-                                     "drawn, and only when the job asked for png)")
-        return Response(store.get_bytes(png.key), media_type="image/png", headers=headers)
+        return Response(_png(session, store, job, main, k), media_type="image/png",
+                        headers=headers)
     artifact = main if kind == "feature_map" else _find(session, job_id, principal.tenant,
                                                         kind, main.name)
     if artifact is None:
         raise HTTPException(404, f"layer {main.name!r} has no {array} (only max pooling has)")
     shape = (artifact.meta or {})["shape"]
+    # the answer's own shape and dtype (argmax: int32, not the maps' float32)
+    headers["X-Shape"] = ",".join(map(str, shape))
+    if (artifact.meta or {}).get("dtype"):
+        headers["X-Dtype"] = str((artifact.meta or {})["dtype"])
+    else:  # an argmax row written before its dtype was recorded: not the maps' dtype
+        headers.pop("X-Dtype", None)
     if format == "npy" and image is None:  # the whole file: streamed, Range, or 302
         return artifact_download(
             request, store, settings, artifact, headers=headers,
@@ -125,9 +156,11 @@ def get_feature_map(
         raise HTTPException(413, f"{values} values are too many for JSON (limit "
                                  f"max_json_map_values={settings.max_json_map_values}); ask "
                                  "for format=npy, or one image with image=k")
-    data = np.load(io.BytesIO(store.get_bytes(artifact.key)), allow_pickle=False)
-    if image is not None:
-        data = data[image:image + 1]
+    # only the rows returned are read (one ranged read), never the whole file
+    first, last = (image, image + 1) if image is not None else (0, shape[0])
+    data, _ = read_rows(store, artifact.key, first, last)
+    headers["X-Shape"] = ",".join(map(str, data.shape))
+    headers["X-Dtype"] = str(data.dtype)
     if format == "npy":
         buf = io.BytesIO()
         np.save(buf, data, allow_pickle=False)

@@ -25,6 +25,8 @@ from api.deps import (
 )
 from api.downloads import DOWNLOAD_RESPONSES, artifact_download
 from api.idempotency import canonical_json, conflict, idem_for
+from api.init import check_init
+from api.quota import check_storage
 from api.schemas import (
     BINARY,
     AttemptOut,
@@ -37,6 +39,8 @@ from api.schemas import (
 )
 from api.submit import check_timeout, check_train
 from convoy.jobspec import (
+    EvaluateJobRequest,
+    ExportJobRequest,
     FeatureMapsJobRequest,
     InvarianceJobRequest,
     JobRequest,
@@ -55,7 +59,7 @@ from db.tables import Job
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 JobId = Annotated[str, Query(max_length=64)]
-Kind = Literal["train", "feature_maps", "invariance"]
+Kind = Literal["train", "feature_maps", "invariance", "evaluate", "export"]
 
 
 def job_out(job: Job, waiting_reason: str | None = None) -> JobOut:
@@ -97,7 +101,8 @@ def submit_job(
         session.close()  # here, on this thread: no second trip to the pool to close it
 
 
-def _submit(body: TrainJobRequest | FeatureMapsJobRequest | InvarianceJobRequest, session: Session,
+def _submit(body: TrainJobRequest | FeatureMapsJobRequest | InvarianceJobRequest
+            | EvaluateJobRequest | ExportJobRequest, session: Session,
             settings: Settings, principal: Principal, celery: Any, request: Request,
             response: Response) -> JobOut:
     request_json = dump(body)
@@ -105,15 +110,27 @@ def _submit(body: TrainJobRequest | FeatureMapsJobRequest | InvarianceJobRequest
                     parts=[canonical_json(request_json)])
     if isinstance(body, TrainJobRequest):
         summary = check_train(session, body, settings, tenant=principal.tenant)
+        init = check_init(session, body, summary, tenant=principal.tenant)
+        if init is not None:
+            summary["init"] = init
     elif isinstance(body, InvarianceJobRequest):
         from api.invariance import check_invariance
 
         summary = check_invariance(session, body, settings, tenant=principal.tenant)
+    elif isinstance(body, EvaluateJobRequest):
+        from api.evaluate import check_evaluate
+
+        summary = check_evaluate(session, body, settings, tenant=principal.tenant)
+    elif isinstance(body, ExportJobRequest):
+        from api.export import check_export
+
+        summary = check_export(session, body, settings, tenant=principal.tenant)
     else:
         from api.feature_maps import check_feature_maps
 
         summary = check_feature_maps(session, body, settings, tenant=principal.tenant)
     timeout = check_timeout(body, settings)
+    check_storage(session, settings, tenant=principal.tenant, what="job")
     # The quota count, the idempotency key and the insert in one transaction under the
     # tenant's lock: concurrent submissions can neither pass the quota nor reuse a key twice.
     try:

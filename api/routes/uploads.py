@@ -88,7 +88,8 @@ async def upload_checkpoint(
         # parsing the header (up to 100 MB of JSON) and the blocking writes: thread pool
         tensors = check_checkpoint(data, spec, summary)
         with UploadKey(session, idem):
-            row = save_upload(session, store, tenant=principal.tenant, kind="checkpoint",
+            row = save_upload(session, store, settings=settings, tenant=principal.tenant,
+                        kind="checkpoint",
                         name=display_name(name or file.filename), data=data,
                         suffix=".safetensors",
                         meta={"model": spec.model_dump(mode="json"), "tensors": tensors,
@@ -146,7 +147,8 @@ async def upload_inputs(
                 raise HTTPException(413, f"file: {exc}") from None
             raise unprocessable("file", str(exc)) from None
         with UploadKey(session, idem):
-            row = save_upload(session, store, tenant=principal.tenant, kind="input",
+            row = save_upload(session, store, settings=settings, tenant=principal.tenant,
+                        kind="input",
                         name=display_name(name or file.filename), data=data,
                         suffix=".npy" if meta["format"] == "npy" else f".{meta['format']}",
                         meta=meta)

@@ -9,7 +9,7 @@ from fastapi import APIRouter, HTTPException, Path, Query
 
 from api.deps import PrincipalDep, SessionDep, SettingsDep
 from api.schemas import WebhookAttemptOut, WebhookDeliveryOut, WebhookIn, WebhookOut
-from api.webhooks import check_url, forbidden
+from api.webhooks import check_url, forbidden, literal_address
 from db import webhooks
 from db.tables import WebhookEndpoint
 
@@ -41,12 +41,13 @@ def create_webhook(body: WebhookIn, session: SessionDep, settings: SettingsDep,
         _, host, _ = check_url(body.url)
     except ValueError as exc:
         raise HTTPException(422, str(exc)) from None
-    try:  # a literal address can be refused now; a name is checked when it is resolved
-        reason = forbidden(host)
-    except ValueError:
-        reason = None
+    # a literal address (any form) or localhost is refused now; a name is checked when it is
+    # resolved, at each send
+    address = literal_address(host)
+    reason = forbidden(address) if address is not None else None
     if reason and not settings.webhook_allow_private:
-        raise HTTPException(422, f"url: {reason}; webhooks go to public addresses only (set "
+        named = f" ({host} is {address})" if address != host else ""
+        raise HTTPException(422, f"url: {reason}{named}; webhooks go to public addresses only (set "
                                  "CONVOY_WEBHOOK_ALLOW_PRIVATE=true to allow it)")
     if webhooks.count(session, tenant=principal.tenant) >= settings.max_webhooks_per_tenant:
         raise HTTPException(429, f"this tenant has {settings.max_webhooks_per_tenant} webhooks, "

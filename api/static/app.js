@@ -624,6 +624,106 @@ function fleetView() {
   return () => { stopped = true; clearTimeout(timer); };
 }
 
+// ---- sweeps (issue 20) ---------------------------------------------------------------------
+
+function sweepsView() {
+  const tbody = h("tbody");
+  const status = h("p", { class: "muted" }, "Loading…");
+  view.append(h("h1", {}, "Sweeps"), h("div", { class: "card" },
+    h("table", { id: "sweeps" }, h("thead", {}, h("tr", {},
+      h("th", {}, "Name"), h("th", {}, "Id"), h("th", {}, "State"), h("th", {}, "Trials"),
+      h("th", { class: "num" }, "Best"), h("th", {}, "Created"))), tbody), status));
+  let timer = null;
+  let stopped = false;
+  async function refresh() {
+    try {
+      const page = await api("/v1/sweeps?limit=100");
+      tbody.replaceChildren(...page.items.map((s) => h("tr", {
+        class: "clickable", "data-id": s.id, onclick: () => { location.hash = `#/sweeps/${s.id}`; },
+      },
+        h("td", {}, s.name || h("span", { class: "muted" }, "(unnamed)")),
+        h("td", { class: "mono" }, s.id.slice(0, 8)), h("td", {}, stateBadge(s.state)),
+        h("td", {}, progressBar(s.progress), ` ${s.trials.length}/${s.trials_total}`),
+        h("td", { class: "num" }, fmt.num(s.best && s.best.value)),
+        h("td", {}, fmt.time(s.created_at)))));
+      status.textContent = page.items.length ? "" : "No sweeps yet (POST /v1/sweeps, or convoy sweep submit).";
+    } catch (e) {
+      status.textContent = e.message;
+    }
+    if (!stopped) timer = setTimeout(refresh, 2000);
+  }
+  refresh();
+  return () => { stopped = true; clearTimeout(timer); };
+}
+
+// One scatter per parameter: the objective (y) against the parameter's value (x); a
+// categorical parameter's choices are placed at 0, 1, 2... in the order of `choices`.
+function paramChart(path, spec, trials, metric, container) {
+  const done = trials.filter((t) => t.value !== null && t.value !== undefined);
+  const choices = spec.type === "categorical" ? spec.choices : null;
+  const xOf = (v) => (choices ? choices.findIndex((c) => c === v) : Number(v));
+  const pts = done.map((t) => [xOf(t.params[path]), t.value]).sort((a, b) => a[0] - b[0]);
+  const width = Math.max(280, Math.min(420, container.clientWidth - 34));
+  const el = h("div", { class: "param-chart", "data-param": path, "data-points": String(pts.length) });
+  container.append(el);
+  new uPlot({
+    title: path, width, height: 200, scales: { x: { time: false, distr: spec.log ? 3 : 1 } },
+    legend: { show: false },
+    axes: [{ label: path, ...(choices ? { values: (u, ticks) => ticks.map((i) =>
+      (Number.isInteger(i) && choices[i] !== undefined ? String(choices[i]) : "")) } : {}) },
+      { label: metric }],
+    series: [{}, { stroke: "#2b59c3", width: 0, points: { show: true, size: 8 } }],
+  }, [pts.map((p) => p[0]), pts.map((p) => p[1])], el);
+}
+
+function sweepView(sweepId) {
+  const head = h("div");
+  const charts = h("div", { class: "card", id: "sweep-charts" });
+  const tbody = h("tbody");
+  view.append(head, h("div", { class: "card" }, h("table", { id: "trials" },
+    h("thead", {}, h("tr", {}, h("th", {}, "#"), h("th", {}, "Job"), h("th", {}, "State"),
+      h("th", {}, "Params"), h("th", { class: "num" }, "Value"), h("th", {}, "Epochs"),
+      h("th", {}, "Pruned"))), tbody)), charts);
+  let timer = null;
+  let stopped = false;
+  let drawn = "";
+  async function refresh() {
+    let s;
+    try { s = await api(`/v1/sweeps/${sweepId}`); } catch (e) {
+      head.replaceChildren(h("p", { class: "error" }, e.message));
+      return;
+    }
+    const metric = (s.objective && s.objective.metric) || "value";
+    head.replaceChildren(h("h1", {}, s.name || "Sweep", " ", stateBadge(s.state)),
+      h("p", {}, progressBar(s.progress), ` ${fmt.pct(s.progress)} of ${s.trials_total} trials; `,
+        `objective ${metric} (${(s.objective && s.objective.mode) || "max"})`,
+        s.best ? h("span", {}, "; best ", fmt.num(s.best.value), " (trial ", String(s.best.number),
+          ", ", h("a", { href: `#/jobs/${s.best.job_id}` }, "job"), ")") : ""),
+      s.state === "running" ? h("button", { type: "button", id: "cancel-sweep", onclick: async () => {
+        try { await api(`/v1/sweeps/${sweepId}/cancel`, { method: "POST" }); } catch (e) { alert(e.message); }
+        refresh();
+      } }, "Cancel sweep") : "");
+    tbody.replaceChildren(...s.trials.map((t) => h("tr", { "data-number": String(t.number) },
+      h("td", {}, String(t.number)),
+      h("td", { class: "mono" }, t.job_id ? h("a", { href: `#/jobs/${t.job_id}` }, t.job_id.slice(0, 8)) : "–"),
+      h("td", {}, stateBadge(t.state)),
+      h("td", { class: "mono" }, Object.entries(t.params).map(([k, v]) => `${k}=${v}`).join("  ")),
+      h("td", { class: "num" }, fmt.num(t.value)), h("td", {}, String(t.epochs)),
+      h("td", {}, t.pruned ? "pruned" : (t.error ? h("span", { class: "error" }, t.error) : "")))));
+    const key = JSON.stringify(s.trials.map((t) => [t.number, t.value]));
+    if (key !== drawn) {
+      drawn = key;
+      charts.replaceChildren(h("h2", {}, `${metric} against each parameter`));
+      for (const [path, spec] of Object.entries(s.request.space)) {
+        paramChart(path, spec, s.trials, metric, charts);
+      }
+    }
+    if (!stopped && s.state === "running") timer = setTimeout(refresh, 2000);
+  }
+  refresh();
+  return () => { stopped = true; clearTimeout(timer); };
+}
+
 // ---- router --------------------------------------------------------------------------------
 
 function route() {
@@ -632,7 +732,10 @@ function route() {
   if (!token()) { askToken(); cleanup = () => {}; return; }
   const hash = location.hash || "#/";
   const m = hash.match(/^#\/jobs\/([0-9a-f]+)$/);
+  const sw = hash.match(/^#\/sweeps\/([0-9a-f]+)$/);
   if (m) cleanup = jobView(m[1]);
+  else if (sw) cleanup = sweepView(sw[1]);
+  else if (hash === "#/sweeps") cleanup = sweepsView();
   else if (hash === "#/submit") cleanup = submitView();
   else if (hash === "#/fleet") cleanup = fleetView();
   else cleanup = jobsView();

@@ -125,6 +125,11 @@ def test_pooled_maps_are_window_maxima_and_means_and_argmax_points_at_them(clien
     mp = maps(client, job["id"], "2-maxpool2d")
     ap = maps(client, job["id"], "3-avgpool2d")
     argmax = maps(client, job["id"], "2-maxpool2d", array="argmax")
+    got = client.get(f"/v1/jobs/{job['id']}/feature-maps/2-maxpool2d",
+                     params={"array": "argmax"})
+    # the headers describe the argmax file (they said the maps' float32)
+    assert got.headers["x-dtype"] == str(argmax.dtype) != str(mp.dtype)
+    assert got.headers["x-shape"] == ",".join(map(str, argmax.shape))
     n = len(relu)
     windows = relu.reshape(n, 3, 4, 2, 4, 2)
     assert np.array_equal(mp, windows.max(axis=(3, 5)))
@@ -347,3 +352,76 @@ def test_a_damaged_map_file_does_not_match_the_sent_digest(client, stack):
     assert damaged.content == bytes(data)
     assert damaged.headers["X-Sha256"] == listed["sha256"]
     assert hashlib.sha256(damaged.content).hexdigest() != damaged.headers["X-Sha256"]
+
+
+def png_files(stack: Stack, job_id: str) -> list[str]:
+    return sorted(f for f in stored_files(stack)
+                  if f.startswith(f"jobs/{job_id}/feature-maps/png/") and f.endswith(".png"))
+
+
+def test_a_lazy_png_is_byte_identical_to_the_eager_one_and_cached(client, stack):
+    source = {"model": digits_cnn(8), "seed": 3}
+    inputs = {"dataset": "digits", "split": "train", "indices": {"start": 100, "stop": 140}}
+    eager = run_job(client, source=source, inputs=inputs, png="eager")
+    lazy = run_job(client, source=source, inputs=inputs)  # png: lazy by default
+    off = run_job(client, source=source, inputs=inputs, png="off", layers=["0"])
+    assert eager["result"]["images"] == lazy["result"]["images"] == 40
+    assert lazy["progress"] == 1
+    # the eager job stored a grid per image of each [C, H, W] layer; the lazy one none yet
+    assert len(png_files(stack, eager["id"])) == 40 * 3
+    assert png_files(stack, lazy["id"]) == []
+    for layer, k in (("0-conv2d", 0), ("1-relu", 17), ("2-maxpool2d", 39)):
+        url = "/v1/jobs/{}/feature-maps/" + layer
+        want = client.get(url.format(eager["id"]), params={"format": "png", "image": k})
+        first = client.get(url.format(lazy["id"]), params={"format": "png", "image": k})
+        assert want.status_code == first.status_code == 200
+        assert first.content == want.content, (layer, k)
+        again = client.get(url.format(lazy["id"]), params={"format": "png", "image": k})
+        assert again.content == want.content
+    assert len(png_files(stack, lazy["id"])) == 3  # each cached once, in the job's folder
+    r = client.get(f"/v1/jobs/{off['id']}/feature-maps/0", params={"format": "png"})
+    assert r.status_code == 404 and "png: off" in r.text
+    # the JSON slice of one image reads that image's rows: the same values as the .npy
+    whole = maps(client, lazy["id"], "2-maxpool2d")
+    one = client.get(f"/v1/jobs/{lazy['id']}/feature-maps/2", params={"format": "json",
+                                                                       "image": 39}).json()
+    assert np.array_equal(np.asarray(one["values"], dtype=np.float32), whole[39:40])
+    assert np.array_equal(maps(client, lazy["id"], "2-maxpool2d", image=5, array="argmax"),
+                          maps(client, lazy["id"], "2-maxpool2d", array="argmax")[5:6])
+
+
+def test_a_whole_split_as_inputs_and_its_limits(client):
+    job = run_job(client, source={"model": digits_cnn(2), "seed": 0},
+                  inputs={"dataset": "digits", "split": "val", "indices": "all"}, layers=["0"])
+    assert job["result"]["images"] == 359
+    assert job["summary"]["feature_maps"]["inputs"]["indices"] == {"start": 0, "stop": 359}
+    assert maps(client, job["id"], "0").shape == (359, 2, 8, 8)
+    body = feature_maps_request({"model": digits_cnn(2), "seed": 0}, layers=["0"])
+    for indices, field, words in (
+            ({"start": 0, "stop": 360}, "stop", "360 is out of range"),
+            ({"start": 5, "stop": 5}, "indices", "is empty"),
+            ({"start": 0}, "stop", "Field required"),
+            ({"start": -1, "stop": 3}, "start", "greater than or equal to 0")):
+        r = client.post("/v1/jobs", json={**body, "inputs": {
+            "dataset": "digits", "split": "val", "indices": indices}})
+        assert r.status_code == 422, r.text
+        assert field in r.text and words in r.text, r.text
+    big = {"name": "synthetic", "samples": 100_001, "size": 8, "channels": 1}
+    r = client.post("/v1/jobs", json={**feature_maps_request(
+        {"model": {"input_shape": [1, 8, 8], "layers": [
+            {"type": "conv2d", "out_channels": 1, "kernel_size": 3}]}, "seed": 0}),
+        "inputs": {"dataset": big, "indices": "all"}})
+    assert r.status_code == 422 and "at most 100000" in r.text, r.text
+    assert r.json()["detail"][0]["loc"] == ["body", "inputs", "indices"]
+    # a model whose maps pool to almost nothing still costs its forward passes: the work of
+    # a whole split through two convolutions padded by 60 (1.3 GFLOPs per 8x8 input) is
+    # refused at submission
+    padded = {"input_shape": [1, 8, 8], "layers": [
+        {"type": "conv2d", "out_channels": 64, "kernel_size": 3, "padding": 60},
+        {"type": "conv2d", "out_channels": 64, "kernel_size": 3, "padding": 1}]}
+    r = client.post("/v1/jobs", json={**feature_maps_request(
+        {"model": padded, "seed": 0}, pool={"type": "avg", "global": True}),
+        "inputs": {"dataset": {"name": "synthetic", "samples": 100_000, "size": 8,
+                               "channels": 1}, "indices": "all"}})
+    assert r.status_code == 422 and "max_job_flops" in r.text, r.text
+    assert r.json()["detail"][0]["loc"] == ["body", "inputs", "indices"]

@@ -97,11 +97,32 @@ def test_measures_equal_the_definitions_computed_by_hand(client):
     assert done["result"]["images_through_model"] == 3 * (1 + 4 * 2 + 2 + 1)
 
 
+def test_maps_that_are_not_finite_fail_the_job_naming_the_layer(client):
+    """A checkpoint whose weights are NaN (uploads accept it) made every map NaN; the job
+    succeeded with cosine 0 and distance null, numbers that mean something else."""
+    r = client.post("/v1/checkpoints", **checkpoint_upload(save_safetensors({
+        "layers.0.weight": np.full((1, 1, 1, 1), np.nan, np.float32),
+        "layers.0.bias": np.zeros(1, np.float32)}), IDENTITY_THEN_MEAN))
+    assert r.status_code == 201, r.text
+    up = client.post("/v1/inputs", **inputs_upload(npy_bytes(
+        np.random.default_rng(0).random((3, 1, 4, 4)).astype(np.float32))))
+    assert up.status_code == 201, up.text
+    r = client.post("/v1/jobs", json={
+        "kind": "invariance", "source": {"checkpoint_id": r.json()["id"]},
+        "inputs": {"input_id": up.json()["id"]}, "device": "cpu", "max_attempts": 1,
+        "transforms": {"translate": [1]}})
+    assert r.status_code == 201, r.text
+    done = wait_job(client, r.json()["id"])
+    assert done["state"] == "failed", done
+    assert "0-conv2d" in done["error"] and "NaN or infinite" in done["error"], done["error"]
+
+
 @pytest.mark.parametrize(("transforms", "layers", "loc"), [
     ({"shear": [1]}, None, ["transforms", "shear"]),
     ({"translate": []}, None, ["transforms", "translate"]),
     ({"scale": [-0.5]}, None, ["transforms", "scale", 0]),
     ({"scale": [1.25, 0]}, None, ["transforms", "scale", 1]),
+    ({"scale": [0.5, 1e-300]}, None, ["transforms", "scale", 1]),  # was accepted: NaN curves
     ({"translate": [1, 8]}, None, ["transforms", "translate", 1]),
     ({"translate": [1.5]}, None, ["transforms", "translate", 0]),
     ({"rotate": list(range(1, 34))}, None, ["transforms", "rotate"]),

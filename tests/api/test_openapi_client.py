@@ -204,7 +204,8 @@ def test_statuses_hard_to_cause_live_are_declared(gen: ModuleType) -> None:
 
 
 def test_options_lists_every_method(stack: Stack) -> None:
-    for path, allow in [("/v1/jobs", "GET, OPTIONS, POST"), ("/v1/jobs/abc", "GET, OPTIONS"),
+    for path, allow in [("/v1/jobs", "GET, OPTIONS, POST"),
+                        ("/v1/jobs/abc", "DELETE, GET, OPTIONS"),
                         ("/v1/tokens/abc", "DELETE, OPTIONS"), ("/healthz", "GET, OPTIONS"),
                         ("/v1/jobs/abc/feature-maps/2", "GET, OPTIONS")]:
         answer = httpx.options(stack.url + path, timeout=30)

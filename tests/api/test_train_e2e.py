@@ -39,8 +39,11 @@ def test_digits_job_trains_and_its_checkpoint_reproduces_val_accuracy(client):
     only = client.get(f"/v1/jobs/{job['id']}/metrics", params={"name": "val_loss"}).json()
     assert list(only["series"]) == ["val_loss"]
 
+    # the default retention: the 3 newest and the best by val_accuracy (ties: the newest)
+    accuracy = {p["epoch"]: p["value"] for p in series["val_accuracy"]}
+    best = max(accuracy, key=lambda e: (accuracy[e], e))
     checkpoints = client.get(f"/v1/jobs/{job['id']}/checkpoints").json()
-    assert [c["epoch"] for c in checkpoints] == list(range(1, EPOCHS + 1))
+    assert [c["epoch"] for c in checkpoints] == sorted({EPOCHS - 2, EPOCHS - 1, EPOCHS, best})
     last = checkpoints[-1]
     assert last["name"] == f"epoch-{EPOCHS:04d}.safetensors"
     r = client.get(f"/v1/jobs/{job['id']}/checkpoints/{last['name']}")

@@ -19,7 +19,7 @@ from tests.services import create_pg_database, drop_pg_database
 
 TABLES = {"tokens", "jobs", "job_attempts", "metrics", "job_logs", "artifacts", "uploads",
           "idempotency_keys", "workers", "webhook_endpoints", "webhook_deliveries",
-          "webhook_attempts"}
+          "webhook_attempts", "sweeps", "sweep_trials"}
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

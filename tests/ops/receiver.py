@@ -1,8 +1,10 @@
 """A webhook receiver on loopback for tests: each path answers the statuses its plan lists
-(then 200), and every request is recorded."""
+(then 200; a negative entry -s answers 200 after s seconds), and every request is
+recorded."""
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -26,7 +28,8 @@ class Receiver:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
+        host = str(self.server.server_address[0])
+        return f"http://{f'[{host}]' if ':' in host else host}:{self.server.server_address[1]}"
 
     def at(self, path: str) -> list[Received]:
         with self.lock:
@@ -42,7 +45,8 @@ class Receiver:
         raise TimeoutError(f"{path}: {len(self.at(path))} requests, waited for {n}")
 
 
-def start_receiver() -> Receiver:
+def start_receiver(host: str = "127.0.0.1") -> Receiver:
+    """On `host` (an IPv6 one such as "::1" too)."""
     receiver: Receiver
 
     class Handler(BaseHTTPRequestHandler):
@@ -53,6 +57,9 @@ def start_receiver() -> Receiver:
                                                          self.headers.items()}, body))
                 plan = receiver.plans.get(self.path) or []
                 status = plan.pop(0) if plan else 200
+            if status < 0:  # a slow receiver: answers 200 after -status seconds
+                time.sleep(-status)
+                status = 200
             self.send_response(status)
             self.send_header("content-type", "text/plain")
             if 300 <= status < 400:
@@ -63,7 +70,10 @@ def start_receiver() -> Receiver:
         def log_message(self, *args: Any) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    class Server(ThreadingHTTPServer):
+        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+    server = Server((host, 0), Handler)
     receiver = Receiver(server)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return receiver

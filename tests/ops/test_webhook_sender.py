@@ -13,7 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select
 
-from api.webhooks import SCHEDULE_SECONDS, forbidden, pass_once, retry_after
+from api.webhooks import SCHEDULE_SECONDS, forbidden, literal_address, pass_once, retry_after
 from convoy.settings import Settings
 from db import jobs, webhooks
 from db.migrate import upgrade
@@ -79,6 +79,12 @@ def test_private_addresses_are_named(address):
     assert forbidden(address)
 
 
+def test_public_names_and_addresses_are_not_literal_refusals():
+    assert literal_address("example.com") is None  # resolved at send time
+    assert literal_address("8.8.8.8") == "8.8.8.8" and forbidden("8.8.8.8") is None
+    assert literal_address("2002:808:808::") is not None and forbidden("2002:808:808::") is None
+
+
 def test_public_addresses_pass():
     assert forbidden("93.184.216.34") is None and forbidden("2606:4700::1111") is None
 
@@ -109,6 +115,32 @@ def test_a_redirect_is_a_failed_attempt_and_not_followed(db_url, receiver):
     assert receiver.at("/elsewhere") == []
 
 
+def test_a_receiver_slower_than_the_timeout_is_a_failed_attempt_retried(db_url, receiver):
+    receiver.plans["/slow"] = [-3]  # answers after 3 s; the timeout is 1 s
+    delivery = canceled_job_delivery(db_url, receiver.url + "/slow")
+    pass_once(Settings(database_url=db_url, webhook_allow_private=True,
+                       webhook_timeout_seconds=1))
+    state, [attempt] = attempts_of(db_url, delivery)
+    assert state == "pending" and attempt.status is None
+    assert attempt.error == "timed out after 1 s"
+    assert attempt.duration_seconds < 2.5
+
+
+def test_an_ipv6_literal_url_is_sent_with_a_bracketed_host_header(db_url):
+    """`Host: ::1:PORT` (brackets lost) is no valid authority; servers answer it 400."""
+    six = start_receiver("::1")
+    try:
+        port = six.server.server_address[1]
+        delivery = canceled_job_delivery(db_url, f"http://[::1]:{port}/six")
+        pass_once(Settings(database_url=db_url, webhook_allow_private=True))
+        state, _ = attempts_of(db_url, delivery)
+        assert state == "succeeded"
+        [got] = six.at("/six")
+        assert got.headers["host"] == f"[::1]:{port}"
+    finally:
+        six.server.shutdown()
+
+
 @pytest.fixture(scope="module")
 def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     with api_on_sqlite(Path(tmp_path_factory.mktemp("hooks-api")),
@@ -126,6 +158,18 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     ("http://user:pw@example.com/x", "credentials"),
     ("http://example.com:99999/x", "port"),
     ("https://example.com/" + "a" * 3000, "url"),
+    # loopback in the forms resolvers accept, and localhost (RFC 6761): refused at creation
+    # too, not only when a send resolves them (they were accepted with a 201)
+    ("http://2130706433/x", "loopback"),
+    ("http://0x7f000001/x", "loopback"),
+    ("http://017700000001/x", "loopback"),
+    ("http://127.1/x", "loopback"),
+    ("http://0/x", "0.0.0.0"),
+    ("http://localhost:8080/x", "loopback"),
+    ("http://LocalHost./x", "loopback"),
+    ("http://[2002:7f00:1::]/x", "loopback"),  # 6to4 around 127.0.0.1
+    ("http://[::ffff:10.0.0.1]/x", "private"),
+    ("http://[::1/x", "url: Invalid IPv6 URL"),  # named the field (its loc was [])
 ])
 def test_create_refuses_bad_urls_with_the_field_named(api: Stack, url: str, fragment: str):
     with api.client() as c:
@@ -178,3 +222,21 @@ def test_public_metrics_need_no_token_and_work_on_sqlite(api: Stack):
     assert samples[("convoy_jobs_submitted_total", (("kind", "train"),))] == 1
     assert samples[("convoy_jobs_waiting", (("reason", "no_worker"),))] == 1
     assert samples[("convoy_queue_wait_seconds_count", ())] == 0
+
+
+def test_requests_refused_before_routing_are_timed_under_their_route(api: Stack):
+    """A body refused by a middleware (a lone surrogate: 422) never reaches the router; its
+    request is still labelled with the route template (it was `unmatched`), and a path no
+    route has stays `unmatched`."""
+    with api.client() as c:
+        r = c.post("/v1/jobs", content=b'{"kind": "train", "name": "\\ud800"}',
+                   headers={"content-type": "application/json"})
+        assert r.status_code == 422, r.text
+        assert c.get("/v1/no-such-thing").status_code == 404
+    text = httpx.get(api.url + "/metrics", timeout=30).text
+    counts = {tuple(sorted(s.labels.items())): s.value
+              for f in text_string_to_metric_families(text) for s in f.samples
+              if s.name == "convoy_http_request_duration_seconds_count"}
+    assert counts.get((("method", "POST"), ("route", "/v1/jobs"), ("status", "422"))) == 1
+    assert (("method", "POST"), ("route", "unmatched"), ("status", "422")) not in counts
+    assert counts.get((("method", "GET"), ("route", "unmatched"), ("status", "404"))) == 1

@@ -82,6 +82,42 @@ def test_sigkilled_worker_mid_epoch_2_is_resumed_from_its_checkpoint_by_another(
     assert history[0][3] <= history[1][2], "attempt 2 began before attempt 1's lease ended"
 
 
+def test_a_sigkilled_invariance_job_is_taken_back_and_measured_again_by_another(faults):
+    """Invariance jobs hold a lease like the other kinds: their worker SIGKILLed mid-run,
+    the lease expires, and another worker measures the job from the start."""
+    live_worker(faults)
+    env_url = faults.env["CONVOY_DATABASE_URL"]
+    request = {"kind": "invariance", "device": "cpu",
+               "source": {"model": {"input_shape": [1, 8, 8], "layers": [
+                   {"type": "conv2d", "out_channels": 32, "kernel_size": 3, "padding": 1},
+                   {"type": "relu"}, {"type": "conv2d", "out_channels": 32, "kernel_size": 3,
+                                      "padding": 1},
+                   {"type": "flatten"}, {"type": "linear", "out_features": 10}]}, "seed": 0},
+               "inputs": {"dataset": "digits", "split": "all", "indices": list(range(1797))},
+               "transforms": {"translate": [1, 2, 3, 4, 5, 6, 7],
+                              "rotate": [float(k) for k in range(5, 181, 6)],
+                              "scale": [0.5 + k / 16 for k in range(32)]}}
+    with faults.client() as client:
+        r = client.post("/v1/jobs", json=request)
+        assert r.status_code == 201, r.text
+        job_id = r.json()["id"]
+        wait_for(lambda: (client.get(f"/v1/jobs/{job_id}").json()["progress"] or 0) > 0.02
+                 or None, timeout=120, what=f"progress of {job_id}")
+        running = [w for w in faults.workers if w.poll() is None]
+        assert len(running) == 1
+        Stack.kill(running[0], signal.SIGKILL)
+        assert client.get(f"/v1/jobs/{job_id}").json()["state"] == "running"
+        faults.start_worker(f"w{len(faults.workers)}")
+        done = wait_job(client, job_id, timeout=300)
+        assert done["state"] == "succeeded", done["error"]
+        assert done["attempt"] == 2
+        curves = client.get(f"/v1/jobs/{job_id}/invariance").json()
+        assert len(curves["layers"]) == 5
+        assert len(curves["layers"][0]["curves"]["rotate"]) == 30
+    outcomes = [o for _, _, _, _, o in attempts(env_url, job_id)]
+    assert outcomes == ["lease_expired", "succeeded"]
+
+
 def test_cancel_running_stops_the_worker_within_5s_and_keeps_its_checkpoint(faults):
     live_worker(faults)
     env_url = faults.env["CONVOY_DATABASE_URL"]

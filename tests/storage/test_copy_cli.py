@@ -67,6 +67,10 @@ def test_copy_a_local_root_into_a_bucket_idempotently(weed: WeedServer, tmp_path
 def test_copy_refuses_what_it_cannot_do(weed: WeedServer, tmp_path: Path) -> None:
     (tmp_path / "artifacts").mkdir()
     assert run_copy(weed, tmp_path / "artifacts", "/some/folder").returncode == 2
+    for bad in ("s3://", f"s3://{weed.bucket}/../x"):  # these printed a traceback
+        refused = run_copy(weed, tmp_path / "artifacts", bad)
+        assert refused.returncode == 2, refused.stderr
+        assert bad in refused.stderr and "Traceback" not in refused.stderr
     missing = run_copy(weed, tmp_path / "artifacts", "s3://no-such-bucket-convoy/x")
     assert missing.returncode == 1
     assert "s3://no-such-bucket-convoy/x" in missing.stderr and "Traceback" not in missing.stderr

@@ -118,6 +118,13 @@ def test_feature_map_npy_downloads_stream_and_range_too(api_only: Stack) -> None
         assert np.array_equal(np.frombuffer(second.content, np.float32).reshape(3, 4, 4),
                               maps[1])
         assert client.get(url, headers={"Range": f"bytes={size}-"}).status_code == 416
+        # one image by ?image=k (read by range from the store): its rows, its shape
+        one = client.get(url, params={"image": 1})
+        assert one.status_code == 200 and one.headers["x-shape"] == "1,3,4,4"  # was 2,3,4,4
+        assert np.array_equal(np.load(io.BytesIO(one.content)), maps[1:2])
+        values = client.get(url, params={"image": 1, "format": "json"})
+        assert values.status_code == 200 and values.json()["values"] == maps[1:2].tolist()
+        assert client.get(url, params={"image": 2}).status_code == 404
 
 
 def test_presigned_302_then_a_plain_get(weed, pg_url, tmp_path) -> None:  # type: ignore[no-untyped-def]

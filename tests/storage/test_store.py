@@ -140,3 +140,18 @@ def test_s3_errors_name_the_store(weed: WeedServer) -> None:
         bad.check()
     with pytest.raises(StoreUnavailable, match="PermissionDenied|Unauthenticated"):
         bad.put_bytes("jobs/x/y.bin", b"1")
+
+
+def test_a_failed_read_does_not_say_nothing_was_stored(weed: WeedServer) -> None:
+    """A download from a store that is down answered "...; nothing was stored": true of a
+    write only."""
+    os.environ.update({k: v for k, v in weed.env().items() if k.startswith("AWS_")})
+    down = S3Store(f"s3://{weed.bucket}/p", endpoint_url="http://127.0.0.1:9",
+                   max_retries=0, connect_timeout_s=1)
+    with pytest.raises(StoreUnavailable) as read:
+        down.size("jobs/x/y.bin")
+    assert "nothing was stored" not in read.value.public()
+    assert "could not read" in read.value.public() and down.name in read.value.public()
+    with pytest.raises(StoreUnavailable) as write:
+        down.put_bytes("jobs/x/y.bin", b"1")
+    assert "nothing was stored" in write.value.public()

@@ -226,3 +226,18 @@ def test_example_runs_to_succeeded(stack, name):
     if body["kind"] == "train":
         last = done.stdout.strip().splitlines()[-1]
         assert last.endswith(f", {body['train']['epochs']} epochs"), last
+
+
+def test_status_prints_why_a_queued_job_waits(stack) -> None:
+    """`convoy status` of a cuda job on the CPU test fleet (no worker reads the GPU queue)
+    prints its waiting_reason, as the API gives it."""
+    with stack.client() as c:
+        job = c.post("/v1/jobs", json={**train_request(1), "device": "cuda"}).json()
+        try:
+            reason = c.get(f"/v1/jobs/{job['id']}").json()["waiting_reason"]
+            assert reason and "cuda" in reason
+            done = convoy(stack, "status", job["id"])
+            assert done.returncode == 0, done.stderr
+            assert f"waiting   {reason}" in done.stdout
+        finally:
+            c.post(f"/v1/jobs/{job['id']}/cancel")

@@ -3,6 +3,7 @@ pooling rule, the PNG grid, the image conversion rule, and one job run directly 
 
 from __future__ import annotations
 
+import hashlib
 import io
 
 import numpy as np
@@ -14,6 +15,7 @@ from sqlalchemy import select
 from api.feature_maps import check_feature_maps
 from convoy import inputs
 from convoy.jobspec import FeatureMapsJobRequest, dump
+from convoy.render import grid_shape, png_bytes
 from convoy.settings import Settings
 from db import job_reads, jobs
 from db.migrate import upgrade
@@ -25,7 +27,6 @@ from models.pooling import pooled_shape
 from models.spec import ModelSpec
 from tests.factories import npy_bytes
 from worker.feature_maps import run_feature_maps
-from worker.render import grid_shape, png_bytes
 
 
 def hooked_outputs(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
@@ -138,7 +139,8 @@ def test_a_job_run_directly_stores_every_artifact_with_its_row(tmp_path):
         {"type": "maxpool2d", "kernel_size": 2}, {"type": "flatten"}]}
     req = FeatureMapsJobRequest.model_validate({
         "kind": "feature_maps", "source": {"model": spec, "seed": 1},
-        "inputs": {"dataset": "digits", "indices": [5, 6, 7]}, "dtype": "float16"})
+        "inputs": {"dataset": "digits", "indices": [5, 6, 7]}, "dtype": "float16",
+        "png": "eager"})
     with session_scope(settings.database_url) as session:
         summary = check_feature_maps(session, req, settings, tenant="t1")
         job = jobs.create_job(session, tenant="t1", kind="feature_maps", name="", request=dump(req),
@@ -166,3 +168,44 @@ def test_a_job_run_directly_stores_every_artifact_with_its_row(tmp_path):
     assert done.result["bytes_stored"] == 2 * 3 * (2 * 36 + 2 * 9 + 18)
     assert set(done.result["timings"]) >= {"forward_s", "encode_npy_s", "encode_png_s",
                                            "storage_s"}
+
+
+def test_a_streamed_npy_is_the_bytes_np_save_writes_and_an_abort_leaves_nothing(tmp_path):
+    from convoy.artifacts import LocalStore
+    from worker.npystream import NpyStream
+
+    store = LocalStore(tmp_path)
+    maps = np.random.default_rng(0).normal(size=(700, 3, 5, 4)).astype(np.float16)
+    seen = []
+    stream = NpyStream(store, "a/maps.npy", maps.shape, maps.dtype, observe=seen.append)
+    for start in range(0, 700, 256):
+        stream.append(maps[start:start + 256])
+    size, sha = stream.close()
+    assert store.get_bytes("a/maps.npy") == npy_bytes(maps)
+    assert (size, sha) == (len(npy_bytes(maps)), hashlib.sha256(npy_bytes(maps)).hexdigest())
+    assert [len(s) for s in seen] == [256, 256, 188]
+    short = NpyStream(store, "a/short.npy", (10, 2), np.float32)
+    short.append(np.zeros((4, 2), np.float32))
+    with pytest.raises(ValueError, match="4 rows written of 10"):
+        short.close()
+    wrong = NpyStream(store, "a/wrong.npy", (10, 2), np.float32)
+    with pytest.raises(ValueError, match="do not fit"):
+        wrong.append(np.zeros((4, 3), np.float32))
+    wrong.append(np.zeros((4, 2), np.float32))
+    wrong.abort()
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["maps.npy"]
+
+
+@pytest.mark.parametrize("shape", [(300, 5, 7, 3), (300, 9)])
+def test_statistics_accumulated_by_batch_equal_those_of_all_the_maps(shape):
+    from convoy.render import ChannelStats, channel_stats
+
+    x = np.random.default_rng(1).normal(size=shape).astype(np.float32)
+    x[x < 0] = 0  # a ReLU's zeros
+    acc = ChannelStats()
+    for start in range(0, 300, 64):
+        acc.add(x[start:start + 64])
+    got, want = acc.result(), channel_stats(x)
+    assert got["min"] == want["min"] and got["max"] == want["max"]
+    assert got["zero_fraction"] == want["zero_fraction"]
+    assert np.allclose(got["mean"], want["mean"], atol=1e-6)

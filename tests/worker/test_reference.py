@@ -17,6 +17,7 @@ from sqlalchemy import select
 from api.feature_maps import check_feature_maps
 from convoy.datasets import DIGITS_SPLIT_SIZES, load_digits
 from convoy.jobspec import FeatureMapsJobRequest, dump
+from convoy.render import channel_stats
 from convoy.settings import Settings
 from db import job_reads, jobs
 from db.migrate import upgrade
@@ -26,7 +27,6 @@ from models.build import build_model
 from models.capture import capture, channels_last
 from models.spec import ModelSpec
 from worker.feature_maps import run_feature_maps
-from worker.render import channel_stats
 
 REFERENCE = Path(__file__).resolve().parents[2] / "docs" / "reference.md"
 

@@ -58,6 +58,51 @@ def channel_stats(maps: np.ndarray) -> dict[str, list[float]]:
     }
 
 
+class ChannelStats:
+    """channel_stats accumulated batch by batch: per channel the sum (float64), min, max and
+    zero count, so a job never holds more than one batch to describe all of its maps."""
+
+    def __init__(self) -> None:
+        self.total: np.ndarray | None = None
+        self.low: np.ndarray | None = None
+        self.high: np.ndarray | None = None
+        self.zeros: np.ndarray | None = None
+        self.count = 0  # values per channel so far
+
+    def add(self, maps: np.ndarray) -> None:
+        if maps.size == 0:
+            return
+        # one copy with the channels first, each channel's values contiguous: numpy reduces
+        # along a contiguous last axis several times faster than over axes (0, 2, 3) of
+        # small maps (8x8: 11 vs 38 ms a batch)
+        v = np.moveaxis(maps, 1, 0).astype(np.float32, order="C").reshape(maps.shape[1], -1)
+        total = v.sum(axis=1, dtype=np.float64)
+        low, high = v.min(axis=1), v.max(axis=1)
+        # per channel row: 3x faster than count_nonzero(axis=1) (a bool cast of everything)
+        zeros = (np.array([np.count_nonzero(row == 0) for row in v]) if len(v) <= 1024
+                 else (v == 0).sum(axis=1))
+        if self.total is None:
+            self.total, self.low, self.high, self.zeros = total, low, high, zeros
+        else:
+            assert self.low is not None and self.high is not None and self.zeros is not None
+            self.total = self.total + total
+            self.low = np.minimum(self.low, low)
+            self.high = np.maximum(self.high, high)
+            self.zeros = self.zeros + zeros
+        self.count += v.shape[1]
+
+    def result(self) -> dict[str, list[float]]:
+        if self.total is None:
+            return {"mean": [], "min": [], "max": [], "zero_fraction": []}
+        assert self.low is not None and self.high is not None and self.zeros is not None
+        return {
+            "mean": [round(float(v), 6) for v in self.total / self.count],
+            "min": [float(v) for v in self.low],
+            "max": [float(v) for v in self.high],
+            "zero_fraction": [round(float(v), 6) for v in self.zeros / self.count],
+        }
+
+
 def grid_shape(channels: int) -> tuple[int, int]:
     cols = math.ceil(math.sqrt(channels))
     return math.ceil(channels / cols), cols
