@@ -149,7 +149,8 @@ class DatabaseCollector(Collector):
                 counts[code] = counts.get(code, 0) + 1
         waiting_jobs = GaugeMetricFamily("convoy_jobs_waiting", "Queued jobs that cannot start "
                                          "now, by reason.", labels=["reason"])
-        for code in (waiting.NO_WORKER, waiting.NO_GPU_WORKER, waiting.TENANT_LIMIT):
+        for code in (waiting.NO_WORKER, waiting.NO_GPU_WORKER, waiting.TOO_FEW_DEVICES,
+                     waiting.TENANT_LIMIT):
             waiting_jobs.add_metric([code], counts.get(code, 0))
         yield waiting_jobs
         failed = CounterMetricFamily("convoy_webhook_deliveries_failed", "Webhook deliveries "

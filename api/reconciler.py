@@ -48,11 +48,11 @@ def reconcile_once(settings: Settings, celery: Celery, *, expire_leases: bool = 
         for job_id in expired:
             route = routes[job_id]
             enqueue(celery, kind=route.kind, job_id=job_id, device=route.device,
-                    priority=route.priority)
+                    devices=route.devices, priority=route.priority)
         for job_id, _ in due:
             route = routes[job_id]
             enqueue(celery, kind=route.kind, job_id=job_id, device=route.device,
-                    priority=route.priority)
+                    devices=route.devices, priority=route.priority)
             sent.append(job_id)
     finally:
         if sent:

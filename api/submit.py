@@ -84,6 +84,7 @@ def check_train(session: Session, req: TrainJobRequest, settings: Settings, *,
                                                 f"max_batch_size={settings.max_batch_size}")
     check_model_limits(summary, settings, batch_size=cfg.batch_size)
     check_augment(cfg, summary["input_shape"])
+    check_devices(req, settings, summary)
     info = dataset_info(session, req.dataset, tenant=tenant)
     if too_large := datasets.oversized(req.dataset, settings.max_dataset_bytes):
         raise unprocessable("dataset.samples", too_large)
@@ -115,6 +116,27 @@ def check_augment(cfg: TrainConfig, input_shape: list[int]) -> None:
         raise unprocessable("train.augment.translate",
                             f"{aug.translate} must be smaller than the input's smaller side "
                             f"{side} (input {input_shape[1]}x{input_shape[2]})")
+
+
+def check_devices(req: TrainJobRequest, settings: Settings, summary: dict[str, Any]) -> None:
+    """resources.devices within max_devices_per_job and at most the global batch (every rank
+    takes a share of each batch); a multi-device job's summary shows the per-rank batch."""
+    devices = req.resources.devices
+    if devices > settings.max_devices_per_job:
+        raise unprocessable("resources.devices", f"{devices} exceeds the limit "
+                                                 f"max_devices_per_job="
+                                                 f"{settings.max_devices_per_job}")
+    if devices > req.train.batch_size:
+        raise unprocessable("resources.devices", f"{devices} devices for a global batch_size of "
+                                                 f"{req.train.batch_size}: each rank needs at "
+                                                 "least one sample of every batch")
+    if devices > 1 or req.resources.sync_batch_norm:
+        summary["resources"] = {
+            "devices": devices, "global_batch": req.train.batch_size,
+            # shares differ by at most one sample (tensor_split of each batch)
+            "per_rank_batch": -(-req.train.batch_size // devices),
+            "sync_batch_norm": req.resources.sync_batch_norm,
+        }
 
 
 # forward, and backward at about twice the forward's cost

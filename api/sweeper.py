@@ -345,7 +345,7 @@ def _top_up(session: Session, settings: Settings, celery: Celery, sweep: Sweep,
         active += 1
         try:
             enqueue(celery, kind="train", job_id=made.id, device=trial_req.device,
-                    priority=trial_req.priority)
+                    devices=trial_req.resources.devices, priority=trial_req.priority)
         except Exception:  # noqa: BLE001 - the reconciler sends it
             log.warning("enqueue of sweep trial %s failed; reconciler will retry", made.id,
                         exc_info=True)

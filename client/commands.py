@@ -122,6 +122,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
         request.setdefault("train", {})["epochs"] = args.epochs
     if args.device is not None:
         request["device"] = args.device
+    if args.devices is not None:
+        request.setdefault("resources", {})["devices"] = args.devices
     if args.priority is not None:
         request["priority"] = args.priority
     with _client(args) as convoy:
@@ -414,6 +416,8 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--epochs", type=ascii_int, help="override train.epochs")
     p.add_argument("--name", help="override the job name")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="override the device")
+    p.add_argument("--devices", type=ascii_int, help="train on N devices of one worker "
+                   "(resources.devices; docs/distributed.md)")
     p.add_argument("--priority", type=ascii_int, choices=range(10), metavar="0..9",
                    help="override the priority (9 most urgent; default 5)")
     p.add_argument("--idempotency-key", help="send this Idempotency-Key (default: a fresh one, "

@@ -82,6 +82,18 @@ class InitFrom(BaseModel):
 
 
 Device = Literal["auto", "cpu", "cuda"]
+
+
+class Resources(BaseModel):
+    """What a train job runs on: `devices` DistributedDataParallel ranks on one host (GPUs
+    with device cuda, one-thread CPU processes with device cpu); train.batch_size stays the
+    global batch. Bounded by the server's max_devices_per_job at submission."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    devices: Annotated[int, Field(ge=1, le=1024)] = 1
+    # batch norm statistics synchronised across ranks (else each rank keeps its own)
+    sync_batch_norm: bool = False
 # 0 (least urgent) to 9 (most): a queued job of higher priority starts before lower ones
 # queued earlier (convoy.queue.enqueue; what each broker guarantees: docs/reliability.md).
 DEFAULT_PRIORITY = 5
@@ -106,6 +118,7 @@ class TrainJobRequest(BaseModel):
     # source checkpoint's (train.epochs more); the lr schedule runs over the total
     continue_: bool = Field(False, alias="continue")
     device: Device = "auto"
+    resources: Resources = Resources()
     max_attempts: Annotated[int, Field(ge=1, le=20)] | None = None
     timeout: Timeout = None
     priority: Priority = DEFAULT_PRIORITY

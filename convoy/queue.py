@@ -119,16 +119,38 @@ def gpu_queue(queue: str) -> str:
     return f"{queue}-gpu"
 
 
-def queue_for(queue: str, device: str | None) -> str:
+def devices_queue(base: str, devices: int) -> str:
+    """Where jobs asking for `devices` > 1 wait: one queue per exact device count, read by
+    every worker that owns at least that many (worker_queues), so no job waits for a worker
+    that could run it but does not read its queue, and none reaches a worker too small."""
+    return base if devices <= 1 else f"{base}-x{devices}"
+
+
+def queue_for(queue: str, device: str | None, devices: int = 1) -> str:
     """The one rule for where a job's message goes: a job that asks for `device: cuda` to the
-    GPU queue, every other one (auto, cpu) to the main queue."""
-    return gpu_queue(queue) if device == "cuda" else queue
+    GPU queue, every other one (auto, cpu) to the main queue; either suffixed with its device
+    count when it asks for more than one (devices_queue)."""
+    return devices_queue(gpu_queue(queue) if device == "cuda" else queue, devices)
+
+
+def worker_queues(queue: str, *, gpu: bool, owned: int, max_devices: int) -> list[str]:
+    """The queues a worker reads: the main one (and the GPU one when `gpu`), and for each
+    device count 2..min(owned, max_devices) the matching device-count queue(s)."""
+    bases = [queue, *([gpu_queue(queue)] if gpu else [])]
+    return [devices_queue(base, n) for base in bases
+            for n in range(1, min(owned, max_devices) + 1)]
+
+
+def all_queues(queue: str, *, max_devices: int) -> list[str]:
+    """Every queue a job's message may be sent to (queue inspection, the fleet page)."""
+    return worker_queues(queue, gpu=True, owned=max_devices, max_devices=max_devices)
 
 
 def enqueue(app: Celery, *, kind: str, job_id: str, device: str | None = None,
-            countdown: float | None = None, priority: int = DEFAULT_PRIORITY) -> None:
-    """Send the job's message (its id only) to the queue its device asks for, with the job's
-    priority (0..9, 9 most urgent) in the broker's terms."""
+            devices: int = 1, countdown: float | None = None,
+            priority: int = DEFAULT_PRIORITY) -> None:
+    """Send the job's message (its id only) to the queue its device (and device count) asks
+    for, with the job's priority (0..9, 9 most urgent) in the broker's terms."""
     app.send_task(TASK_FOR_KIND[kind], args=[job_id], countdown=countdown,
-                  queue=queue_for(app.conf.task_default_queue, device),
+                  queue=queue_for(app.conf.task_default_queue, device, devices),
                   priority=broker_priority(str(app.conf.broker_url or ""), priority))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import base64
 import json
 
-from convoy.queue import REDIS_PRIORITY_STEPS, gpu_queue
+from convoy.queue import REDIS_PRIORITY_STEPS, all_queues
 from convoy.settings import Settings
 
 # kombu's Redis transport keeps one list per priority step: "q", "q\x06\x161", ...
@@ -43,7 +43,9 @@ def redis_held_ids(settings: Settings, *, queued: int) -> set[str] | None:
 
     client = redis.Redis.from_url(settings.broker_url, socket_timeout=5)
     try:
-        keys = redis_queue_keys(settings.queue) + redis_queue_keys(gpu_queue(settings.queue))
+        keys = [key for queue in all_queues(settings.queue,
+                                            max_devices=settings.max_devices_per_job)
+                for key in redis_queue_keys(queue)]
         pipe = client.pipeline()
         for key in keys:
             pipe.llen(key)

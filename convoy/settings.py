@@ -35,6 +35,13 @@ class Settings(BaseSettings):
     # Whether `convoy worker` also reads the GPU queue (jobs with device "cuda"); unset: when
     # the worker has a CUDA device. The embedded worker always reads it.
     worker_gpu_queue: bool | None = None
+    # The devices this worker owns (jobs with resources.devices > 1 run as that many ranks):
+    # a number N (the first N visible GPUs on a GPU host, else N CPU ranks), or GPU indices
+    # "0,2,3" / "cuda:1". Unset: every visible GPU, else the host's cores (docs/distributed.md).
+    worker_devices: str = ""
+    # The most devices one job may ask for (checked at submission); a worker reads the
+    # device-count queues up to min(this, the devices it owns).
+    max_devices_per_job: Annotated[int, Field(ge=1, le=1024)] = 8
     bootstrap_token: str | None = None
     # A fresh token for the first admin is printed here when no bootstrap token is set.
     token_file: Path | None = None

@@ -56,11 +56,12 @@ def count_queued(session: Session) -> int:
 
 @dataclass(frozen=True)
 class Route:
-    """What a job's message is sent as (kind), where (the device decides the queue:
-    convoy.queue.queue_for) and with what priority (0..9)."""
+    """What a job's message is sent as (kind), where (the device and the device count decide
+    the queue: convoy.queue.queue_for) and with what priority (0..9)."""
     kind: str
     device: str | None
     priority: int
+    devices: int = 1
 
 
 def _priority(request: dict[str, Any] | None) -> int:
@@ -69,13 +70,21 @@ def _priority(request: dict[str, Any] | None) -> int:
     return value if type(value) is int and 0 <= value <= 9 else 5
 
 
+def devices_of(request: dict[str, object] | None) -> int:
+    """The device count a stored train request asks for (resources.devices; 1 by default)."""
+    resources = (request or {}).get("resources")
+    count = resources.get("devices") if isinstance(resources, dict) else None
+    return count if isinstance(count, int) and count >= 1 else 1
+
+
 def routes_of(session: Session, *, job_ids: Iterable[str]) -> dict[str, Route]:
     """id -> Route: everything a message for the job needs, read from its request."""
     ids = list(job_ids)
     if not ids:
         return {}
     rows = session.execute(select(Job.id, Job.kind, Job.request).where(Job.id.in_(ids)))
-    return {i: Route(kind, (request or {}).get("device"), _priority(request))
+    return {i: Route(kind, (request or {}).get("device"), _priority(request),
+                     devices_of(request))
             for i, kind, request in rows}
 
 

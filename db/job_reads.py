@@ -9,6 +9,7 @@ from datetime import datetime
 from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session
 
+from db.dispatch import devices_of
 from db.states import JobState
 from db.tables import Job, JobAttempt, Token
 
@@ -86,9 +87,11 @@ def running_counts(session: Session, *, tenants: Iterable[str]) -> dict[str, int
         .group_by(Job.tenant))}
 
 
-def queued_routes(session: Session, *, limit: int = 10000) -> list[tuple[str, str, str | None]]:
-    """(id, tenant, device asked for) of the oldest `limit` queued jobs."""
+def queued_routes(session: Session, *, limit: int = 10000
+                  ) -> list[tuple[str, str, str | None, int]]:
+    """(id, tenant, device asked for, device count) of the oldest `limit` queued jobs."""
     rows = session.execute(select(Job.id, Job.tenant, Job.request)
                            .where(Job.state == JobState.QUEUED)
                            .order_by(Job.enqueued_at).limit(limit))
-    return [(i, tenant, (request or {}).get("device")) for i, tenant, request in rows]
+    return [(i, tenant, (request or {}).get("device"), devices_of(request))
+            for i, tenant, request in rows]

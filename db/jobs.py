@@ -294,11 +294,14 @@ class StorageRetry(StrEnum):
 
 
 def retry_after_storage_error(session: Session, *, job_id: str, worker_id: str, error: str,
-                              backoff_seconds: float) -> StorageRetry:
+                              backoff_seconds: float,
+                              outcome: AttemptOutcome = AttemptOutcome.STORE_ERROR,
+                              cause: str = "a storage error") -> StorageRetry:
     """The lease holder's attempt hit a storage error (full, read-only store...): not the
     job's fault, so running -> queued with attempt + 1, to be sent again in
     `backoff_seconds`; past max_attempts running -> failed with that error. The attempt ends
-    `store_error` and the job's log says why."""
+    `store_error` and the job's log says why. (A lost rank of a multi-device attempt takes
+    the same way with outcome `rank_failed`.)"""
     now = utcnow()
     job = session.execute(select(Job.attempt, Job.max_attempts).where(
         owned(job_id, worker_id))).first()
@@ -317,12 +320,12 @@ def retry_after_storage_error(session: Session, *, job_id: str, worker_id: str, 
             "state": JobState.QUEUED, "attempt": attempt + 1, "worker_id": None,
             "heartbeat_at": None, "updated_at": now,
             "enqueued_at": now + timedelta(seconds=backoff_seconds)}
-        line = (f"attempt {attempt} stopped by a storage error: {error}; queued again, "
+        line = (f"attempt {attempt} stopped by {cause}: {error}; queued again, "
                 f"attempt {attempt + 1} of {max_attempts} in {backoff_seconds:g} s")
     else:
         values = {"state": JobState.FAILED, "finished_at": now, "updated_at": now,
                   "error": f"{error} (on each of {max_attempts} attempts)"}
-        line = (f"attempt {attempt} stopped by a storage error: {error}; no attempts left "
+        line = (f"attempt {attempt} stopped by {cause}: {error}; no attempts left "
                 f"(max_attempts {max_attempts}): failed")
     done = rowcount(session.execute(
         update(Job).where(owned(job_id, worker_id), Job.attempt == attempt).values(**values)
@@ -331,9 +334,9 @@ def retry_after_storage_error(session: Session, *, job_id: str, worker_id: str, 
     if not done:  # canceled between the two statements
         session.rollback()
         return retry_after_storage_error(session, job_id=job_id, worker_id=worker_id,
-                                         error=error, backoff_seconds=backoff_seconds)
-    attempts.end(session, job_id=job_id, worker_id=worker_id,
-                 outcome=AttemptOutcome.STORE_ERROR, error=error)
+                                         error=error, backoff_seconds=backoff_seconds,
+                                         outcome=outcome, cause=cause)
+    attempts.end(session, job_id=job_id, worker_id=worker_id, outcome=outcome, error=error)
     if values["state"] == JobState.FAILED:
         webhooks.job_ended(session, job_id=job_id)
     log(session, job_id=job_id, level="error", message=line)

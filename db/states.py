@@ -31,3 +31,4 @@ class AttemptOutcome(StrEnum):
     LEASE_EXPIRED = "lease_expired"  # the reconciler took it back from a silent worker
     LOST = "lost"  # the lease was gone before the worker could record an outcome
     STORE_ERROR = "store_error"  # the artifact store failed; queued again after a backoff
+    RANK_FAILED = "rank_failed"  # a rank of a multi-device attempt died; queued again

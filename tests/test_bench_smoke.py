@@ -24,6 +24,8 @@ FIGURES = {
     "bench_dispatch": [rf"dispatch pg \(Redis\), 2 jobs, created_at -> started_at: p50 {NUMBER}"],
     "bench_first_job": [rf"warm-up off  first job +{NUMBER} s  next jobs +{NUMBER} s",
                         rf"warm-up on   first job +{NUMBER} s"],
+    "bench_ddp": [rf"Convoy 2 ranks / Convoy 1 rank +{NUMBER}x",
+                  rf"Convoy 2 ranks / bare torchrun 2 +{NUMBER}x"],
     "bench_metrics": [rf"postgresql +300 jobs  scrape +{NUMBER} ms",
                       rf"ratio timed/bare = {NUMBER}"],
     "bench_feature_maps": [rf"digits-cnn +256 +{NUMBER} +{NUMBER} +{NUMBER} +{NUMBER} \({NUMBER}\)",

@@ -137,6 +137,13 @@ def test_convoy_run_trains_digits_stops_on_ctrl_c_and_restarts_with_its_data(tmp
                           headers={"Authorization": f"Bearer {token}"}) as client:
             listed = client.get("/v1/jobs").json()["items"]
             assert [(j["id"], j["state"]) for j in listed] == [(job_id, "succeeded")]
+            # a 2-device CPU job: the embedded worker owns the host's cores (2 on a laptop)
+            r = client.post("/v1/jobs", json={**train_request(1, batch_size=32),
+                                              "resources": {"devices": 2}})
+            assert r.status_code == 201, r.text
+            two = wait_job(client, r.json()["id"], timeout=240)
+            assert two["state"] == "succeeded", two["error"]
+            assert two["result"]["world_size"] == 2
         # `convoy run` killed outright (no chance to clean up): its worker must not linger.
         emb.proc.kill()
         emb.proc.wait(timeout=10)

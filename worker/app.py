@@ -5,19 +5,28 @@ from __future__ import annotations
 
 import os
 import socket
+from typing import Any
 
-from celery.signals import worker_process_init, worker_ready, worker_shutting_down
+from celery.signals import (
+    celeryd_after_setup,
+    worker_process_init,
+    worker_ready,
+    worker_shutting_down,
+)
 
 from convoy.queue import make_celery
 from convoy.settings import get_settings
 from db.session import configure_pools
 from worker import warmup
+from worker.devices import owned as owned_devices
 from worker.lease import SHUTTING_DOWN
 from worker.presence import PRESENCE
 
 settings = get_settings()
 configure_pools(timeout_seconds=settings.db_pool_timeout_seconds)
 app = make_celery(settings, include=["worker.tasks"])
+# what multi-device jobs may use here; a bad CONVOY_WORKER_DEVICES stops the worker at start
+OWNED = owned_devices(settings)
 
 
 def worker_id() -> str:
@@ -46,7 +55,18 @@ def _ready(sender: object = None, **_: object) -> None:
     PRESENCE.start(settings, worker_id=worker_id(), queues=queues)
 
 
+def _after_setup(sender: object = None, instance: Any = None, **_: object) -> None:
+    """Read the device-count queues this worker's devices allow (a job asking for N devices
+    waits in one read only by workers owning at least N; convoy.queue.devices_queue)."""
+    from worker.devices import device_count_queues
+
+    queues = instance.app.amqp.queues
+    for name in device_count_queues(settings, list(queues.consume_from or queues), OWNED):
+        queues.select_add(name)
+
+
 worker_shutting_down.connect(_shutting_down, weak=False)
+celeryd_after_setup.connect(_after_setup, weak=False)
 worker_ready.connect(_ready, weak=False)
 if settings.worker_warm_up:
     worker_ready.connect(lambda **_: warmup.start(), weak=False)

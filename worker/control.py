@@ -29,4 +29,5 @@ class RunOutcome(StrEnum):
     RELEASED = "released"  # handed back by this worker's shutdown; sent on to another
     LOST = "lost"  # the database stayed away: left to its lease
     RETRY = "retry"  # a storage error: queued again, sent after a backoff
+    REQUEUED = "requeued"  # a rank of a multi-device attempt died: queued again, sent now
     PASSED_ON = "passed on"  # reached a worker already stopping: sent on, nothing claimed

@@ -10,7 +10,7 @@ import torch
 
 from convoy.artifacts import CorruptArtifact, StoreUnavailable
 from convoy.settings import Settings
-from db import attempts, job_reads, joblog, jobs
+from db import attempts, dispatch, job_reads, joblog, jobs
 from db.session import session_scope
 from db.states import AttemptOutcome, JobState
 from db.tables import Job
@@ -19,6 +19,7 @@ from worker import warmup
 from worker.control import RunOutcome, Stopped
 from worker.data import device_text, pick_device
 from worker.dbretry import is_disconnect, retry_db
+from worker.ddp import RankFailed, RankLost, plan
 from worker.feature_maps import run_feature_maps
 from worker.invariance import run_invariance
 from worker.lease import SHUTTING_DOWN, JobTimedOut
@@ -52,7 +53,8 @@ def started(settings: Settings, job_id: str, worker_id: str, *, device: str,
 
 
 def failure_message(exc: BaseException) -> str:
-    if isinstance(exc, NonFiniteLoss | NonFiniteMaps | CorruptArtifact | JobTimedOut):
+    if isinstance(exc, NonFiniteLoss | NonFiniteMaps | CorruptArtifact | JobTimedOut
+                  | RankFailed):
         return str(exc)
     if isinstance(exc, torch.OutOfMemoryError):
         return ("CUDA out of memory: the model and batch do not fit on this GPU; "
@@ -101,10 +103,18 @@ def run_job(job_id: str, *, settings: Settings, worker_id: str) -> RunOutcome:
         log.info("job %s not claimable (duplicate message, canceled or running elsewhere)", job_id)
         return RunOutcome.SKIPPED
     try:
-        device = pick_device(str((job.request or {}).get("device") or "auto"))
-        started(settings, job_id, worker_id, device=str(device),
-                message=f"attempt {job.attempt} started on worker {worker_id}, "
-                        f"device {device_text(device)}")
+        wanted = str((job.request or {}).get("device") or "auto")
+        if (world := dispatch.devices_of(job.request)) > 1 and job.kind == "train":
+            ranks = plan(settings, wanted=wanted, world=world)  # never touches CUDA here
+            started(settings, job_id, worker_id,
+                    device=f"{ranks.device} x{world}",
+                    message=f"attempt {job.attempt} started on worker {worker_id}, "
+                            f"{ranks.text()}")
+        else:
+            device = pick_device(wanted)
+            started(settings, job_id, worker_id, device=str(device),
+                    message=f"attempt {job.attempt} started on worker {worker_id}, "
+                            f"device {device_text(device)}")
         if job.kind == "train":
             TrainRun(settings, job, worker_id).run()
         elif job.kind == "feature_maps":
@@ -138,6 +148,22 @@ def run_job(job_id: str, *, settings: Settings, worker_id: str) -> RunOutcome:
                 return RunOutcome.STOPPED
 
         return retry_db(stopped, what=f"job {job_id} stop", within_s=settings.db_retry_seconds)
+    except RankLost as exc:
+        # A rank died without an error of its own (killed, out of memory): like a worker
+        # dying, so the job is queued again at once and resumes from its last checkpoint.
+        log.warning("job %s: %s", job_id, exc)
+        lost = str(exc)
+
+        def requeue() -> RunOutcome:
+            with session_scope(settings.database_url) as session:
+                done = jobs.retry_after_storage_error(
+                    session, job_id=job_id, worker_id=worker_id, error=lost,
+                    backoff_seconds=0, outcome=AttemptOutcome.RANK_FAILED, cause="a lost rank")
+            return {jobs.StorageRetry.RETRY: RunOutcome.REQUEUED,
+                    jobs.StorageRetry.FAILED: RunOutcome.FAILED}.get(done, RunOutcome.STOPPED)
+
+        return retry_db(requeue, what=f"job {job_id} lost rank",
+                        within_s=settings.db_retry_seconds)
     except StoreUnavailable as exc:
         # Full, read-only, unwritable store: not the job's fault. The attempt ends, and the job
         # is queued again after a backoff (failed only when its attempts run out).

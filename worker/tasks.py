@@ -27,7 +27,8 @@ def send_again(job_id: str, kind: str, countdown: float | None = None) -> None:
     with session_scope(settings.database_url) as session:
         route = dispatch.routes_of(session, job_ids=[job_id]).get(job_id)
     enqueue(app, kind=kind, job_id=job_id, device=route.device if route else None,
-            countdown=countdown, priority=route.priority if route else DEFAULT_PRIORITY)
+            devices=route.devices if route else 1, countdown=countdown,
+            priority=route.priority if route else DEFAULT_PRIORITY)
 
 
 def run(job_id: str, kind: str) -> RunOutcome:
@@ -46,6 +47,8 @@ def run(job_id: str, kind: str) -> RunOutcome:
         # This worker is shutting down; the job is queued again for the next free worker
         # (should this send be lost, the reconciler resends queued jobs).
         send_again(job_id, kind)
+    elif outcome == RunOutcome.REQUEUED:
+        send_again(job_id, kind)  # a lost rank: the next attempt resumes at once
     elif outcome == RunOutcome.RETRY:
         # A storage error (full or read-only store): the job is queued again and its message
         # comes back after the backoff (the reconciler resends it if this one is lost).

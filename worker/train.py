@@ -21,6 +21,7 @@ from torch import nn
 from convoy.jobspec import TrainConfig
 from worker.augment import augment_batch, augment_generator
 from worker.control import Progress, Stopped
+from worker.shard import Shard
 
 
 @dataclass
@@ -102,6 +103,13 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: 
     return loss_sum.item() / n, correct.item() / n
 
 
+def _evaluate(model: nn.Module, data: DeviceData, autocast: Callable[[], Any] | None,
+              shard: Shard | None) -> tuple[float, float]:
+    if shard is None:
+        return evaluate(model, data.x_val, data.y_val, autocast=autocast)
+    return shard.evaluate(model, data.x_val, data.y_val, evaluate=evaluate, autocast=autocast)
+
+
 def train(
     model: nn.Module,
     data: DeviceData,
@@ -113,8 +121,11 @@ def train(
     should_stop: Callable[[], bool] | None = None,
     progress: Progress | None = None,
     check_every_s: float = 0.25,
+    shard: Shard | None = None,
 ) -> dict[str, Any]:
-    """Train `model` from `start_epoch` (0-based count of finished epochs) to cfg.epochs."""
+    """Train `model` from `start_epoch` (0-based count of finished epochs) to cfg.epochs.
+    With `shard` (one rank of a DistributedDataParallel `model`), this rank takes its share
+    of every global batch and the epoch's metrics are reduced over the ranks."""
     device = data.x_train.device
     optimizer = optimizer or make_optimizer(model, cfg)
     progress = progress or Progress()
@@ -140,7 +151,9 @@ def train(
         # One slot per step, written in place: a single small op per step instead of the
         # several a running sum plus a NaN flag cost (they showed on small CPU models).
         step_losses = torch.zeros(steps_per_epoch, device=device)
-        preds = torch.empty(n, device=device, dtype=torch.long)  # in perm order
+        # in perm order; a rank fills only its shares (-1 never matches a label)
+        preds = torch.empty(n, device=device, dtype=torch.long) if shard is None \
+            else torch.full((n,), -1, device=device, dtype=torch.long)
         epoch_first_step = step
         started = time.perf_counter()
         last_check = started
@@ -148,21 +161,27 @@ def train(
         # --- the hot loop: slices of the permutation, no host syncs but the periodic check
         for i in range(steps_per_epoch):
             idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-            xb, yb = data.x_train[idx], data.y_train[idx]
+            lo, hi = (0, len(idx)) if shard is None else shard.bounds(len(idx))
             if augment is not None and cfg.augment is not None:
-                xb = augment_batch(xb, cfg.augment, augment)
+                # the whole global batch's draws, as on one device; a rank keeps its share
+                xb = augment_batch(data.x_train[idx], cfg.augment, augment)[lo:hi]
+            else:
+                xb = data.x_train[idx[lo:hi]]
+            yb = data.y_train[idx[lo:hi]]
             if autocast is not None:
                 with autocast():
                     logits = model(xb)
             else:
                 logits = model(xb)
-            loss = F.cross_entropy(logits.float(), yb)
+            loss = F.cross_entropy(logits.float(), yb) if shard is None \
+                else shard.loss(logits.float(), yb, len(idx))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             step += 1
             step_losses[i] = loss.detach()
-            torch.argmax(logits.detach(), 1, out=preds[i * cfg.batch_size:(i + 1) * cfg.batch_size])
+            torch.argmax(logits.detach(), 1,
+                         out=preds[i * cfg.batch_size + lo:i * cfg.batch_size + hi])
             progress.value = (epoch0 + (i + 1) / steps_per_epoch) / cfg.epochs
             now = time.perf_counter()
             if now - last_check >= check_every_s:
@@ -171,6 +190,10 @@ def train(
                     raise NonFiniteLoss(epoch0 + 1, epoch_first_step + bad + 1)
                 if should_stop is not None and should_stop():
                     raise Stopped()
+        if shard is not None:
+            # each rank's slot holds its sum x world / batch: summed and divided by world it
+            # is the global batch's mean loss, as on one device
+            step_losses = shard.sum(step_losses) / shard.world
         if (bad := first_non_finite(step_losses)) >= 0:
             raise NonFiniteLoss(epoch0 + 1, epoch_first_step + bad + 1)
         # every batch is full but the last: weight each step's mean loss by its batch size
@@ -178,10 +201,12 @@ def train(
         sizes[-1] = n - (steps_per_epoch - 1) * cfg.batch_size
         train_loss = (step_losses * sizes).sum().item() / n
         correct = (preds == data.y_train[perm]).sum()
+        if shard is not None:
+            correct = shard.sum(correct)
         train_seconds = time.perf_counter() - started
 
         # --- evaluation, under no_grad in eval mode
-        val_loss, val_accuracy = evaluate(model, data.x_val, data.y_val, autocast=autocast)
+        val_loss, val_accuracy = _evaluate(model, data, autocast, shard)
         metrics = {
             "train_loss": train_loss,
             "train_accuracy": correct.item() / n,
@@ -190,6 +215,8 @@ def train(
             "images_per_second": n / max(train_seconds, 1e-9),
             "lr": lr,
         }
+        if shard is not None:
+            metrics["world_size"] = shard.world
         progress.epoch = epoch0 + 1
         if on_epoch is not None:
             on_epoch(EpochReport(epoch0 + 1, step, metrics, model, optimizer))
@@ -198,7 +225,7 @@ def train(
     if not metrics:
         # resumed from the last epoch's checkpoint (the worker died before recording the
         # outcome): nothing is left to train, but the result must still report the model
-        val_loss, val_accuracy = evaluate(model, data.x_val, data.y_val, autocast=autocast)
+        val_loss, val_accuracy = _evaluate(model, data, autocast, shard)
         metrics = {"val_loss": val_loss, "val_accuracy": val_accuracy}
     return {
         "epochs_done": cfg.epochs,

@@ -14,6 +14,7 @@ from typing import Any, cast
 
 import torch
 from sqlalchemy.orm import Session
+from torch.nn.parallel import DistributedDataParallel
 
 from convoy.artifacts import CorruptArtifact, checkpoint_name, get_store, job_key
 from convoy.jobspec import InitPlan, TrainConfig, TrainJobRequest, TrainJobSource
@@ -29,7 +30,9 @@ from worker import checkpoints
 from worker.control import Progress, Stopped
 from worker.data import load_split, pick_device
 from worker.dbretry import retry_db
+from worker.ddp import Ranks, plan
 from worker.lease import SHUTTING_DOWN, Lease
+from worker.shard import Shard
 from worker.train import DeviceData, EpochReport, make_optimizer, train
 
 log = logging.getLogger(__name__)
@@ -49,8 +52,10 @@ def row_epoch(row: Artifact) -> int | None:
 class TrainRun:
     """One attempt of a train job, from claim to outcome."""
 
-    def __init__(self, settings: Settings, job: Job, worker_id: str) -> None:
-        self.settings, self.job, self.worker_id = settings, job, worker_id
+    def __init__(self, settings: Settings, job: Job, worker_id: str, *,
+                 shard: Shard | None = None) -> None:
+        # shard: this is one rank of a multi-device attempt (worker/rank.py), not its parent
+        self.settings, self.job, self.worker_id, self.shard = settings, job, worker_id, shard
         self.store = get_store(settings)
         self.request = TrainJobRequest.model_validate(job.request)
         init = (job.summary or {}).get("init")
@@ -78,6 +83,9 @@ class TrainRun:
     def on_epoch(self, report: EpochReport) -> None:
         # Snapshot on this thread (tensors copied to CPU now), write on the writer thread:
         # the next epoch trains while the files go to disk.
+        model = report.model
+        if isinstance(model, DistributedDataParallel):  # the same tensor names as on one device
+            model = model.module
         meta = {
             "format": 1,
             "job_id": self.job.id,
@@ -87,7 +95,7 @@ class TrainRun:
             "train": self.cfg.model_dump(mode="json"),
             "metrics": report.metrics,
         }
-        model_blob = checkpoints.model_bytes(report.model, meta)
+        model_blob = checkpoints.model_bytes(model, meta)
         optim_blob = checkpoints.optimizer_bytes(report.optimizer)
         self._wait_pending()
         self.pending = self.writer.submit(self._persist_epoch, report.epoch, report.step,
@@ -190,7 +198,9 @@ class TrainRun:
         with Lease(db_url=self.settings.database_url, job_id=self.job.id,
                    worker_id=self.worker_id, every_s=self.settings.heartbeat_seconds,
                    progress=self.progress) as lease:
-            result = self._train(lease)
+            devices = self.request.resources.devices
+            result = self._train(lease) if devices == 1 else self._run_ranks(lease)
+            result["world_size"] = devices
 
         seconds = time.monotonic() - self.started
         resumed = int(result.get("resumed_from_epoch") or 0)
@@ -206,36 +216,63 @@ class TrainRun:
         retry_db(finish, what=f"job {self.job.id} outcome",
                  within_s=self.settings.db_retry_seconds)
 
-    def _train(self, lease: Lease) -> dict[str, Any]:
+    def _run_ranks(self, lease: Lease) -> dict[str, Any]:
+        """A multi-device attempt: this process keeps the lease while the ranks train (rank 0
+        writing checkpoints and metrics through on_epoch, as below); cancel, a lost lease or a
+        warm shutdown kill every rank."""
+        ranks = Ranks(self.settings, job_id=self.job.id, worker_id=self.worker_id,
+                      plan=plan(self.settings, wanted=self.request.device,
+                                world=self.request.resources.devices))
+        result = ranks.run(progress=self.progress,
+                           should_stop=lambda: lease.should_stop() or SHUTTING_DOWN.is_set())
+        if lease.should_stop():
+            raise Stopped()
+        return result
+
+    def train_rank(self, device: torch.device) -> dict[str, Any]:
+        """This rank's part of a multi-device attempt (worker/rank.py): no lease here, the
+        parent holds it and kills the ranks when it is lost."""
+        return self._train(None, device)
+
+    def _train(self, lease: Lease | None, device: torch.device | None = None
+               ) -> dict[str, Any]:
         req = self.request
-        device = pick_device(req.device)
+        shard = self.shard
+        device = device or pick_device(req.device)
         split = load_split(req.dataset, settings=self.settings, tenant=self.job.tenant)
         data = DeviceData.from_numpy(split, device)
         torch.manual_seed(req.train.seed)
         model: torch.nn.Module = build_model(req.model).to(device)
+        if shard is not None and req.resources.sync_batch_norm:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         if device.type == "cuda":
             model = channels_last(model)
             torch.backends.cudnn.benchmark = True
         optimizer = make_optimizer(model, self.cfg)
+        # every rank loads the same checkpoint (the checkpoint does not depend on N)
         start_epoch, resumed_metrics = self._resume(model, optimizer, device)
         if start_epoch == 0 and self.init is not None:
             start_epoch = self._init_from(self.init, model, optimizer, device)
+        if shard is not None:
+            model = DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None)
         # torch.compile returns the module wrapped (an nn.Module); its stubs say Callable
         trained = cast(torch.nn.Module, torch.compile(model)) if req.train.compile else model
+        writes = shard is None or shard.rank == 0
         try:
             result = train(
                 trained, data, self.cfg, optimizer=optimizer, start_epoch=start_epoch,
-                on_epoch=self.on_epoch,
-                should_stop=lambda: (lease.should_stop() or self.lease_lost
-                                     or SHUTTING_DOWN.is_set()),
-                progress=self.progress,
+                on_epoch=self.on_epoch if writes else None,
+                should_stop=lambda: ((lease is not None and lease.should_stop())
+                                     or self.lease_lost or SHUTTING_DOWN.is_set()),
+                progress=self.progress, shard=shard,
             )
         finally:
             try:
                 self._wait_pending()
             finally:
                 self.writer.shutdown()
-        if lease.should_stop() or self.lease_lost:
+        if (lease is not None and lease.should_stop()) or self.lease_lost:
             raise Stopped()
         for key in ("train_loss", "train_accuracy"):
             # resumed after the last epoch: nothing was trained in this attempt, so the
@@ -346,6 +383,8 @@ class TrainRun:
         return epoch, dict(meta.get("metrics") or {}), state, optim_state
 
     def _log(self, message: str, level: str = "info") -> None:
+        if self.shard is not None and self.shard.rank != 0:
+            return  # one line per attempt, not one per rank
         def write() -> None:
             with self.db() as session:
                 joblog.log(session, job_id=self.job.id, message=message, level=level)

@@ -51,6 +51,7 @@ from convoy.queue import enqueue
 from convoy.settings import Settings
 from db import artifacts, attempts, job_reads, joblog, metrics
 from db import jobs as jobs_db
+from db.dispatch import devices_of
 from db.idempotency import KeyReused
 from db.states import JobState
 from db.tables import Job
@@ -69,8 +70,8 @@ def job_out(job: Job, waiting_reason: str | None = None) -> JobOut:
 
 def with_reasons(session: Session, settings: Settings, jobs: list[Job]) -> list[JobOut]:
     """The jobs as answered, each queued one with its waiting_reason (api/waiting.py)."""
-    queued = [(j.id, j.tenant, (j.request or {}).get("device")) for j in jobs
-              if j.state == JobState.QUEUED]
+    queued = [(j.id, j.tenant, (j.request or {}).get("device"), devices_of(j.request))
+              for j in jobs if j.state == JobState.QUEUED]
     found = waiting.reasons(session, settings, queued)
     return [job_out(j, waiting.reason_text(found.get(j.id))) for j in jobs]
 
@@ -151,6 +152,7 @@ def _submit(body: TrainJobRequest | FeatureMapsJobRequest | InvarianceJobRequest
     # stays queued and the reconciler sends it later; nothing submitted is lost.
     try:
         enqueue(celery, kind=job.kind, job_id=job.id, device=body.device,
+                devices=body.resources.devices if isinstance(body, TrainJobRequest) else 1,
                 priority=body.priority)
     except Exception:  # noqa: BLE001 - the reconciler retries
         import logging

@@ -68,8 +68,8 @@ def fleet(session: SessionDep, settings: SettingsDep, admin: AdminDep) -> FleetO
     workers = workers_db.seen_since(session, within_seconds=settings.worker_seen_seconds)
     live = workers_db.live_queues(session, within_seconds=settings.worker_seen_seconds)
     queued: dict[str, int] = {}
-    for _, _, device in job_reads.queued_routes(session):
-        name = queue_for(settings.queue, device)
+    for _, _, device, devices in job_reads.queued_routes(session):
+        name = queue_for(settings.queue, device, devices)
         queued[name] = queued.get(name, 0) + 1
     names = sorted({settings.queue, gpu_queue(settings.queue), *live, *queued})
     by_state = stats.jobs_by_state(session)

@@ -85,7 +85,7 @@ def test_waiting_reasons_name_the_queue_the_device_and_the_tenant_limit(url: str
         session.commit()
         session.execute(update(Job).where(Job.id == made["running"]).values(state="running"))
         session.commit()
-        asked = [(made[n], t, d) for n, t, d in (("cpu", "t", "cpu"), ("gpu", "t", "cuda"),
+        asked = [(made[n], t, d, 1) for n, t, d in (("cpu", "t", "cpu"), ("gpu", "t", "cuda"),
                                                  ("busy", "u", "auto"))]
         nobody = waiting.reasons(session, settings, asked)
     assert [c for c, _ in nobody[made["cpu"]]] == [waiting.NO_WORKER]
@@ -100,3 +100,24 @@ def test_waiting_reasons_name_the_queue_the_device_and_the_tenant_limit(url: str
     assert [c for c, _ in some[made["gpu"]]] == [waiting.NO_GPU_WORKER]
     assert waiting.reason_text(some[made["busy"]]) == (
         "its tenant is at its running limit (1 running, max_running_per_tenant=1)")
+
+
+def test_a_job_asking_for_more_devices_than_any_worker_owns_says_so(url: str) -> None:
+    settings = Settings(database_url=url, queue="q", worker_seen_seconds=60)
+    with session_scope(url) as session:
+        made = {n: jobs.create_job(session, tenant="t", kind="train", name=str(n),
+                                   request={"device": "cpu", "resources": {"devices": n}},
+                                   summary=None, max_attempts=1).id for n in (2, 3, 4)}
+        session.commit()
+    asked = [(made[n], "t", "cpu", n) for n in (2, 3, 4)]
+    report(url, "two", queues=["q", "q-x2"])
+    with session_scope(url) as session:
+        found = waiting.reasons(session, settings, asked)
+    assert made[2] not in found
+    for n in (3, 4):
+        assert [c for c, _ in found[made[n]]] == [waiting.TOO_FEW_DEVICES]
+        assert (f"it asks for {n} devices and no live worker owns that many (the most: 2); "
+                f"it starts when a worker owning {n} reads q-x{n}") == found[made[n]][0][1]
+    report(url, "four", queues=["q", "q-x2", "q-x3", "q-x4"])
+    with session_scope(url) as session:
+        assert waiting.reasons(session, settings, asked) == {}

@@ -38,7 +38,9 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     with api_without_workers(Path(tmp_path_factory.mktemp("fleet")),
                              webhook_allow_private="true", webhook_retry_scale=0.002,
                              webhook_poll_seconds=0.2, worker_seen_seconds=SEEN_SECONDS,
-                             requeue_after_seconds=3600) as stack:
+                             requeue_after_seconds=3600,
+                             # one device each: no device-count queues in the lists below
+                             worker_devices=1) as stack:
         stack.start_worker("w0")
         stack.start_worker("w1")
         yield stack

@@ -28,6 +28,12 @@ def convoy_worker(stack: Stack, name: str) -> None:
 def test_a_cuda_job_waits_for_a_gpu_worker_and_a_cpu_worker_never_takes_it(fleet):
     env_url = fleet.env["CONVOY_DATABASE_URL"]
     cuda = torch.cuda.is_available()
+    # each worker owns 2 devices (at most the GPUs it sees on a GPU host): it reads the
+    # 2-device queue beside each queue it reads
+    fleet.env["CONVOY_WORKER_DEVICES"] = "2"
+
+    def two(*queues: str) -> list[str]:
+        return list(queues) if not cuda or torch.cuda.device_count() >= 2 else []
     if cuda:  # a CPU worker here is one told so; without CUDA, `convoy worker` finds it alone
         fleet.env["CONVOY_WORKER_GPU_QUEUE"] = "false"
     convoy_worker(fleet, "cpu")  # the main queue only
@@ -47,7 +53,8 @@ def test_a_cuda_job_waits_for_a_gpu_worker_and_a_cpu_worker_never_takes_it(fleet
         # each worker reports the queues it reads (GET /v1/workers)
         queue = fleet.env["CONVOY_QUEUE"]
         assert {w["id"]: w["queues"] for w in client.get("/v1/workers").json()} == {
-            "cpu": [queue], "gpu": [queue, f"{queue}-gpu"]}
+            "cpu": sorted([queue, *two(f"{queue}-x2")]),
+            "gpu": sorted([queue, f"{queue}-gpu", *two(f"{queue}-gpu-x2", f"{queue}-x2")])}
         done = wait_job(client, gpu_job)
     if cuda:
         assert done["state"] == "succeeded", done["error"]
