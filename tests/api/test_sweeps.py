@@ -133,6 +133,7 @@ def test_hopeless_trial_is_pruned_before_its_last_epoch(sc: httpx.Client, pg_url
     # epochs of a few tens of ms each: enough of them that the driver (a pass every 0.3 s)
     # sees the hopeless trial between two of its epochs whatever the machine's load
     base["train"]["epochs"] = EPOCHS_PRUNE
+    base["checkpoints"] = {"keep_last": None}  # every epoch's checkpoint (retention: issue 18)
     # seed 0's grid order is lr 0.1, then 1e-6 (cannot learn), then 0.2; parallel 1 so the
     # median pruner has the first trial's curve to compare with
     body = sweep_body(base=base, sampler="grid", trials=3, parallel=1,
