@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from convoy.artifacts import job_key
-from convoy.render import png_bytes
+from convoy.render import npy_header, png_bytes
 from db import artifacts
 from db.session import session_scope
 from db.tables import Artifact, Job
@@ -22,7 +22,6 @@ from tests.factories import feature_maps_request
 from tests.services import Stack
 from tests.storage.conftest import store_of
 from tests.storage.test_memory import LIMIT, status_kib
-from worker.npystream import npy_header
 
 SHAPE = (4096, 64, 32, 32)  # float32: exactly 1 GiB of data
 PER_BLOCK = 1 << 20  # values per 4 MiB block
