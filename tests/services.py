@@ -160,6 +160,16 @@ def wait_job(client: httpx.Client, job_id: str, *, states: tuple[str, ...] = (
     raise TimeoutError(f"job {job_id} still {job['state']} after {timeout}s")
 
 
+def run_ok(client: httpx.Client, body: dict[str, Any], *, timeout: float = 120
+           ) -> dict[str, Any]:
+    """Submit `body`, wait for the job and check that it succeeded: the finished job."""
+    r = client.post("/v1/jobs", json=body)
+    assert r.status_code == 201, r.text
+    done = wait_job(client, r.json()["id"], timeout=timeout)
+    assert done["state"] == "succeeded", done["error"]
+    return done
+
+
 @contextmanager
 def api_on_sqlite(home: Path, *, broker_url: str | None = None, queue_prefix: str = "convoy-sqlite",
                **extra: str) -> Iterator[Stack]:
