@@ -13,14 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from convoy.artifacts import job_key
 from convoy.render import npy_header, png_bytes
-from db import artifacts
-from db.session import session_scope
-from db.tables import Artifact, Job
-from tests.factories import feature_maps_request
 from tests.services import Stack
-from tests.storage.conftest import store_of
+from tests.storage.conftest import plant_feature_map
 from tests.storage.test_memory import LIMIT, status_kib
 
 SHAPE = (4096, 64, 32, 32)  # float32: exactly 1 GiB of data
@@ -44,22 +39,11 @@ def expected(k: int) -> np.ndarray:
 
 @pytest.mark.timeout(600)
 def test_one_image_of_a_1_gib_layer_is_served_from_its_rows(api_only: Stack) -> None:
-    with api_only.client() as client:
-        r = client.post("/v1/jobs", json=feature_maps_request({"model": MODEL, "seed": 0}, inputs={
-            "dataset": {"name": "synthetic", "size": 32, "channels": 1}, "indices": [0]}))
-        assert r.status_code == 201, r.text
-        job_id = r.json()["id"]
-    key = job_key(job_id, "feature-maps", "0-conv2d.npy")
-    size, sha = store_of(api_only).write(key, layer_file())
-    assert size > 1 << 30
-    with session_scope(api_only.env["CONVOY_DATABASE_URL"]) as session:
-        row = session.get(Job, job_id)
-        assert row is not None
-        artifacts.upsert(session, artifact=Artifact(
-            job_id=job_id, tenant=row.tenant, kind="feature_map", name="0-conv2d", key=key,
-            size=size, sha256=sha, meta={"index": 0, "type": "conv2d", "shape": list(SHAPE),
-                                         "dtype": "float32", "bytes": (size >> 30) << 30}))
-        session.commit()
+    planted = plant_feature_map(api_only, layer_file(), SHAPE, source={"model": MODEL, "seed": 0},
+                                inputs={"dataset": {"name": "synthetic", "size": 32,
+                                                    "channels": 1}, "indices": [0]})
+    job_id = planted.job_id
+    assert planted.size > 1 << 30
     url = f"/v1/jobs/{job_id}/feature-maps/0-conv2d"
     assert api_only.api is not None
     pid = api_only.api.pid

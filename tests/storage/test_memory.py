@@ -15,13 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from convoy.artifacts import job_key, upload_key
-from db import artifacts, uploads
+from convoy.artifacts import upload_key
+from db import uploads
 from db.session import session_scope
-from db.tables import Artifact, Job
 from tests.factories import feature_maps_request
 from tests.services import Stack
-from tests.storage.conftest import plant, store_of
+from tests.storage.conftest import plant, plant_feature_map, store_of
 
 GIB = 1 << 30
 LIMIT = 64 << 20
@@ -96,23 +95,7 @@ def test_one_image_of_a_big_map_file_is_read_by_range(api_only: Stack) -> None:
         for i in range(images):
             yield np.full(shape, i, np.float32).tobytes()
 
-    with api_only.client() as client:
-        r = client.post("/v1/jobs", json=feature_maps_request(
-            {"model": {"input_shape": [1, 8, 8], "layers": [
-                {"type": "conv2d", "out_channels": 3, "kernel_size": 3}]}, "seed": 0}))
-        assert r.status_code == 201, r.text
-        job_id = r.json()["id"]
-    key = job_key(job_id, "feature-maps", "0-conv2d.npy")
-    size, sha = store_of(api_only).write(key, chunks())
-    with session_scope(api_only.env["CONVOY_DATABASE_URL"]) as session:
-        row = session.get(Job, job_id)
-        assert row is not None
-        artifacts.upsert(session, artifact=Artifact(
-            job_id=job_id, tenant=row.tenant, kind="feature_map", name="0-conv2d", key=key,
-            size=size, sha256=sha, meta={"index": 0, "type": "conv2d",
-                                         "shape": [images, *shape], "dtype": "float32",
-                                         "bytes": size - len(head.getvalue())}))
-        session.commit()
+    job_id = plant_feature_map(api_only, chunks(), (images, *shape)).job_id
     assert api_only.api is not None
     pid = api_only.api.pid
     url = f"/v1/jobs/{job_id}/feature-maps/0-conv2d"
