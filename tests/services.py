@@ -171,12 +171,11 @@ def run_ok(client: httpx.Client, body: dict[str, Any], *, timeout: float = 120
 
 
 @contextmanager
-def api_on_sqlite(home: Path, *, broker_url: str | None = None, queue_prefix: str = "convoy-sqlite",
-               **extra: str) -> Iterator[Stack]:
-    """The API alone (no worker) on a SQLite database in `home`, as the embedded mode keeps
-    it; the broker is Redis unless given."""
-    env = stack_env(home, database_url=f"sqlite:///{home / 'convoy.db'}",
-                    broker_url=broker_url or f"{REDIS}/0",
+def api_alone(home: Path, *, database_url: str, queue_prefix: str,
+              broker_url: str | None = None, **extra: str) -> Iterator[Stack]:
+    """The API alone (no worker) on `database_url` and a queue of its own (named
+    `queue_prefix-<random>`); the broker is Redis unless given. Stopped on the way out."""
+    env = stack_env(home, database_url=database_url, broker_url=broker_url or f"{REDIS}/0",
                     queue=f"{queue_prefix}-{uuid.uuid4().hex[:8]}", **extra)
     stack = Stack(env=env, home=home)
     try:
@@ -184,3 +183,13 @@ def api_on_sqlite(home: Path, *, broker_url: str | None = None, queue_prefix: st
         yield stack
     finally:
         stack.stop()
+
+
+@contextmanager
+def api_on_sqlite(home: Path, *, broker_url: str | None = None, queue_prefix: str = "convoy-sqlite",
+               **extra: str) -> Iterator[Stack]:
+    """The API alone (no worker) on a SQLite database in `home`, as the embedded mode keeps
+    it; the broker is Redis unless given."""
+    with api_alone(home, database_url=f"sqlite:///{home / 'convoy.db'}",
+                   queue_prefix=queue_prefix, broker_url=broker_url, **extra) as stack:
+        yield stack
