@@ -6,7 +6,6 @@ The layer file and its row are planted into the store directly (through db/)."""
 from __future__ import annotations
 
 import io
-import threading
 from collections.abc import Iterator
 
 import numpy as np
@@ -14,9 +13,9 @@ import pytest
 from PIL import Image
 
 from convoy.render import npy_header, png_bytes
-from tests.services import Stack
+from tests.services import MemoryWatch, Stack
 from tests.storage.conftest import plant_feature_map
-from tests.storage.test_memory import LIMIT, status_kib
+from tests.storage.test_memory import LIMIT
 
 SHAPE = (4096, 64, 32, 32)  # float32: exactly 1 GiB of data
 PER_BLOCK = 1 << 20  # values per 4 MiB block
@@ -50,17 +49,7 @@ def test_one_image_of_a_1_gib_layer_is_served_from_its_rows(api_only: Stack) -> 
     with api_only.client() as client:  # warm: the route's imports and first answer
         assert client.get(url, params={"format": "json", "image": 0}).status_code == 200
         assert client.get(url, params={"format": "png", "image": 0}).status_code == 200
-        before_rss, before_hwm = status_kib(pid, "VmRSS"), status_kib(pid, "VmHWM")
-        peak = [before_rss]
-        done = threading.Event()
-
-        def sample() -> None:
-            while not done.wait(0.02):
-                peak[0] = max(peak[0], status_kib(pid, "VmRSS"))
-
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
-        try:
+        with MemoryWatch(pid, every_s=0.02) as api_memory:
             for k in (4095, 2000, 1):
                 r = client.get(url, params={"format": "json", "image": k}, timeout=120)
                 assert r.status_code == 200, r.text
@@ -68,15 +57,10 @@ def test_one_image_of_a_1_gib_layer_is_served_from_its_rows(api_only: Stack) -> 
                                       expected(k))
             picture = client.get(url, params={"format": "png", "image": 3000}, timeout=120)
             one = client.get(url, params={"format": "npy", "image": 7}, timeout=120)
-        finally:
-            done.set()
-            sampler.join()
     assert picture.status_code == 200 and picture.content == png_bytes(expected(3000))
     assert Image.open(io.BytesIO(picture.content)).size == (8 * 33 - 1, 8 * 33 - 1)
     assert np.array_equal(np.load(io.BytesIO(one.content))[0], expected(7))
-    grew = (peak[0] - before_rss) * 1024
-    hwm_grew = (status_kib(pid, "VmHWM") - before_hwm) * 1024
-    print(f"\nAPI RSS before {before_rss} KiB, peak during {peak[0]} KiB "
-          f"(+{grew >> 20} MiB), VmHWM +{hwm_grew >> 20} MiB")
+    grew, hwm_grew = api_memory.grew, api_memory.hwm_grew
+    print(f"\nAPI {api_memory}")
     assert grew < LIMIT, f"API RSS grew {grew >> 20} MiB serving one image of 1 GiB"
     assert hwm_grew < LIMIT, f"API VmHWM grew {hwm_grew >> 20} MiB serving one image of 1 GiB"

@@ -13,23 +13,15 @@ from __future__ import annotations
 import shutil
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from tests.factories import feature_maps_request
-from tests.services import Stack, api_alone, wait_job
+from tests.services import Stack, api_alone, status_kib, wait_job
 
 VGG = {"preset": "vgg-small", "input_shape": [3, 8, 8], "num_classes": 4}
 DATASET = {"name": "synthetic", "samples": 20_000, "size": 8, "channels": 3, "num_classes": 4}
-
-
-def status_kib(pid: int, field: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
 
 
 @pytest.fixture(scope="module")
