@@ -5,12 +5,12 @@ running at once harmless."""
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from typing import Any
 
 from celery import Celery
 
+from api.ticker import Ticker
 from convoy.queue import enqueue
 from convoy.queue_inspect import redis_held_ids
 from convoy.settings import Settings
@@ -63,27 +63,21 @@ def reconcile_once(settings: Settings, celery: Celery, *, expire_leases: bool = 
     return {"requeued": expired, "resent": sent}
 
 
-class Reconciler:
+class Reconciler(Ticker):
     def __init__(self, settings: Settings, celery: Celery) -> None:
+        super().__init__("reconciler")
         self.settings, self.celery = settings, celery
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="reconciler", daemon=True)
         # After a failed pass (the database may have been down, and with it every worker's
         # heartbeat) leases get a full lease period again before they can expire.
         self._failed_at: float | None = None
 
-    def start(self) -> None:
-        self._thread.start()
+    def interval(self) -> float:
+        return self.settings.reconcile_interval_seconds
 
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.settings.reconcile_interval_seconds):
-            self.pass_once()
-            self.purge_idempotency_keys()
-            self.purge_workers()
+    def tick(self) -> None:
+        self.pass_once()
+        self.purge_idempotency_keys()
+        self.purge_workers()
 
     _workers_purged_at = 0.0
 

@@ -41,8 +41,8 @@ class ReadyOut(BaseModel):
     checks: ReadyChecks
 
 
-class LayerRow(_Stored):
-    """One layer of a model summary; receptive_field and jump are [height, width]."""
+class _LayerFields(_Stored):
+    """The fields of a layer row, top-level or inside a residual block."""
 
     index: int
     type: str
@@ -54,25 +54,19 @@ class LayerRow(_Stored):
     flops: int
     fc_equivalent_params: int | None = None
     name: str | None = Field(None, description="feature-map jobs: the layer's name")
+
+
+class LayerRow(_LayerFields):
+    """One layer of a model summary; receptive_field and jump are [height, width]."""
+
     layers: list[InnerLayerRow] | None = Field(
         None, description="a residual block: its inner layers (named `{block}/{index}-{type}`, "
                           "e.g. `3-residual/1-conv2d`)")
     shortcut: Shortcut | None = Field(None, description="a residual block: its shortcut")
 
 
-class InnerLayerRow(_Stored):
+class InnerLayerRow(_LayerFields):
     """One layer inside a residual block (its index is its place in the block)."""
-
-    index: int
-    type: str
-    input_shape: list[int]
-    output_shape: list[int]
-    params: int
-    receptive_field: list[int]
-    jump: list[int]
-    flops: int
-    fc_equivalent_params: int | None = None
-    name: str | None = Field(None, description="feature-map jobs: the layer's name")
 
 
 class Shortcut(_Stored):

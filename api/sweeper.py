@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +23,7 @@ from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
 from api.submit import check_timeout, check_train
+from api.ticker import Ticker
 from convoy import sweepspec
 from convoy.jobspec import TrainJobRequest, dump
 from convoy.queue import enqueue
@@ -386,25 +386,19 @@ def drive_once(settings: Settings, celery: Celery) -> int:
     return len(ids)
 
 
-class SweepDriver:
+class SweepDriver(Ticker):
     def __init__(self, settings: Settings, celery: Celery) -> None:
+        super().__init__("sweep-driver")
         self.settings, self.celery = settings, celery
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="sweep-driver", daemon=True)
 
-    def start(self) -> None:
-        self._thread.start()
+    def interval(self) -> float:
+        return self.settings.sweep_interval_seconds
 
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.settings.sweep_interval_seconds):
-            try:
-                drive_once(self.settings, self.celery)
-            except Exception:  # the database is down: next tick
-                log.warning("sweep driver pass failed", exc_info=True)
+    def tick(self) -> None:
+        try:
+            drive_once(self.settings, self.celery)
+        except Exception:  # the database is down: next tick
+            log.warning("sweep driver pass failed", exc_info=True)
 
 
 __all__ = ["SweepDriver", "build_study", "check_sweep", "drive_once"]

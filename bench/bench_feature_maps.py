@@ -75,6 +75,11 @@ def timed(fn: Callable[[], Any], device: torch.device) -> float:
     return clock() - t
 
 
+def clock_name(device: torch.device) -> str:
+    """What `timed` measures on `device`, for the tables' headings."""
+    return "wall time" if device.type == "cuda" else "process CPU time"
+
+
 def repeat(fn: Callable[[], Any], times: int) -> None:
     for _ in range(times):
         fn()  # the result is dropped at once, as the worker drops each batch's tensors
@@ -122,7 +127,7 @@ def measure(name: str, raw: dict[str, Any], n: int, device: torch.device, rounds
 
 
 def throughput(device: torch.device, rounds: int, reps: int) -> None:
-    clock = "wall time" if device.type == "cuda" else "process CPU time"
+    clock = clock_name(device)
     print(f"\n## extraction step, images/s by {clock} (median of {rounds} ABAB rounds x "
           f"{reps} batches)")
     print("hooks: bare forward, a hook keeping every layer's output (NCHW, as users write it);"

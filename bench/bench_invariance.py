@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.bench_feature_maps import DIGITS_CNN, abab, hooked, inputs_for
+from bench.bench_feature_maps import DIGITS_CNN, abab, clock_name, hooked, inputs_for
 from bench.common import model_bench_args
 from models.build import build_model
 from models.capture import channels_last
@@ -71,7 +71,7 @@ def rates(raw: dict[str, Any], n: int, device: torch.device, rounds: int
 
 
 def throughput(device: torch.device, rounds: int, smoke: bool) -> None:
-    clock = "wall time" if device.type == "cuda" else "process CPU time"
+    clock = clock_name(device)
     print(f"\n## measuring step, images/s through the model by {clock} (median of {rounds} "
           f"ABAB rounds); transforms {TRANSFORMS}")
     print("job: models.invariance.measure (the job's loop); bare: a forward pass with a hook on "
@@ -89,7 +89,7 @@ def end_to_end(device: torch.device, smoke: bool) -> None:
     from bench.bench_feature_maps import run_job
     from bench.stacks import service
 
-    clock = "wall time" if device.type == "cuda" else "process CPU time"
+    clock = clock_name(device)
     print("\n## invariance jobs through the service (PostgreSQL + Redis + 1 Celery worker): "
           f"images/s of each job's one measuring pass\nin the worker by {clock} (timings."
           f"{'measure_s' if device.type == 'cuda' else 'measure_cpu_s'}; first call included), "

@@ -28,19 +28,25 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def npy_header(shape: tuple[int, ...], dtype: np.dtype) -> bytes:
+    """The bytes np.save writes before the data of a C-ordered array of `shape`, `dtype`."""
+    fields = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
+              "shape": tuple(int(d) for d in shape)}
+    buf = io.BytesIO()
+    try:
+        np.lib.format.write_array_header_1_0(buf, fields)
+    except ValueError:  # a header too long for format 1.0: np.save writes 2.0 then
+        buf = io.BytesIO()
+        np.lib.format.write_array_header_2_0(buf, fields)
+    return buf.getvalue()
+
+
 def npy_chunks(array: np.ndarray, chunk: int = 8 << 20) -> Iterator[bytes | memoryview]:
     """The same bytes as `np.save` (header, then the C-ordered data), as the header and
     views of the array's own memory: an artifact store writes them without a second copy of
     the maps in memory."""
     array = np.ascontiguousarray(array)
-    header = io.BytesIO()
-    fields = np.lib.format.header_data_from_array_1_0(array)
-    try:
-        np.lib.format.write_array_header_1_0(header, fields)
-    except ValueError:  # a header too long for format 1.0: np.save writes 2.0 then
-        header = io.BytesIO()
-        np.lib.format.write_array_header_2_0(header, fields)
-    yield header.getvalue()
+    yield npy_header(array.shape, array.dtype)
     data = memoryview(array.reshape(-1).view(np.uint8).data)
     for start in range(0, len(data), chunk):
         yield data[start:start + chunk]

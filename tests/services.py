@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -160,13 +161,22 @@ def wait_job(client: httpx.Client, job_id: str, *, states: tuple[str, ...] = (
     raise TimeoutError(f"job {job_id} still {job['state']} after {timeout}s")
 
 
+def run_ok(client: httpx.Client, body: dict[str, Any], *, timeout: float = 120
+           ) -> dict[str, Any]:
+    """Submit `body`, wait for the job and check that it succeeded: the finished job."""
+    r = client.post("/v1/jobs", json=body)
+    assert r.status_code == 201, r.text
+    done = wait_job(client, r.json()["id"], timeout=timeout)
+    assert done["state"] == "succeeded", done["error"]
+    return done
+
+
 @contextmanager
-def api_on_sqlite(home: Path, *, broker_url: str | None = None, queue_prefix: str = "convoy-sqlite",
-               **extra: str) -> Iterator[Stack]:
-    """The API alone (no worker) on a SQLite database in `home`, as the embedded mode keeps
-    it; the broker is Redis unless given."""
-    env = stack_env(home, database_url=f"sqlite:///{home / 'convoy.db'}",
-                    broker_url=broker_url or f"{REDIS}/0",
+def api_alone(home: Path, *, database_url: str, queue_prefix: str,
+              broker_url: str | None = None, **extra: str) -> Iterator[Stack]:
+    """The API alone (no worker) on `database_url` and a queue of its own (named
+    `queue_prefix-<random>`); the broker is Redis unless given. Stopped on the way out."""
+    env = stack_env(home, database_url=database_url, broker_url=broker_url or f"{REDIS}/0",
                     queue=f"{queue_prefix}-{uuid.uuid4().hex[:8]}", **extra)
     stack = Stack(env=env, home=home)
     try:
@@ -174,3 +184,60 @@ def api_on_sqlite(home: Path, *, broker_url: str | None = None, queue_prefix: st
         yield stack
     finally:
         stack.stop()
+
+
+@contextmanager
+def api_on_sqlite(home: Path, *, broker_url: str | None = None, queue_prefix: str = "convoy-sqlite",
+               **extra: str) -> Iterator[Stack]:
+    """The API alone (no worker) on a SQLite database in `home`, as the embedded mode keeps
+    it; the broker is Redis unless given."""
+    with api_alone(home, database_url=f"sqlite:///{home / 'convoy.db'}",
+                   queue_prefix=queue_prefix, broker_url=broker_url, **extra) as stack:
+        yield stack
+
+
+def status_kib(pid: int, field: str) -> int:
+    """A /proc/<pid>/status field in KiB (VmRSS, VmHWM)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+class MemoryWatch:
+    """A process's resident memory while in the block: VmRSS sampled every `every_s` on a
+    thread (its peak), VmHWM read on entry and on exit; `grew` and `hwm_grew` in bytes."""
+
+    def __init__(self, pid: int, every_s: float) -> None:
+        self.pid, self.every_s = pid, every_s
+        self.before_rss = self.before_hwm = self.peak = self.after_hwm = 0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> MemoryWatch:
+        self.before_rss = status_kib(self.pid, "VmRSS")
+        self.before_hwm = status_kib(self.pid, "VmHWM")
+        self.peak = self.before_rss
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._done.wait(self.every_s):
+            self.peak = max(self.peak, status_kib(self.pid, "VmRSS"))
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+        self.after_hwm = status_kib(self.pid, "VmHWM")
+
+    @property
+    def grew(self) -> int:
+        return (self.peak - self.before_rss) * 1024
+
+    @property
+    def hwm_grew(self) -> int:
+        return (self.after_hwm - self.before_hwm) * 1024
+
+    def __str__(self) -> str:
+        return (f"RSS before {self.before_rss} KiB, peak during {self.peak} KiB "
+                f"(+{self.grew >> 20} MiB), VmHWM +{self.hwm_grew >> 20} MiB")

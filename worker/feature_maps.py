@@ -99,17 +99,7 @@ def load_model(settings: Settings, job: Job, spec: ModelSpec, source: PlanSource
         return channels_last(build_model(spec).eval().to(device))
     model = build_model(spec)
     with session_scope(settings.database_url) as session:
-        if isinstance(source, TrainJobSource):
-            what = f"{source.checkpoint} of job {source.job_id}"
-            row: Artifact | Upload | None = artifacts.find(
-                session, job_id=source.job_id, tenant=job.tenant, kind="checkpoint",
-                name=source.checkpoint)
-        else:
-            what = f"upload {source.checkpoint_id}"
-            row = uploads.get(session, id=source.checkpoint_id, tenant=job.tenant,
-                              kind="checkpoint")
-        if row is None:
-            raise LookupError(f"source checkpoint {what} not found")
+        row, what = source_row(session, job, source)
         state = _verified_state(store, row, what)
     for name, tensor in model.state_dict().items():
         if name.endswith("num_batches_tracked") and name not in state:

@@ -8,7 +8,6 @@ also `observe` each block of rows on the way (a layer's statistics), off the job
 from __future__ import annotations
 
 import contextlib
-import io
 import math
 import queue
 import threading
@@ -17,23 +16,11 @@ from collections.abc import Callable, Iterator
 import numpy as np
 
 from convoy.artifacts import ArtifactStore
+from convoy.render import npy_header
 
 
 class Aborted(Exception):
     """Raised into a stream's write when the job gives it up: the store keeps nothing."""
-
-
-def npy_header(shape: tuple[int, ...], dtype: np.dtype) -> bytes:
-    """The bytes np.save writes before the data of a C-ordered array of `shape`, `dtype`."""
-    fields = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
-              "shape": tuple(int(d) for d in shape)}
-    buf = io.BytesIO()
-    try:
-        np.lib.format.write_array_header_1_0(buf, fields)
-    except ValueError:  # a header too long for format 1.0: np.save writes 2.0 then
-        buf = io.BytesIO()
-        np.lib.format.write_array_header_2_0(buf, fields)
-    return buf.getvalue()
 
 
 _DONE = object()

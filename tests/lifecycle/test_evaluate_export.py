@@ -25,26 +25,14 @@ from convoy.datasets import load_digits
 from models.build import build_model
 from models.spec import ModelSpec
 from tests.factories import digits_cnn, inputs_upload, train_request
-from tests.services import ROOT, TOKEN, Stack, wait_job
+from tests.services import ROOT, TOKEN, Stack, run_ok
 
 VGG_SMALL = {"preset": "vgg-small", "input_shape": [1, 8, 8], "num_classes": 10}
 LENET5 = {"preset": "lenet5-padded", "input_shape": [1, 8, 8], "num_classes": 10}
 
 
 def train(client: httpx.Client, model: dict[str, Any], epochs: int = 2) -> dict[str, Any]:
-    r = client.post("/v1/jobs", json=train_request(epochs, model=model))
-    assert r.status_code == 201, r.text
-    done = wait_job(client, r.json()["id"], timeout=180)
-    assert done["state"] == "succeeded", done["error"]
-    return done
-
-
-def run(client: httpx.Client, body: dict[str, Any]) -> dict[str, Any]:
-    r = client.post("/v1/jobs", json=body)
-    assert r.status_code == 201, r.text
-    done = wait_job(client, r.json()["id"], timeout=120)
-    assert done["state"] == "succeeded", done["error"]
-    return done
+    return run_ok(client, train_request(epochs, model=model), timeout=180)
 
 
 def torch_model(client: httpx.Client, job: dict[str, Any]) -> torch.nn.Module:
@@ -65,7 +53,7 @@ def digits_job(stack: Stack) -> dict[str, Any]:
 
 def test_evaluate_accuracy_equals_an_independent_recount(client: httpx.Client,
                                                          digits_job: dict[str, Any]) -> None:
-    done = run(client, {"kind": "evaluate", "source": {"job_id": digits_job["id"]},
+    done = run_ok(client, {"kind": "evaluate", "source": {"job_id": digits_job["id"]},
                         "inputs": {"dataset": "digits", "split": "val"}, "top_k": 3,
                         "device": "cpu"})
     result = done["result"]
@@ -113,7 +101,7 @@ def test_evaluate_an_uploaded_image_has_no_labels(client: httpx.Client,
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, "PNG")
     up = client.post("/v1/inputs", **inputs_upload(buf.getvalue(), filename="d.png")).json()
-    done = run(client, {"kind": "evaluate", "source": {"job_id": digits_job["id"]},
+    done = run_ok(client, {"kind": "evaluate", "source": {"job_id": digits_job["id"]},
                         "inputs": {"input_id": up["id"]}, "device": "cpu"})
     assert done["result"]["labelled"] is False and "accuracy" not in done["result"]
     page = client.get(f"/v1/jobs/{done['id']}/predictions").json()
@@ -153,7 +141,7 @@ def test_export_lenet5_and_vgg_small(client: httpx.Client, model: dict[str, Any]
 
 
 def check_export(client: httpx.Client, job: dict[str, Any], fmt: str) -> None:
-    done = run(client, {"kind": "export", "source": {"job_id": job["id"]}, "format": fmt})
+    done = run_ok(client, {"kind": "export", "source": {"job_id": job["id"]}, "format": fmt})
     assert done["result"]["format"] == fmt
     assert done["result"]["max_abs_diff"] < 1e-4
     r = client.get(f"/v1/jobs/{done['id']}/export")

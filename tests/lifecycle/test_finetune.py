@@ -5,23 +5,13 @@ the layers that match and names the others."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import httpx
 import pytest
 import torch
 from safetensors.torch import load
 
 from tests.factories import digits_cnn, train_request
-from tests.services import wait_job
-
-
-def run(client: httpx.Client, body: dict[str, Any]) -> dict[str, Any]:
-    r = client.post("/v1/jobs", json=body)
-    assert r.status_code == 201, r.text
-    done = wait_job(client, r.json()["id"], timeout=120)
-    assert done["state"] == "succeeded", done["error"]
-    return done
+from tests.services import run_ok
 
 
 def last_weights(client: httpx.Client, job_id: str) -> dict[str, torch.Tensor]:
@@ -31,12 +21,12 @@ def last_weights(client: httpx.Client, job_id: str) -> dict[str, torch.Tensor]:
 
 
 def test_continue_equals_one_longer_run(client: httpx.Client) -> None:
-    first = run(client, train_request(2, seed=3))
+    first = run_ok(client, train_request(2, seed=3))
     more = train_request(2, seed=3)
     more["init"] = {"job_id": first["id"]}
     more["continue"] = True
-    continued = run(client, more)
-    whole = run(client, train_request(4, seed=3))
+    continued = run_ok(client, more)
+    whole = run_ok(client, train_request(4, seed=3))
     assert continued["summary"]["init"]["epoch"] == 2
     names = [c["name"] for c in client.get(f"/v1/jobs/{continued['id']}/checkpoints").json()]
     assert names == ["epoch-0003.safetensors", "epoch-0004.safetensors"]
@@ -51,12 +41,12 @@ def test_continue_equals_one_longer_run(client: httpx.Client) -> None:
     # without the optimizer state the same two epochs do not give the same model
     warm = train_request(2, seed=3)
     warm["init"] = {"job_id": first["id"]}
-    restarted = last_weights(client, run(client, warm)["id"])
+    restarted = last_weights(client, run_ok(client, warm)["id"])
     assert not torch.allclose(restarted["layers.0.weight"], b["layers.0.weight"], atol=1e-5)
 
 
 def test_init_shapes_are_checked_at_submission(client: httpx.Client) -> None:
-    source = run(client, train_request(1))
+    source = run_ok(client, train_request(1))
     narrow = train_request(1, model=digits_cnn(8))
     narrow["init"] = {"job_id": source["id"]}
     r = client.post("/v1/jobs", json=narrow)
@@ -72,7 +62,7 @@ def test_init_shapes_are_checked_at_submission(client: httpx.Client) -> None:
     body["init"] = {"job_id": source["id"]}
     assert client.post("/v1/jobs", json=body).status_code == 422
     body["init"]["strict"] = False
-    done = run(client, body)
+    done = run_ok(client, body)
     assert done["summary"]["init"]["loaded"] == ["layers.0.weight", "layers.0.bias"]
     assert done["summary"]["init"]["skipped"] == ["layers.4.weight", "layers.4.bias"]
     logs = [line["message"] for line in client.get(f"/v1/jobs/{done['id']}/logs").json()]

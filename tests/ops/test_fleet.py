@@ -17,20 +17,13 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from standardwebhooks.webhooks import Webhook
 
-from tests.ops.receiver import Receiver, start_receiver
+from tests.ops.receiver import Receiver
 from tests.reliability.infra import api_without_workers, sync_url, tiny_job, wait_for
 from tests.services import TOKEN, Stack, wait_job
 from tests.ui.test_browser import SHOTS, browser, js  # noqa: F401 - browser: the fixture
 from tests.ui.test_cli import convoy
 
 SEEN_SECONDS = 4  # CONVOY_WORKER_SEEN_SECONDS here; workers report every second
-
-
-@pytest.fixture(scope="module")
-def receiver() -> Iterator[Receiver]:
-    r = start_receiver()
-    yield r
-    r.server.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -19,16 +19,9 @@ from db import jobs, webhooks
 from db.migrate import upgrade
 from db.session import session_scope
 from db.tables import WebhookAttempt, WebhookDelivery
-from tests.ops.receiver import Receiver, start_receiver
+from tests.ops.receiver import start_receiver
 from tests.reliability.infra import tiny_job
 from tests.services import Stack, api_on_sqlite
-
-
-@pytest.fixture(scope="module")
-def receiver() -> Iterator[Receiver]:
-    r = start_receiver()
-    yield r
-    r.server.shutdown()
 
 
 @pytest.fixture(scope="module")

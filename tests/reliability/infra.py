@@ -107,8 +107,11 @@ class PrivatePostgres:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def make_stack(home: Path, *, database_url: str, broker_url: str, **settings: Any) -> Stack:
-    extra = {f"CONVOY_{k.upper()}": str(v) for k, v in settings.items()}
+def make_stack(home: Path, *, database_url: str, broker_url: str,
+               extra_env: dict[str, str] | None = None, **settings: Any) -> Stack:
+    """A stack whose `settings` are CONVOY_ variables (lease_seconds=3: CONVOY_LEASE_SECONDS),
+    and with `extra_env` (variables as they are named: an S3 store's AWS_...)."""
+    extra = {**(extra_env or {}), **{f"CONVOY_{k.upper()}": str(v) for k, v in settings.items()}}
     env = stack_env(home, database_url=database_url, broker_url=broker_url,
                     queue=f"convoy-rel-{uuid.uuid4().hex[:8]}", **extra)
     return Stack(env=env, home=home)
@@ -183,11 +186,13 @@ def stop_fast(stack: Stack) -> None:
 
 
 @contextlib.contextmanager
-def api_without_workers(home: Path, **settings: Any) -> Iterator[Stack]:
+def api_without_workers(home: Path, extra_env: dict[str, str] | None = None,
+                        **settings: Any) -> Iterator[Stack]:
     """An API on a database of its own (PostgreSQL) and Redis, no worker yet: for tests that
     start their workers themselves. Torn down without graceful shutdowns."""
     url = create_pg_database()
-    stack = make_stack(home, database_url=url, broker_url=f"{REDIS}/0", **settings)
+    stack = make_stack(home, database_url=url, broker_url=f"{REDIS}/0", extra_env=extra_env,
+                       **settings)
     try:
         stack.start_api()
         yield stack

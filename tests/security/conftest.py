@@ -117,22 +117,17 @@ def owned(tenant_a: httpx.Client) -> Owned:
 def bare_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """An API with no worker on its own database and queue: submitted jobs stay queued, so
     queue limits can be reached and a fuzzer can submit anything without running it."""
-    import uuid
     from pathlib import Path
 
-    from tests.services import REDIS, create_pg_database, drop_pg_database, stack_env
+    from tests.services import api_alone, create_pg_database, drop_pg_database
 
     home = Path(tmp_path_factory.mktemp("bare-api"))
     url = create_pg_database()
-    env = stack_env(home, database_url=url, broker_url=f"{REDIS}/0",
-                    queue=f"convoy-bare-{uuid.uuid4().hex[:8]}",
-                    CONVOY_MAX_QUEUED_PER_TENANT="3",
-                    # the reconciler must not spend the test resending what nobody consumes
-                    CONVOY_REQUEUE_AFTER_SECONDS="3600")
-    s = Stack(env=env, home=home)
     try:
-        s.start_api()
-        yield s
+        with api_alone(home, database_url=url, queue_prefix="convoy-bare",
+                       CONVOY_MAX_QUEUED_PER_TENANT="3",
+                       # the reconciler must not spend the test resending what nobody consumes
+                       CONVOY_REQUEUE_AFTER_SECONDS="3600") as s:
+            yield s
     finally:
-        s.stop()
         drop_pg_database(url)

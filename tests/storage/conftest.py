@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import math
 import os
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,7 +17,7 @@ from convoy.artifacts import ArtifactStore, checkpoint_name, job_key, open_store
 from db import artifacts
 from db.session import session_scope
 from db.tables import Artifact, Job
-from tests.factories import train_request
+from tests.factories import feature_maps_request, train_request
 from tests.s3server import WeedServer
 from tests.services import REDIS, Stack, stack_env
 
@@ -87,3 +89,31 @@ def plant(stack: Stack, chunks: Iterable[bytes], *, epoch: int = 1) -> Planted:
             name=name, key=key, size=size, sha256=sha, meta={"epoch": epoch}))
         session.commit()
     return Planted(job["id"], name, key, size, sha)
+
+
+ONE_CONV = {"model": {"input_shape": [1, 8, 8], "layers": [
+    {"type": "conv2d", "out_channels": 3, "kernel_size": 3}]}, "seed": 0}
+
+
+def plant_feature_map(stack: Stack, data: bytes | Iterable[bytes], shape: Sequence[int], *,
+                      source: dict[str, Any] = ONE_CONV,
+                      inputs: dict[str, Any] | None = None) -> Planted:
+    """A queued feature-map job of `source` with a float32 map of `shape` for its layer
+    `0-conv2d`: the object holds `data` (the whole .npy: bytes written as they are, or chunks
+    streamed), its row the map's meta."""
+    with stack.client() as client:
+        r = client.post("/v1/jobs", json=feature_maps_request(source, inputs=inputs))
+        assert r.status_code == 201, r.text
+        job_id = r.json()["id"]
+    key = job_key(job_id, "feature-maps", "0-conv2d.npy")
+    store = store_of(stack)
+    size, sha = store.put_bytes(key, data) if isinstance(data, bytes) else store.write(key, data)
+    with session_scope(stack.env["CONVOY_DATABASE_URL"]) as session:
+        row = session.get(Job, job_id)
+        assert row is not None
+        artifacts.upsert(session, artifact=Artifact(
+            job_id=job_id, tenant=row.tenant, kind="feature_map", name="0-conv2d", key=key,
+            size=size, sha256=sha, meta={"index": 0, "type": "conv2d", "shape": list(shape),
+                                         "dtype": "float32", "bytes": 4 * math.prod(shape)}))
+        session.commit()
+    return Planted(job_id, "0-conv2d", key, size, sha)

@@ -13,13 +13,9 @@ import httpx
 import numpy as np
 import pytest
 
-from convoy.artifacts import job_key
-from db import artifacts
-from db.session import session_scope
-from db.tables import Artifact, Job
-from tests.factories import feature_maps_request, npy_bytes
+from tests.factories import npy_bytes
 from tests.services import Stack
-from tests.storage.conftest import make_stack, plant, s3_env, store_of
+from tests.storage.conftest import make_stack, plant, plant_feature_map, s3_env
 
 DATA = os.urandom(300_000)
 
@@ -90,22 +86,8 @@ def test_feature_map_npy_downloads_stream_and_range_too(api_only: Stack) -> None
     with its listed sha256, and one image's slice by Range."""
     maps = np.arange(2 * 3 * 4 * 4, dtype=np.float32).reshape(2, 3, 4, 4)
     blob = npy_bytes(maps)
-    with api_only.client() as client:
-        r = client.post("/v1/jobs", json=feature_maps_request(
-            {"model": {"input_shape": [1, 8, 8], "layers": [
-                {"type": "conv2d", "out_channels": 3, "kernel_size": 3}]}, "seed": 0}))
-        assert r.status_code == 201, r.text
-        job_id = r.json()["id"]
-    key = job_key(job_id, "feature-maps", "0-conv2d.npy")
-    size, sha = store_of(api_only).put_bytes(key, blob)
-    with session_scope(api_only.env["CONVOY_DATABASE_URL"]) as session:
-        row = session.get(Job, job_id)
-        assert row is not None
-        artifacts.upsert(session, artifact=Artifact(
-            job_id=job_id, tenant=row.tenant, kind="feature_map", name="0-conv2d", key=key,
-            size=size, sha256=sha, meta={"index": 0, "type": "conv2d", "shape": [2, 3, 4, 4],
-                                         "dtype": "float32", "bytes": maps.nbytes}))
-        session.commit()
+    p = plant_feature_map(api_only, blob, maps.shape)
+    job_id, size, sha = p.job_id, p.size, p.sha256
     url = f"/v1/jobs/{job_id}/feature-maps/0-conv2d"
     with api_only.client() as client:
         whole = client.get(url)

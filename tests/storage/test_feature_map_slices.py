@@ -6,23 +6,16 @@ The layer file and its row are planted into the store directly (through db/)."""
 from __future__ import annotations
 
 import io
-import threading
 from collections.abc import Iterator
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from convoy.artifacts import job_key
-from convoy.render import png_bytes
-from db import artifacts
-from db.session import session_scope
-from db.tables import Artifact, Job
-from tests.factories import feature_maps_request
-from tests.services import Stack
-from tests.storage.conftest import store_of
-from tests.storage.test_memory import LIMIT, status_kib
-from worker.npystream import npy_header
+from convoy.render import npy_header, png_bytes
+from tests.services import MemoryWatch, Stack
+from tests.storage.conftest import plant_feature_map
+from tests.storage.test_memory import LIMIT
 
 SHAPE = (4096, 64, 32, 32)  # float32: exactly 1 GiB of data
 PER_BLOCK = 1 << 20  # values per 4 MiB block
@@ -45,39 +38,18 @@ def expected(k: int) -> np.ndarray:
 
 @pytest.mark.timeout(600)
 def test_one_image_of_a_1_gib_layer_is_served_from_its_rows(api_only: Stack) -> None:
-    with api_only.client() as client:
-        r = client.post("/v1/jobs", json=feature_maps_request({"model": MODEL, "seed": 0}, inputs={
-            "dataset": {"name": "synthetic", "size": 32, "channels": 1}, "indices": [0]}))
-        assert r.status_code == 201, r.text
-        job_id = r.json()["id"]
-    key = job_key(job_id, "feature-maps", "0-conv2d.npy")
-    size, sha = store_of(api_only).write(key, layer_file())
-    assert size > 1 << 30
-    with session_scope(api_only.env["CONVOY_DATABASE_URL"]) as session:
-        row = session.get(Job, job_id)
-        assert row is not None
-        artifacts.upsert(session, artifact=Artifact(
-            job_id=job_id, tenant=row.tenant, kind="feature_map", name="0-conv2d", key=key,
-            size=size, sha256=sha, meta={"index": 0, "type": "conv2d", "shape": list(SHAPE),
-                                         "dtype": "float32", "bytes": (size >> 30) << 30}))
-        session.commit()
+    planted = plant_feature_map(api_only, layer_file(), SHAPE, source={"model": MODEL, "seed": 0},
+                                inputs={"dataset": {"name": "synthetic", "size": 32,
+                                                    "channels": 1}, "indices": [0]})
+    job_id = planted.job_id
+    assert planted.size > 1 << 30
     url = f"/v1/jobs/{job_id}/feature-maps/0-conv2d"
     assert api_only.api is not None
     pid = api_only.api.pid
     with api_only.client() as client:  # warm: the route's imports and first answer
         assert client.get(url, params={"format": "json", "image": 0}).status_code == 200
         assert client.get(url, params={"format": "png", "image": 0}).status_code == 200
-        before_rss, before_hwm = status_kib(pid, "VmRSS"), status_kib(pid, "VmHWM")
-        peak = [before_rss]
-        done = threading.Event()
-
-        def sample() -> None:
-            while not done.wait(0.02):
-                peak[0] = max(peak[0], status_kib(pid, "VmRSS"))
-
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
-        try:
+        with MemoryWatch(pid, every_s=0.02) as api_memory:
             for k in (4095, 2000, 1):
                 r = client.get(url, params={"format": "json", "image": k}, timeout=120)
                 assert r.status_code == 200, r.text
@@ -85,15 +57,10 @@ def test_one_image_of_a_1_gib_layer_is_served_from_its_rows(api_only: Stack) -> 
                                       expected(k))
             picture = client.get(url, params={"format": "png", "image": 3000}, timeout=120)
             one = client.get(url, params={"format": "npy", "image": 7}, timeout=120)
-        finally:
-            done.set()
-            sampler.join()
     assert picture.status_code == 200 and picture.content == png_bytes(expected(3000))
     assert Image.open(io.BytesIO(picture.content)).size == (8 * 33 - 1, 8 * 33 - 1)
     assert np.array_equal(np.load(io.BytesIO(one.content))[0], expected(7))
-    grew = (peak[0] - before_rss) * 1024
-    hwm_grew = (status_kib(pid, "VmHWM") - before_hwm) * 1024
-    print(f"\nAPI RSS before {before_rss} KiB, peak during {peak[0]} KiB "
-          f"(+{grew >> 20} MiB), VmHWM +{hwm_grew >> 20} MiB")
+    grew, hwm_grew = api_memory.grew, api_memory.hwm_grew
+    print(f"\nAPI {api_memory}")
     assert grew < LIMIT, f"API RSS grew {grew >> 20} MiB serving one image of 1 GiB"
     assert hwm_grew < LIMIT, f"API VmHWM grew {hwm_grew >> 20} MiB serving one image of 1 GiB"

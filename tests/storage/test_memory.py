@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,13 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from convoy.artifacts import job_key, upload_key
-from db import artifacts, uploads
+from convoy.artifacts import upload_key
+from db import uploads
 from db.session import session_scope
-from db.tables import Artifact, Job
 from tests.factories import feature_maps_request
-from tests.services import Stack
-from tests.storage.conftest import plant, store_of
+from tests.services import MemoryWatch, Stack, status_kib
+from tests.storage.conftest import plant, plant_feature_map, store_of
 
 GIB = 1 << 30
 LIMIT = 64 << 20
@@ -35,13 +33,6 @@ def generated() -> Iterator[bytes]:
         yield i.to_bytes(8, "little") + base[8:]
 
 
-def status_kib(pid: int, field: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
-
-
 @pytest.mark.timeout(600)
 def test_a_1_gib_download_does_not_pass_through_memory(api_only: Stack) -> None:
     p = plant(api_only, generated())
@@ -51,33 +42,18 @@ def test_a_1_gib_download_does_not_pass_through_memory(api_only: Stack) -> None:
     with api_only.client() as client:  # warm: the route's imports and first answer
         assert client.get(f"/v1/jobs/{p.job_id}/checkpoints/{p.name}",
                           headers={"Range": "bytes=0-9"}).status_code == 206
-    before_rss, before_hwm = status_kib(pid, "VmRSS"), status_kib(pid, "VmHWM")
-    peak = [before_rss]
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.wait(0.05):
-            peak[0] = max(peak[0], status_kib(pid, "VmRSS"))
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
     digest, got = hashlib.sha256(), 0
-    try:
-        with api_only.client() as client, client.stream(
-                "GET", f"/v1/jobs/{p.job_id}/checkpoints/{p.name}", timeout=300) as r:
-            assert r.status_code == 200
-            sha = r.headers["x-sha256"]
-            for chunk in r.iter_raw(1 << 20):
-                digest.update(chunk)
-                got += len(chunk)
-    finally:
-        done.set()
-        sampler.join()
+    with MemoryWatch(pid, every_s=0.05) as api_memory, api_only.client() as client, \
+            client.stream("GET", f"/v1/jobs/{p.job_id}/checkpoints/{p.name}",
+                          timeout=300) as r:
+        assert r.status_code == 200
+        sha = r.headers["x-sha256"]
+        for chunk in r.iter_raw(1 << 20):
+            digest.update(chunk)
+            got += len(chunk)
     assert got == GIB and digest.hexdigest() == sha == p.sha256
-    grew = (peak[0] - before_rss) * 1024
-    hwm_grew = (status_kib(pid, "VmHWM") - before_hwm) * 1024
-    print(f"\nAPI RSS before {before_rss} KiB, peak during {peak[0]} KiB "
-          f"(+{grew >> 20} MiB), VmHWM +{hwm_grew >> 20} MiB")
+    grew, hwm_grew = api_memory.grew, api_memory.hwm_grew
+    print(f"\nAPI {api_memory}")
     assert grew < LIMIT, f"API RSS grew {grew >> 20} MiB downloading 1 GiB"
     assert hwm_grew < LIMIT, f"API VmHWM grew {hwm_grew >> 20} MiB downloading 1 GiB"
 
@@ -96,23 +72,7 @@ def test_one_image_of_a_big_map_file_is_read_by_range(api_only: Stack) -> None:
         for i in range(images):
             yield np.full(shape, i, np.float32).tobytes()
 
-    with api_only.client() as client:
-        r = client.post("/v1/jobs", json=feature_maps_request(
-            {"model": {"input_shape": [1, 8, 8], "layers": [
-                {"type": "conv2d", "out_channels": 3, "kernel_size": 3}]}, "seed": 0}))
-        assert r.status_code == 201, r.text
-        job_id = r.json()["id"]
-    key = job_key(job_id, "feature-maps", "0-conv2d.npy")
-    size, sha = store_of(api_only).write(key, chunks())
-    with session_scope(api_only.env["CONVOY_DATABASE_URL"]) as session:
-        row = session.get(Job, job_id)
-        assert row is not None
-        artifacts.upsert(session, artifact=Artifact(
-            job_id=job_id, tenant=row.tenant, kind="feature_map", name="0-conv2d", key=key,
-            size=size, sha256=sha, meta={"index": 0, "type": "conv2d",
-                                         "shape": [images, *shape], "dtype": "float32",
-                                         "bytes": size - len(head.getvalue())}))
-        session.commit()
+    job_id = plant_feature_map(api_only, chunks(), (images, *shape)).job_id
     assert api_only.api is not None
     pid = api_only.api.pid
     url = f"/v1/jobs/{job_id}/feature-maps/0-conv2d"

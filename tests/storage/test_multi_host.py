@@ -15,34 +15,26 @@ from pathlib import Path
 
 import pytest
 
-from tests.reliability.infra import attempts, slow_job, stop_fast, wait_for
+from tests.reliability.infra import api_without_workers, attempts, slow_job, wait_for
 from tests.s3server import WeedServer
 from tests.services import (
     REDIS,
     Stack,
-    create_pg_database,
-    drop_pg_database,
     wait_job,
 )
-from tests.storage.conftest import make_stack, s3_env
+from tests.storage.conftest import s3_env
 
 EPOCHS = 3
 
 
 @pytest.fixture(scope="module")
 def hosts(tmp_path_factory: pytest.TempPathFactory, weed: WeedServer) -> Iterator[Stack]:
-    url = create_pg_database()
-    home = Path(tmp_path_factory.mktemp("multi-host"))
-    stack = make_stack(home / "api-host", url, **s3_env(weed), CONVOY_LEASE_SECONDS="3",
-                       CONVOY_RECONCILE_INTERVAL_SECONDS="0.5")
-    (home / "api-host").mkdir()
-    assert stack.env["CONVOY_BROKER_URL"].startswith(REDIS)
-    try:
-        stack.start_api()
+    home = Path(tmp_path_factory.mktemp("multi-host")) / "api-host"
+    home.mkdir()
+    with api_without_workers(home, s3_env(weed), lease_seconds=3,
+                             reconcile_interval_seconds=0.5) as stack:
+        assert stack.env["CONVOY_BROKER_URL"].startswith(REDIS)
         yield stack
-    finally:
-        stop_fast(stack)
-        drop_pg_database(url)
 
 
 def start_host_worker(stack: Stack, name: str) -> None:

@@ -12,39 +12,26 @@ from __future__ import annotations
 
 import shutil
 import time
-import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from tests.factories import feature_maps_request
-from tests.services import REDIS, Stack, stack_env, wait_job
+from tests.services import Stack, api_alone, status_kib, wait_job
 
 VGG = {"preset": "vgg-small", "input_shape": [3, 8, 8], "num_classes": 4}
 DATASET = {"name": "synthetic", "samples": 20_000, "size": 8, "channels": 3, "num_classes": 4}
-
-
-def status_kib(pid: int, field: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
 
 
 @pytest.fixture(scope="module")
 def api(tmp_path_factory: pytest.TempPathFactory, pg_url: str) -> Iterator[Stack]:
     """The API alone: each job below gets a fresh worker, so that its VmHWM is its own."""
     home = tmp_path_factory.mktemp("scale")
-    env = stack_env(home, database_url=pg_url, broker_url=f"{REDIS}/0",
-                    queue=f"convoy-scale-{uuid.uuid4().hex[:8]}")
-    stack = Stack(env=env, home=home)
     try:
-        stack.start_api()
-        yield stack
+        with api_alone(home, database_url=pg_url, queue_prefix="convoy-scale") as stack:
+            yield stack
     finally:
-        stack.stop()
         shutil.rmtree(home / "artifacts", ignore_errors=True)  # 1.8 GB of maps
 
 
