@@ -11,7 +11,7 @@ from typing import Any
 from celery import Celery
 
 from api.ticker import Ticker
-from convoy.queue import enqueue
+from convoy.queue import resend
 from convoy.queue_inspect import redis_held_ids
 from convoy.settings import Settings
 from db import attempts, dispatch, jobs
@@ -46,13 +46,9 @@ def reconcile_once(settings: Settings, celery: Celery, *, expire_leases: bool = 
     try:
         # resent with the job's own priority, read from its request
         for job_id in expired:
-            route = routes[job_id]
-            enqueue(celery, kind=route.kind, job_id=job_id, device=route.device,
-                    devices=route.devices, priority=route.priority)
+            resend(celery, job_id=job_id, route=routes[job_id])
         for job_id, _ in due:
-            route = routes[job_id]
-            enqueue(celery, kind=route.kind, job_id=job_id, device=route.device,
-                    devices=route.devices, priority=route.priority)
+            resend(celery, job_id=job_id, route=routes[job_id])
             sent.append(job_id)
     finally:
         if sent:

@@ -4,12 +4,15 @@ the worker (worker/app.py) adds the tasks. JSON only, never pickle."""
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from celery import Celery
 
 from convoy.jobspec import DEFAULT_PRIORITY
 from convoy.settings import Settings
+
+if TYPE_CHECKING:
+    from db.dispatch import Route
 
 TRAIN_TASK = "convoy.train"
 FEATURE_MAPS_TASK = "convoy.feature_maps"
@@ -154,3 +157,10 @@ def enqueue(app: Celery, *, kind: str, job_id: str, device: str | None = None,
     app.send_task(TASK_FOR_KIND[kind], args=[job_id], countdown=countdown,
                   queue=queue_for(app.conf.task_default_queue, device, devices),
                   priority=broker_priority(str(app.conf.broker_url or ""), priority))
+
+
+def resend(app: Celery, *, job_id: str, route: Route, countdown: float | None = None) -> None:
+    """The job's message once more, as its route (db.dispatch.routes_of) says: its kind, the
+    queue of its device and device count, and its priority."""
+    enqueue(app, kind=route.kind, job_id=job_id, device=route.device, devices=route.devices,
+            countdown=countdown, priority=route.priority)

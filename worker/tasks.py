@@ -10,6 +10,7 @@ from convoy.queue import (
     INVARIANCE_TASK,
     TRAIN_TASK,
     enqueue,
+    resend,
 )
 from db import dispatch, job_reads
 from db.session import session_scope
@@ -26,9 +27,10 @@ def send_again(job_id: str, kind: str, countdown: float | None = None) -> None:
     with its priority."""
     with session_scope(settings.database_url) as session:
         route = dispatch.routes_of(session, job_ids=[job_id]).get(job_id)
-    enqueue(app, kind=kind, job_id=job_id, device=route.device if route else None,
-            devices=route.devices if route else 1, countdown=countdown,
-            priority=route.priority if route else DEFAULT_PRIORITY)
+    if route is None:  # no row to route by: the kind's default queue and priority
+        enqueue(app, kind=kind, job_id=job_id, countdown=countdown, priority=DEFAULT_PRIORITY)
+    else:
+        resend(app, job_id=job_id, route=route, countdown=countdown)
 
 
 def run(job_id: str, kind: str) -> RunOutcome:
