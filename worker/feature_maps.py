@@ -199,12 +199,15 @@ class LayerOut:
         self.maps: NpyStream | None = None
         self.argmax: NpyStream | None = None
         self.stats = ChannelStats()
+        self.stats_s = 0.0  # CPU seconds of the statistics on the writer thread
 
     def observe(self, maps: np.ndarray) -> None:
-        """On the file's writer thread: the rows' statistics (its time summed over threads)."""
-        t = time.perf_counter()
+        """On the file's writer thread: the rows' statistics. Timed by that thread's CPU
+        time (wall time there would count the seconds the thread waits for a core or the
+        GIL while the forward runs); close() adds it to the job's encode_npy_s."""
+        t = time.thread_time()
         self.stats.add(maps)
-        self.run.timings.encode_npy_s += time.perf_counter() - t
+        self.stats_s += time.thread_time() - t
 
     def add(self, got: dict[str, np.ndarray], first: int) -> list[Artifact]:
         """A batch's rows (inputs first.. on); the eager PNG rows it stored."""
@@ -239,6 +242,7 @@ class LayerOut:
         t = time.perf_counter()
         size, sha = self.maps.close()
         self.run.written.append(self.maps.key)
+        self.run.timings.encode_npy_s += self.stats_s  # the writer thread has finished
         meta = {"index": self.index, "type": row["type"], "shape": list(self.maps.shape),
                 "dtype": str(self.maps.dtype), "bytes": self.maps.nbytes,
                 "stats": self.stats.result(), "unpooled_shape": [self.total, *row["output_shape"]]}
