@@ -160,18 +160,27 @@ def batches(x: np.ndarray, indices: np.ndarray | None = None, batch: int = BATCH
 def extract_batches(model: torch.nn.Module, parts: Iterable[np.ndarray], wanted: list[int], *,
                     pool: dict[str, Any] | None, dtype: str, device: torch.device
                     ) -> Iterator[dict[int, dict[str, np.ndarray]]]:
-    """Per input batch, the captured maps per layer index as host numpy arrays: 'maps', and
-    'argmax' for max-pooling layers. Nothing is kept between batches."""
+    """Per input batch, the captured maps per layer index as host numpy arrays in NCHW
+    order: 'maps', and 'argmax' for max-pooling layers. Nothing is kept between batches.
+
+    On CPU the arrays are views of the captured tensors in their own layout (channels-last
+    from a channels-last model), not yet C-contiguous: the copy to NCHW memory that the .npy
+    needs is made by whoever consumes them (a job's NpyStream on its writer thread, beside
+    the next batch's forward; np.concatenate in `extract`). On a GPU the copy is made
+    there, where it is cheapest, before the maps come to the host."""
     out_dtype = torch.float16 if dtype == "float16" else torch.float32
+
+    def host(t: torch.Tensor) -> np.ndarray:
+        return t.numpy() if t.device.type == "cpu" else t.contiguous().cpu().numpy()
+
     with torch.inference_mode():
         for part in parts:
             xb = channels_last(model, torch.from_numpy(part).to(device))
             got: dict[int, dict[str, np.ndarray]] = {}
             for i, cap in capture(model, xb, wanted, pool).items():
-                # back to NCHW on the device, where the copy is cheapest
-                got[i] = {"maps": cap.maps.to(out_dtype).contiguous().cpu().numpy()}
+                got[i] = {"maps": host(cap.maps.to(out_dtype))}
                 if cap.argmax is not None:
-                    got[i]["argmax"] = cap.argmax.int().contiguous().cpu().numpy()
+                    got[i]["argmax"] = host(cap.argmax.int())
             yield got
 
 
@@ -225,7 +234,7 @@ class LayerOut:
             self.argmax.append(got["argmax"])
         rows: list[Artifact] = []
         if self.run.png == "eager" and maps.ndim == 4:
-            pictures = png_images(maps)
+            pictures = png_images(np.ascontiguousarray(maps))
             for k in range(first, first + len(maps)):
                 t = time.perf_counter()
                 blob = next(pictures)
