@@ -14,6 +14,7 @@ files, the lazy-PNG default beside no PNGs, and images/s by size.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import time
@@ -150,14 +151,23 @@ def throughput(device: torch.device, rounds: int, reps: int) -> None:
               f"{cell('capture')} {cell('pool')} {cell('extract')}")
 
 
-def run_job(client: Any, body: dict[str, Any]) -> dict[str, Any]:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (its threads included), from /proc."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_job(client: Any, body: dict[str, Any], worker_pid: int | None = None) -> dict[str, Any]:
     """The finished job, with `wall_s`: from just before the POST to the job's finished_at
     (the API runs on this machine, same clock), so the 0.2 s between two polls of the job
     is not counted as the job's time; `post_s`: to created_at (the API checking the
     request), `queued_s`: created_at to started_at (the broker and the worker picking the
-    job up), `run_s`: started_at to finished_at."""
+    job up), `run_s`: started_at to finished_at; `cpu_s`: the CPU seconds the worker process
+    `worker_pid` (a solo pool: the job runs in it) spent meanwhile, when given."""
     from tests.services import wait_job
 
+    cpu = cpu_seconds(worker_pid) if worker_pid else 0.0
     t0 = time.time()
     r = client.post("/v1/jobs", json=body)
     r.raise_for_status()
@@ -169,6 +179,8 @@ def run_job(client: Any, body: dict[str, Any]) -> dict[str, Any]:
     job["wall_s"] = finished - t0
     job["post_s"], job["queued_s"] = created - t0, started - created
     job["run_s"] = finished - started
+    if worker_pid:
+        job["cpu_s"] = cpu_seconds(worker_pid) - cpu
     return job
 
 
@@ -221,16 +233,17 @@ def scale_dataset(n: int) -> dict[str, Any]:
             "num_classes": 4}
 
 
-def bare_job(n: int, out: Path, batch: int = 256) -> tuple[float, int]:
+def bare_job(n: int, out: Path, batch: int = 256) -> tuple[float, float, int]:
     """The baseline of a job: the same dataset generated, the same model built, a plain
     forward pass with a hook on every layer, each layer's outputs appended batch by batch to
     its own .npy (header first), and, as a job stores them, each max-pooling layer's argmax
     (int32, from a second pooling of its input with return_indices, in channels-last as the
     job pools: NCHW pooling costs the bare loop 2x more) to its own .npy; seconds of wall
-    time and the bytes written: the same files, minus the job's sha256s and statistics."""
+    time, seconds of this process's CPU time, and the bytes written: the same files as a
+    job's, minus the job's sha256s and statistics."""
     from worker.npystream import npy_header
 
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     x = datasets.load_synthetic(datasets.SyntheticRef(**scale_dataset(n))).all_x[:n]
     spec = ModelSpec.model_validate(SCALE_MODEL)
     torch.manual_seed(0)
@@ -267,7 +280,8 @@ def bare_job(n: int, out: Path, batch: int = 256) -> tuple[float, int]:
     finally:
         for f in files:
             f.close()
-    return time.perf_counter() - t, sum(p.stat().st_size for p in out.iterdir())
+    return (time.perf_counter() - t, time.process_time() - cpu,
+            sum(p.stat().st_size for p in out.iterdir()))
 
 
 def scale(device: str, smoke: bool, rounds: int = 2) -> None:
@@ -289,16 +303,21 @@ def scale(device: str, smoke: bool, rounds: int = 2) -> None:
         for n in sizes:
             inputs = {"dataset": scale_dataset(n), "indices": {"start": 0, "stop": n}}
             times: dict[str, list[float]] = {"bare": [], "off": [], "lazy": []}
+            cpus: dict[str, list[float]] = {"bare": [], "off": []}
             off_job: dict[str, Any] = {}
             for _ in range(rounds):
                 with tempfile.TemporaryDirectory(prefix="convoy-bare-") as tmp:
-                    seconds, bare_bytes = bare_job(n, Path(tmp))
+                    seconds, bare_cpu, bare_bytes = bare_job(n, Path(tmp))
                     times["bare"].append(seconds)
+                    cpus["bare"].append(bare_cpu)
                 for png in ("off", "lazy"):
                     job = run_job(client, {"kind": "feature_maps", "device": device,
                                            "inputs": inputs, "png": png,
-                                           "source": {"model": SCALE_MODEL, "seed": 0}})
+                                           "source": {"model": SCALE_MODEL, "seed": 0}},
+                                  worker_pid=stack.workers[0].pid)
                     times[png].append(job["wall_s"])
+                    if png == "off":
+                        cpus["off"].append(job["cpu_s"])
                     if png == "off" and job["wall_s"] == min(times["off"]):
                         off_job = job
                     shutil.rmtree(stack.home / "artifacts" / "jobs" / job["id"],
@@ -315,6 +334,9 @@ def scale(device: str, smoke: bool, rounds: int = 2) -> None:
                   f"{off_job['run_s']:.2f} (load {t['load_s']:.2f} forward "
                   f"{t['forward_s']:.2f} stats {t['encode_npy_s']:.2f} store "
                   f"{t['storage_s']:.2f})")
+            print(f"{'':7} CPU seconds (less sensitive to other load than wall time): bare "
+                  f"{min(cpus['bare']):.2f}, no-png job's worker {min(cpus['off']):.2f}, ratio "
+                  f"{min(cpus['bare']) / min(cpus['off']):.2f}")
     small, large = sizes
     print(f"images/s x{large} / x{small} = {rates[large] / rates[small]:.2f} (the cost per image "
           "does not grow with N when >= 1)")
