@@ -41,10 +41,10 @@ def put_rows(session: Session, rows: Iterable[Artifact]) -> None:
                "created_at": now} for r in rows]
     if not values:
         return
-    insert = upsert_statement(session, Artifact)
-    session.execute(insert.values(values).on_conflict_do_update(
+    insert = upsert_statement(session, Artifact.__table__)
+    session.connection().execute(insert.on_conflict_do_update(
         index_elements=["job_id", "kind", "name"],
-        set_={c: insert.excluded[c] for c in ("key", "size", "sha256", "meta")}))
+        set_={c: insert.excluded[c] for c in ("key", "size", "sha256", "meta")}), values)
 
 
 def add(session: Session, *, job_id: str, worker_id: str, artifacts: Iterable[Artifact]) -> bool:

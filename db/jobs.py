@@ -188,6 +188,26 @@ def claim_job(session: Session, *, job_id: str, worker_id: str,
     return job
 
 
+# record_epoch on PostgreSQL for an epoch without files: the lease-fenced UPDATE and the
+# points' upsert as one statement (the INSERT selects from the UPDATE's row, so a worker that
+# lost its lease writes no point either). Same effect as the statements below.
+_RECORD_PG = text("""
+WITH job AS (
+    UPDATE jobs SET progress = :progress, heartbeat_at = :now, updated_at = :now
+    WHERE id = :job_id AND state = :running AND worker_id = :worker_id
+    RETURNING id
+), points AS (
+    INSERT INTO metrics (job_id, name, step, epoch, value, created_at)
+    SELECT job.id, p.name, :step, :epoch, p.value, :now
+    FROM job, unnest(CAST(:names AS varchar[]), CAST(:values AS double precision[]))
+        AS p(name, value)
+    ON CONFLICT (job_id, name, step) DO UPDATE SET epoch = excluded.epoch,
+        value = excluded.value
+)
+SELECT count(*) FROM job
+""")
+
+
 def record_epoch(
     session: Session,
     *,
@@ -208,13 +228,24 @@ def record_epoch(
     after the rows are written (the retention decision: rows it deletes go with this commit,
     before any file is removed). Idempotent: a retried commit writes nothing twice."""
     now = utcnow()
-    result = session.execute(
-        update(Job)
-        .where(owned(job_id, worker_id))
-        .values(progress=progress, heartbeat_at=now, updated_at=now)
-        .execution_options(synchronize_session=False)
-    )
-    if rowcount(result) != 1:
+    conn = session.connection()
+    if not artifacts and before_commit is None and conn.dialect.name == "postgresql":
+        # an epoch without a checkpoint (the usual one under a cadence): a single statement
+        recorded = conn.execute(_RECORD_PG, {
+            "job_id": job_id, "worker_id": worker_id, "running": JobState.RUNNING.value,
+            "progress": progress, "now": now, "step": step, "epoch": epoch,
+            "names": list(metrics), "values": [float(v) for v in metrics.values()],
+        }).scalar_one()
+        if recorded != 1:
+            session.rollback()
+            return False
+        session.commit()
+        return True
+    # Core statements on the session's connection: no ORM bulk-update machinery per epoch
+    result = conn.execute(
+        update(Job).where(owned(job_id, worker_id))
+        .values(progress=progress, heartbeat_at=now, updated_at=now))
+    if result.rowcount != 1:
         session.rollback()
         return False
     metrics_db.put_step(session, job_id=job_id, step=step, epoch=epoch, values=metrics)

@@ -4,6 +4,7 @@ series by GET /v1/jobs/{id}/metrics and as new points by the event stream."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -23,10 +24,15 @@ def put_step(session: Session, *, job_id: str, step: int, epoch: int,
     now = utcnow()
     rows = [{"job_id": job_id, "name": name, "step": step, "epoch": epoch,
              "value": float(value), "created_at": now} for name, value in values.items()]
-    insert = upsert_statement(session, Metric)
-    session.execute(insert.values(rows).on_conflict_do_update(
+    # one statement compiled once (executemany: a single INSERT .. VALUES round trip)
+    session.connection().execute(_put_statement(session), rows)
+
+
+def _put_statement(session: Session) -> Any:
+    insert = upsert_statement(session, Metric.__table__)
+    return insert.on_conflict_do_update(
         index_elements=["job_id", "name", "step"],
-        set_={"epoch": insert.excluded.epoch, "value": insert.excluded.value}))
+        set_={"epoch": insert.excluded.epoch, "value": insert.excluded.value})
 
 
 def series(session: Session, *, job_id: str, name: str | None = None) -> list[Metric]:

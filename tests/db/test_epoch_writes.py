@@ -14,7 +14,7 @@ from db import jobs
 from db.base import utcnow
 from db.migrate import upgrade
 from db.session import get_engine, session_scope
-from db.tables import Artifact, Metric
+from db.tables import Artifact, Job, Metric
 from tests.db.test_transitions import running
 
 
@@ -35,14 +35,29 @@ def row(job_id: str, kind: str, name: str, sha: str) -> Artifact:
                     meta={"epoch": 1, "metrics": {"val_loss": 0.6}})
 
 
-def record(url: str, job_id: str, values: dict[str, float], sha: str,
+def record(url: str, job_id: str, values: dict[str, float], sha: str | None,
            worker_id: str = "w") -> bool:
+    """Epoch 1's record; with its checkpoint rows unless `sha` is None (on PostgreSQL an
+    epoch without files is a single statement, with files several)."""
+    rows = [] if sha is None else [
+        row(job_id, "checkpoint", "epoch-0001.safetensors", sha),
+        row(job_id, "optimizer", "epoch-0001.optimizer.safetensors", sha)]
     with session_scope(url) as session:
         return jobs.record_epoch(
             session, job_id=job_id, worker_id=worker_id, epoch=1, step=4, metrics=values,
-            progress=0.5, artifacts=[row(job_id, "checkpoint", "epoch-0001.safetensors", sha),
-                                     row(job_id, "optimizer",
-                                         "epoch-0001.optimizer.safetensors", sha)])
+            progress=0.5, artifacts=rows)
+
+
+def test_a_retried_epoch_write_without_files_stores_each_point_once(url: str):
+    job_id = running(url)
+    for _ in range(2):
+        assert record(url, job_id, {"train_loss": 0.5, "val_loss": 0.6}, None)
+    assert record(url, job_id, {"train_loss": 0.4, "val_loss": 0.6}, None)  # trained again
+    assert not record(url, job_id, {"train_loss": 9.0}, None, worker_id="other")
+    assert stored(url, job_id) == ([("train_loss", 1, 0.4), ("val_loss", 1, 0.6)], [])
+    with session_scope(url) as session:
+        progress = session.scalar(select(Job.progress).where(Job.id == job_id))
+    assert progress == 0.5
 
 
 def stored(url: str, job_id: str) -> tuple[list[tuple[str, int, float]], list[tuple[str, str]]]:
