@@ -268,3 +268,27 @@ def test_a_canceled_job_keeps_a_checkpoint_of_its_last_finished_epoch(faults):
         assert any(f"stopping: wrote epoch-{max(recorded):04d}.safetensors" in m
                    for m in logs), logs
         assert client.get(f"/v1/jobs/{job_id}").json()["state"] == "canceled"
+
+
+def test_warm_shutdown_checkpoints_the_last_finished_epoch_the_cadence_skipped(faults):
+    """SIGTERM under a cadence that would checkpoint only the last epoch: the worker writes
+    the checkpoint of its last finished epoch before it hands the job back, and the next
+    attempt resumes from there."""
+    live_worker(faults)
+    epochs = 8
+    with faults.client() as client:
+        job_id = client.post("/v1/jobs", json=cadence_job(
+            epochs, {"epochs": 1000, "min_seconds": 0})).json()["id"]
+        wait_for(lambda: len(metric_epochs(client, job_id).get("val_loss", [])) >= 2 or None,
+                 timeout=120, what=f"two epochs of {job_id}")
+        worker = next(p for p in faults.workers if p.poll() is None)
+        Stack.kill(worker, signal.SIGTERM)  # waits for the process to exit
+        assert client.get(f"/v1/jobs/{job_id}").json()["state"] == "queued"
+        finished = max(metric_epochs(client, job_id)["val_loss"])
+        assert checkpoint_epochs(client, job_id) == [finished]
+
+        faults.start_worker(f"w{len(faults.workers)}")
+        done = wait_job(client, job_id, timeout=120)
+        assert done["state"] == "succeeded", done["error"]
+        assert done["result"]["resumed_from_epoch"] == finished
+        assert checkpoint_epochs(client, job_id) == [finished, epochs]
