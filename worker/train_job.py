@@ -86,7 +86,9 @@ class TrainRun:
         self.ckpt_epoch, self.ckpt_at = 0, time.monotonic()
         self.written = 0  # the newest epoch whose checkpoint this attempt has (or resumed)
         self.latest: Finished | None = None  # the last epoch this attempt finished
-        self.swept = False  # whether _prune looked for an earlier attempt's leftover files
+        # whether _prune has looked for an earlier attempt's leftover files (a first attempt
+        # has none to look for)
+        self.swept = job.attempt <= 1
         self.started = time.monotonic()
 
     def db(self) -> AbstractContextManager[Session]:
