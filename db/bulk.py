@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from sqlalchemy import Table
 from sqlalchemy.orm import Session
 
 from db.tables import Artifact, Job, JobAttempt, Metric
@@ -23,7 +22,7 @@ ATTEMPT_COLUMNS = ("job_id", "attempt", "worker_id", "started_at", "ended_at", "
                    "device", "error")
 
 
-def copy_rows(session: Session, table: Table, columns: Sequence[str],
+def copy_rows(session: Session, table: str, columns: Sequence[str],
               rows: Iterable[Sequence[Any]]) -> int:
     """COPY `rows` (tuples in the order of `columns`; JSON columns as JSON text) into the
     table; returns how many. PostgreSQL only: one statement streams them all, where
@@ -35,7 +34,7 @@ def copy_rows(session: Session, table: Table, columns: Sequence[str],
     assert raw is not None
     n = 0
     with raw.cursor() as cur, cur.copy(  # type: ignore[attr-defined]
-            f"COPY {table.name} ({', '.join(columns)}) FROM STDIN") as copy:
+            f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
         for row in rows:
             copy.write_row(row)
             n += 1
@@ -43,18 +42,16 @@ def copy_rows(session: Session, table: Table, columns: Sequence[str],
 
 
 def jobs(session: Session, rows: Iterable[Sequence[Any]]) -> int:
-    return copy_rows(session, Job.__table__, JOB_COLUMNS, rows)  # type: ignore[arg-type]
+    return copy_rows(session, Job.__tablename__, JOB_COLUMNS, rows)
 
 
 def metrics(session: Session, rows: Iterable[Sequence[Any]]) -> int:
-    return copy_rows(session, Metric.__table__, METRIC_COLUMNS, rows)  # type: ignore[arg-type]
+    return copy_rows(session, Metric.__tablename__, METRIC_COLUMNS, rows)
 
 
 def artifacts(session: Session, rows: Iterable[Sequence[Any]]) -> int:
-    return copy_rows(session, Artifact.__table__, ARTIFACT_COLUMNS,
-                     rows)  # type: ignore[arg-type]
+    return copy_rows(session, Artifact.__tablename__, ARTIFACT_COLUMNS, rows)
 
 
 def attempts(session: Session, rows: Iterable[Sequence[Any]]) -> int:
-    return copy_rows(session, JobAttempt.__table__, ATTEMPT_COLUMNS,
-                     rows)  # type: ignore[arg-type]
+    return copy_rows(session, JobAttempt.__tablename__, ATTEMPT_COLUMNS, rows)
