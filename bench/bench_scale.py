@@ -21,7 +21,9 @@ import random
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import partial
 from pathlib import Path
@@ -345,7 +347,7 @@ def table(sizes: Sequence[int], results: dict[int, dict[str, list[float]]]) -> N
     base = sizes[0]
     head = "".join(f"{n:>12,}" for n in sizes)
     ratios = "".join(f"{f'{n:,}/{base:,}':>16}" for n in sizes[1:])
-    print(f"\n{'figure (ms)':40}{'':4}{head}{ratios}")
+    print(f"{'figure (ms)':40}{'':4}{head}{ratios}")
     for name in results[base]:
         for q in (50, 99):
             values = [percentile(results[n][name], q) for n in sizes]
@@ -364,27 +366,37 @@ def verdict(sizes: Sequence[int], results: dict[int, dict[str, list[float]]]) ->
         print(f"{sizes[-1]:,} / {sizes[0]:,} p50 {name}: {ratio:.2f}x  {want}")
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--sizes", default="1000,100000,1000000")
-    p.add_argument("--quick", action="store_true", help="sizes 1000,20000")
-    p.add_argument("--smoke", action="store_true", help="sizes 500,2000, few requests")
-    p.add_argument("--requests", type=int, default=200)
-    p.add_argument("--submissions", type=int, default=100)
-    p.add_argument("--passes", type=int, default=20, help="reconciler passes")
-    args = p.parse_args()
-    sizes = [int(s) for s in args.sizes.split(",")]
-    if args.quick:
-        sizes = [1000, 20000]
-    if args.smoke:
-        sizes, args.requests, args.submissions, args.passes = [500, 2000], 30, 10, 5
-    print(machine(), f"uptime: {Path('/proc/loadavg').read_text().strip()}")
-    rng = random.Random(22)
+@dataclass
+class Site:
+    """A database of its own with its API process, its tokens and its active jobs."""
+    url: str
+    stack: Stack
+    settings: Settings
+    active: dict[str, list[tuple[str, str]]]
+    now: datetime
+    ids: dict[str, list[str]] = field(default_factory=lambda: {t: [] for t in BIG})
+    jobs: int = 0
+
+    def grow(self, size: int, rng: random.Random) -> None:
+        t0 = time.perf_counter()
+        fill(self.url, start=self.jobs, stop=size, now=self.now, rng=rng, ids=self.ids,
+             progress=partial(print, flush=True) if size - self.jobs > 50000
+             else lambda _: None)
+        self.jobs = size
+        print(f"filled to {size:,} jobs in {time.perf_counter() - t0:.0f} s "
+              f"(load {os.getloadavg()[0]:.2f})", flush=True)
+
+    def measure(self, rng: random.Random, args: argparse.Namespace) -> dict[str, list[float]]:
+        refresh_active(self.url, self.active)
+        return measure(self.url, self.stack, self.settings, self.ids, rng,
+                       requests=args.requests, submissions=args.submissions,
+                       passes=args.passes)
+
+
+@contextmanager
+def site() -> Iterator[Site]:
     url = create_pg_database()
     queue = f"convoy-bench-{uuid.uuid4().hex[:8]}"
-    settings = bench_settings(url, queue)
-    results: dict[int, dict[str, list[float]]] = {}
     with tempfile.TemporaryDirectory(prefix="convoy-bench-scale-") as tmp:
         stack = Stack(env=stack_env(Path(tmp), database_url=url, broker_url=f"{REDIS}/0",
                                     queue=queue, CONVOY_LEASE_SECONDS=str(LEASE_S),
@@ -395,32 +407,62 @@ def main() -> None:
             add_tokens(url)
             now = utcnow()
             active = add_active(url, now)
-            ids: dict[str, list[str]] = {t: [] for t in BIG}
             stack.start_api()
-            have = 0
-            for size in sizes:
-                t0 = time.perf_counter()
-                fill(url, start=have, stop=size, now=now, rng=rng, ids=ids,
-                     progress=partial(print, flush=True) if size - have > 50000
-                     else lambda _: None)
-                have = size
-                print(f"filled to {size:,} jobs in {time.perf_counter() - t0:.0f} s "
-                      f"(load {os.getloadavg()[0]:.2f})", flush=True)
-                refresh_active(url, active)
-                results[size] = measure(url, stack, settings, ids, rng, requests=args.requests,
-                                        submissions=args.submissions, passes=args.passes)
-                print(f"measured at {size:,}: " + ", ".join(
-                    f"{k} p50 {percentile(v, 50):.2f} ms" for k, v in results[size].items()),
-                    flush=True)
-            table(sizes, results)
-            print()
-            verdict(sizes, results)
-            print_plans(url, settings, ids)
+            yield Site(url=url, stack=stack, settings=bench_settings(url, queue),
+                       active=active, now=now)
         finally:
             stack.stop()
             _drop_queue(queue)
             get_engine(url).dispose()
             drop_pg_database(url)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--sizes", default="1000,100000,1000000")
+    p.add_argument("--quick", action="store_true", help="sizes 1000,20000")
+    p.add_argument("--smoke", action="store_true", help="sizes 500,2000, few requests")
+    p.add_argument("--requests", type=int, default=200, help="of each GET, per measurement")
+    p.add_argument("--submissions", type=int, default=100)
+    p.add_argument("--passes", type=int, default=20, help="reconciler passes")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="smallest/largest measurements alternated at the end")
+    args = p.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    if args.quick:
+        sizes = [1000, 20000]
+    if args.smoke:
+        sizes, args.requests, args.submissions, args.passes, args.rounds = \
+            [500, 2000], 30, 10, 5, 1
+    print(machine(), f"uptime: {Path('/proc/loadavg').read_text().strip()}")
+    rng = random.Random(22)
+    grown_at: dict[int, dict[str, list[float]]] = {}
+    with site() as grown, site() as baseline:
+        # 1. one database grown size by size, measured at each
+        for size in sizes:
+            grown.grow(size, rng)
+            grown_at[size] = grown.measure(rng, args)
+            print(f"measured at {size:,}: " + ", ".join(
+                f"{k} p50 {percentile(v, 50):.2f} ms" for k, v in grown_at[size].items()),
+                flush=True)
+        print("\nas the database grew (each size measured when it was reached):")
+        table(sizes, grown_at)
+        # 2. the largest against a second database kept at the smallest size, measured in
+        # alternation: the machine's load drifts over the minutes the filling takes
+        baseline.grow(sizes[0], rng)
+        first, last = sizes[0], sizes[-1]
+        side: dict[int, dict[str, list[float]]] = {first: {}, last: {}}
+        for _ in range(args.rounds):
+            for n, where in ((first, baseline), (last, grown)):
+                for name, values in where.measure(rng, args).items():
+                    side[n].setdefault(name, []).extend(values)
+        print(f"\nside by side ({args.rounds} alternated rounds, load "
+              f"{os.getloadavg()[0]:.2f}):")
+        table([first, last], side)
+        print()
+        verdict([first, last], side)
+        print_plans(grown.url, grown.settings, grown.ids)
 
 
 if __name__ == "__main__":
