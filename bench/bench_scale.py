@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from sqlalchemy import select, text
+from sqlalchemy import func, select, text
 
 from api.auth import hash_token
 from bench.bench_e2e import job_request
@@ -154,17 +154,19 @@ def fill(url: str, *, start: int, stop: int, now: datetime, rng: random.Random,
 
 def vacuum_analyze(url: str) -> None:
     """Statistics (and the visibility map index-only scans use) as autovacuum would leave
-    them after a while."""
+    them after a while; then a checkpoint, so the filling's dirty pages are not being written
+    out while the next figures are measured."""
     with get_engine(url).connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         for table in ("jobs", "job_attempts", "metrics", "artifacts"):
             conn.exec_driver_sql(f"VACUUM ANALYZE {table}")
+        conn.exec_driver_sql("CHECKPOINT")
 
 
 def deep_cursor(url: str, tenant: str, state: str, depth: float) -> tuple[datetime, str]:
     """The (created_at, id) of the tenant's job in `state` at `depth` (0..1) of its list:
     what a client that paged that far holds as its cursor. (OFFSET here, never in the API.)"""
     with session_scope(url) as session:
-        n = session.scalar(select(text("count(*)")).select_from(Job).where(
+        n = session.scalar(select(func.count()).select_from(Job).where(
             Job.tenant == tenant, Job.state == state)) or 0
         row = session.execute(
             select(Job.created_at, Job.id).where(Job.tenant == tenant, Job.state == state)
@@ -426,7 +428,7 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=200, help="of each GET, per measurement")
     p.add_argument("--submissions", type=int, default=100)
     p.add_argument("--passes", type=int, default=20, help="reconciler passes")
-    p.add_argument("--rounds", type=int, default=3,
+    p.add_argument("--rounds", type=int, default=4,
                    help="smallest/largest measurements alternated at the end")
     args = p.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -453,8 +455,9 @@ def main() -> None:
         baseline.grow(sizes[0], rng)
         first, last = sizes[0], sizes[-1]
         side: dict[int, dict[str, list[float]]] = {first: {}, last: {}}
-        for _ in range(args.rounds):
-            for n, where in ((first, baseline), (last, grown)):
+        for r in range(args.rounds):
+            order = [(first, baseline), (last, grown)]
+            for n, where in order if r % 2 == 0 else order[::-1]:  # ABBA...
                 for name, values in where.measure(rng, args).items():
                     side[n].setdefault(name, []).extend(values)
         print(f"\nside by side ({args.rounds} alternated rounds, load "
