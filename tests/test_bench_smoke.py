@@ -43,6 +43,9 @@ FIGURES = {
                     rf"api download local +API +{NUMBER} MB/s +bare static +{NUMBER} MB/s +"
                     rf"ratio API/bare = {NUMBER}",
                     rf"api download seaweedfs +API +{NUMBER} MB/s"],
+    "bench_scale": [rf"GET /v1/jobs/\{{id\}} +p50 +{NUMBER} +{NUMBER} +{NUMBER}x",
+                    rf"reconciler pass +p50 +{NUMBER} +{NUMBER} +{NUMBER}x",
+                    r"list page +Limit > .*ix_jobs_tenant_state_created"],
     "bench_scenes": [rf"resnet-small +augment=yes +val_accuracy={NUMBER}",
                      rf"residual - plain \(augment=yes\): [+-]{NUMBER}"],
 }
