@@ -1,5 +1,5 @@
 """indexes that keep the hot paths flat as the tables grow (issue 22): a tenant's jobs by
-state, open attempts, artifacts by tenant
+state, open attempts, artifacts by tenant; the duplicate metrics job_id index dropped
 
 Revision ID: 0006
 Revises: 0005
@@ -24,9 +24,13 @@ def upgrade() -> None:
                     postgresql_where=sa.text("ended_at IS NULL"),
                     sqlite_where=sa.text("ended_at IS NULL"))
     op.create_index("ix_artifacts_tenant_size", "artifacts", ["tenant", "size"])
+    # the unique (job_id, name, step) already serves every lookup by job: one index fewer to
+    # write with every metric point
+    op.drop_index("ix_metrics_job_id", table_name="metrics")
 
 
 def downgrade() -> None:
+    op.create_index("ix_metrics_job_id", "metrics", ["job_id"])
     op.drop_index("ix_artifacts_tenant_size", table_name="artifacts")
     op.drop_index("ix_job_attempts_open", table_name="job_attempts")
     op.drop_index("ix_jobs_tenant_state_created", table_name="jobs")
