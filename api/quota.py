@@ -15,7 +15,7 @@ def check_storage(session: Session, settings: Settings, *, tenant: str, adding: 
     limit = settings.max_storage_bytes_per_tenant
     if limit is None:
         return
-    used = usage.of_tenant(session, tenant=tenant)
+    used = usage.storage_of(session, tenant=tenant)
     if used.bytes + adding > limit or (adding == 0 and used.bytes >= limit):
         raise HTTPException(413, f"{what}: the tenant's storage is full: it holds {used.bytes} "
                                  f"bytes ({used.artifacts} job files, {used.uploads} uploads)"

@@ -155,6 +155,8 @@ class TrainResult(_Stored):
     train_accuracy: float | None = None
     device: str | None = None
     resumed_from_epoch: int | None = None
+    # the checkpoint cadence the job ran with (its request's, else the worker's default)
+    checkpoint_every: dict[str, float] | None = None
 
 
 class FeatureMapsResult(_Stored):

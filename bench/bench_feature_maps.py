@@ -14,15 +14,18 @@ files, the lazy-PNG default beside no PNGs, and images/s by size.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from bench.common import median, model_bench_args
 from convoy import datasets
@@ -148,17 +151,36 @@ def throughput(device: torch.device, rounds: int, reps: int) -> None:
               f"{cell('capture')} {cell('pool')} {cell('extract')}")
 
 
-def run_job(client: Any, body: dict[str, Any]) -> dict[str, Any]:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (its threads included), from /proc."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_job(client: Any, body: dict[str, Any], worker_pid: int | None = None) -> dict[str, Any]:
+    """The finished job, with `wall_s`: from just before the POST to the job's finished_at
+    (the API runs on this machine, same clock), so the 0.2 s between two polls of the job
+    is not counted as the job's time; `post_s`: to created_at (the API checking the
+    request), `queued_s`: created_at to started_at (the broker and the worker picking the
+    job up), `run_s`: started_at to finished_at; `cpu_s`: the CPU seconds the worker process
+    `worker_pid` (a solo pool: the job runs in it) spent meanwhile, when given."""
     from tests.services import wait_job
 
-    t0 = time.perf_counter()
+    cpu = cpu_seconds(worker_pid) if worker_pid else 0.0
+    t0 = time.time()
     r = client.post("/v1/jobs", json=body)
     r.raise_for_status()
     job = wait_job(client, r.json()["id"], timeout=600)
-    wall = time.perf_counter() - t0
     if job["state"] != "succeeded":
         raise RuntimeError(f"job {job['id']} {job['state']}: {job['error']}")
-    job["wall_s"] = wall
+    created, started, finished = (datetime.fromisoformat(job[k]).timestamp()
+                                  for k in ("created_at", "started_at", "finished_at"))
+    job["wall_s"] = finished - t0
+    job["post_s"], job["queued_s"] = created - t0, started - created
+    job["run_s"] = finished - started
+    if worker_pid:
+        job["cpu_s"] = cpu_seconds(worker_pid) - cpu
     return job
 
 
@@ -211,37 +233,55 @@ def scale_dataset(n: int) -> dict[str, Any]:
             "num_classes": 4}
 
 
-def bare_job(n: int, out: Path, batch: int = 256) -> float:
+def bare_job(n: int, out: Path, batch: int = 256) -> tuple[float, float, int]:
     """The baseline of a job: the same dataset generated, the same model built, a plain
     forward pass with a hook on every layer, each layer's outputs appended batch by batch to
-    its own .npy (header first); seconds of wall time."""
+    its own .npy (header first), and, as a job stores them, each max-pooling layer's argmax
+    (int32, from a second pooling of its input with return_indices, in channels-last as the
+    job pools: NCHW pooling costs the bare loop 2x more) to its own .npy; seconds of wall
+    time, seconds of this process's CPU time, and the bytes written: the same files as a
+    job's, minus the job's sha256s and statistics."""
     from worker.npystream import npy_header
 
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     x = datasets.load_synthetic(datasets.SyntheticRef(**scale_dataset(n))).all_x[:n]
     spec = ModelSpec.model_validate(SCALE_MODEL)
     torch.manual_seed(0)
     model = build_model(spec).eval()
     files: list[Any] = []
     outputs: list[torch.Tensor] = []
-    for m in model.layers:
+    names: list[str] = []
+
+    def argmax(m: torch.nn.MaxPool2d, i: tuple[torch.Tensor, ...], _o: torch.Tensor) -> None:
+        where = F.max_pool2d(i[0].contiguous(memory_format=torch.channels_last), m.kernel_size,
+                             m.stride, m.padding, m.dilation, ceil_mode=m.ceil_mode,
+                             return_indices=True)[1]
+        outputs.append(where.int())
+
+    for k, m in enumerate(model.layers):
         m.register_forward_hook(lambda _m, _i, o: outputs.append(o))
+        names.append(f"{k}.npy")
+        if isinstance(m, torch.nn.MaxPool2d):
+            m.register_forward_hook(argmax)
+            names.append(f"{k}.argmax.npy")
     try:
         with torch.inference_mode():
             for start in range(0, n, batch):
                 outputs.clear()
                 model(torch.from_numpy(np.ascontiguousarray(x[start:start + batch])))
                 if not files:
-                    for i, o in enumerate(outputs):
-                        f = open(out / f"{i}.npy", "wb")  # noqa: SIM115 - closed below
-                        f.write(npy_header((n, *o.shape[1:]), np.dtype(np.float32)))
+                    for name, o in zip(names, outputs, strict=True):
+                        f = open(out / name, "wb")  # noqa: SIM115 - closed below
+                        f.write(npy_header((n, *o.shape[1:]),
+                                           np.dtype(str(o.dtype).removeprefix("torch."))))
                         files.append(f)
                 for f, o in zip(files, outputs, strict=True):
                     f.write(o.contiguous().numpy().data)
     finally:
         for f in files:
             f.close()
-    return time.perf_counter() - t
+    return (time.perf_counter() - t, time.process_time() - cpu,
+            sum(p.stat().st_size for p in out.iterdir()))
 
 
 def scale(device: str, smoke: bool, rounds: int = 2) -> None:
@@ -254,34 +294,49 @@ def scale(device: str, smoke: bool, rounds: int = 2) -> None:
 
     sizes = (64, 512) if smoke else (500, 20_000)
     print(f"\n## dataset scale: vgg-small 3x8x8, every layer, no pooling, wall seconds, best of "
-          f"{rounds} (bare: hooked forward + .npy writes in this process; jobs: submit -> "
-          "succeeded; forward/stats/store: the no-PNG job's result.timings)")
+          f"{rounds} (bare: hooked forward + the same .npy files, argmax included, written in "
+          "this process; jobs: POST -> finished_at, split into post (-> created_at), queued "
+          "(-> started_at) and run (-> finished_at), run by the no-PNG job's result.timings; "
+          "stats: CPU seconds of the writer threads, beside the forward)")
     rates = {}
     with service("pg") as stack, stack.client() as client:
         for n in sizes:
             inputs = {"dataset": scale_dataset(n), "indices": {"start": 0, "stop": n}}
             times: dict[str, list[float]] = {"bare": [], "off": [], "lazy": []}
-            timings: dict[str, float] = {}
+            cpus: dict[str, list[float]] = {"bare": [], "off": []}
+            off_job: dict[str, Any] = {}
             for _ in range(rounds):
                 with tempfile.TemporaryDirectory(prefix="convoy-bare-") as tmp:
-                    times["bare"].append(bare_job(n, Path(tmp)))
+                    seconds, bare_cpu, bare_bytes = bare_job(n, Path(tmp))
+                    times["bare"].append(seconds)
+                    cpus["bare"].append(bare_cpu)
                 for png in ("off", "lazy"):
                     job = run_job(client, {"kind": "feature_maps", "device": device,
                                            "inputs": inputs, "png": png,
-                                           "source": {"model": SCALE_MODEL, "seed": 0}})
+                                           "source": {"model": SCALE_MODEL, "seed": 0}},
+                                  worker_pid=stack.workers[0].pid)
                     times[png].append(job["wall_s"])
                     if png == "off":
-                        timings = job["result"]["timings"]
-                        stored = job["result"]["bytes_stored"]
+                        cpus["off"].append(job["cpu_s"])
+                    if png == "off" and job["wall_s"] == min(times["off"]):
+                        off_job = job
                     shutil.rmtree(stack.home / "artifacts" / "jobs" / job["id"],
                                   ignore_errors=True)
             bare, off, lazy = (min(times[k]) for k in ("bare", "off", "lazy"))
             rates[n] = n / off
+            res, t = off_job["result"], off_job["result"]["timings"]
             print(f"x{n:<6} bare {bare:6.2f}  no-png job {off:6.2f}  ratio bare/job = "
                   f"{bare / off:.2f}  lazy-png job {lazy:6.2f}  ratio lazy/no-png = "
-                  f"{lazy / off:.2f}  images/s {rates[n]:.0f}  stored {stored / 1e9:.2f} GB  "
-                  f"forward {timings['forward_s']:.2f} stats {timings['encode_npy_s']:.2f} "
-                  f"store {timings['storage_s']:.2f}")
+                  f"{lazy / off:.2f}  images/s {rates[n]:.0f} (bare {n / bare:.0f})")
+            print(f"{'':7} written: bare {bare_bytes / 1e9:.3f} GB, job "
+                  f"{res['artifact_bytes'] / 1e9:.3f} GB ({res['artifacts']} files); no-png "
+                  f"job: post {off_job['post_s']:.2f} queued {off_job['queued_s']:.2f} run "
+                  f"{off_job['run_s']:.2f} (load {t['load_s']:.2f} forward "
+                  f"{t['forward_s']:.2f} stats {t['encode_npy_s']:.2f} store "
+                  f"{t['storage_s']:.2f})")
+            print(f"{'':7} CPU seconds (less sensitive to other load than wall time): bare "
+                  f"{min(cpus['bare']):.2f}, no-png job's worker {min(cpus['off']):.2f}, ratio "
+                  f"{min(cpus['bare']) / min(cpus['off']):.2f}")
     small, large = sizes
     print(f"images/s x{large} / x{small} = {rates[large] / rates[small]:.2f} (the cost per image "
           "does not grow with N when >= 1)")

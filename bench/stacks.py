@@ -27,6 +27,9 @@ def service(mode: str, *, workers: int = 1, **extra_env: str) -> Iterator[Stack]
             env = stack_env(home, database_url=f"sqlite:///{home / 'convoy.db'}",
                             broker_url=f"sqla+sqlite:///{home / 'broker.db'}", queue=queue,
                             **extra_env)
+        # the service's default checkpoint cadence, not the tests' every-epoch one
+        if "CONVOY_CHECKPOINT_MIN_SECONDS" not in extra_env:
+            env.pop("CONVOY_CHECKPOINT_MIN_SECONDS", None)
         stack = Stack(env=env, home=home)
         try:
             stack.start_api()

@@ -68,6 +68,18 @@ class CheckpointPolicy(BaseModel):
     mode: Literal["max", "min"] = "max"
 
 
+class CheckpointEvery(BaseModel):
+    """How often a train job writes a checkpoint (README, "Checkpoint cadence"): at an epoch
+    when at least `epochs` epochs and `min_seconds` seconds have passed since the last one;
+    the last epoch always, and cancel and warm shutdown write the last finished epoch's.
+    Epochs in between still record their metrics and progress."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: Annotated[int, Field(ge=1, le=100_000)] = 1
+    min_seconds: Annotated[float, Field(ge=0, le=7 * 24 * 3600, allow_inf_nan=False)] = 0.0
+
+
 class InitFrom(BaseModel):
     """Weights a train job starts from: a train job's checkpoint (`job_id`, `checkpoint` a
     name or `last`) or an uploaded one (`checkpoint_id`). `strict: false` loads the tensors
@@ -113,6 +125,8 @@ class TrainJobRequest(BaseModel):
     dataset: Annotated[DigitsRef | SyntheticRef | UploadRef, Field(union_mode="left_to_right")]
     train: TrainConfig = TrainConfig()
     checkpoints: CheckpointPolicy = CheckpointPolicy()
+    # None: the worker's CONVOY_CHECKPOINT_EVERY_EPOCHS / CONVOY_CHECKPOINT_MIN_SECONDS
+    checkpoint_every: CheckpointEvery | None = None
     init: InitFrom | None = None
     # with init.job_id: also restore the optimizer state, and number epochs on from the
     # source checkpoint's (train.epochs more); the lr schedule runs over the total

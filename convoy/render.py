@@ -78,15 +78,25 @@ class ChannelStats:
     def add(self, maps: np.ndarray) -> None:
         if maps.size == 0:
             return
-        # one copy with the channels first, each channel's values contiguous: numpy reduces
-        # along a contiguous last axis several times faster than over axes (0, 2, 3) of
-        # small maps (8x8: 11 vs 38 ms a batch)
-        v = np.moveaxis(maps, 1, 0).astype(np.float32, order="C").reshape(maps.shape[1], -1)
-        total = v.sum(axis=1, dtype=np.float64)
-        low, high = v.min(axis=1), v.max(axis=1)
-        # per channel row: 3x faster than count_nonzero(axis=1) (a bool cast of everything)
-        zeros = (np.array([np.count_nonzero(row == 0) for row in v]) if len(v) <= 1024
-                 else (v == 0).sum(axis=1))
+        # (N, C, ...) as (N, C*positions), a view of the rows as they come: each reduction
+        # runs down axis 0 (element-wise over whole rows, no copy of the maps), then the C
+        # channels' positions are reduced on the small (C, positions) result. Two passes
+        # over a tiny array instead of a channels-first copy of the batch: 8 vs 18 ms a
+        # batch of every vgg-small layer (256 images, 8x8 inputs). Min, max and zero counts
+        # are exact either way; the float64 sums differ only in their summation order.
+        n, c = maps.shape[0], maps.shape[1]
+        # float16 as it is (each value is exact in float32 as in float64); anything else as
+        # float32, as channel_stats reads it
+        flat = np.ascontiguousarray(maps, dtype=None if maps.dtype == np.float16
+                                    else np.float32).reshape(n, -1)
+        low = flat.min(axis=0).reshape(c, -1).min(axis=1).astype(np.float32)
+        high = flat.max(axis=0).reshape(c, -1).max(axis=1).astype(np.float32)
+        total = flat.sum(axis=0, dtype=np.float64).reshape(c, -1).sum(axis=1)
+        # the zero flags summed down the rows as uint8 -> uint16 (no bool -> int64 cast of
+        # every value), exact while a block has fewer than 65,536 rows
+        counter = np.uint16 if n < 1 << 16 else np.int64
+        zeros = np.add.reduce((flat == 0).view(np.uint8), axis=0, dtype=counter)
+        zeros = zeros.reshape(c, -1).sum(axis=1, dtype=np.int64)
         if self.total is None:
             self.total, self.low, self.high, self.zeros = total, low, high, zeros
         else:
@@ -95,7 +105,7 @@ class ChannelStats:
             self.low = np.minimum(self.low, low)
             self.high = np.maximum(self.high, high)
             self.zeros = self.zeros + zeros
-        self.count += v.shape[1]
+        self.count += flat.size // c
 
     def result(self) -> dict[str, list[float]]:
         if self.total is None:

@@ -72,6 +72,11 @@ class Settings(BaseSettings):
     # A pause between committing a checkpoint retention decision and deleting the files it
     # dropped: 0 but in the test that kills a worker in that window.
     checkpoint_prune_delay_seconds: Annotated[float, Field(ge=0)] = 0.0
+    # A train job's checkpoint cadence when its request has no `checkpoint_every` (README,
+    # "Checkpoint cadence"): at an epoch when this many epochs and seconds have passed since
+    # the last checkpoint; the last epoch, a cancel and a warm shutdown always write one.
+    checkpoint_every_epochs: Annotated[int, Field(ge=1)] = 1
+    checkpoint_min_seconds: Annotated[float, Field(ge=0)] = 10.0
     # A storage error on a worker (full, read-only store) ends the attempt and queues the job
     # again after this many seconds, doubling per attempt up to store_retry_max_seconds.
     store_retry_seconds: Annotated[float, Field(ge=0)] = 10.0

@@ -5,10 +5,12 @@ has already checked the job is the tenant's."""
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
+from db.base import upsert_statement, utcnow
 from db.leases import holds_lease
 from db.tables import Artifact
 
@@ -28,6 +30,21 @@ def upsert(session: Session, *, artifact: Artifact) -> None:
     else:
         existing.key, existing.size, existing.sha256 = artifact.key, artifact.size, artifact.sha256
         existing.meta = artifact.meta
+
+
+def put_rows(session: Session, rows: Iterable[Artifact]) -> None:
+    """upsert() for many rows in one INSERT .. ON CONFLICT statement (no ORM flush); the
+    Artifact objects only carry the values and are not added to the session."""
+    now = utcnow()
+    values = [{"job_id": r.job_id, "tenant": r.tenant, "kind": r.kind, "name": r.name,
+               "key": r.key, "size": r.size, "sha256": r.sha256, "meta": r.meta,
+               "created_at": now} for r in rows]
+    if not values:
+        return
+    insert = upsert_statement(session, Artifact.__table__)
+    session.connection().execute(insert.on_conflict_do_update(
+        index_elements=["job_id", "kind", "name"],
+        set_={c: insert.excluded[c] for c in ("key", "size", "sha256", "meta")}), values)
 
 
 def add(session: Session, *, job_id: str, worker_id: str, artifacts: Iterable[Artifact]) -> bool:
@@ -74,6 +91,16 @@ def resume_candidates(session: Session, *, job_id: str) -> list[Artifact]:
     ))
 
 
+def resume_index(session: Session, *, job_id: str) -> list[Any]:
+    """resume_candidates as plain rows (id, kind, name, key, meta), not ORM objects: what the
+    retention decision reads in an epoch's transaction."""
+    return list(session.execute(
+        select(Artifact.id, Artifact.kind, Artifact.name, Artifact.key, Artifact.meta)
+        .where(Artifact.job_id == job_id, Artifact.kind.in_(("checkpoint", "optimizer")))
+        .order_by(Artifact.name.desc())
+    ).all())
+
+
 def of_kind(session: Session, *, job_id: str, tenant: str, kind: str) -> list[Artifact]:
     return list(session.scalars(select(Artifact).where(
         Artifact.job_id == job_id, Artifact.tenant == tenant, Artifact.kind == kind)))
@@ -103,6 +130,14 @@ def delete_rows(session: Session, rows: Iterable[Artifact]) -> list[str]:
         keys.append(row.key)
         session.delete(row)
     return keys
+
+
+def delete_ids(session: Session, ids: Iterable[int]) -> None:
+    """Delete rows by id in one statement (with the caller's transaction)."""
+    ids = list(ids)
+    if ids:
+        session.execute(delete(Artifact).where(Artifact.id.in_(ids))
+                        .execution_options(synchronize_session=False))
 
 
 def of_job(session: Session, *, job_id: str) -> list[Artifact]:

@@ -7,7 +7,7 @@ from enum import StrEnum
 from typing import Any, TypeVar, cast
 
 from sqlalchemy import CursorResult, DateTime, MetaData, Result, String, TypeDecorator
-from sqlalchemy.orm import DeclarativeBase
+from sqlalchemy.orm import DeclarativeBase, Session
 
 E = TypeVar("E", bound=StrEnum)
 
@@ -67,3 +67,16 @@ def rowcount(result: Result[Any]) -> int:
     """Rows an UPDATE or DELETE matched: Session.execute types its result as a plain Result,
     though for those statements it is the CursorResult that counts them."""
     return cast(CursorResult[Any], result).rowcount
+
+
+def upsert_statement(session: Session, table: Any) -> Any:
+    """The dialect's INSERT for `table` (an ORM class), which has on_conflict_do_nothing /
+    on_conflict_do_update and `excluded`: PostgreSQL's or SQLite's, whichever the session
+    is bound to."""
+    if session.get_bind().dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        return pg_insert(table)
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+    return sqlite_insert(table)

@@ -193,6 +193,26 @@ def claim_job(session: Session, *, job_id: str, worker_id: str,
     return job
 
 
+# record_epoch on PostgreSQL for an epoch without files: the lease-fenced UPDATE and the
+# points' upsert as one statement (the INSERT selects from the UPDATE's row, so a worker that
+# lost its lease writes no point either). Same effect as the statements below.
+_RECORD_PG = text("""
+WITH job AS (
+    UPDATE jobs SET progress = :progress, heartbeat_at = :now, updated_at = :now
+    WHERE id = :job_id AND state = :running AND worker_id = :worker_id
+    RETURNING id
+), points AS (
+    INSERT INTO metrics (job_id, name, step, epoch, value, created_at)
+    SELECT job.id, p.name, :step, :epoch, p.value, :now
+    FROM job, unnest(CAST(:names AS varchar[]), CAST(:values AS double precision[]))
+        AS p(name, value)
+    ON CONFLICT (job_id, name, step) DO UPDATE SET epoch = excluded.epoch,
+        value = excluded.value
+)
+SELECT count(*) FROM job
+""")
+
+
 def record_epoch(
     session: Session,
     *,
@@ -205,23 +225,84 @@ def record_epoch(
     artifacts: Iterable[Artifact] = (),
     before_commit: Callable[[Session], None] | None = None,
 ) -> bool:
-    """One transaction per epoch: its metrics, its checkpoint rows and the progress together,
-    so a resumed attempt finds exactly the epochs it can continue from. `before_commit` runs
-    in that transaction after the rows are added (the retention decision: rows it deletes
-    go with this commit, before any file is removed)."""
+    """One transaction per epoch: its metrics, its checkpoint rows (if it wrote any) and the
+    progress and lease renewal together, so a resumed attempt finds exactly the epochs it can
+    continue from. Three statements and the commit: the conditional UPDATE (the lease fence,
+    which also holds the job's row until the commit, so a cancel waits for it), one multi-row
+    INSERT of the points, one of the artifact rows. `before_commit` runs in that transaction
+    after the rows are written (the retention decision: rows it deletes go with this commit,
+    before any file is removed). Idempotent: a retried commit writes nothing twice."""
     now = utcnow()
+    conn = session.connection()
+    if not artifacts and before_commit is None and conn.dialect.name == "postgresql":
+        # an epoch without a checkpoint (the usual one under a cadence): a single statement
+        recorded = conn.execute(_RECORD_PG, {
+            "job_id": job_id, "worker_id": worker_id, "running": JobState.RUNNING.value,
+            "progress": progress, "now": now, "step": step, "epoch": epoch,
+            "names": list(metrics), "values": [float(v) for v in metrics.values()],
+        }).scalar_one()
+        if recorded != 1:
+            session.rollback()
+            return False
+        session.commit()
+        return True
+    # Core statements on the session's connection: no ORM bulk-update machinery per epoch
+    result = conn.execute(
+        update(Job).where(owned(job_id, worker_id))
+        .values(progress=progress, heartbeat_at=now, updated_at=now))
+    if result.rowcount != 1:
+        session.rollback()
+        return False
+    metrics_db.put_step(session, job_id=job_id, step=step, epoch=epoch, values=metrics)
+    artifacts_db.put_rows(session, artifacts)
+    if before_commit is not None:
+        before_commit(session)
+    session.commit()
+    return True
+
+
+def stop_fence(job_id: str, worker_id: str, attempt: int) -> Any:
+    """The WHERE clause of a stopping attempt's last checkpoint: the job is still this
+    attempt's, running (a warm shutdown, a timeout) or canceled while it ran; not when its
+    lease was lost to another attempt, nor after a sweep's pruner ended it."""
+    return ((Job.id == job_id) & (Job.worker_id == worker_id) & (Job.attempt == attempt)
+            & Job.state.in_((JobState.RUNNING, JobState.CANCELED)))
+
+
+def may_write_stop_checkpoint(session: Session, *, job_id: str, worker_id: str,
+                              attempt: int) -> bool:
+    """Read-only: whether record_stop_checkpoint would be accepted now (checked before the
+    files are written, so a worker whose lease was lost never overwrites another's)."""
+    return session.execute(select(Job.id).where(
+        stop_fence(job_id, worker_id, attempt))).first() is not None
+
+
+def record_stop_checkpoint(
+    session: Session,
+    *,
+    job_id: str,
+    worker_id: str,
+    attempt: int,
+    epoch: int,
+    step: int,
+    metrics: Mapping[str, float],
+    artifacts: Iterable[Artifact],
+    before_commit: Callable[[Session], None] | None = None,
+) -> bool:
+    """The checkpoint a stopping attempt (cancel, warm shutdown) writes of its last finished
+    epoch when its cadence had skipped it, with that epoch's points (the epoch may have ended
+    after the cancel refused its record_epoch); under stop_fence, and the job's row locked by
+    a no-op UPDATE until the commit. False (nothing written) when the fence refuses."""
     result = session.execute(
-        update(Job)
-        .where(owned(job_id, worker_id))
-        .values(progress=progress, heartbeat_at=now, updated_at=now)
+        update(Job).where(stop_fence(job_id, worker_id, attempt))
+        .values(worker_id=Job.worker_id)
         .execution_options(synchronize_session=False)
     )
     if rowcount(result) != 1:
         session.rollback()
         return False
-    metrics_db.add_step(session, job_id=job_id, step=step, epoch=epoch, values=metrics)
-    for artifact in artifacts:
-        artifacts_db.upsert(session, artifact=artifact)
+    metrics_db.put_step(session, job_id=job_id, step=step, epoch=epoch, values=metrics)
+    artifacts_db.put_rows(session, artifacts)
     if before_commit is not None:
         before_commit(session)
     session.commit()

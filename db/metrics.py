@@ -4,24 +4,35 @@ series by GET /v1/jobs/{id}/metrics and as new points by the event stream."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from db.base import upsert_statement, utcnow
 from db.tables import Metric
 
 
-def add_step(session: Session, *, job_id: str, step: int, epoch: int,
+def put_step(session: Session, *, job_id: str, step: int, epoch: int,
              values: Mapping[str, float]) -> None:
-    """Add the step's points; committed with the caller's transaction. A retried call (the
-    commit went through but the reply was lost to a dropped connection) must not trip the
-    unique constraint: the names this step already has are skipped."""
-    have = set(session.scalars(select(Metric.name).where(Metric.job_id == job_id,
-                                                         Metric.step == step)))
-    for name, value in values.items():
-        if name not in have:
-            session.add(Metric(job_id=job_id, name=name, step=step, epoch=epoch,
-                               value=float(value)))
+    """The step's points as one multi-row INSERT (no ORM objects, no flush); committed with
+    the caller's transaction. A point the step already has is overwritten: a retried commit
+    (the reply lost to a dropped connection) writes nothing twice, and a resumed attempt that
+    trains the epoch again records its own values."""
+    if not values:
+        return
+    now = utcnow()
+    rows = [{"job_id": job_id, "name": name, "step": step, "epoch": epoch,
+             "value": float(value), "created_at": now} for name, value in values.items()]
+    # one statement compiled once (executemany: a single INSERT .. VALUES round trip)
+    session.connection().execute(_put_statement(session), rows)
+
+
+def _put_statement(session: Session) -> Any:
+    insert = upsert_statement(session, Metric.__table__)
+    return insert.on_conflict_do_update(
+        index_elements=["job_id", "name", "step"],
+        set_={"epoch": insert.excluded.epoch, "value": insert.excluded.value})
 
 
 def series(session: Session, *, job_id: str, name: str | None = None) -> list[Metric]:

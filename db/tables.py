@@ -15,6 +15,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -42,6 +43,9 @@ class Job(Base):
     __table_args__ = (
         Index("ix_jobs_tenant_created", "tenant", "created_at", "id"),
         Index("ix_jobs_state_enqueued", "state", "enqueued_at"),
+        # a list page with a state filter (migration 0006): the tenant's jobs in that state,
+        # newest first, from the cursor on, without reading its jobs in other states
+        Index("ix_jobs_tenant_state_created", "tenant", "state", "created_at", "id"),
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
@@ -73,7 +77,13 @@ class JobAttempt(Base):
     """One row per claim of a job by a worker: the lease history."""
 
     __tablename__ = "job_attempts"
-    __table_args__ = (UniqueConstraint("job_id", "attempt"),)
+    __table_args__ = (
+        UniqueConstraint("job_id", "attempt"),
+        # the reconciler's close_orphaned reads only the open attempts (migration 0006): a
+        # partial index, as small as the number of running jobs whatever the history
+        Index("ix_job_attempts_open", "started_at",
+              postgresql_where=text("ended_at IS NULL"), sqlite_where=text("ended_at IS NULL")),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
@@ -115,7 +125,12 @@ class Artifact(Base):
     """A file a job produced; the key is built by the server, never from user input."""
 
     __tablename__ = "artifacts"
-    __table_args__ = (UniqueConstraint("job_id", "kind", "name"),)
+    __table_args__ = (
+        UniqueConstraint("job_id", "kind", "name"),
+        # the storage quota's sum per tenant (migration 0006): an index-only scan, not a scan
+        # of every tenant's artifacts
+        Index("ix_artifacts_tenant_size", "tenant", "size"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)

@@ -144,6 +144,10 @@ def stack_env(home: Path, *, database_url: str, broker_url: str, queue: str,
         "CONVOY_QUEUE": queue,
         "CONVOY_BOOTSTRAP_TOKEN": TOKEN,
         "CONVOY_HEARTBEAT_SECONDS": "1",
+        # A checkpoint every epoch, as the tests that look at a job's checkpoints expect; the
+        # default cadence (at most one per CONVOY_CHECKPOINT_MIN_SECONDS) is bench_e2e's, and
+        # tests/reliability/test_worker_faults.py's cadence tests give theirs per job.
+        "CONVOY_CHECKPOINT_MIN_SECONDS": "0",
         "PYTHONUNBUFFERED": "1",
         **extra,
     })

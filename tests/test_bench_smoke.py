@@ -18,7 +18,7 @@ NUMBER = r"[0-9]+(?:\.[0-9]+)?"
 FIGURES = {
     "bench_trainer": [rf"ratio train/bare = {NUMBER}",
                       rf"other core busy: 1 thread +{NUMBER} images/s, 2 threads +{NUMBER}"],
-    "bench_e2e": [rf"1-epoch digits job  e2e {NUMBER} s  bare loop {NUMBER} s",
+    "bench_e2e": [rf"1-epoch digits job +e2e {NUMBER} s  bare loop {NUMBER} s",
                   rf"dataset load +{NUMBER}"],
     "bench_api": [rf"ratio API/bare = {NUMBER}", rf"POST /v1/jobs \(submissions\) +{NUMBER}"],
     "bench_dispatch": [rf"dispatch pg \(Redis\), 2 jobs, created_at -> started_at: p50 {NUMBER}"],
@@ -43,6 +43,9 @@ FIGURES = {
                     rf"api download local +API +{NUMBER} MB/s +bare static +{NUMBER} MB/s +"
                     rf"ratio API/bare = {NUMBER}",
                     rf"api download seaweedfs +API +{NUMBER} MB/s"],
+    "bench_scale": [rf"GET /v1/jobs/\{{id\}} +p50 +{NUMBER} +{NUMBER} +{NUMBER}x",
+                    rf"reconciler pass +p50 +{NUMBER} +{NUMBER} +{NUMBER}x",
+                    r"list page +Limit > .*ix_jobs_tenant_state_created"],
     "bench_scenes": [rf"resnet-small +augment=yes +val_accuracy={NUMBER}",
                      rf"residual - plain \(augment=yes\): [+-]{NUMBER}"],
 }

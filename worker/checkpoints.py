@@ -5,6 +5,8 @@ in the safetensors header."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -14,22 +16,54 @@ from torch import nn
 META_KEY = "convoy"
 
 
+@dataclass
+class Snapshot:
+    """A model's and its optimizer's state at the end of an epoch, copied (clones on the
+    same device), so the next epoch's steps cannot change it: serialised later, off the
+    training thread, by snapshot_bytes."""
+
+    model: dict[str, torch.Tensor]
+    optim_tensors: dict[str, torch.Tensor]
+    optim_meta: dict[str, Any]
+
+
+def _optimizer_parts(optimizer: torch.optim.Optimizer, take: Callable[[torch.Tensor], torch.Tensor]
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    sd = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, values in sd["state"].items():
+        for name, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{idx}.{name}"] = take(value.detach())
+            else:
+                scalars.setdefault(str(idx), {})[name] = value
+    # state_dict() packs param_groups into new dicts: later lr changes do not reach them
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def snapshot(model: nn.Module, optimizer: torch.optim.Optimizer) -> Snapshot:
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return Snapshot(state, *_optimizer_parts(optimizer, torch.Tensor.clone))
+
+
+def _cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.to("cpu").contiguous() for k, v in tensors.items()}
+
+
+def snapshot_bytes(snap: Snapshot, meta: dict[str, Any]) -> tuple[bytes, bytes]:
+    """The model file (its state_dict, `meta` in the header) and the optimizer file."""
+    return (save(_cpu(snap.model), metadata={META_KEY: json.dumps(meta)}),
+            save(_cpu(snap.optim_tensors), metadata={META_KEY: json.dumps(snap.optim_meta)}))
+
+
 def model_bytes(model: nn.Module, meta: dict[str, Any]) -> bytes:
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     return save(state, metadata={META_KEY: json.dumps(meta)})
 
 
 def optimizer_bytes(optimizer: torch.optim.Optimizer) -> bytes:
-    sd = optimizer.state_dict()
-    tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, dict[str, Any]] = {}
-    for idx, state in sd["state"].items():
-        for name, value in state.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"state.{idx}.{name}"] = value.detach().to("cpu").contiguous()
-            else:
-                scalars.setdefault(str(idx), {})[name] = value
-    meta = {"param_groups": sd["param_groups"], "scalars": scalars}
+    tensors, meta = _optimizer_parts(optimizer, lambda t: t.to("cpu").contiguous())
     return save(tensors, metadata={META_KEY: json.dumps(meta)})
 
 

@@ -160,18 +160,27 @@ def batches(x: np.ndarray, indices: np.ndarray | None = None, batch: int = BATCH
 def extract_batches(model: torch.nn.Module, parts: Iterable[np.ndarray], wanted: list[int], *,
                     pool: dict[str, Any] | None, dtype: str, device: torch.device
                     ) -> Iterator[dict[int, dict[str, np.ndarray]]]:
-    """Per input batch, the captured maps per layer index as host numpy arrays: 'maps', and
-    'argmax' for max-pooling layers. Nothing is kept between batches."""
+    """Per input batch, the captured maps per layer index as host numpy arrays in NCHW
+    order: 'maps', and 'argmax' for max-pooling layers. Nothing is kept between batches.
+
+    On CPU the arrays are views of the captured tensors in their own layout (channels-last
+    from a channels-last model), not yet C-contiguous: the copy to NCHW memory that the .npy
+    needs is made by whoever consumes them (a job's NpyStream on its writer thread, beside
+    the next batch's forward; np.concatenate in `extract`). On a GPU the copy is made
+    there, where it is cheapest, before the maps come to the host."""
     out_dtype = torch.float16 if dtype == "float16" else torch.float32
+
+    def host(t: torch.Tensor) -> np.ndarray:
+        return t.numpy() if t.device.type == "cpu" else t.contiguous().cpu().numpy()
+
     with torch.inference_mode():
         for part in parts:
             xb = channels_last(model, torch.from_numpy(part).to(device))
             got: dict[int, dict[str, np.ndarray]] = {}
             for i, cap in capture(model, xb, wanted, pool).items():
-                # back to NCHW on the device, where the copy is cheapest
-                got[i] = {"maps": cap.maps.to(out_dtype).contiguous().cpu().numpy()}
+                got[i] = {"maps": host(cap.maps.to(out_dtype))}
                 if cap.argmax is not None:
-                    got[i]["argmax"] = cap.argmax.int().contiguous().cpu().numpy()
+                    got[i]["argmax"] = host(cap.argmax.int())
             yield got
 
 
@@ -199,12 +208,15 @@ class LayerOut:
         self.maps: NpyStream | None = None
         self.argmax: NpyStream | None = None
         self.stats = ChannelStats()
+        self.stats_s = 0.0  # CPU seconds of the statistics on the writer thread
 
     def observe(self, maps: np.ndarray) -> None:
-        """On the file's writer thread: the rows' statistics (its time summed over threads)."""
-        t = time.perf_counter()
+        """On the file's writer thread: the rows' statistics. Timed by that thread's CPU
+        time (wall time there would count the seconds the thread waits for a core or the
+        GIL while the forward runs); close() adds it to the job's encode_npy_s."""
+        t = time.thread_time()
         self.stats.add(maps)
-        self.run.timings.encode_npy_s += time.perf_counter() - t
+        self.stats_s += time.thread_time() - t
 
     def add(self, got: dict[str, np.ndarray], first: int) -> list[Artifact]:
         """A batch's rows (inputs first.. on); the eager PNG rows it stored."""
@@ -222,7 +234,7 @@ class LayerOut:
             self.argmax.append(got["argmax"])
         rows: list[Artifact] = []
         if self.run.png == "eager" and maps.ndim == 4:
-            pictures = png_images(maps)
+            pictures = png_images(np.ascontiguousarray(maps))
             for k in range(first, first + len(maps)):
                 t = time.perf_counter()
                 blob = next(pictures)
@@ -239,6 +251,7 @@ class LayerOut:
         t = time.perf_counter()
         size, sha = self.maps.close()
         self.run.written.append(self.maps.key)
+        self.run.timings.encode_npy_s += self.stats_s  # the writer thread has finished
         meta = {"index": self.index, "type": row["type"], "shape": list(self.maps.shape),
                 "dtype": str(self.maps.dtype), "bytes": self.maps.nbytes,
                 "stats": self.stats.result(), "unpooled_shape": [self.total, *row["output_shape"]]}

@@ -53,6 +53,9 @@ class NpyStream:
             if isinstance(item, BaseException):
                 raise item
             if isinstance(item, np.ndarray):
+                # rows in any memory layout (e.g. a channels-last view): their C-ordered copy
+                # is made here, off the thread that runs the forward
+                item = np.ascontiguousarray(item)
                 if self.observe is not None:  # e.g. statistics, on this thread
                     self.observe(item)
                 yield item.reshape(-1).view(np.uint8).data
@@ -78,14 +81,14 @@ class NpyStream:
                     raise self._error or RuntimeError(f"{self.key}: writer stopped") from None
 
     def append(self, rows: np.ndarray) -> None:
-        """Rows in the file's dtype and row shape, appended after the previous ones (the
-        array is handed to the writer thread: the caller must not change it afterwards)."""
+        """Rows in the file's dtype and row shape, appended after the previous ones, in any
+        memory layout (the writer thread makes their C-ordered copy). The array is handed to
+        that thread: the caller must not change it afterwards."""
         if rows.dtype != self.dtype or rows.shape[1:] != self.row_shape:
             raise ValueError(f"{self.key}: rows {rows.dtype} {list(rows.shape)} do not fit "
                              f"{self.dtype} {list(self.shape)}")
         if self.rows + len(rows) > self.shape[0]:
             raise ValueError(f"{self.key}: more than {self.shape[0]} rows")
-        rows = np.ascontiguousarray(rows)
         self.rows += len(rows)
         if rows.size:
             self._put(rows)

@@ -10,6 +10,7 @@ import re
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
@@ -17,7 +18,7 @@ from sqlalchemy.orm import Session
 from torch.nn.parallel import DistributedDataParallel
 
 from convoy.artifacts import CorruptArtifact, checkpoint_name, get_store, job_key
-from convoy.jobspec import InitPlan, TrainConfig, TrainJobRequest, TrainJobSource
+from convoy.jobspec import CheckpointEvery, InitPlan, TrainConfig, TrainJobRequest, TrainJobSource
 from convoy.retention import decide
 from convoy.settings import Settings
 from db import artifacts, joblog, jobs, leases
@@ -49,6 +50,16 @@ def row_epoch(row: Artifact) -> int | None:
     return int(found.group(1)) if found else None
 
 
+@dataclass
+class Finished:
+    """An epoch this attempt finished: what its record and its checkpoint are made of."""
+
+    epoch: int
+    step: int
+    metrics: dict[str, float]
+    snapshot: checkpoints.Snapshot
+
+
 class TrainRun:
     """One attempt of a train job, from claim to outcome."""
 
@@ -68,6 +79,16 @@ class TrainRun:
         self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt")
         self.pending: Future[None] | None = None
         self.lease_lost = False
+        self.every = self.request.checkpoint_every or CheckpointEvery(
+            epochs=settings.checkpoint_every_epochs,
+            min_seconds=settings.checkpoint_min_seconds)
+        # the cadence's last checkpoint (epoch, monotonic time), set again when training starts
+        self.ckpt_epoch, self.ckpt_at = 0, time.monotonic()
+        self.written = 0  # the newest epoch whose checkpoint this attempt has (or resumed)
+        self.latest: Finished | None = None  # the last epoch this attempt finished
+        # whether _prune has looked for an earlier attempt's leftover files (a first attempt
+        # has none to look for)
+        self.swept = job.attempt <= 1
         self.started = time.monotonic()
 
     def db(self) -> AbstractContextManager[Session]:
@@ -81,43 +102,51 @@ class TrainRun:
                 {r.name: r for r in rows if r.kind == "optimizer"})
 
     def on_epoch(self, report: EpochReport) -> None:
-        # Snapshot on this thread (tensors copied to CPU now), write on the writer thread:
-        # the next epoch trains while the files go to disk.
+        # Snapshot on this thread (tensors cloned now, so the next epoch's steps cannot change
+        # them), serialise, hash and write on the writer thread while the next epoch trains.
+        # Every epoch records its metrics and progress; a checkpoint only when the cadence
+        # (checkpoint_every) says so, and always at the last epoch.
         model = report.model
         if isinstance(model, DistributedDataParallel):  # the same tensor names as on one device
             model = model.module
-        meta = {
-            "format": 1,
-            "job_id": self.job.id,
-            "epoch": report.epoch,
-            "step": report.step,
-            "model": self.request.model.model_dump(mode="json"),
-            "train": self.cfg.model_dump(mode="json"),
-            "metrics": report.metrics,
-        }
-        model_blob = checkpoints.model_bytes(model, meta)
-        optim_blob = checkpoints.optimizer_bytes(report.optimizer)
+        now = time.monotonic()
+        due = report.epoch >= self.cfg.epochs or (
+            report.epoch - self.ckpt_epoch >= self.every.epochs
+            and now - self.ckpt_at >= self.every.min_seconds)
+        done = Finished(report.epoch, report.step, dict(report.metrics),
+                        checkpoints.snapshot(model, report.optimizer))
         self._wait_pending()
-        self.pending = self.writer.submit(self._persist_epoch, report.epoch, report.step,
-                                          dict(report.metrics), model_blob, optim_blob)
+        self.latest = done  # what a cancel or warm shutdown checkpoints if no one did
+        if due:
+            self.ckpt_epoch, self.ckpt_at = report.epoch, now
+        self.pending = self.writer.submit(self._persist_epoch, done, due)
 
-    def _persist_epoch(self, epoch: int, step: int, metrics: dict[str, float],
-                       model_blob: bytes, optim_blob: bytes) -> None:
-        # Fence: a worker cut off from the database (its lease long expired, the job resumed
-        # elsewhere) must not overwrite the new attempt's files when it comes back.
+    def _holds(self) -> bool:
         def holds() -> bool:
             with self.db() as session:
                 return leases.holds_lease(session, job_id=self.job.id, worker_id=self.worker_id)
 
-        if not retry_db(holds, what=f"job {self.job.id} lease check",
-                        within_s=self.settings.db_retry_seconds):
-            self.lease_lost = True
-            return
-        name = checkpoint_name(epoch)
+        return retry_db(holds, what=f"job {self.job.id} lease check",
+                        within_s=self.settings.db_retry_seconds)
+
+    def _write_files(self, done: Finished) -> list[Artifact]:
+        """The epoch's model and optimizer files (serialised and hashed here, on the writer
+        thread), and their rows, not yet committed."""
+        meta = {
+            "format": 1,
+            "job_id": self.job.id,
+            "epoch": done.epoch,
+            "step": done.step,
+            "model": self.request.model.model_dump(mode="json"),
+            "train": self.cfg.model_dump(mode="json"),
+            "metrics": done.metrics,
+        }
+        model_blob, optim_blob = checkpoints.snapshot_bytes(done.snapshot, meta)
+        name = checkpoint_name(done.epoch)
         rows: list[Artifact] = []
         # the metrics retention ranks by ride in the rows (finite values only: JSON)
-        kept_metrics = {k: float(metrics[k]) for k in RETAINED
-                        if k in metrics and math.isfinite(float(metrics[k]))}
+        kept_metrics = {k: float(done.metrics[k]) for k in RETAINED
+                        if k in done.metrics and math.isfinite(float(done.metrics[k]))}
         try:
             for kind, blob, fname in (("checkpoint", model_blob, name),
                                       ("optimizer", optim_blob,
@@ -126,32 +155,88 @@ class TrainRun:
                 size, sha = self.store.put_bytes(key, blob)
                 rows.append(Artifact(job_id=self.job.id, tenant=self.job.tenant, kind=kind,
                                      name=fname, key=key, size=size, sha256=sha,
-                                     meta={"epoch": epoch, "metrics": kept_metrics}))
+                                     meta={"epoch": done.epoch, "metrics": kept_metrics}))
         except BaseException:
             # No file without its row: the model file written before the optimizer file hit a
             # full store goes too (a row an earlier attempt left for this name then points at
             # nothing, which resume treats as a damaged checkpoint and skips).
-            left = self.store.discard(r.key for r in rows)
-            if left:
-                log.error("job %s: could not remove %s after a failed write", self.job.id, left)
+            self._discard([r.key for r in rows])
             raise
+        return rows
 
+    def _discard(self, keys: list[str]) -> None:
+        left = self.store.discard(keys)
+        if left:
+            log.error("job %s: could not remove %s after a failed write", self.job.id, left)
+
+    def _persist_epoch(self, done: Finished, checkpoint: bool) -> None:
+        rows: list[Artifact] = []
+        if checkpoint:
+            # Fence: a worker cut off from the database (its lease long expired, the job
+            # resumed elsewhere) must not overwrite the new attempt's files when it comes
+            # back. An epoch without files needs no check: record_epoch's UPDATE is the fence.
+            if not self._holds():
+                self.lease_lost = True
+                return
+            rows = self._write_files(done)
         dropped: list[str] = []
 
         def record() -> bool:
             dropped.clear()
             with self.db() as session:
                 return jobs.record_epoch(
-                    session, job_id=self.job.id, worker_id=self.worker_id, epoch=epoch,
-                    step=step, metrics=metrics,
-                    progress=(epoch - self.offset) / self.request.train.epochs,
-                    artifacts=rows, before_commit=lambda s: dropped.extend(self._retain(s)),
+                    session, job_id=self.job.id, worker_id=self.worker_id, epoch=done.epoch,
+                    step=done.step, metrics=done.metrics,
+                    progress=(done.epoch - self.offset) / self.request.train.epochs,
+                    artifacts=rows,
+                    before_commit=(lambda s: dropped.extend(self._retain(s))) if rows else None,
                 )
 
-        if not retry_db(record, what=f"job {self.job.id} epoch {epoch}",
+        if not retry_db(record, what=f"job {self.job.id} epoch {done.epoch}",
                         within_s=self.settings.db_retry_seconds):
             self.lease_lost = True
             return
+        if rows:
+            self.written = done.epoch
+            self._prune(dropped)
+
+    def _stop_checkpoint(self) -> None:
+        """On a cancel, a warm shutdown or a timeout: the checkpoint of the last finished
+        epoch, when the cadence skipped it (or its record came after the cancel), so the
+        work of no finished epoch is lost. Written only while the job is still this
+        attempt's, running or canceled (db.jobs.stop_fence)."""
+        done = self.latest
+        if done is None or done.epoch <= self.written:
+            return
+
+        def may() -> bool:
+            with self.db() as session:
+                return jobs.may_write_stop_checkpoint(
+                    session, job_id=self.job.id, worker_id=self.worker_id,
+                    attempt=self.job.attempt)
+
+        if not retry_db(may, what=f"job {self.job.id} stop check",
+                        within_s=self.settings.db_retry_seconds):
+            return
+        rows = self._write_files(done)
+        dropped: list[str] = []
+
+        def record() -> bool:
+            dropped.clear()
+            with self.db() as session:
+                return jobs.record_stop_checkpoint(
+                    session, job_id=self.job.id, worker_id=self.worker_id,
+                    attempt=self.job.attempt, epoch=done.epoch, step=done.step,
+                    metrics=done.metrics, artifacts=rows,
+                    before_commit=lambda s: dropped.extend(self._retain(s)))
+
+        if not retry_db(record, what=f"job {self.job.id} stop checkpoint",
+                        within_s=self.settings.db_retry_seconds):
+            self._discard([r.key for r in rows])
+            return
+        self.written = done.epoch
+        self._log(f"attempt {self.job.attempt} stopping: wrote {rows[0].name}, the "
+                  f"checkpoint of its last finished epoch ({done.epoch})")
         self._prune(dropped)
 
     def _retain(self, session: Session) -> list[str]:
@@ -161,7 +246,7 @@ class TrainRun:
         policy = self.request.checkpoints
         if policy.keep_last is None:
             return []
-        rows = artifacts.resume_candidates(session, job_id=self.job.id)
+        rows = artifacts.resume_index(session, job_id=self.job.id)
         models = {e: r for r in rows if r.kind == "checkpoint"
                   and (e := row_epoch(r)) is not None}
         scores: dict[int, float | None] = {
@@ -170,7 +255,8 @@ class TrainRun:
         drop = [r for e, r in models.items() if e not in kept.models]
         drop += [r for r in rows if r.kind == "optimizer"
                  and (e := row_epoch(r)) is not None and e not in kept.optimizers]
-        return artifacts.delete_rows(session, drop)
+        artifacts.delete_ids(session, [r.id for r in drop])
+        return [r.key for r in drop]
 
     def _prune(self, dropped: list[str]) -> None:
         """Remove the files the committed decision dropped, and any checkpoint file of the
@@ -179,10 +265,15 @@ class TrainRun:
             return
         if self.settings.checkpoint_prune_delay_seconds:
             time.sleep(self.settings.checkpoint_prune_delay_seconds)
-        with self.db() as session:
-            listed = {r.key for r in artifacts.resume_candidates(session, job_id=self.job.id)}
-        prefix = job_key(self.job.id, "checkpoints") + "/"
-        orphans = [k for k, _ in self.store.list_keys(prefix) if k not in listed]
+        orphans: list[str] = []
+        if not self.swept:
+            # once per attempt: an earlier attempt's leftovers (this attempt removes what
+            # its own decisions drop right after each commit)
+            self.swept = True
+            with self.db() as session:
+                listed = {r.key for r in artifacts.resume_index(session, job_id=self.job.id)}
+            prefix = job_key(self.job.id, "checkpoints") + "/"
+            orphans = [k for k, _ in self.store.list_keys(prefix) if k not in listed]
         left = self.store.discard([*dropped, *orphans])
         if left:
             log.warning("job %s: could not remove dropped checkpoints %s", self.job.id, left)
@@ -259,6 +350,9 @@ class TrainRun:
         # torch.compile returns the module wrapped (an nn.Module); its stubs say Callable
         trained = cast(torch.nn.Module, torch.compile(model)) if req.train.compile else model
         writes = shard is None or shard.rank == 0
+        self.ckpt_epoch = self.written = start_epoch
+        self.ckpt_at = time.monotonic()
+        stopped = False
         try:
             result = train(
                 trained, data, self.cfg, optimizer=optimizer, start_epoch=start_epoch,
@@ -267,11 +361,20 @@ class TrainRun:
                                      or self.lease_lost or SHUTTING_DOWN.is_set()),
                 progress=self.progress, shard=shard,
             )
+        except Stopped:
+            stopped = True
+            raise
         finally:
             try:
                 self._wait_pending()
             finally:
                 self.writer.shutdown()
+            if stopped and writes:
+                try:
+                    self._stop_checkpoint()
+                except Exception:  # noqa: BLE001 - the stop goes on; the older checkpoints stay
+                    log.warning("job %s: no checkpoint of the last finished epoch",
+                                self.job.id, exc_info=True)
         if (lease is not None and lease.should_stop()) or self.lease_lost:
             raise Stopped()
         for key in ("train_loss", "train_accuracy"):
@@ -281,6 +384,7 @@ class TrainRun:
                 result[key] = resumed_metrics[key]
         result["device"] = str(device)
         result["resumed_from_epoch"] = start_epoch
+        result["checkpoint_every"] = self.every.model_dump()
         return result
 
     def _resume(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,

@@ -117,6 +117,16 @@ WRONG = [
     ("unknown top-level field", _with("epochs", 3), ("epochs",)),
     ("unknown dataset name", _with("dataset", {"name": "mnist"}), ("dataset",)),
     ("dataset as string", _with("dataset", "digits"), ("dataset",)),
+    ("zero checkpoint_every.epochs", _with("checkpoint_every", {"epochs": 0}),
+     ("checkpoint_every", "epochs")),
+    ("negative checkpoint_every.min_seconds",
+     _with("checkpoint_every", {"epochs": 1, "min_seconds": -1}),
+     ("checkpoint_every", "min_seconds")),
+    ("string checkpoint_every.min_seconds",
+     _with("checkpoint_every", {"min_seconds": "often"}), ("checkpoint_every", "min_seconds")),
+    ("unknown checkpoint_every field", _with("checkpoint_every", {"steps": 100}),
+     ("checkpoint_every", "steps")),
+    ("checkpoint_every as number", _with("checkpoint_every", 5), ("checkpoint_every",)),
 ]
 
 

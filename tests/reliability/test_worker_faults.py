@@ -7,6 +7,7 @@ import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -190,3 +191,104 @@ def test_warm_shutdown_hands_the_job_back_and_another_worker_resumes_it(faults):
 
     outcomes = [o for _, _, _, _, o in attempts(env_url, job_id)]
     assert outcomes == ["released", "succeeded"]
+
+
+def cadence_job(epochs: int, every: dict[str, float]) -> dict[str, Any]:
+    """slow_job with shorter epochs (a quarter of the images), every checkpoint kept, and a
+    checkpoint cadence of its own."""
+    job = slow_job(epochs)
+    job["dataset"]["samples"] = 2048
+    job["checkpoints"] = {"keep_last": None}
+    job["checkpoint_every"] = every
+    return job
+
+
+def checkpoint_epochs(client, job_id: str) -> list[int]:  # type: ignore[no-untyped-def]
+    return sorted(c["epoch"] for c in client.get(f"/v1/jobs/{job_id}/checkpoints").json())
+
+
+def test_a_job_with_min_seconds_cadence_resumes_after_sigkill_from_its_last_checkpoint(faults):
+    """checkpoint_every {epochs: 2, min_seconds}: the epochs in between record metrics but
+    no checkpoint. SIGKILLed after its first checkpoint and a later epoch, the job resumes
+    from the last checkpoint written before the kill (not its last finished epoch), and its
+    last epoch is checkpointed whatever the cadence."""
+    live_worker(faults)
+    epochs = 9
+    with faults.client() as client:
+        job_id = client.post("/v1/jobs", json=cadence_job(
+            epochs, {"epochs": 2, "min_seconds": 0.5})).json()["id"]
+
+        def past_a_checkpoint() -> bool | None:
+            written = checkpoint_epochs(client, job_id)
+            recorded = metric_epochs(client, job_id).get("val_loss", [])
+            return bool(written and recorded and max(recorded) > written[-1]) or None
+
+        wait_for(past_a_checkpoint, timeout=120, what=f"an epoch after a checkpoint of {job_id}")
+        worker = next(p for p in faults.workers if p.poll() is None)
+        Stack.kill(worker, signal.SIGKILL)
+        written = checkpoint_epochs(client, job_id)
+        recorded = metric_epochs(client, job_id)["val_loss"]
+        assert written and written[0] >= 2, written  # epoch 1 is never due (epochs: 2)
+        assert all(b - a >= 2 for a, b in zip(written, written[1:], strict=False)), written
+        assert set(written) < set(recorded), (written, recorded)
+        last = written[-1]
+
+        faults.start_worker(f"w{len(faults.workers)}")
+        done = wait_job(client, job_id, timeout=120)
+        assert done["state"] == "succeeded", done["error"]
+        assert done["result"]["resumed_from_epoch"] == last
+        assert done["result"]["checkpoint_every"] == {"epochs": 2, "min_seconds": 0.5}
+        logs = [line["message"] for line in client.get(f"/v1/jobs/{job_id}/logs").json()]
+        assert any(f"attempt 2 resumes from epoch-{last:04d}.safetensors (epoch {last})" in m
+                   for m in logs), logs
+        assert checkpoint_epochs(client, job_id)[-1] == epochs
+        for name, seen in metric_epochs(client, job_id).items():
+            assert seen == list(range(1, epochs + 1)), name
+
+
+def test_a_canceled_job_keeps_a_checkpoint_of_its_last_finished_epoch(faults):
+    """A cadence that would checkpoint only the last epoch: canceled after two epochs, the
+    worker writes the checkpoint of the last epoch it finished before it stops."""
+    live_worker(faults)
+    env_url = faults.env["CONVOY_DATABASE_URL"]
+    with faults.client() as client:
+        job_id = client.post("/v1/jobs", json=cadence_job(
+            40, {"epochs": 1000, "min_seconds": 0})).json()["id"]
+        wait_for(lambda: len(metric_epochs(client, job_id).get("val_loss", [])) >= 2 or None,
+                 timeout=120, what=f"two epochs of {job_id}")
+        assert checkpoint_epochs(client, job_id) == []  # the cadence skipped them
+        assert client.post(f"/v1/jobs/{job_id}/cancel").status_code == 200
+        ended = wait_for(lambda: [a for a in attempts(env_url, job_id) if a[3] is not None],
+                         timeout=60, every=0.05, what="the worker to stop")
+        assert ended[0][4] == "canceled"
+        recorded = metric_epochs(client, job_id)["val_loss"]
+        assert checkpoint_epochs(client, job_id) == [max(recorded)], recorded
+        assert client.get(f"/v1/jobs/{job_id}/checkpoints/last").status_code == 200
+        logs = [line["message"] for line in client.get(f"/v1/jobs/{job_id}/logs").json()]
+        assert any(f"stopping: wrote epoch-{max(recorded):04d}.safetensors" in m
+                   for m in logs), logs
+        assert client.get(f"/v1/jobs/{job_id}").json()["state"] == "canceled"
+
+
+def test_warm_shutdown_checkpoints_the_last_finished_epoch_the_cadence_skipped(faults):
+    """SIGTERM under a cadence that would checkpoint only the last epoch: the worker writes
+    the checkpoint of its last finished epoch before it hands the job back, and the next
+    attempt resumes from there."""
+    live_worker(faults)
+    epochs = 8
+    with faults.client() as client:
+        job_id = client.post("/v1/jobs", json=cadence_job(
+            epochs, {"epochs": 1000, "min_seconds": 0})).json()["id"]
+        wait_for(lambda: len(metric_epochs(client, job_id).get("val_loss", [])) >= 2 or None,
+                 timeout=120, what=f"two epochs of {job_id}")
+        worker = next(p for p in faults.workers if p.poll() is None)
+        Stack.kill(worker, signal.SIGTERM)  # waits for the process to exit
+        assert client.get(f"/v1/jobs/{job_id}").json()["state"] == "queued"
+        finished = max(metric_epochs(client, job_id)["val_loss"])
+        assert checkpoint_epochs(client, job_id) == [finished]
+
+        faults.start_worker(f"w{len(faults.workers)}")
+        done = wait_job(client, job_id, timeout=120)
+        assert done["state"] == "succeeded", done["error"]
+        assert done["result"]["resumed_from_epoch"] == finished
+        assert checkpoint_epochs(client, job_id) == [finished, epochs]

@@ -196,11 +196,34 @@ def test_a_streamed_npy_is_the_bytes_np_save_writes_and_an_abort_leaves_nothing(
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["maps.npy"]
 
 
+def test_a_streamed_npy_of_channels_last_views_holds_the_nchw_bytes(tmp_path):
+    """extract_batches hands a job's streams views of channels-last maps on CPU; each
+    stream's writer thread makes the C-ordered (NCHW) copy the .npy holds, and its
+    statistics see the same values."""
+    from convoy.artifacts import LocalStore
+    from convoy.render import channel_stats
+    from worker.npystream import NpyStream
+
+    maps = np.random.default_rng(2).normal(size=(300, 6, 5, 4)).astype(np.float32)
+    cl = torch.from_numpy(maps).contiguous(memory_format=torch.channels_last)
+    assert not cl.numpy().flags.c_contiguous
+    seen = []
+    stream = NpyStream(LocalStore(tmp_path), "a/maps.npy", maps.shape, maps.dtype,
+                       observe=seen.append)
+    for start in range(0, 300, 128):
+        stream.append(cl[start:start + 128].numpy())
+    stream.close()
+    assert (tmp_path / "a" / "maps.npy").read_bytes() == npy_bytes(maps)
+    assert all(block.flags.c_contiguous for block in seen)
+    assert channel_stats(np.concatenate(seen)) == channel_stats(maps)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
 @pytest.mark.parametrize("shape", [(300, 5, 7, 3), (300, 9)])
-def test_statistics_accumulated_by_batch_equal_those_of_all_the_maps(shape):
+def test_statistics_accumulated_by_batch_equal_those_of_all_the_maps(shape, dtype):
     from convoy.render import ChannelStats, channel_stats
 
-    x = np.random.default_rng(1).normal(size=shape).astype(np.float32)
+    x = np.random.default_rng(1).normal(size=shape).astype(dtype)
     x[x < 0] = 0  # a ReLU's zeros
     acc = ChannelStats()
     for start in range(0, 300, 64):

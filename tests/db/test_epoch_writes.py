@@ -1,0 +1,123 @@
+"""db.jobs.record_epoch and record_stop_checkpoint on real databases (PostgreSQL and SQLite):
+one transaction of multi-row upserts, idempotent under a retried commit (issue 22)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from db import jobs
+from db.base import utcnow
+from db.migrate import upgrade
+from db.session import get_engine, session_scope
+from db.tables import Artifact, Job, Metric
+from tests.db.test_transitions import running
+
+
+@pytest.fixture(params=["postgresql", "sqlite"])
+def url(request: pytest.FixtureRequest, db_url: str, tmp_path: Path) -> Iterator[str]:
+    if request.param == "postgresql":
+        yield db_url
+        return
+    sqlite = f"sqlite:///{tmp_path / 'convoy.db'}"
+    upgrade(sqlite)
+    yield sqlite
+    get_engine(sqlite).dispose()
+
+
+def row(job_id: str, kind: str, name: str, sha: str) -> Artifact:
+    return Artifact(job_id=job_id, tenant="t", kind=kind, name=name,
+                    key=f"jobs/{job_id}/checkpoints/{name}", size=10, sha256=sha,
+                    meta={"epoch": 1, "metrics": {"val_loss": 0.6}})
+
+
+def record(url: str, job_id: str, values: dict[str, float], sha: str | None,
+           worker_id: str = "w") -> bool:
+    """Epoch 1's record; with its checkpoint rows unless `sha` is None (on PostgreSQL an
+    epoch without files is a single statement, with files several)."""
+    rows = [] if sha is None else [
+        row(job_id, "checkpoint", "epoch-0001.safetensors", sha),
+        row(job_id, "optimizer", "epoch-0001.optimizer.safetensors", sha)]
+    with session_scope(url) as session:
+        return jobs.record_epoch(
+            session, job_id=job_id, worker_id=worker_id, epoch=1, step=4, metrics=values,
+            progress=0.5, artifacts=rows)
+
+
+def test_a_retried_epoch_write_without_files_stores_each_point_once(url: str):
+    job_id = running(url)
+    for _ in range(2):
+        assert record(url, job_id, {"train_loss": 0.5, "val_loss": 0.6}, None)
+    assert record(url, job_id, {"train_loss": 0.4, "val_loss": 0.6}, None)  # trained again
+    assert not record(url, job_id, {"train_loss": 9.0}, None, worker_id="other")
+    assert stored(url, job_id) == ([("train_loss", 1, 0.4), ("val_loss", 1, 0.6)], [])
+    with session_scope(url) as session:
+        progress = session.scalar(select(Job.progress).where(Job.id == job_id))
+    assert progress == 0.5
+
+
+def stored(url: str, job_id: str) -> tuple[list[tuple[str, int, float]], list[tuple[str, str]]]:
+    with session_scope(url) as session:
+        points = session.execute(select(Metric.name, Metric.epoch, Metric.value)
+                                 .where(Metric.job_id == job_id).order_by(Metric.name)).all()
+        rows = session.execute(select(Artifact.name, Artifact.sha256)
+                               .where(Artifact.job_id == job_id).order_by(Artifact.name)).all()
+    return [tuple(p) for p in points], [tuple(r) for r in rows]
+
+
+def test_a_retried_epoch_write_stores_each_point_and_row_once(url: str):
+    job_id = running(url)
+    values = {"train_loss": 0.5, "val_loss": 0.6}
+    for _ in range(2):  # the reply to the first commit was lost; the worker retries
+        assert record(url, job_id, values, "a" * 64)
+    assert stored(url, job_id) == (
+        [("train_loss", 1, 0.5), ("val_loss", 1, 0.6)],
+        [("epoch-0001.optimizer.safetensors", "a" * 64), ("epoch-0001.safetensors", "a" * 64)])
+
+
+def test_an_epoch_trained_again_replaces_its_points_and_rows(url: str):
+    job_id = running(url)
+    assert record(url, job_id, {"train_loss": 0.5, "val_loss": 0.6}, "a" * 64)
+    assert record(url, job_id, {"train_loss": 0.4, "val_loss": 0.7}, "b" * 64)
+    points, rows = stored(url, job_id)
+    assert points == [("train_loss", 1, 0.4), ("val_loss", 1, 0.7)]
+    assert [sha for _, sha in rows] == ["b" * 64] * 2
+
+
+def test_another_workers_epoch_write_changes_nothing(url: str):
+    job_id = running(url)
+    assert not record(url, job_id, {"val_loss": 0.6}, "a" * 64, worker_id="other")
+    assert stored(url, job_id) == ([], [])
+
+
+def stop_write(url: str, job_id: str, *, attempt: int = 1) -> bool:
+    with session_scope(url) as session:
+        return jobs.record_stop_checkpoint(
+            session, job_id=job_id, worker_id="w", attempt=attempt, epoch=1, step=4,
+            metrics={"val_loss": 0.6},
+            artifacts=[row(job_id, "checkpoint", "epoch-0001.safetensors", "c" * 64)])
+
+
+def test_a_canceled_attempt_may_write_its_stop_checkpoint_a_requeued_one_may_not(url: str):
+    canceled = running(url)
+    with session_scope(url) as session:
+        jobs.cancel_job(session, job_id=canceled, tenant=None)
+        assert jobs.may_write_stop_checkpoint(session, job_id=canceled, worker_id="w",
+                                              attempt=1)
+    assert not stop_write(url, canceled, attempt=2)  # not this attempt's
+    assert stop_write(url, canceled)
+    assert stored(url, canceled) == ([("val_loss", 1, 0.6)],
+                                     [("epoch-0001.safetensors", "c" * 64)])
+
+    lost = running(url)
+    with session_scope(url) as session:
+        assert jobs.requeue_expired(session, lease_seconds=30,
+                                    now=utcnow() + timedelta(seconds=31)) == [lost]
+        assert not jobs.may_write_stop_checkpoint(session, job_id=lost, worker_id="w",
+                                                  attempt=1)
+    assert not stop_write(url, lost)
+    assert stored(url, lost) == ([], [])
