@@ -4,9 +4,12 @@ Numpy only: the API reads the metadata, the worker turns the arrays into tensors
 
 from __future__ import annotations
 
+import gzip
+import importlib.util
 import math
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import numpy as np
@@ -130,13 +133,36 @@ def load_digits() -> Split:
                                       cached.y_val)))
 
 
+def _digits_csv() -> Path | None:
+    """scikit-learn's digits file, found without importing scikit-learn (0.5-1 s of a
+    worker's start-up: bench/RESULTS.md); None when it is not where it has always been."""
+    spec = importlib.util.find_spec("sklearn")
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(root) / "datasets" / "data" / "digits.csv.gz"
+        if path.is_file():
+            return path
+    return None
+
+
+def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """(images (1797, 8, 8) float64 in 0..16, labels int): scikit-learn's load_digits()
+    .images and .target, read as it reads them (np.loadtxt of its gzipped CSV)."""
+    path = _digits_csv()
+    if path is None:
+        from sklearn.datasets import load_digits as sk_digits
+
+        data = sk_digits()
+        return data.images, data.target
+    with gzip.open(path, mode="rt", encoding="utf-8") as f:
+        table = np.loadtxt(f, delimiter=",")
+    return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(int, copy=False)
+
+
 @lru_cache(maxsize=1)
 def _digits_split() -> Split:
-    from sklearn.datasets import load_digits as sk_digits
-
-    data = sk_digits()
-    x = (data.images.astype(np.float32) / 16.0).reshape(-1, 1, 8, 8)
-    y = data.target.astype(np.int64)
+    images, target = digits_arrays()
+    x = (images.astype(np.float32) / 16.0).reshape(-1, 1, 8, 8)
+    y = target.astype(np.int64)
     # fixed forever: seed 0, 20% of each class for validation
     return _stratified_split(x, y, 0.2, seed=0)
 

@@ -63,7 +63,10 @@ class Settings(BaseSettings):
     db_retry_seconds: float = 300.0
     # Longer than any job: Redis redelivers unacked messages after this.
     visibility_timeout_seconds: int = 7 * 24 * 3600
-    broker_polling_interval: float = 0.1
+    # The embedded broker's poll: a message wakes an idle worker on this machine at once
+    # (convoy.brokerwake), so this only bounds the wait when a wake-up is lost (or where no
+    # FIFO can be made); an idle worker costs one poll of its queues per interval.
+    broker_polling_interval: Annotated[float, Field(gt=0)] = 1.0
 
     max_attempts: int = 3
     # A pause between committing a checkpoint retention decision and deleting the files it

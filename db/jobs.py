@@ -9,7 +9,7 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import delete, func, select, text, update
+from sqlalchemy import delete, func, literal, select, text, update
 from sqlalchemy.orm import Session
 
 from db import artifacts as artifacts_db
@@ -129,12 +129,18 @@ class TenantAtLimit(RuntimeError):
     """The job's tenant already runs its limit of jobs: the job stays queued, to be sent again."""
 
 
-def _lock_tenant(session: Session, tenant: str) -> None:
-    """Serialise claims of one tenant's jobs, so two workers cannot both see a free slot.
-    PostgreSQL: a transaction-scoped advisory lock. SQLite: the UPDATE below is one statement
-    under the database's single write lock, which already serialises it."""
-    if session.get_bind().dialect.name == "postgresql":
-        _advisory_lock(session, "convoy-tenant", tenant)
+def _tenant_locked(session: Session, job_id: str) -> str | None:
+    """The job's tenant, its claims serialised until the transaction ends, so two workers
+    cannot both see a free slot; None when there is no such job. PostgreSQL: a
+    transaction-scoped advisory lock, taken by the statement that reads the tenant (one round
+    trip; the claim's UPDATE reads a snapshot taken after it). SQLite: the UPDATE is one
+    statement under the database's single write lock, which already serialises it."""
+    if session.get_bind().dialect.name != "postgresql":
+        return session.scalar(select(Job.tenant).where(Job.id == job_id))
+    namespace = func.hashtext(literal("convoy-tenant"))
+    row = session.execute(select(Job.tenant, func.pg_advisory_xact_lock(
+        namespace, func.hashtext(Job.tenant))).where(Job.id == job_id)).first()
+    return row[0] if row else None
 
 
 def claim_job(session: Session, *, job_id: str, worker_id: str,
@@ -142,19 +148,20 @@ def claim_job(session: Session, *, job_id: str, worker_id: str,
     """queued -> running under this worker's lease; None when someone else has it or it ended.
 
     With `max_running`, the claim succeeds only while the job's tenant has fewer running jobs;
-    otherwise the job stays queued (its enqueued_at renewed) and TenantAtLimit is raised."""
+    otherwise the job stays queued (its enqueued_at renewed) and TenantAtLimit is raised.
+    Four round trips on PostgreSQL: the tenant and its lock, the UPDATE returning the row,
+    the attempt's INSERT, the commit."""
     now = utcnow()
     limit: list[Any] = []
     if max_running is not None:
-        tenant = session.scalar(select(Job.tenant).where(Job.id == job_id))
+        tenant = _tenant_locked(session, job_id)
         if tenant is None:
             session.rollback()
             return None
-        _lock_tenant(session, tenant)
         running = (select(func.count()).select_from(Job)
                    .where(Job.tenant == tenant, Job.state == JobState.RUNNING).scalar_subquery())
         limit = [running < max_running]
-    result = session.execute(
+    job = session.scalars(
         update(Job)
         .where(Job.id == job_id, Job.state == JobState.QUEUED, *limit)
         .values(
@@ -163,10 +170,12 @@ def claim_job(session: Session, *, job_id: str, worker_id: str,
             heartbeat_at=now,
             updated_at=now,
             progress=Job.progress,
+            started_at=func.coalesce(Job.started_at, now),  # an attempt after the first keeps it
         )
-        .execution_options(synchronize_session=False)
-    )
-    if rowcount(result) != 1:
+        .returning(Job),
+        execution_options={"populate_existing": True, "synchronize_session": False},
+    ).one_or_none()
+    if job is None:
         session.rollback()
         if limit and rowcount(session.execute(
             update(Job).where(Job.id == job_id, Job.state == JobState.QUEUED)
@@ -179,10 +188,6 @@ def claim_job(session: Session, *, job_id: str, worker_id: str,
                                 f"{max_running}")
         session.rollback()
         return None
-    job = session.get(Job, job_id, populate_existing=True)
-    assert job is not None
-    if job.started_at is None:
-        job.started_at = now
     session.add(JobAttempt(job_id=job_id, attempt=job.attempt, worker_id=worker_id, started_at=now))
     session.commit()
     return job
@@ -323,15 +328,16 @@ def finish_job(
         values["result"] = result
     if state == JobState.SUCCEEDED:
         values["progress"] = 1.0
-    done = rowcount(session.execute(
+    ended = session.execute(
         update(Job).where(owned(job_id, worker_id)).values(**values)
-        .execution_options(synchronize_session=False)
-    )) == 1
+        .returning(*webhooks.ENDED_COLUMNS).execution_options(synchronize_session=False)
+    ).one_or_none()
+    done = ended is not None
     attempts.end(session, job_id=job_id, worker_id=worker_id,
                  outcome=AttemptOutcome(state) if done else AttemptOutcome.LOST,
                  error=error if done else "the lease was lost before the outcome was recorded")
     if done:  # the webhook outbox row commits with the state change
-        webhooks.job_ended(session, job_id=job_id)
+        webhooks.job_ended(session, job_id=job_id, ended=ended)
     if done and log_line:  # not when the lease was lost: another attempt owns the outcome
         log(session, job_id=job_id, message=log_line)
     session.commit()

@@ -75,13 +75,18 @@ def rotate(session: Session, *, endpoint_id: str, tenant: str) -> WebhookEndpoin
     return endpoint
 
 
-def job_ended(session: Session, *, job_id: str) -> int:
+# what a job's end event says: a transition can return these from its UPDATE (ended=...)
+ENDED_COLUMNS = (Job.id, Job.tenant, Job.kind, Job.name, Job.state, Job.result, Job.error,
+                 Job.attempt, Job.finished_at)
+
+
+def job_ended(session: Session, *, job_id: str, ended: Any = None) -> int:
     """Queue a delivery of the job's end to each of its tenant's enabled endpoints that asked
-    for that event; in the caller's transaction (committed with the state change). Returns
-    how many were queued."""
-    row = session.execute(select(Job.id, Job.tenant, Job.kind, Job.name, Job.state, Job.result,
-                                 Job.error, Job.attempt, Job.finished_at)
-                          .where(Job.id == job_id)).one_or_none()
+    for that event; in the caller's transaction (committed with the state change). `ended`:
+    the job's ENDED_COLUMNS as the caller's UPDATE returned them (saves reading them again).
+    Returns how many were queued."""
+    row = ended if ended is not None else session.execute(
+        select(*ENDED_COLUMNS).where(Job.id == job_id)).one_or_none()
     if row is None:
         return 0
     event = f"job.{row.state}"

@@ -65,8 +65,16 @@ def _after_setup(sender: object = None, instance: Any = None, **_: object) -> No
         queues.select_add(name)
 
 
+def _warm_up(**_: object) -> None:
+    """The warm-up before the worker says ready: its consumer takes no message until then, so
+    the first job costs what the next ones do, and in a fleet a job sent meanwhile goes to a
+    worker already warm instead of waiting here."""
+    warmup.start()
+    warmup.wait()
+
+
 worker_shutting_down.connect(_shutting_down, weak=False)
 celeryd_after_setup.connect(_after_setup, weak=False)
-worker_ready.connect(_ready, weak=False)
 if settings.worker_warm_up:
-    worker_ready.connect(lambda **_: warmup.start(), weak=False)
+    worker_ready.connect(_warm_up, weak=False)  # first: the presence row says idle once warm
+worker_ready.connect(_ready, weak=False)

@@ -1,7 +1,7 @@
-"""One-time costs paid when a worker starts instead of by its first job: importing and
-parsing scikit-learn's digits, and torch's lazy set-up of autograd, oneDNN and the optimizer,
-which made a worker's first 1-epoch digits job far slower than the next one (measured in
-bench/RESULTS.md)."""
+"""One-time costs paid when a worker starts, before it says ready (worker/app.py), instead of
+by its first job: parsing the digits, and torch's lazy set-up of autograd, oneDNN and the
+optimizer (its first optimizer imports torch._dynamo: 1-3 s), which made a worker's first
+1-epoch digits job far slower than the next one (measured in bench/RESULTS.md)."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def _run() -> None:
 
 
 def start() -> None:
-    """Warm up on a background thread while the worker waits for its first message."""
+    """Warm up on a thread; wait() until it is done."""
     _done.clear()
     threading.Thread(target=_run, name="warm-up", daemon=True).start()
 

@@ -13,6 +13,7 @@ from starlette.datastructures import State
 
 from api.schemas import ReadyOut
 from convoy.artifacts import ArtifactStore, StoreUnavailable
+from convoy.queue import warm_producer
 from db.session import ping
 
 router = APIRouter(tags=["health"])
@@ -53,9 +54,11 @@ async def _run_check(fn: Callable[..., object], *args: object, what: str = "") -
 
 async def warm_up(state: State) -> None:
     """Run the readiness checks once at start-up, so the first /readyz finds its engine
-    connected and the broker's transport loaded (a cold first check cost up to a second)."""
+    connected and the broker's transport loaded (a cold first check cost up to a second),
+    and ready the producer the first POST /v1/jobs sends with."""
     await _run_check(_check_database, state.settings.database_url)
     await _run_check(_check_broker, state.celery)
+    await _run_check(warm_producer, state.celery)  # the first submission's enqueue
     await _run_check(_check_store, state.store)
 
 
