@@ -250,7 +250,17 @@ def record_epoch(
     result = conn.execute(
         update(Job).where(owned(job_id, worker_id))
         .values(progress=progress, heartbeat_at=now, updated_at=now))
-    if result.rowcount != 1:
+    return _epoch_rows(session, fenced=result.rowcount == 1, job_id=job_id, step=step,
+                       epoch=epoch, metrics=metrics, artifacts=artifacts,
+                       before_commit=before_commit)
+
+
+def _epoch_rows(session: Session, *, fenced: bool, job_id: str, step: int, epoch: int,
+                metrics: Mapping[str, float], artifacts: Iterable[Artifact],
+                before_commit: Callable[[Session], None] | None) -> bool:
+    """After the fencing UPDATE (`fenced`: it matched the job's row): an epoch's points and
+    artifact rows, the caller's decision, the commit; a rollback and False when not fenced."""
+    if not fenced:
         session.rollback()
         return False
     metrics_db.put_step(session, job_id=job_id, step=step, epoch=epoch, values=metrics)
@@ -298,15 +308,9 @@ def record_stop_checkpoint(
         .values(worker_id=Job.worker_id)
         .execution_options(synchronize_session=False)
     )
-    if rowcount(result) != 1:
-        session.rollback()
-        return False
-    metrics_db.put_step(session, job_id=job_id, step=step, epoch=epoch, values=metrics)
-    artifacts_db.put_rows(session, artifacts)
-    if before_commit is not None:
-        before_commit(session)
-    session.commit()
-    return True
+    return _epoch_rows(session, fenced=rowcount(result) == 1, job_id=job_id, step=step,
+                       epoch=epoch, metrics=metrics, artifacts=artifacts,
+                       before_commit=before_commit)
 
 
 def finish_job(

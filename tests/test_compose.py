@@ -260,7 +260,10 @@ def test_compose_api_and_worker_commands_run_a_digits_job(compose, tmp_path):
             stack.start_worker("compose-worker", cmd=local_command(services["worker"]))
             assert "worker@" in stack.log_text("compose-worker")  # `convoy worker` names itself
             with stack.client() as client:
-                r = client.post("/v1/jobs", json=train_request(2))
+                # every epoch checkpointed (the service's default cadence would write the
+                # last only: a 2-epoch digits job is shorter than its min_seconds)
+                every = {"checkpoint_every": {"epochs": 1, "min_seconds": 0}}
+                r = client.post("/v1/jobs", json={**train_request(2), **every})
                 assert r.status_code == 201, r.text
                 done = wait_job(client, r.json()["id"], timeout=180)
                 assert done["state"] == "succeeded", done["error"]

@@ -8,6 +8,7 @@ import logging
 import math
 import re
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -179,21 +180,13 @@ class TrainRun:
                 self.lease_lost = True
                 return
             rows = self._write_files(done)
-        dropped: list[str] = []
-
-        def record() -> bool:
-            dropped.clear()
-            with self.db() as session:
-                return jobs.record_epoch(
-                    session, job_id=self.job.id, worker_id=self.worker_id, epoch=done.epoch,
-                    step=done.step, metrics=done.metrics,
-                    progress=(done.epoch - self.offset) / self.request.train.epochs,
-                    artifacts=rows,
-                    before_commit=(lambda s: dropped.extend(self._retain(s))) if rows else None,
-                )
-
-        if not retry_db(record, what=f"job {self.job.id} epoch {done.epoch}",
-                        within_s=self.settings.db_retry_seconds):
+        progress = (done.epoch - self.offset) / self.request.train.epochs
+        recorded, dropped = self._record(
+            f"epoch {done.epoch}", lambda session, retain: jobs.record_epoch(
+                session, job_id=self.job.id, worker_id=self.worker_id, epoch=done.epoch,
+                step=done.step, metrics=done.metrics, progress=progress, artifacts=rows,
+                before_commit=retain if rows else None))
+        if not recorded:
             self.lease_lost = True
             return
         if rows:
@@ -219,25 +212,38 @@ class TrainRun:
                         within_s=self.settings.db_retry_seconds):
             return
         rows = self._write_files(done)
-        dropped: list[str] = []
-
-        def record() -> bool:
-            dropped.clear()
-            with self.db() as session:
-                return jobs.record_stop_checkpoint(
-                    session, job_id=self.job.id, worker_id=self.worker_id,
-                    attempt=self.job.attempt, epoch=done.epoch, step=done.step,
-                    metrics=done.metrics, artifacts=rows,
-                    before_commit=lambda s: dropped.extend(self._retain(s)))
-
-        if not retry_db(record, what=f"job {self.job.id} stop checkpoint",
-                        within_s=self.settings.db_retry_seconds):
+        recorded, dropped = self._record(
+            "stop checkpoint", lambda session, retain: jobs.record_stop_checkpoint(
+                session, job_id=self.job.id, worker_id=self.worker_id,
+                attempt=self.job.attempt, epoch=done.epoch, step=done.step,
+                metrics=done.metrics, artifacts=rows, before_commit=retain))
+        if not recorded:
             self._discard([r.key for r in rows])
             return
         self.written = done.epoch
         self._log(f"attempt {self.job.attempt} stopping: wrote {rows[0].name}, the "
                   f"checkpoint of its last finished epoch ({done.epoch})")
         self._prune(dropped)
+
+    def _record(self, what: str,
+                write: Callable[[Session, Callable[[Session], None]], bool]
+                ) -> tuple[bool, list[str]]:
+        """One epoch transaction, retried through a database outage: `write(session, retain)`
+        with `retain` the retention decision to run before its commit. Returns whether it was
+        recorded, and the keys of the files the committed decision dropped."""
+        dropped: list[str] = []
+
+        def retain(session: Session) -> None:
+            dropped.extend(self._retain(session))
+
+        def attempt() -> bool:
+            dropped.clear()
+            with self.db() as session:
+                return write(session, retain)
+
+        recorded = retry_db(attempt, what=f"job {self.job.id} {what}",
+                            within_s=self.settings.db_retry_seconds)
+        return recorded, dropped
 
     def _retain(self, session: Session) -> list[str]:
         """The retention decision, in the epoch's transaction: delete the rows of the

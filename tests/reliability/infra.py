@@ -117,6 +117,13 @@ def make_stack(home: Path, *, database_url: str, broker_url: str,
     return Stack(env=env, home=home)
 
 
+def embedded_stack(home: Path, **settings: Any) -> Stack:
+    """make_stack on the embedded parts: SQLite and kombu's SQLAlchemy broker over SQLite,
+    both files in `home`."""
+    return make_stack(home, database_url=f"sqlite:///{home / 'convoy.db'}",
+                      broker_url=f"sqla+sqlite:///{home / 'broker.db'}", **settings)
+
+
 def slow_job(epochs: int = 4) -> dict[str, Any]:
     """Epochs of about a second or two on one CPU thread: 'the middle of epoch 2' is reachable."""
     return {

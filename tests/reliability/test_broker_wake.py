@@ -13,7 +13,7 @@ import pytest
 from convoy.brokerwake import Listener, fifo_path, wake
 from convoy.queue import enqueue, make_celery
 from convoy.settings import Settings
-from tests.reliability.infra import make_stack, stop_fast, tiny_job
+from tests.reliability.infra import embedded_stack, stop_fast, tiny_job
 from tests.services import Stack, wait_job
 
 
@@ -56,9 +56,7 @@ def test_a_sent_message_wakes_the_listener_once(tmp_path):
 @pytest.fixture
 def embedded(tmp_path: Path) -> Iterator[Stack]:
     # a poll of 0.2 s keeps the lost wake-up's test short; the first test does not need it
-    stack = make_stack(tmp_path, database_url=f"sqlite:///{tmp_path / 'convoy.db'}",
-                       broker_url=f"sqla+sqlite:///{tmp_path / 'broker.db'}",
-                       broker_polling_interval=0.2)
+    stack = embedded_stack(tmp_path, broker_polling_interval=0.2)
     try:
         stack.start_api()
         stack.start_worker()

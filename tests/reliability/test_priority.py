@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.reliability.infra import make_stack, slow_job, stop_fast, tiny_job
+from tests.reliability.infra import embedded_stack, make_stack, slow_job, stop_fast, tiny_job
 from tests.services import REDIS, Stack, create_pg_database, drop_pg_database, wait_job
 
 
@@ -24,9 +24,7 @@ def one_worker(request: pytest.FixtureRequest,
         stack = make_stack(home, database_url=url, broker_url=f"{REDIS}/0")
     else:
         url = ""
-        stack = make_stack(home, database_url=f"sqlite:///{home / 'convoy.db'}",
-                           broker_url=f"sqla+sqlite:///{home / 'broker.db'}",
-                           broker_polling_interval=0.05)
+        stack = embedded_stack(home, broker_polling_interval=0.05)
     try:
         stack.start_api()
         stack.start_worker()
