@@ -15,26 +15,11 @@ from db.leases import holds_lease
 from db.tables import Artifact
 
 
-def upsert(session: Session, *, artifact: Artifact) -> None:
-    """Add the row, or overwrite the job's row of that kind and name (a resumed attempt
-    rewrites an epoch); committed with the caller's transaction."""
-    existing = session.scalars(
-        select(Artifact).where(
-            Artifact.job_id == artifact.job_id,
-            Artifact.kind == artifact.kind,
-            Artifact.name == artifact.name,
-        )
-    ).one_or_none()
-    if existing is None:
-        session.add(artifact)
-    else:
-        existing.key, existing.size, existing.sha256 = artifact.key, artifact.size, artifact.sha256
-        existing.meta = artifact.meta
-
-
 def put_rows(session: Session, rows: Iterable[Artifact]) -> None:
-    """upsert() for many rows in one INSERT .. ON CONFLICT statement (no ORM flush); the
-    Artifact objects only carry the values and are not added to the session."""
+    """Add the rows, or overwrite the job's row of that kind and name (a resumed attempt
+    rewrites an epoch), in one INSERT .. ON CONFLICT statement (no ORM flush); committed with
+    the caller's transaction. The Artifact objects only carry the values and are not added
+    to the session."""
     now = utcnow()
     values = [{"job_id": r.job_id, "tenant": r.tenant, "kind": r.kind, "name": r.name,
                "key": r.key, "size": r.size, "sha256": r.sha256, "meta": r.meta,
@@ -121,16 +106,6 @@ def find_by_prefix(session: Session, *, job_id: str, tenant: str, kind: str, pre
         Artifact.job_id == job_id, Artifact.tenant == tenant, Artifact.kind == kind,
         Artifact.name.startswith(prefix, autoescape=True),
         ~Artifact.name.contains("/", autoescape=True))).first()
-
-def delete_rows(session: Session, rows: Iterable[Artifact]) -> list[str]:
-    """Delete the rows (with the caller's transaction) and return their store keys, which
-    the caller removes only after the commit: a listed file is never missing."""
-    keys: list[str] = []
-    for row in rows:
-        keys.append(row.key)
-        session.delete(row)
-    return keys
-
 
 def delete_ids(session: Session, ids: Iterable[int]) -> None:
     """Delete rows by id in one statement (with the caller's transaction)."""

@@ -84,9 +84,9 @@ def plant(stack: Stack, chunks: Iterable[bytes], *, epoch: int = 1) -> Planted:
     with session_scope(stack.env["CONVOY_DATABASE_URL"]) as session:
         row = session.get(Job, job["id"])
         assert row is not None
-        artifacts.upsert(session, artifact=Artifact(
+        artifacts.put_rows(session, [Artifact(
             job_id=job["id"], tenant=row.tenant, kind="checkpoint",
-            name=name, key=key, size=size, sha256=sha, meta={"epoch": epoch}))
+            name=name, key=key, size=size, sha256=sha, meta={"epoch": epoch})])
         session.commit()
     return Planted(job["id"], name, key, size, sha)
 
@@ -111,9 +111,9 @@ def plant_feature_map(stack: Stack, data: bytes | Iterable[bytes], shape: Sequen
     with session_scope(stack.env["CONVOY_DATABASE_URL"]) as session:
         row = session.get(Job, job_id)
         assert row is not None
-        artifacts.upsert(session, artifact=Artifact(
+        artifacts.put_rows(session, [Artifact(
             job_id=job_id, tenant=row.tenant, kind="feature_map", name="0-conv2d", key=key,
             size=size, sha256=sha, meta={"index": 0, "type": "conv2d", "shape": list(shape),
-                                         "dtype": "float32", "bytes": 4 * math.prod(shape)}))
+                                         "dtype": "float32", "bytes": 4 * math.prod(shape)})])
         session.commit()
     return Planted(job_id, "0-conv2d", key, size, sha)
