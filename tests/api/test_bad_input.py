@@ -127,6 +127,12 @@ WRONG = [
     ("unknown checkpoint_every field", _with("checkpoint_every", {"steps": 100}),
      ("checkpoint_every", "steps")),
     ("checkpoint_every as number", _with("checkpoint_every", 5), ("checkpoint_every",)),
+    ("infinite checkpoint_every.min_seconds",
+     _with("checkpoint_every", {"min_seconds": "Infinity"}), ("checkpoint_every", "min_seconds")),
+    ("checkpoint_every.min_seconds beyond a week",
+     _with("checkpoint_every", {"min_seconds": 1e9}), ("checkpoint_every", "min_seconds")),
+    ("huge checkpoint_every.epochs", _with("checkpoint_every", {"epochs": 10**30}),
+     ("checkpoint_every", "epochs")),
 ]
 
 
