@@ -24,6 +24,7 @@ from api.guards import (
     database_unavailable,
     http_error,
 )
+from api.jobwait import JobWaits
 from api.metrics import HttpMetrics
 from api.openapi import AllowOptions, install
 from api.reconciler import Reconciler
@@ -203,6 +204,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         sweep_driver.start()
         await health.warm_up(app.state)
         yield
+        app.state.job_waits.stop()
         sweep_driver.stop()
         sender.stop()
         reconciler.stop()
@@ -214,6 +216,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.celery = make_celery(settings)
     app.state.store = get_store(settings)
+    app.state.job_waits = JobWaits(settings)  # wakes requests waiting on a job
     on_error(app, RequestValidationError, validation_error)
     on_error(app, HTTPException, http_error)
     on_error(app, DataError, data_error)

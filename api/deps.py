@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Annotated
 
 import anyio
@@ -71,10 +72,11 @@ def _busy() -> HTTPException:
                          headers={"Retry-After": str(DATABASE_RETRY_AFTER_SECONDS)})
 
 
-async def get_session(request: Request, settings: SettingsDep) -> AsyncIterator[Session]:
-    # Making a Session does no I/O; closing one that holds a connection does, so only that
-    # close goes to a thread; a handler that closed its session itself (GET /v1/jobs/{id})
-    # saves the hop.
+@asynccontextmanager
+async def gated_session(request: Request, settings: Settings) -> AsyncIterator[Session]:
+    """A request session under the gate (see above). Making a Session does no I/O; closing
+    one that holds a connection does, so only that close goes to a thread; a handler that
+    closed its session itself (GET /v1/jobs/{id}) saves the hop."""
     gate = db_gate(request.app)
     try:
         with anyio.fail_after(settings.db_pool_timeout_seconds):
@@ -93,6 +95,11 @@ async def get_session(request: Request, settings: SettingsDep) -> AsyncIterator[
                 session.close()
     finally:
         gate.release()
+
+
+async def get_session(request: Request, settings: SettingsDep) -> AsyncIterator[Session]:
+    async with gated_session(request, settings) as session:
+        yield session
 
 
 SessionDep = Annotated[Session, Depends(get_session)]

@@ -128,8 +128,11 @@ class Convoy:
         return Job.from_json(self._post_idempotent("/v1/jobs", json=request,
                                                    idempotency_key=idempotency_key).json())
 
-    def get(self, job_id: str) -> Job:
-        return Job.from_json(self._call("GET", f"/v1/jobs/{job_id}").json())
+    def get(self, job_id: str, *, wait_seconds: float | None = None) -> Job:
+        """The job; with `wait_seconds` (at most 60), a long poll: answered as soon as the job
+        has ended, or after that long with the job as it is then."""
+        params = {"wait_seconds": wait_seconds} if wait_seconds else None
+        return Job.from_json(self._call("GET", f"/v1/jobs/{job_id}", params=params).json())
 
     def jobs(self, *, state: str | None = None, kind: str | None = None,
              limit: int = 50) -> list[Job]:
@@ -185,8 +188,18 @@ class Convoy:
 
     def wait(self, job_id: str, *, on_event: Callable[[Event], None] | None = None,
              timeout: float | None = None) -> Job:
-        """Follow the job's events until it ends; returns the final job."""
+        """Follow the job's events until it ends; returns the final job. Without `on_event`,
+        long polls of the job instead (each answered the moment the job ends)."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        if on_event is None:
+            while True:
+                left = 20.0 if deadline is None else deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"job {job_id} not done after {timeout}s")
+                # under the client's 30 s read timeout
+                job = self.get(job_id, wait_seconds=min(20.0, max(left, 0.01)))
+                if job.state in ("succeeded", "failed", "canceled"):
+                    return job
         for event in self.events(job_id):
             if on_event is not None:
                 on_event(event)

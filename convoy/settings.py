@@ -141,6 +141,10 @@ class Settings(BaseSettings):
     stream_recheck_seconds: Annotated[float, Field(gt=0)] = 2.0
     max_streams_per_tenant: Annotated[int, Field(ge=1)] = 20
     max_streams_total: Annotated[int, Field(ge=1)] = 200
+    # A request waiting on a job (GET /v1/jobs/{id}?wait_seconds=, the event stream) is woken
+    # by PostgreSQL's NOTIFY when the job's state changes (api/jobwait.py); on SQLite it
+    # re-reads the job's row this often instead.
+    wait_poll_seconds: Annotated[float, Field(gt=0)] = 0.05
     # Slow clients (the served uvicorn): a connection must finish sending a request's headers
     # this long after it opened (or after its previous response); idle keep-alive
     # connections close after keep_alive_seconds; past max_connections new connections are

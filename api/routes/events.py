@@ -21,6 +21,7 @@ from starlette.types import Receive, Scope, Send
 
 from api.auth import job_for_token
 from api.deps import SettingsDep, check_token
+from api.jobwait import Subscription
 from convoy.settings import Settings
 from db import attempts as attempts_db
 from db import job_reads
@@ -252,6 +253,13 @@ async def stream_events(
     give_back = stream_slots(request.app).take(principal.tenant)
 
     async def frames() -> AsyncIterator[bytes]:
+        # a state change (PostgreSQL's NOTIFY, api/jobwait.py) ends the wait between two
+        # reads at once: the stream says `succeeded` when the job ends, not up to a poll late
+        with request.app.state.job_waits.subscribe(job_id) as woken:
+            async for frame in watch(woken):
+                yield frame
+
+    async def watch(woken: Subscription) -> AsyncIterator[bytes]:
         quiet = 0.0
         checked = time.monotonic()
         while True:
@@ -288,7 +296,7 @@ async def stream_events(
                 yield b": keepalive\n\n"
             if await request.is_disconnected():
                 return
-            await anyio.sleep(POLL_SECONDS)
+            await woken.wait(POLL_SECONDS)
 
     return SlotStream(frames(), give_back, media_type="text/event-stream",
                       headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

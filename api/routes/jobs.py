@@ -7,6 +7,7 @@ import binascii
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
+import anyio
 from fastapi import APIRouter, Body, HTTPException, Query, Request, Response
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
@@ -20,12 +21,15 @@ from api.deps import (
     SettingsDep,
     StoreDep,
     bearer_secret,
+    gated_session,
     principal_from,
     token_cache,
+    unauthorized,
 )
 from api.downloads import DOWNLOAD_RESPONSES, artifact_download
 from api.idempotency import canonical_json, conflict, idem_for
 from api.init import check_init
+from api.jobwait import JobWaits
 from api.quota import check_storage
 from api.schemas import (
     BINARY,
@@ -53,7 +57,7 @@ from db import artifacts, attempts, job_reads, joblog, metrics
 from db import jobs as jobs_db
 from db.dispatch import devices_of
 from db.idempotency import KeyReused
-from db.states import JobState
+from db.states import TERMINAL_STATES, JobState
 from db.tables import Job
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -94,11 +98,16 @@ def submit_job(
     celery: CeleryDep,
     request: Request,
     response: Response,
-) -> JobOut:
+) -> Response:
+    # The JSON written straight from the schema, as GET /v1/jobs/{id} does: FastAPI would
+    # validate the returned model again, on another trip to the thread pool.
     try:
-        return _submit(body, session, settings, principal, celery, request, response)
+        out = _submit(body, session, settings, principal, celery, request, response)
     finally:
         session.close()  # here, on this thread: no second trip to the pool to close it
+    return Response(out.model_dump_json(exclude_unset=True), status_code=response.status_code
+                    or 201, headers={"Location": response.headers["location"]},
+                    media_type="application/json")
 
 
 def _submit(body: TrainJobRequest | FeatureMapsJobRequest | InvarianceJobRequest
@@ -196,30 +205,60 @@ def list_jobs(
     return JobPage(items=with_reasons(session, settings, rows[:limit]), next_cursor=next_cursor)
 
 
+# GET /v1/jobs/{id}?wait_seconds=: the longest wait a poll may ask for (a proxy in front
+# typically cuts a request off after 60 s).
+MAX_WAIT_SECONDS = 60.0
+
+
 @router.get("/{job_id}", response_model=JobOut, response_model_exclude_unset=True)
-async def get_job(job_id: str, session: SessionDep, request: Request,
-                  settings: SettingsDep) -> Response:
+async def get_job(
+    job_id: str, request: Request, settings: SettingsDep,
+    wait_seconds: Annotated[float, Query(
+        ge=0, le=MAX_WAIT_SECONDS,
+        description="a long poll: answer as soon as the job has ended (succeeded, failed or "
+                    "canceled), or after this many seconds with the job as it is then; 0 (the "
+                    "default) answers at once")] = 0,
+) -> Response:
     # Every poller's hot path (bench/bench_api.py measures it): one trip to the thread pool,
     # one SQL statement (token check joined to the read) and the JSON written straight from
     # the schema; FastAPI would dump the model, validate the dict again and encode it.
     # With PrincipalDep, a second query and a sync handler a poll took four pool trips.
     if token_cache(request.app).known_bad(bearer_secret(request)):
-        principal_from(request, session)  # a token seen to be bad lately: 401, no database
+        raise unauthorized()  # a token seen to be bad lately: 401, no database
+    if not wait_seconds:
+        return Response((await _read_job(request, settings, job_id))[0],
+                        media_type="application/json")
+    # A long poll holds no connection (nor a slot of the session gate) while it waits; it is
+    # subscribed before its first read, so an end committed after that read wakes it.
+    waits: JobWaits = request.app.state.job_waits
+    deadline = anyio.current_time() + wait_seconds
+    with waits.subscribe(job_id) as woken:
+        body, ended = await _read_job(request, settings, job_id)
+        while not ended and (left := deadline - anyio.current_time()) > 0:
+            await woken.wait(min(left, waits.recheck_seconds))
+            body, ended = await _read_job(request, settings, job_id)
+    return Response(body, media_type="application/json")
 
-    def read() -> bytes:
-        try:
-            job = job_for_token(session, job_id, bearer_secret(request))
-            if job is None:
-                principal_from(request, session)  # 401 for a bad token, else the job is not
-                raise HTTPException(404, f"job {job_id[:64]} not found")  # there for it
-            # a queued job says why it waits (two short reads, only while it is queued)
-            out = with_reasons(session, settings, [job])[0] if job.state == JobState.QUEUED \
-                else job_out(job)
-            return out.model_dump_json(exclude_unset=True).encode()
-        finally:
-            session.close()
 
-    return Response(await run_in_threadpool(read), media_type="application/json")
+async def _read_job(request: Request, settings: Settings, job_id: str) -> tuple[bytes, bool]:
+    """(the job as answered, whether it has ended): the token check and the read in one
+    statement, on one thread-pool trip; 401 or 404."""
+    async with gated_session(request, settings) as session:
+        def read() -> tuple[bytes, bool]:
+            try:
+                job = job_for_token(session, job_id, bearer_secret(request))
+                if job is None:
+                    principal_from(request, session)  # 401 for a bad token, else the job is
+                    raise HTTPException(404, f"job {job_id[:64]} not found")  # not there for it
+                # a queued job says why it waits (two short reads, only while it is queued)
+                out = with_reasons(session, settings, [job])[0] \
+                    if job.state == JobState.QUEUED else job_out(job)
+                ended = job.state in TERMINAL_STATES
+                return out.model_dump_json(exclude_unset=True).encode(), ended
+            finally:
+                session.close()
+
+        return await run_in_threadpool(read)
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut, response_model_exclude_unset=True)
