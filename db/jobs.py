@@ -144,13 +144,16 @@ def _tenant_locked(session: Session, job_id: str) -> str | None:
 
 
 def claim_job(session: Session, *, job_id: str, worker_id: str,
-              max_running: int | None = None) -> Job | None:
+              max_running: int | None = None,
+              started: Callable[[Job], tuple[str, str] | None] | None = None) -> Job | None:
     """queued -> running under this worker's lease; None when someone else has it or it ended.
 
     With `max_running`, the claim succeeds only while the job's tenant has fewer running jobs;
     otherwise the job stays queued (its enqueued_at renewed) and TenantAtLimit is raised.
-    Four round trips on PostgreSQL: the tenant and its lock, the UPDATE returning the row,
-    the attempt's INSERT, the commit."""
+    `started(job)`, called with the claimed row, may give the attempt's device and the line
+    that opens the attempt in the job's log: both commit with the claim (it must not raise).
+    Four round trips on PostgreSQL (five with the line): the tenant and its lock, the UPDATE
+    returning the row, the attempt's INSERT, the commit."""
     now = utcnow()
     limit: list[Any] = []
     if max_running is not None:
@@ -188,7 +191,11 @@ def claim_job(session: Session, *, job_id: str, worker_id: str,
                                 f"{max_running}")
         session.rollback()
         return None
-    session.add(JobAttempt(job_id=job_id, attempt=job.attempt, worker_id=worker_id, started_at=now))
+    opened = started(job) if started is not None else None
+    session.add(JobAttempt(job_id=job_id, attempt=job.attempt, worker_id=worker_id, started_at=now,
+                           device=opened[0][:32] if opened else None))
+    if opened:
+        log(session, job_id=job_id, message=opened[1])
     session.commit()
     return job
 
