@@ -355,6 +355,49 @@ def finish_job(
     return done
 
 
+def succeed_with_last_epoch(
+    session: Session,
+    *,
+    job_id: str,
+    worker_id: str,
+    epoch: int,
+    step: int,
+    metrics: Mapping[str, float],
+    artifacts: Iterable[Artifact],
+    result: dict[str, Any],
+    log_line: str | None = None,
+    before_commit: Callable[[Session], None] | None = None,
+) -> bool:
+    """The last epoch's record (its points and checkpoint rows, as record_epoch) and
+    running -> succeeded (as finish_job) in one transaction, by the lease holder only: the
+    job is never seen succeeded without its last checkpoint's rows, and a short job pays one
+    transaction for both. The fence is the first statement, which also holds the job's row
+    until the commit (a cancel waits for it). False, with nothing written, when the job is no
+    longer this worker's (the caller stops as for a lost lease). A retried commit whose first
+    try went through finds the job succeeded and returns False: the caller's stop path then
+    reads that state."""
+    now = utcnow()
+    ended = session.execute(
+        update(Job).where(owned(job_id, worker_id))
+        .values(state=JobState.SUCCEEDED, finished_at=now, updated_at=now, heartbeat_at=now,
+                error=None, result=result, progress=1.0)
+        .returning(*webhooks.ENDED_COLUMNS).execution_options(synchronize_session=False)
+    ).one_or_none()
+    if ended is None:
+        session.rollback()
+        return False
+    metrics_db.put_step(session, job_id=job_id, step=step, epoch=epoch, values=metrics)
+    artifacts_db.put_rows(session, artifacts)
+    if before_commit is not None:
+        before_commit(session)
+    attempts.end(session, job_id=job_id, worker_id=worker_id, outcome=AttemptOutcome.SUCCEEDED)
+    webhooks.job_ended(session, job_id=job_id, ended=ended)
+    if log_line:
+        log(session, job_id=job_id, message=log_line)
+    session.commit()
+    return True
+
+
 def end_attempt(session: Session, *, job_id: str, worker_id: str,
                 outcome: AttemptOutcome) -> None:
     attempts.end(session, job_id=job_id, worker_id=worker_id, outcome=outcome)

@@ -87,6 +87,7 @@ class TrainRun:
         self.ckpt_epoch, self.ckpt_at = 0, time.monotonic()
         self.written = 0  # the newest epoch whose checkpoint this attempt has (or resumed)
         self.latest: Finished | None = None  # the last epoch this attempt finished
+        self.last: Finished | None = None  # the job's last epoch, to record with the outcome
         # whether _prune has looked for an earlier attempt's leftover files (a first attempt
         # has none to look for)
         self.swept = job.attempt <= 1
@@ -114,10 +115,16 @@ class TrainRun:
         due = report.epoch >= self.cfg.epochs or (
             report.epoch - self.ckpt_epoch >= self.every.epochs
             and now - self.ckpt_at >= self.every.min_seconds)
+        # The last epoch of a one-device attempt is written by run() with the outcome, in
+        # one transaction (_succeed): nothing trains after it, so its tensors need no copy.
+        last = report.epoch >= self.cfg.epochs and self.shard is None
         done = Finished(report.epoch, report.step, dict(report.metrics),
-                        checkpoints.snapshot(model, report.optimizer))
+                        checkpoints.snapshot(model, report.optimizer, copy=not last))
         self._wait_pending()
         self.latest = done  # what a cancel or warm shutdown checkpoints if no one did
+        if last:
+            self.last = done
+            return
         if due:
             self.ckpt_epoch, self.ckpt_at = report.epoch, now
         self.pending = self.writer.submit(self._persist_epoch, done, due)
@@ -305,6 +312,10 @@ class TrainRun:
                 f"val_accuracy {result.get('val_accuracy', float('nan')):.4f}"
                 + (f" (resumed from epoch {resumed})" if resumed else ""))
 
+        if self.last is not None:
+            self._succeed(self.last, result, line)
+            return
+
         def finish() -> bool:
             with self.db() as session:
                 return jobs.finish_job(session, job_id=self.job.id, worker_id=self.worker_id,
@@ -312,6 +323,31 @@ class TrainRun:
 
         retry_db(finish, what=f"job {self.job.id} outcome",
                  within_s=self.settings.db_retry_seconds)
+
+    def _succeed(self, done: Finished, result: dict[str, Any], line: str) -> None:
+        """The last epoch's checkpoint, its record and the job's success: the files (after
+        the lease check that fences every checkpoint's files), then one transaction
+        (db.jobs.succeed_with_last_epoch). When the job is no longer this attempt's
+        (canceled, pruned or lost meanwhile), Stopped, after the stop checkpoint a canceled
+        attempt may still write, as when the last epoch's record is refused."""
+        if self._holds():
+            rows = self._write_files(done)
+            recorded, dropped = self._record(
+                "last epoch and outcome", lambda session, retain: jobs.succeed_with_last_epoch(
+                    session, job_id=self.job.id, worker_id=self.worker_id, epoch=done.epoch,
+                    step=done.step, metrics=done.metrics, artifacts=rows, result=result,
+                    log_line=line, before_commit=retain))
+            if recorded:
+                self.written = done.epoch
+                self._prune(dropped)
+                return
+        self.lease_lost = True
+        try:
+            self._stop_checkpoint()
+        except Exception:  # noqa: BLE001 - the stop goes on; the older checkpoints stay
+            log.warning("job %s: no checkpoint of the last finished epoch", self.job.id,
+                        exc_info=True)
+        raise Stopped()
 
     def _run_ranks(self, lease: Lease) -> dict[str, Any]:
         """A multi-device attempt: this process keeps the lease while the ranks train (rank 0
@@ -398,7 +434,13 @@ class TrainRun:
         """Load the newest intact checkpoint: its model and optimizer files must match their
         rows (size and sha256) and parse. A damaged one is skipped, and the job's log says
         which and why; with none intact the attempt starts over from epoch 0 (the model as
-        freshly seeded). Returns (epoch, that epoch's metrics)."""
+        freshly seeded). Returns (epoch, that epoch's metrics).
+
+        A first attempt has nothing to resume from and skips the lookup (a round trip of
+        every short job): every way back to queued (lease expiry, release, a storage retry,
+        a lost rank) raises the attempt, so only this attempt could have written rows."""
+        if self.job.attempt <= 1:
+            return 0, {}
         models, optimizers = self.checkpoint_rows()
         if not models:
             return 0, {}
