@@ -88,7 +88,7 @@ class GeneratedCache:
         with self._lock:
             self._kept.clear()
 
-    def keys(self) -> list[str]:
+    def kept(self) -> list[str]:
         with self._lock:
             return list(self._kept)
 

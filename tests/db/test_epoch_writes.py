@@ -4,6 +4,8 @@ commit (issue 22)."""
 
 from __future__ import annotations
 
+import json
+import uuid
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -13,12 +15,12 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from db import jobs
+from db import jobs, webhooks
 from db.base import utcnow
 from db.migrate import upgrade
 from db.session import get_engine, session_scope
-from db.tables import Artifact, Job, JobAttempt, JobLog, Metric
-from tests.db.test_transitions import running
+from db.tables import Artifact, Job, JobAttempt, JobLog, Metric, WebhookDelivery
+from tests.db.test_transitions import queued, running
 
 
 @pytest.fixture(params=["postgresql", "sqlite"])
@@ -187,3 +189,23 @@ def test_a_failing_statement_leaves_neither_the_rows_nor_the_success(url: str):
             result={"epochs_done": 2}, before_commit=broken)
     assert stored(url, job_id) == ([], [])
     assert outcome(url, job_id)[:2] == ("running", 0.0)
+
+
+def test_the_success_queues_the_tenants_webhooks_with_its_result(url: str):
+    tenant = f"hooked-{uuid.uuid4().hex[:8]}"
+    [job_id] = queued(url, tenant=tenant)
+    with session_scope(url) as session:
+        assert jobs.claim_job(session, job_id=job_id, worker_id="w") is not None
+        webhooks.create(session, tenant=tenant, url="https://example.com/h",
+                        events=["job.succeeded"])
+        webhooks.create(session, tenant=tenant, url="https://example.com/f",
+                        events=["job.failed"])
+        session.commit()
+    assert succeed(url, job_id)
+    with session_scope(url) as session:
+        bodies = list(session.scalars(select(WebhookDelivery.body)
+                                      .where(WebhookDelivery.job_id == job_id)))
+    assert len(bodies) == 1
+    data = json.loads(bodies[0])
+    assert data["type"] == "job.succeeded"
+    assert data["data"]["result"] == {"epochs_done": 2, "val_loss": 0.5}
