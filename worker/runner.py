@@ -4,6 +4,7 @@ task with a job id; also callable directly (tests, benchmarks)."""
 from __future__ import annotations
 
 import logging
+import time
 import traceback
 
 import torch
@@ -101,7 +102,11 @@ def run_job(job_id: str, *, settings: Settings, worker_id: str) -> RunOutcome:
             refused.append(exc)
             return None
 
+    claimed_at = time.monotonic()
+
     def claim() -> Job | None:
+        nonlocal claimed_at
+        claimed_at = time.monotonic()  # before the UPDATE that sets heartbeat_at
         with session_scope(settings.database_url) as session:
             return jobs.claim_job(session, job_id=job_id, worker_id=worker_id,
                                   max_running=settings.max_running_per_tenant, started=started)
@@ -119,7 +124,7 @@ def run_job(job_id: str, *, settings: Settings, worker_id: str) -> RunOutcome:
         if refused:
             raise refused[0]
         if job.kind == "train":
-            TrainRun(settings, job, worker_id).run()
+            TrainRun(settings, job, worker_id, claimed_at=claimed_at).run()
         elif job.kind == "feature_maps":
             run_feature_maps(settings, job, worker_id)
         elif job.kind == "invariance":

@@ -65,9 +65,13 @@ class TrainRun:
     """One attempt of a train job, from claim to outcome."""
 
     def __init__(self, settings: Settings, job: Job, worker_id: str, *,
-                 shard: Shard | None = None) -> None:
+                 shard: Shard | None = None, claimed_at: float = -math.inf) -> None:
         # shard: this is one rank of a multi-device attempt (worker/rank.py), not its parent
         self.settings, self.job, self.worker_id, self.shard = settings, job, worker_id, shard
+        # monotonic time just before the newest write that renewed the lease (the claim,
+        # an epoch's record; the lease thread's heartbeats count too): see _fresh
+        self.renewed_at = claimed_at
+        self.lease: Lease | None = None
         self.store = get_store(settings)
         self.request = TrainJobRequest.model_validate(job.request)
         init = (job.summary or {}).get("init")
@@ -129,6 +133,21 @@ class TrainRun:
             self.ckpt_epoch, self.ckpt_at = report.epoch, now
         self.pending = self.writer.submit(self._persist_epoch, done, due)
 
+    def _fresh(self) -> bool:
+        """Whether this attempt renewed its lease less than half a lease ago (monotonic
+        clock, taken before the renewing write was sent). Then no other attempt can hold
+        the job: only an expired lease lets another worker claim it (every other way back to
+        queued is this worker's own write), so a checkpoint's files need no lease check
+        before they are written. Clocks may disagree by up to half a lease."""
+        heartbeat = self.lease.renewed_at if self.lease is not None else None
+        renewed = max(self.renewed_at, heartbeat if heartbeat is not None else -math.inf)
+        return time.monotonic() - renewed < self.settings.lease_seconds / 2
+
+    def _may_write_files(self) -> bool:
+        """The fence of a checkpoint's files: a renewal fresh enough (_fresh), else a lease
+        check in the database."""
+        return self._fresh() or self._holds()
+
     def _holds(self) -> bool:
         def holds() -> bool:
             with self.db() as session:
@@ -182,12 +201,14 @@ class TrainRun:
         if checkpoint:
             # Fence: a worker cut off from the database (its lease long expired, the job
             # resumed elsewhere) must not overwrite the new attempt's files when it comes
-            # back. An epoch without files needs no check: record_epoch's UPDATE is the fence.
-            if not self._holds():
+            # back (its renewals failed meanwhile, so it checks in the database). An epoch
+            # without files needs no check: record_epoch's UPDATE is the fence.
+            if not self._may_write_files():
                 self.lease_lost = True
                 return
             rows = self._write_files(done)
         progress = (done.epoch - self.offset) / self.request.train.epochs
+        sent = time.monotonic()
         recorded, dropped = self._record(
             f"epoch {done.epoch}", lambda session, retain: jobs.record_epoch(
                 session, job_id=self.job.id, worker_id=self.worker_id, epoch=done.epoch,
@@ -196,6 +217,7 @@ class TrainRun:
         if not recorded:
             self.lease_lost = True
             return
+        self.renewed_at = max(self.renewed_at, sent)  # its UPDATE set heartbeat_at
         if rows:
             self.written = done.epoch
             self._prune(dropped)
@@ -302,6 +324,7 @@ class TrainRun:
         with Lease(db_url=self.settings.database_url, job_id=self.job.id,
                    worker_id=self.worker_id, every_s=self.settings.heartbeat_seconds,
                    progress=self.progress) as lease:
+            self.lease = lease
             devices = self.request.resources.devices
             result = self._train(lease) if devices == 1 else self._run_ranks(lease)
             result["world_size"] = devices
@@ -326,11 +349,11 @@ class TrainRun:
 
     def _succeed(self, done: Finished, result: dict[str, Any], line: str) -> None:
         """The last epoch's checkpoint, its record and the job's success: the files (after
-        the lease check that fences every checkpoint's files), then one transaction
+        the fence of every checkpoint's files, _may_write_files), then one transaction
         (db.jobs.succeed_with_last_epoch). When the job is no longer this attempt's
         (canceled, pruned or lost meanwhile), Stopped, after the stop checkpoint a canceled
         attempt may still write, as when the last epoch's record is refused."""
-        if self._holds():
+        if self._may_write_files():
             rows = self._write_files(done)
             recorded, dropped = self._record(
                 "last epoch and outcome", lambda session, retain: jobs.succeed_with_last_epoch(
