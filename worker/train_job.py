@@ -320,7 +320,8 @@ class TrainRun:
 
     def run(self) -> None:
         # The lease starts before anything slow (a large dataset, a resume, torch.compile),
-        # so none of that can outlast it.
+        # so none of that can outlast it; it is renewed until the outcome is recorded (the
+        # last checkpoint of a large model may take long to upload).
         with Lease(db_url=self.settings.database_url, job_id=self.job.id,
                    worker_id=self.worker_id, every_s=self.settings.heartbeat_seconds,
                    progress=self.progress) as lease:
@@ -328,16 +329,11 @@ class TrainRun:
             devices = self.request.resources.devices
             result = self._train(lease) if devices == 1 else self._run_ranks(lease)
             result["world_size"] = devices
+            if self.last is not None:
+                self._succeed(self.last, result, self._success_line(result))
+                return
 
-        seconds = time.monotonic() - self.started
-        resumed = int(result.get("resumed_from_epoch") or 0)
-        line = (f"succeeded: {result.get('epochs_done')} epochs in {seconds:.1f} s, "
-                f"val_accuracy {result.get('val_accuracy', float('nan')):.4f}"
-                + (f" (resumed from epoch {resumed})" if resumed else ""))
-
-        if self.last is not None:
-            self._succeed(self.last, result, line)
-            return
+        line = self._success_line(result)
 
         def finish() -> bool:
             with self.db() as session:
@@ -346,6 +342,13 @@ class TrainRun:
 
         retry_db(finish, what=f"job {self.job.id} outcome",
                  within_s=self.settings.db_retry_seconds)
+
+    def _success_line(self, result: dict[str, Any]) -> str:
+        seconds = time.monotonic() - self.started
+        resumed = int(result.get("resumed_from_epoch") or 0)
+        return (f"succeeded: {result.get('epochs_done')} epochs in {seconds:.1f} s, "
+                f"val_accuracy {result.get('val_accuracy', float('nan')):.4f}"
+                + (f" (resumed from epoch {resumed})" if resumed else ""))
 
     def _succeed(self, done: Finished, result: dict[str, Any], line: str) -> None:
         """The last epoch's checkpoint, its record and the job's success: the files (after
