@@ -30,17 +30,6 @@ def end(session: Session, *, job_id: str, worker_id: str, outcome: AttemptOutcom
     )
 
 
-def set_device(session: Session, *, job_id: str, worker_id: str, device: str) -> None:
-    """Record the device the worker's open attempt runs on."""
-    session.execute(
-        update(JobAttempt)
-        .where(JobAttempt.job_id == job_id, JobAttempt.worker_id == worker_id,
-               JobAttempt.ended_at.is_(None))
-        .values(device=device[:32])
-        .execution_options(synchronize_session=False)
-    )
-
-
 def lost_count(session: Session) -> int:
     """Attempts that ended because their worker went away (lost, or its lease expired)."""
     return session.scalar(select(func.count()).select_from(JobAttempt).where(

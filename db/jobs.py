@@ -4,6 +4,7 @@ late worker can never move a job backwards or run it twice at once. Nothing else
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -144,13 +145,16 @@ def _tenant_locked(session: Session, job_id: str) -> str | None:
 
 
 def claim_job(session: Session, *, job_id: str, worker_id: str,
-              max_running: int | None = None) -> Job | None:
+              max_running: int | None = None,
+              started: Callable[[Job], tuple[str, str] | None] | None = None) -> Job | None:
     """queued -> running under this worker's lease; None when someone else has it or it ended.
 
     With `max_running`, the claim succeeds only while the job's tenant has fewer running jobs;
     otherwise the job stays queued (its enqueued_at renewed) and TenantAtLimit is raised.
-    Four round trips on PostgreSQL: the tenant and its lock, the UPDATE returning the row,
-    the attempt's INSERT, the commit."""
+    `started(job)`, called with the claimed row, may give the attempt's device and the line
+    that opens the attempt in the job's log: both commit with the claim (it must not raise).
+    Four round trips on PostgreSQL (five with the line): the tenant and its lock, the UPDATE
+    returning the row, the attempt's INSERT, the commit."""
     now = utcnow()
     limit: list[Any] = []
     if max_running is not None:
@@ -188,9 +192,31 @@ def claim_job(session: Session, *, job_id: str, worker_id: str,
                                 f"{max_running}")
         session.rollback()
         return None
-    session.add(JobAttempt(job_id=job_id, attempt=job.attempt, worker_id=worker_id, started_at=now))
+    opened = started(job) if started is not None else None
+    device, line = (opened[0][:32], opened[1]) if opened else (None, None)
+    conn = session.connection()
+    if conn.dialect.name == "postgresql":
+        conn.execute(_OPEN_PG, {"job_id": job_id, "attempt": job.attempt, "worker_id": worker_id,
+                                "now": now, "device": device, "line": line})
+    else:
+        session.add(JobAttempt(job_id=job_id, attempt=job.attempt, worker_id=worker_id,
+                               started_at=now, device=device))
+        if line is not None:
+            log(session, job_id=job_id, message=line)
     session.commit()
     return job
+
+
+# claim_job's attempt row and first log line on PostgreSQL: one statement, not an ORM flush
+# of two INSERTs. Same effect as the session.add calls beside it.
+_OPEN_PG = text("""
+WITH attempt AS (
+    INSERT INTO job_attempts (job_id, attempt, worker_id, started_at, device)
+    VALUES (:job_id, :attempt, :worker_id, :now, :device)
+)
+INSERT INTO job_logs (job_id, at, level, message)
+SELECT :job_id, :now, 'info', CAST(:line AS text) WHERE CAST(:line AS text) IS NOT NULL
+""")
 
 
 # record_epoch on PostgreSQL for an epoch without files: the lease-fenced UPDATE and the
@@ -346,6 +372,112 @@ def finish_job(
         log(session, job_id=job_id, message=log_line)
     session.commit()
     return done
+
+
+# succeed_with_last_epoch on PostgreSQL: the fence (the job's UPDATE) and every row it
+# writes as one statement, each INSERT selecting from the UPDATE's row, so a worker that lost
+# its lease writes nothing; it says whether the tenant has webhook endpoints (then the
+# outbox rows follow in the same transaction). Same effect as the statements below.
+_SUCCEED_PG = text("""
+WITH job AS (
+    UPDATE jobs SET state = :succeeded, finished_at = :now, updated_at = :now,
+        heartbeat_at = :now, error = NULL, result = CAST(:result AS json), progress = 1.0
+    WHERE id = :job_id AND state = :running AND worker_id = :worker_id
+    RETURNING id, tenant
+), points AS (
+    INSERT INTO metrics (job_id, name, step, epoch, value, created_at)
+    SELECT job.id, p.name, :step, :epoch, p.value, :now
+    FROM job, unnest(CAST(:names AS varchar[]), CAST(:values AS double precision[]))
+        AS p(name, value)
+    ON CONFLICT (job_id, name, step) DO UPDATE SET epoch = excluded.epoch,
+        value = excluded.value
+), files AS (
+    INSERT INTO artifacts (job_id, tenant, kind, name, key, size, sha256, meta, created_at)
+    SELECT f.job_id, f.tenant, f.kind, f.name, f.key, f.size, f.sha256, f.meta, :now
+    FROM job, unnest(CAST(:f_jobs AS varchar[]), CAST(:f_tenants AS varchar[]),
+                     CAST(:f_kinds AS varchar[]), CAST(:f_names AS varchar[]),
+                     CAST(:f_keys AS varchar[]), CAST(:f_sizes AS bigint[]),
+                     CAST(:f_shas AS varchar[]), CAST(:f_metas AS json[]))
+        AS f(job_id, tenant, kind, name, key, size, sha256, meta)
+    ON CONFLICT (job_id, kind, name) DO UPDATE SET key = excluded.key,
+        size = excluded.size, sha256 = excluded.sha256, meta = excluded.meta
+), attempt AS (
+    UPDATE job_attempts SET ended_at = :now, outcome = :succeeded, error = NULL
+    WHERE job_id IN (SELECT id FROM job) AND worker_id = :worker_id AND ended_at IS NULL
+), line AS (
+    INSERT INTO job_logs (job_id, at, level, message)
+    SELECT job.id, :now, 'info', :line FROM job WHERE CAST(:line AS text) IS NOT NULL
+)
+SELECT EXISTS (SELECT 1 FROM webhook_endpoints e
+               WHERE e.tenant = job.tenant AND e.disabled_at IS NULL)
+FROM job
+""")
+
+
+def succeed_with_last_epoch(
+    session: Session,
+    *,
+    job_id: str,
+    worker_id: str,
+    epoch: int,
+    step: int,
+    metrics: Mapping[str, float],
+    artifacts: Iterable[Artifact],
+    result: dict[str, Any],
+    log_line: str | None = None,
+    before_commit: Callable[[Session], None] | None = None,
+) -> bool:
+    """The last epoch's record (its points and checkpoint rows, as record_epoch) and
+    running -> succeeded (as finish_job) in one transaction, by the lease holder only: the
+    job is never seen succeeded without its last checkpoint's rows, and a short job pays one
+    transaction for both. The fence is the first statement, which also holds the job's row
+    until the commit (a cancel waits for it). False, with nothing written, when the job is no
+    longer this worker's (the caller stops as for a lost lease). A retried commit whose first
+    try went through finds the job succeeded and returns False: the caller's stop path then
+    reads that state. On PostgreSQL one statement and the commit (_SUCCEED_PG)."""
+    now = utcnow()
+    conn = session.connection()
+    if conn.dialect.name == "postgresql":
+        files = list(artifacts)
+        hooks = conn.execute(_SUCCEED_PG, {
+            "job_id": job_id, "worker_id": worker_id, "now": now,
+            "running": JobState.RUNNING.value, "succeeded": JobState.SUCCEEDED.value,
+            "result": json.dumps(result), "step": step, "epoch": epoch,
+            "names": list(metrics), "values": [float(v) for v in metrics.values()],
+            "f_jobs": [f.job_id for f in files], "f_tenants": [f.tenant for f in files],
+            "f_kinds": [f.kind for f in files], "f_names": [f.name for f in files],
+            "f_keys": [f.key for f in files], "f_sizes": [f.size for f in files],
+            "f_shas": [f.sha256 for f in files],
+            "f_metas": [json.dumps(f.meta) for f in files], "line": log_line,
+        }).scalar_one_or_none()
+        if hooks is None:
+            session.rollback()
+            return False
+        if before_commit is not None:
+            before_commit(session)
+        if hooks:  # the outbox rows, with the state change
+            webhooks.job_ended(session, job_id=job_id)
+        session.commit()
+        return True
+    ended = session.execute(
+        update(Job).where(owned(job_id, worker_id))
+        .values(state=JobState.SUCCEEDED, finished_at=now, updated_at=now, heartbeat_at=now,
+                error=None, result=result, progress=1.0)
+        .returning(*webhooks.ENDED_COLUMNS).execution_options(synchronize_session=False)
+    ).one_or_none()
+    if ended is None:
+        session.rollback()
+        return False
+    metrics_db.put_step(session, job_id=job_id, step=step, epoch=epoch, values=metrics)
+    artifacts_db.put_rows(session, artifacts)
+    if before_commit is not None:
+        before_commit(session)
+    attempts.end(session, job_id=job_id, worker_id=worker_id, outcome=AttemptOutcome.SUCCEEDED)
+    webhooks.job_ended(session, job_id=job_id, ended=ended)
+    if log_line:
+        log(session, job_id=job_id, message=log_line)
+    session.commit()
+    return True
 
 
 def end_attempt(session: Session, *, job_id: str, worker_id: str,

@@ -42,9 +42,17 @@ def _optimizer_parts(optimizer: torch.optim.Optimizer, take: Callable[[torch.Ten
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
-def snapshot(model: nn.Module, optimizer: torch.optim.Optimizer) -> Snapshot:
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    return Snapshot(state, *_optimizer_parts(optimizer, torch.Tensor.clone))
+def snapshot(model: nn.Module, optimizer: torch.optim.Optimizer, *, copy: bool = True
+             ) -> Snapshot:
+    """The state now; `copy=False` only when nothing will step the model or the optimizer
+    before the snapshot is serialised (the job's last epoch)."""
+    take: Callable[[torch.Tensor], torch.Tensor] = torch.Tensor.clone if copy else _same
+    state = {k: take(v.detach()) for k, v in model.state_dict().items()}
+    return Snapshot(state, *_optimizer_parts(optimizer, take))
+
+
+def _same(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
 
 
 def _cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -39,6 +39,8 @@ class Lease:
         self.timeout_s: float | None = None
         self.prior_s = 0.0
         self._limits_read = False
+        # monotonic time just before the newest renewal that held (None: none yet)
+        self.renewed_at: float | None = None
         self._t0 = time.monotonic()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"lease-{job_id}", daemon=True)
@@ -78,6 +80,7 @@ class Lease:
         last_renewal = time.monotonic()
         while not self._stop.wait(tick):
             renew = time.monotonic() - last_renewal >= self.every_s - 1e-3
+            sent = time.monotonic()
             try:
                 with session_scope(self.db_url) as session:
                     if not self._limits_read:
@@ -97,6 +100,8 @@ class Lease:
                 continue
             if renew:
                 last_renewal = time.monotonic()
+                if held:
+                    self.renewed_at = sent
             if not held:
                 self.lost.set()
                 return

@@ -4,13 +4,14 @@ task with a job id; also callable directly (tests, benchmarks)."""
 from __future__ import annotations
 
 import logging
+import time
 import traceback
 
 import torch
 
 from convoy.artifacts import CorruptArtifact, StoreUnavailable
 from convoy.settings import Settings
-from db import attempts, dispatch, job_reads, joblog, jobs
+from db import dispatch, job_reads, joblog, jobs
 from db.session import session_scope
 from db.states import AttemptOutcome, JobState
 from db.tables import Job
@@ -40,16 +41,17 @@ def note(settings: Settings, job_id: str, message: str) -> None:
     retry_db(write, what=f"job {job_id} log", within_s=settings.db_retry_seconds)
 
 
-def started(settings: Settings, job_id: str, worker_id: str, *, device: str,
-            message: str) -> None:
-    """The attempt's device on its row, and the line saying so in the job's log."""
-
-    def write() -> None:
-        with session_scope(settings.database_url) as session:
-            attempts.set_device(session, job_id=job_id, worker_id=worker_id, device=device)
-            joblog.log(session, job_id=job_id, message=message)
-
-    retry_db(write, what=f"job {job_id} start", within_s=settings.db_retry_seconds)
+def opening(settings: Settings, job: Job, worker_id: str) -> tuple[str, str]:
+    """The device a claimed job's attempt runs on, and the line saying so in its log;
+    RuntimeError when this worker cannot run it (no CUDA, too few devices)."""
+    wanted = str((job.request or {}).get("device") or "auto")
+    if (world := dispatch.devices_of(job.request)) > 1 and job.kind == "train":
+        ranks = plan(settings, wanted=wanted, world=world)  # never touches CUDA here
+        return (f"{ranks.device} x{world}",
+                f"attempt {job.attempt} started on worker {worker_id}, {ranks.text()}")
+    device = pick_device(wanted)
+    return (str(device), f"attempt {job.attempt} started on worker {worker_id}, "
+                         f"device {device_text(device)}")
 
 
 def failure_message(exc: BaseException) -> str:
@@ -88,10 +90,26 @@ def run_job(job_id: str, *, settings: Settings, worker_id: str) -> RunOutcome:
     """Claim and run one attempt of a job. Returns what happened, for logs and tests."""
     warmup.wait()
 
+    # The attempt's device and first log line commit with the claim (one transaction fewer
+    # per job); a job this worker cannot run fails right after it, as before.
+    refused: list[Exception] = []
+
+    def started(job: Job) -> tuple[str, str] | None:
+        refused.clear()  # a claim retried through an outage asks again
+        try:
+            return opening(settings, job, worker_id)
+        except Exception as exc:  # noqa: BLE001 - raised below, once the claim is committed
+            refused.append(exc)
+            return None
+
+    claimed_at = time.monotonic()
+
     def claim() -> Job | None:
+        nonlocal claimed_at
+        claimed_at = time.monotonic()  # before the UPDATE that sets heartbeat_at
         with session_scope(settings.database_url) as session:
             return jobs.claim_job(session, job_id=job_id, worker_id=worker_id,
-                                  max_running=settings.max_running_per_tenant)
+                                  max_running=settings.max_running_per_tenant, started=started)
 
     try:
         job = retry_db(claim, what=f"claim of job {job_id}",
@@ -103,20 +121,10 @@ def run_job(job_id: str, *, settings: Settings, worker_id: str) -> RunOutcome:
         log.info("job %s not claimable (duplicate message, canceled or running elsewhere)", job_id)
         return RunOutcome.SKIPPED
     try:
-        wanted = str((job.request or {}).get("device") or "auto")
-        if (world := dispatch.devices_of(job.request)) > 1 and job.kind == "train":
-            ranks = plan(settings, wanted=wanted, world=world)  # never touches CUDA here
-            started(settings, job_id, worker_id,
-                    device=f"{ranks.device} x{world}",
-                    message=f"attempt {job.attempt} started on worker {worker_id}, "
-                            f"{ranks.text()}")
-        else:
-            device = pick_device(wanted)
-            started(settings, job_id, worker_id, device=str(device),
-                    message=f"attempt {job.attempt} started on worker {worker_id}, "
-                            f"device {device_text(device)}")
+        if refused:
+            raise refused[0]
         if job.kind == "train":
-            TrainRun(settings, job, worker_id).run()
+            TrainRun(settings, job, worker_id, claimed_at=claimed_at).run()
         elif job.kind == "feature_maps":
             run_feature_maps(settings, job, worker_id)
         elif job.kind == "invariance":

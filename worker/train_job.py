@@ -65,9 +65,13 @@ class TrainRun:
     """One attempt of a train job, from claim to outcome."""
 
     def __init__(self, settings: Settings, job: Job, worker_id: str, *,
-                 shard: Shard | None = None) -> None:
+                 shard: Shard | None = None, claimed_at: float = -math.inf) -> None:
         # shard: this is one rank of a multi-device attempt (worker/rank.py), not its parent
         self.settings, self.job, self.worker_id, self.shard = settings, job, worker_id, shard
+        # monotonic time just before the newest write that renewed the lease (the claim,
+        # an epoch's record; the lease thread's heartbeats count too): see _fresh
+        self.renewed_at = claimed_at
+        self.lease: Lease | None = None
         self.store = get_store(settings)
         self.request = TrainJobRequest.model_validate(job.request)
         init = (job.summary or {}).get("init")
@@ -87,6 +91,7 @@ class TrainRun:
         self.ckpt_epoch, self.ckpt_at = 0, time.monotonic()
         self.written = 0  # the newest epoch whose checkpoint this attempt has (or resumed)
         self.latest: Finished | None = None  # the last epoch this attempt finished
+        self.last: Finished | None = None  # the job's last epoch, to record with the outcome
         # whether _prune has looked for an earlier attempt's leftover files (a first attempt
         # has none to look for)
         self.swept = job.attempt <= 1
@@ -114,13 +119,34 @@ class TrainRun:
         due = report.epoch >= self.cfg.epochs or (
             report.epoch - self.ckpt_epoch >= self.every.epochs
             and now - self.ckpt_at >= self.every.min_seconds)
+        # The last epoch of a one-device attempt is written by run() with the outcome, in
+        # one transaction (_succeed): nothing trains after it, so its tensors need no copy.
+        last = report.epoch >= self.cfg.epochs and self.shard is None
         done = Finished(report.epoch, report.step, dict(report.metrics),
-                        checkpoints.snapshot(model, report.optimizer))
+                        checkpoints.snapshot(model, report.optimizer, copy=not last))
         self._wait_pending()
         self.latest = done  # what a cancel or warm shutdown checkpoints if no one did
+        if last:
+            self.last = done
+            return
         if due:
             self.ckpt_epoch, self.ckpt_at = report.epoch, now
         self.pending = self.writer.submit(self._persist_epoch, done, due)
+
+    def _fresh(self) -> bool:
+        """Whether this attempt renewed its lease less than half a lease ago (monotonic
+        clock, taken before the renewing write was sent). Then no other attempt can hold
+        the job: only an expired lease lets another worker claim it (every other way back to
+        queued is this worker's own write), so a checkpoint's files need no lease check
+        before they are written. Clocks may disagree by up to half a lease."""
+        heartbeat = self.lease.renewed_at if self.lease is not None else None
+        renewed = max(self.renewed_at, heartbeat if heartbeat is not None else -math.inf)
+        return time.monotonic() - renewed < self.settings.lease_seconds / 2
+
+    def _may_write_files(self) -> bool:
+        """The fence of a checkpoint's files: a renewal fresh enough (_fresh), else a lease
+        check in the database."""
+        return self._fresh() or self._holds()
 
     def _holds(self) -> bool:
         def holds() -> bool:
@@ -175,12 +201,14 @@ class TrainRun:
         if checkpoint:
             # Fence: a worker cut off from the database (its lease long expired, the job
             # resumed elsewhere) must not overwrite the new attempt's files when it comes
-            # back. An epoch without files needs no check: record_epoch's UPDATE is the fence.
-            if not self._holds():
+            # back (its renewals failed meanwhile, so it checks in the database). An epoch
+            # without files needs no check: record_epoch's UPDATE is the fence.
+            if not self._may_write_files():
                 self.lease_lost = True
                 return
             rows = self._write_files(done)
         progress = (done.epoch - self.offset) / self.request.train.epochs
+        sent = time.monotonic()
         recorded, dropped = self._record(
             f"epoch {done.epoch}", lambda session, retain: jobs.record_epoch(
                 session, job_id=self.job.id, worker_id=self.worker_id, epoch=done.epoch,
@@ -189,6 +217,7 @@ class TrainRun:
         if not recorded:
             self.lease_lost = True
             return
+        self.renewed_at = max(self.renewed_at, sent)  # its UPDATE set heartbeat_at
         if rows:
             self.written = done.epoch
             self._prune(dropped)
@@ -291,19 +320,20 @@ class TrainRun:
 
     def run(self) -> None:
         # The lease starts before anything slow (a large dataset, a resume, torch.compile),
-        # so none of that can outlast it.
+        # so none of that can outlast it; it is renewed until the outcome is recorded (the
+        # last checkpoint of a large model may take long to upload).
         with Lease(db_url=self.settings.database_url, job_id=self.job.id,
                    worker_id=self.worker_id, every_s=self.settings.heartbeat_seconds,
                    progress=self.progress) as lease:
+            self.lease = lease
             devices = self.request.resources.devices
             result = self._train(lease) if devices == 1 else self._run_ranks(lease)
             result["world_size"] = devices
+            if self.last is not None:
+                self._succeed(self.last, result, self._success_line(result))
+                return
 
-        seconds = time.monotonic() - self.started
-        resumed = int(result.get("resumed_from_epoch") or 0)
-        line = (f"succeeded: {result.get('epochs_done')} epochs in {seconds:.1f} s, "
-                f"val_accuracy {result.get('val_accuracy', float('nan')):.4f}"
-                + (f" (resumed from epoch {resumed})" if resumed else ""))
+        line = self._success_line(result)
 
         def finish() -> bool:
             with self.db() as session:
@@ -312,6 +342,38 @@ class TrainRun:
 
         retry_db(finish, what=f"job {self.job.id} outcome",
                  within_s=self.settings.db_retry_seconds)
+
+    def _success_line(self, result: dict[str, Any]) -> str:
+        seconds = time.monotonic() - self.started
+        resumed = int(result.get("resumed_from_epoch") or 0)
+        return (f"succeeded: {result.get('epochs_done')} epochs in {seconds:.1f} s, "
+                f"val_accuracy {result.get('val_accuracy', float('nan')):.4f}"
+                + (f" (resumed from epoch {resumed})" if resumed else ""))
+
+    def _succeed(self, done: Finished, result: dict[str, Any], line: str) -> None:
+        """The last epoch's checkpoint, its record and the job's success: the files (after
+        the fence of every checkpoint's files, _may_write_files), then one transaction
+        (db.jobs.succeed_with_last_epoch). When the job is no longer this attempt's
+        (canceled, pruned or lost meanwhile), Stopped, after the stop checkpoint a canceled
+        attempt may still write, as when the last epoch's record is refused."""
+        if self._may_write_files():
+            rows = self._write_files(done)
+            recorded, dropped = self._record(
+                "last epoch and outcome", lambda session, retain: jobs.succeed_with_last_epoch(
+                    session, job_id=self.job.id, worker_id=self.worker_id, epoch=done.epoch,
+                    step=done.step, metrics=done.metrics, artifacts=rows, result=result,
+                    log_line=line, before_commit=retain))
+            if recorded:
+                self.written = done.epoch
+                self._prune(dropped)
+                return
+        self.lease_lost = True
+        try:
+            self._stop_checkpoint()
+        except Exception:  # noqa: BLE001 - the stop goes on; the older checkpoints stay
+            log.warning("job %s: no checkpoint of the last finished epoch", self.job.id,
+                        exc_info=True)
+        raise Stopped()
 
     def _run_ranks(self, lease: Lease) -> dict[str, Any]:
         """A multi-device attempt: this process keeps the lease while the ranks train (rank 0
@@ -398,7 +460,13 @@ class TrainRun:
         """Load the newest intact checkpoint: its model and optimizer files must match their
         rows (size and sha256) and parse. A damaged one is skipped, and the job's log says
         which and why; with none intact the attempt starts over from epoch 0 (the model as
-        freshly seeded). Returns (epoch, that epoch's metrics)."""
+        freshly seeded). Returns (epoch, that epoch's metrics).
+
+        A first attempt has nothing to resume from and skips the lookup (a round trip of
+        every short job): every way back to queued (lease expiry, release, a storage retry,
+        a lost rank) raises the attempt, so only this attempt could have written rows."""
+        if self.job.attempt <= 1:
+            return 0, {}
         models, optimizers = self.checkpoint_rows()
         if not models:
             return 0, {}

@@ -1,21 +1,26 @@
-"""db.jobs.record_epoch and record_stop_checkpoint on real databases (PostgreSQL and SQLite):
-one transaction of multi-row upserts, idempotent under a retried commit (issue 22)."""
+"""db.jobs.record_epoch, record_stop_checkpoint and succeed_with_last_epoch on real databases
+(PostgreSQL and SQLite): one transaction of multi-row upserts, idempotent under a retried
+commit (issue 22)."""
 
 from __future__ import annotations
 
+import json
+import uuid
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
-from db import jobs
+from db import jobs, webhooks
 from db.base import utcnow
 from db.migrate import upgrade
 from db.session import get_engine, session_scope
-from db.tables import Artifact, Job, Metric
-from tests.db.test_transitions import running
+from db.tables import Artifact, Job, JobAttempt, JobLog, Metric, WebhookDelivery
+from tests.db.test_transitions import queued, running
 
 
 @pytest.fixture(params=["postgresql", "sqlite"])
@@ -121,3 +126,86 @@ def test_a_canceled_attempt_may_write_its_stop_checkpoint_a_requeued_one_may_not
                                                   attempt=1)
     assert not stop_write(url, lost)
     assert stored(url, lost) == ([], [])
+
+
+def succeed(url: str, job_id: str, worker_id: str = "w") -> bool:
+    """The last epoch (2) with its checkpoint rows and the job's success, in one transaction."""
+    with session_scope(url) as session:
+        return jobs.succeed_with_last_epoch(
+            session, job_id=job_id, worker_id=worker_id, epoch=2, step=8,
+            metrics={"val_loss": 0.5},
+            artifacts=[row(job_id, "checkpoint", "epoch-0002.safetensors", "d" * 64)],
+            result={"epochs_done": 2, "val_loss": 0.5}, log_line="succeeded: 2 epochs")
+
+
+def outcome(url: str, job_id: str) -> tuple[str, float, Any, list[str | None], list[str]]:
+    with session_scope(url) as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        ends = list(session.scalars(select(JobAttempt.outcome)
+                                    .where(JobAttempt.job_id == job_id)))
+        lines = list(session.scalars(select(JobLog.message).where(JobLog.job_id == job_id)))
+        return job.state, job.progress, job.result, ends, lines
+
+
+def test_the_last_epoch_and_the_success_commit_together(url: str):
+    job_id = running(url)
+    assert succeed(url, job_id)
+    assert stored(url, job_id) == ([("val_loss", 2, 0.5)],
+                                   [("epoch-0002.safetensors", "d" * 64)])
+    assert outcome(url, job_id) == ("succeeded", 1.0, {"epochs_done": 2, "val_loss": 0.5},
+                                    ["succeeded"], ["succeeded: 2 epochs"])
+    # a retried commit (its first reply lost) finds the job no longer running: nothing twice
+    assert not succeed(url, job_id)
+    assert outcome(url, job_id)[3:] == (["succeeded"], ["succeeded: 2 epochs"])
+
+
+def test_the_last_epoch_of_a_worker_that_lost_its_lease_writes_nothing(url: str):
+    canceled = running(url)
+    with session_scope(url) as session:
+        jobs.cancel_job(session, job_id=canceled, tenant=None)
+    assert not succeed(url, canceled)
+    assert stored(url, canceled) == ([], [])
+    assert outcome(url, canceled)[0] == "canceled"
+
+    taken = running(url, worker_id="a")
+    assert not succeed(url, taken, worker_id="b")
+    assert stored(url, taken) == ([], [])
+    assert outcome(url, taken) == ("running", 0.0, None, [None], [])
+
+
+def test_a_failing_statement_leaves_neither_the_rows_nor_the_success(url: str):
+    """Atomic: a retention decision that fails after the rows are written (here, by raising)
+    rolls the success back with them."""
+    job_id = running(url)
+
+    def broken(_session: Session) -> None:
+        raise RuntimeError("retention failed")
+
+    with pytest.raises(RuntimeError), session_scope(url) as session:
+        jobs.succeed_with_last_epoch(
+            session, job_id=job_id, worker_id="w", epoch=2, step=8, metrics={"val_loss": 0.5},
+            artifacts=[row(job_id, "checkpoint", "epoch-0002.safetensors", "d" * 64)],
+            result={"epochs_done": 2}, before_commit=broken)
+    assert stored(url, job_id) == ([], [])
+    assert outcome(url, job_id)[:2] == ("running", 0.0)
+
+
+def test_the_success_queues_the_tenants_webhooks_with_its_result(url: str):
+    tenant = f"hooked-{uuid.uuid4().hex[:8]}"
+    [job_id] = queued(url, tenant=tenant)
+    with session_scope(url) as session:
+        assert jobs.claim_job(session, job_id=job_id, worker_id="w") is not None
+        webhooks.create(session, tenant=tenant, url="https://example.com/h",
+                        events=["job.succeeded"])
+        webhooks.create(session, tenant=tenant, url="https://example.com/f",
+                        events=["job.failed"])
+        session.commit()
+    assert succeed(url, job_id)
+    with session_scope(url) as session:
+        bodies = list(session.scalars(select(WebhookDelivery.body)
+                                      .where(WebhookDelivery.job_id == job_id)))
+    assert len(bodies) == 1
+    data = json.loads(bodies[0])
+    assert data["type"] == "job.succeeded"
+    assert data["data"]["result"] == {"epochs_done": 2, "val_loss": 0.5}

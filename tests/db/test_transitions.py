@@ -13,7 +13,7 @@ from sqlalchemy import func, select
 from db import job_reads, jobs, leases
 from db.base import utcnow
 from db.session import session_scope
-from db.tables import JobAttempt, JobLog, Metric
+from db.tables import Job, JobAttempt, JobLog, Metric
 from tests.factories import train_request
 
 
@@ -62,6 +62,26 @@ def test_claim_runs_a_queued_job_once_and_records_the_attempt(db_url):
         assert jobs.claim_job(session, job_id=job_id, worker_id="b") is None  # a duplicate
         assert jobs.claim_job(session, job_id=job_id, worker_id="a") is None  # even its own
     assert attempts(db_url, job_id) == [(1, "a", None, False)]
+
+
+def test_a_claim_records_the_attempts_device_and_first_line_with_it(db_url):
+    [job_id] = queued(db_url)
+    seen: list[int] = []
+
+    def started(job: Job) -> tuple[str, str]:
+        seen.append(job.attempt)
+        return "cuda:0 (an accelerator with a long name)", f"attempt {job.attempt} started"
+
+    with session_scope(db_url) as session:
+        assert jobs.claim_job(session, job_id=job_id, worker_id="a", max_running=4,
+                              started=started) is not None
+        # a duplicate claim asks nothing and writes nothing
+        assert jobs.claim_job(session, job_id=job_id, worker_id="b", started=started) is None
+        device = session.scalar(select(JobAttempt.device).where(JobAttempt.job_id == job_id))
+        lines = list(session.scalars(select(JobLog.message).where(JobLog.job_id == job_id)))
+    assert seen == [1]
+    assert device == "cuda:0 (an accelerator with a long name)"[:32]
+    assert lines == ["attempt 1 started"]
 
 
 def test_an_unknown_job_cannot_be_claimed(db_url):
