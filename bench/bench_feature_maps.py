@@ -299,7 +299,9 @@ def scale(device: str, smoke: bool, rounds: int = 2) -> None:
           "(-> started_at) and run (-> finished_at), run by the no-PNG job's result.timings; "
           "stats: CPU seconds of the writer threads, beside the forward)")
     rates = {}
-    with service("pg") as stack, stack.client() as client:
+    # no dataset kept between jobs (CONVOY_DATASET_CACHE_BYTES): each job generates its
+    # inputs, as each bare run does
+    with service("pg", CONVOY_DATASET_CACHE_BYTES="0") as stack, stack.client() as client:
         for n in sizes:
             inputs = {"dataset": scale_dataset(n), "indices": {"start": 0, "stop": n}}
             times: dict[str, list[float]] = {"bare": [], "off": [], "lazy": []}
