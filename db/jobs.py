@@ -219,6 +219,22 @@ SELECT :job_id, :now, 'info', CAST(:line AS text) WHERE CAST(:line AS text) IS N
 """)
 
 
+# An epoch's points, upserted on their unique key, selecting from the fencing UPDATE's `job`
+# row (no row, no point): the `points` CTE of _RECORD_PG and _SUCCEED_PG, with _point_params.
+_POINTS_CTE = """
+    INSERT INTO metrics (job_id, name, step, epoch, value, created_at)
+    SELECT job.id, p.name, :step, :epoch, p.value, :now
+    FROM job, unnest(CAST(:names AS varchar[]), CAST(:values AS double precision[]))
+        AS p(name, value)
+    ON CONFLICT (job_id, name, step) DO UPDATE SET epoch = excluded.epoch,
+        value = excluded.value
+"""
+
+
+def _point_params(metrics: Mapping[str, float]) -> dict[str, list[Any]]:
+    return {"names": list(metrics), "values": [float(v) for v in metrics.values()]}
+
+
 # record_epoch on PostgreSQL for an epoch without files: the lease-fenced UPDATE and the
 # points' upsert as one statement (the INSERT selects from the UPDATE's row, so a worker that
 # lost its lease writes no point either). Same effect as the statements below.
@@ -227,14 +243,8 @@ WITH job AS (
     UPDATE jobs SET progress = :progress, heartbeat_at = :now, updated_at = :now
     WHERE id = :job_id AND state = :running AND worker_id = :worker_id
     RETURNING id
-), points AS (
-    INSERT INTO metrics (job_id, name, step, epoch, value, created_at)
-    SELECT job.id, p.name, :step, :epoch, p.value, :now
-    FROM job, unnest(CAST(:names AS varchar[]), CAST(:values AS double precision[]))
-        AS p(name, value)
-    ON CONFLICT (job_id, name, step) DO UPDATE SET epoch = excluded.epoch,
-        value = excluded.value
-)
+), points AS ("""
+    + _POINTS_CTE + """)
 SELECT count(*) FROM job
 """)
 
@@ -265,7 +275,7 @@ def record_epoch(
         recorded = conn.execute(_RECORD_PG, {
             "job_id": job_id, "worker_id": worker_id, "running": JobState.RUNNING.value,
             "progress": progress, "now": now, "step": step, "epoch": epoch,
-            "names": list(metrics), "values": [float(v) for v in metrics.values()],
+            **_point_params(metrics),
         }).scalar_one()
         if recorded != 1:
             session.rollback()
@@ -289,12 +299,21 @@ def _epoch_rows(session: Session, *, fenced: bool, job_id: str, step: int, epoch
     if not fenced:
         session.rollback()
         return False
+    _write_epoch_rows(session, job_id=job_id, step=step, epoch=epoch, metrics=metrics,
+                      artifacts=artifacts, before_commit=before_commit)
+    session.commit()
+    return True
+
+
+def _write_epoch_rows(session: Session, *, job_id: str, step: int, epoch: int,
+                      metrics: Mapping[str, float], artifacts: Iterable[Artifact],
+                      before_commit: Callable[[Session], None] | None) -> None:
+    """An epoch's points and artifact rows, then the caller's decision, in the open
+    transaction (the caller has fenced it and commits)."""
     metrics_db.put_step(session, job_id=job_id, step=step, epoch=epoch, values=metrics)
     artifacts_db.put_rows(session, artifacts)
     if before_commit is not None:
         before_commit(session)
-    session.commit()
-    return True
 
 
 def stop_fence(job_id: str, worker_id: str, attempt: int) -> Any:
@@ -384,14 +403,8 @@ WITH job AS (
         heartbeat_at = :now, error = NULL, result = CAST(:result AS json), progress = 1.0
     WHERE id = :job_id AND state = :running AND worker_id = :worker_id
     RETURNING id, tenant
-), points AS (
-    INSERT INTO metrics (job_id, name, step, epoch, value, created_at)
-    SELECT job.id, p.name, :step, :epoch, p.value, :now
-    FROM job, unnest(CAST(:names AS varchar[]), CAST(:values AS double precision[]))
-        AS p(name, value)
-    ON CONFLICT (job_id, name, step) DO UPDATE SET epoch = excluded.epoch,
-        value = excluded.value
-), files AS (
+), points AS ("""
+    + _POINTS_CTE + """), files AS (
     INSERT INTO artifacts (job_id, tenant, kind, name, key, size, sha256, meta, created_at)
     SELECT f.job_id, f.tenant, f.kind, f.name, f.key, f.size, f.sha256, f.meta, :now
     FROM job, unnest(CAST(:f_jobs AS varchar[]), CAST(:f_tenants AS varchar[]),
@@ -443,7 +456,7 @@ def succeed_with_last_epoch(
             "job_id": job_id, "worker_id": worker_id, "now": now,
             "running": JobState.RUNNING.value, "succeeded": JobState.SUCCEEDED.value,
             "result": json.dumps(result), "step": step, "epoch": epoch,
-            "names": list(metrics), "values": [float(v) for v in metrics.values()],
+            **_point_params(metrics),
             "f_jobs": [f.job_id for f in files], "f_tenants": [f.tenant for f in files],
             "f_kinds": [f.kind for f in files], "f_names": [f.name for f in files],
             "f_keys": [f.key for f in files], "f_sizes": [f.size for f in files],
@@ -468,10 +481,8 @@ def succeed_with_last_epoch(
     if ended is None:
         session.rollback()
         return False
-    metrics_db.put_step(session, job_id=job_id, step=step, epoch=epoch, values=metrics)
-    artifacts_db.put_rows(session, artifacts)
-    if before_commit is not None:
-        before_commit(session)
+    _write_epoch_rows(session, job_id=job_id, step=step, epoch=epoch, metrics=metrics,
+                      artifacts=artifacts, before_commit=before_commit)
     attempts.end(session, job_id=job_id, worker_id=worker_id, outcome=AttemptOutcome.SUCCEEDED)
     webhooks.job_ended(session, job_id=job_id, ended=ended)
     if log_line:
