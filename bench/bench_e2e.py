@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections import defaultdict
-from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -24,7 +22,7 @@ import httpx
 import torch
 
 from bench.bench_trainer import DIGITS_CNN, bare_loop, fresh_model
-from bench.common import machine, median
+from bench.common import Stopwatch, machine, median
 from bench.stacks import service
 from convoy import datasets
 from convoy.jobspec import TrainConfig
@@ -146,33 +144,6 @@ def end_to_end(mode: str, table: list[Row], repeats: int, long_poll: bool = True
         breakdown(mode, stack, table, repeats)
 
 
-class Stopwatch:
-    """Wraps functions on their modules for the duration of a measurement (no behaviour
-    change: each wrapper calls the original and records how long it took)."""
-
-    def __init__(self) -> None:
-        self.spent: dict[str, float] = defaultdict(float)
-        self.undo: list[Callable[[], None]] = []
-
-    def wrap(self, owner: Any, attr: str, label: str) -> None:
-        original = getattr(owner, attr)
-
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            t0 = time.perf_counter()
-            try:
-                return original(*args, **kwargs)
-            finally:
-                self.spent[label] += time.perf_counter() - t0
-
-        setattr(owner, attr, timed)
-        self.undo.append(lambda: setattr(owner, attr, original))
-
-    def restore(self) -> None:
-        for fn in reversed(self.undo):
-            fn()
-        self.undo.clear()
-
-
 def breakdown(mode: str, stack: Any, table: list[Row], repeats: int) -> None:
     """Run jobs in this process through worker.runner.run_job on the stack's database
     and time its parts. The job row is created directly (no enqueue), so the stack's
@@ -237,7 +208,7 @@ def breakdown(mode: str, stack: Any, table: list[Row], repeats: int) -> None:
               f"(mean of parts over {repeats} runs, ms):")
         named = 0.0
         for part, spent in watch.spent.items():
-            per = spent / repeats * 1e3
+            per = sum(spent) / repeats * 1e3
             if not part.startswith("  "):
                 named += per
             print(f"    {part:44s} {per:8.1f}")

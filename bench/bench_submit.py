@@ -10,53 +10,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import inspect
 import json
 import time
 import uuid
-from collections import defaultdict
-from collections.abc import Callable
 from pathlib import Path
 from tempfile import TemporaryDirectory
-from typing import Any
 
 from bench.bench_e2e import job_request
-from bench.common import machine, median
+from bench.common import Stopwatch, machine, median
 from tests.services import REDIS, TOKEN, create_pg_database, drop_pg_database
-
-
-class Stopwatch:
-    """Wraps functions (sync or async) where they are looked up, recording their time."""
-
-    def __init__(self) -> None:
-        self.spent: dict[str, list[float]] = defaultdict(list)
-        self.undo: list[Callable[[], None]] = []
-
-    def wrap(self, owner: Any, attr: str, label: str) -> None:
-        original = getattr(owner, attr)
-        spent = self.spent[label]
-        if inspect.iscoroutinefunction(original):
-            async def timed_async(*args: Any, **kwargs: Any) -> Any:
-                t0 = time.perf_counter()
-                try:
-                    return await original(*args, **kwargs)
-                finally:
-                    spent.append(time.perf_counter() - t0)
-            setattr(owner, attr, timed_async)
-        else:
-            def timed(*args: Any, **kwargs: Any) -> Any:
-                t0 = time.perf_counter()
-                try:
-                    return original(*args, **kwargs)
-                finally:
-                    spent.append(time.perf_counter() - t0)
-            setattr(owner, attr, timed)
-        self.undo.append(lambda: setattr(owner, attr, original))
-
-    def restore(self) -> None:
-        for fn in reversed(self.undo):
-            fn()
-        self.undo.clear()
 
 
 def report(title: str, totals: list[float], watch: Stopwatch) -> None:

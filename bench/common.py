@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import multiprocessing as mp
 import os
 import platform
 import statistics
-from collections.abc import Iterator, Sequence
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -83,3 +86,39 @@ def model_bench_args(doc: str | None, *, rounds: int, smoke: str,
     args.device = torch.device(pick_device(args.device))
     print(machine(), f"device={args.device}")
     return args
+
+
+class Stopwatch:
+    """Wraps functions (sync or async) where they are looked up, for the duration of a
+    measurement, recording each call's time (no behaviour change: each wrapper calls the
+    original)."""
+
+    def __init__(self) -> None:
+        self.spent: dict[str, list[float]] = defaultdict(list)
+        self.undo: list[Callable[[], None]] = []
+
+    def wrap(self, owner: Any, attr: str, label: str) -> None:
+        original = getattr(owner, attr)
+        spent = self.spent[label]
+        if inspect.iscoroutinefunction(original):
+            async def timed_async(*args: Any, **kwargs: Any) -> Any:
+                t0 = time.perf_counter()
+                try:
+                    return await original(*args, **kwargs)
+                finally:
+                    spent.append(time.perf_counter() - t0)
+            setattr(owner, attr, timed_async)
+        else:
+            def timed(*args: Any, **kwargs: Any) -> Any:
+                t0 = time.perf_counter()
+                try:
+                    return original(*args, **kwargs)
+                finally:
+                    spent.append(time.perf_counter() - t0)
+            setattr(owner, attr, timed)
+        self.undo.append(lambda: setattr(owner, attr, original))
+
+    def restore(self) -> None:
+        for fn in reversed(self.undo):
+            fn()
+        self.undo.clear()
