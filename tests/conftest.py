@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from db.migrate import upgrade
+from db.session import get_engine
 from tests.s3server import WeedServer
 from tests.services import (
     REDIS,
@@ -22,6 +24,17 @@ from tests.services import (
 def pg_url() -> Iterator[str]:
     url = create_pg_database()
     yield url
+    drop_pg_database(url)
+
+
+@pytest.fixture(scope="module")
+def migrated_url() -> Iterator[str]:
+    """A migrated PostgreSQL database of the module's own, without the service's processes
+    (the session's `pg_url` is the stack's, whose reconciler acts on every job in it)."""
+    url = create_pg_database()
+    upgrade(url)
+    yield url
+    get_engine(url).dispose()
     drop_pg_database(url)
 
 

@@ -11,19 +11,8 @@ from collections.abc import Iterator
 import pytest
 from sqlalchemy import update
 
-from db.migrate import upgrade
-from db.session import get_engine, session_scope
+from db.session import session_scope
 from db.tables import Job
-from tests.services import create_pg_database, drop_pg_database
-
-
-@pytest.fixture(scope="module")
-def migrated_url() -> Iterator[str]:
-    url = create_pg_database()
-    upgrade(url)
-    yield url
-    get_engine(url).dispose()
-    drop_pg_database(url)
 
 
 @pytest.fixture

@@ -7,59 +7,47 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from datetime import datetime
 
 import psycopg
-import pytest
 from sqlalchemy import event
 
 from db import jobs
 from db.base import utcnow
-from db.migrate import upgrade
 from db.session import get_engine, session_scope
 from tests.factories import train_request
 from tests.reliability.infra import sync_url
-from tests.services import create_pg_database, drop_pg_database
 from worker.control import Progress
 from worker.lease import Lease
 
 EVERY_S = 5.0  # the default CONVOY_HEARTBEAT_SECONDS
 
 
-@pytest.fixture(scope="module")
-def db_url() -> Iterator[str]:
-    url = create_pg_database()
-    upgrade(url)
-    yield url
-    drop_pg_database(url)
-
-
-def claimed_job(db_url: str, worker_id: str = "w") -> str:
-    with session_scope(db_url) as session:
+def claimed_job(migrated_url: str, worker_id: str = "w") -> str:
+    with session_scope(migrated_url) as session:
         job = jobs.create_job(session, tenant="t", kind="train", name="lease",
                               request=train_request(1), summary=None, max_attempts=3)
-    with session_scope(db_url) as session:
+    with session_scope(migrated_url) as session:
         assert jobs.claim_job(session, job_id=job.id, worker_id=worker_id) is not None
     return job.id
 
 
-def row(db_url: str, job_id: str) -> tuple[int, datetime, float, str]:
+def row(migrated_url: str, job_id: str) -> tuple[int, datetime, float, str]:
     """(xmin, heartbeat_at, progress, state): xmin changes with every write to the row."""
-    with psycopg.connect(sync_url(db_url)) as conn:
+    with psycopg.connect(sync_url(migrated_url)) as conn:
         found = conn.execute("SELECT xmin::text::bigint, heartbeat_at, progress, state "
                              "FROM jobs WHERE id = %s", (job_id,)).fetchone()
     assert found is not None
     return found
 
 
-def test_cancel_is_noticed_within_two_seconds_with_a_5s_heartbeat(db_url):
-    job_id = claimed_job(db_url)
-    with Lease(db_url=db_url, job_id=job_id, worker_id="w", every_s=EVERY_S,
+def test_cancel_is_noticed_within_two_seconds_with_a_5s_heartbeat(migrated_url):
+    job_id = claimed_job(migrated_url)
+    with Lease(db_url=migrated_url, job_id=job_id, worker_id="w", every_s=EVERY_S,
                progress=Progress()) as lease:
         time.sleep(1.5)  # between two of the per-second looks, well before the 5 s renewal
         assert not lease.should_stop()
-        with session_scope(db_url) as session:
+        with session_scope(migrated_url) as session:
             jobs.cancel_job(session, job_id=job_id, tenant="t")
         canceled = time.monotonic()
         while not lease.should_stop() and time.monotonic() - canceled < 6:
@@ -67,12 +55,12 @@ def test_cancel_is_noticed_within_two_seconds_with_a_5s_heartbeat(db_url):
         seen_after = time.monotonic() - canceled
         assert lease.should_stop(), "the cancel was never noticed"
         assert seen_after < 2.0, f"cancel noticed only after {seen_after:.2f}s"
-    assert row(db_url, job_id)[3] == "canceled"
+    assert row(migrated_url, job_id)[3] == "canceled"
 
 
-def test_renewal_comes_every_5s_and_the_looks_in_between_write_nothing(db_url):
-    job_id = claimed_job(db_url)
-    xmin0, beat0, progress0, _ = row(db_url, job_id)
+def test_renewal_comes_every_5s_and_the_looks_in_between_write_nothing(migrated_url):
+    job_id = claimed_job(migrated_url)
+    xmin0, beat0, progress0, _ = row(migrated_url, job_id)
     assert progress0 == 0.0
 
     # Every statement the lease thread sends, with its time since the lease started.
@@ -86,17 +74,17 @@ def test_renewal_comes_every_5s_and_the_looks_in_between_write_nothing(db_url):
             sent.append((time.monotonic() - start[0],
                          f"{verb} {words[1]}" if verb == "UPDATE" else verb))
 
-    engine = get_engine(db_url)
+    engine = get_engine(migrated_url)
     event.listen(engine, "before_cursor_execute", record)
     samples: list[tuple[float, int, datetime, float]] = []
     try:
         progress = Progress(value=0.375)
         started_utc = utcnow()
         start[0] = time.monotonic()
-        with Lease(db_url=db_url, job_id=job_id, worker_id="w", every_s=EVERY_S,
+        with Lease(db_url=migrated_url, job_id=job_id, worker_id="w", every_s=EVERY_S,
                    progress=progress) as lease:
             while time.monotonic() - start[0] < EVERY_S + 1.5:
-                xmin, beat, value, _ = row(db_url, job_id)
+                xmin, beat, value, _ = row(migrated_url, job_id)
                 samples.append((time.monotonic() - start[0], xmin, beat, value))
                 time.sleep(0.1)
             assert not lease.should_stop()

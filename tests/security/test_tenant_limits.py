@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 
 from api.auth import create_token
-from db.migrate import upgrade
-from db.session import get_engine, session_scope
+from db.session import session_scope
 from db.tokens import LastAdmin
 from db.tokens import revoke as revoke_token
 from tests.factories import digits_cnn, train_request
@@ -49,17 +48,8 @@ def test_queued_limit_is_429_with_retry_after(bare_api: Stack) -> None:
         assert ca.post("/v1/jobs", json=train_request(1)).status_code == 201
 
 
-@pytest.fixture(scope="module")
-def db_url() -> Iterator[str]:
-    url = create_pg_database()
-    upgrade(url)
-    yield url
-    get_engine(url).dispose()
-    drop_pg_database(url)
-
-
-def test_last_admin_token_cannot_be_revoked(db_url: str) -> None:
-    with session_scope(db_url) as s:
+def test_last_admin_token_cannot_be_revoked(migrated_url: str) -> None:
+    with session_scope(migrated_url) as s:
         first, _ = create_token(s, tenant="ops", is_admin=True)
         user, _ = create_token(s, tenant="ops")
         assert revoke_token(s, token_id=user.id) is not None  # users: always
