@@ -41,6 +41,7 @@ from worker.control import Progress, Stopped
 from worker.data import load_split, pick_device
 from worker.lease import Lease
 from worker.npystream import NpyStream
+from worker.train import seed_torch
 
 BATCH = 256
 
@@ -95,7 +96,7 @@ def load_model(settings: Settings, job: Job, spec: ModelSpec, source: PlanSource
                device: torch.device) -> torch.nn.Module:
     store = get_store(settings)
     if isinstance(source, RandomSource):
-        torch.manual_seed(source.seed)
+        seed_torch(source.seed, device)
         return channels_last(build_model(spec).eval().to(device))
     model = build_model(spec)
     with session_scope(settings.database_url) as session:

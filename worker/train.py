@@ -77,6 +77,20 @@ def first_non_finite(losses: torch.Tensor) -> int:
     return int(torch.where(bad.any(), bad.int().argmax(), -1))
 
 
+def seed_torch(seed: int, device: torch.device) -> None:
+    """torch.manual_seed(seed) for work on `device`: the same CPU generator state (and, on
+    CUDA, every CUDA generator), without its cost where CUDA is not initialised. There
+    torch.manual_seed queues a CUDA and an XPU seed for later, each with the caller's stack
+    formatted (traceback.format_stack reads every frame's source line): about 2 ms per call
+    in a plain script and more in a worker's deep stack, paid at every epoch."""
+    if device.type not in ("cpu", "cuda"):
+        torch.manual_seed(seed)
+        return
+    torch.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.manual_seed_all(seed)  # at once: the data are on the device by then
+
+
 def epoch_seed(seed: int, epoch0: int) -> int:
     return (seed * 1_000_003 + epoch0) % (2**63)
 
@@ -141,19 +155,19 @@ def train(
     model.train()
     for epoch0 in range(start_epoch, cfg.epochs):
         # --- the epoch's randomness and learning rate, both pure functions of (seed, epoch)
-        torch.manual_seed(epoch_seed(cfg.seed, epoch0))
+        seed_torch(epoch_seed(cfg.seed, epoch0), device)
         lr = lr_at(cfg, epoch0)
         for group in optimizer.param_groups:
             group["lr"] = lr
         perm = torch.randperm(n, device=device)
         augment = augment_generator(device, epoch_seed(cfg.seed, epoch0)) \
             if cfg.augment is not None else None
-        # One slot per step, written in place: a single small op per step instead of the
-        # several a running sum plus a NaN flag cost (they showed on small CPU models).
-        step_losses = torch.zeros(steps_per_epoch, device=device)
-        # in perm order; a rank fills only its shares (-1 never matches a label)
-        preds = torch.empty(n, device=device, dtype=torch.long) if shard is None \
-            else torch.full((n,), -1, device=device, dtype=torch.long)
+        # Each step's loss, predictions and labels kept as they come (no op per step beyond
+        # the argmax; a slot written in place costs an index op per step, a running sum
+        # plus a NaN flag several: they showed on small CPU models), stacked once per epoch.
+        losses: list[torch.Tensor] = []
+        preds: list[torch.Tensor] = []
+        labels: list[torch.Tensor] = []
         epoch_first_step = step
         started = time.perf_counter()
         last_check = started
@@ -162,12 +176,13 @@ def train(
         for i in range(steps_per_epoch):
             idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
             lo, hi = (0, len(idx)) if shard is None else shard.bounds(len(idx))
+            mine = idx if shard is None else idx[lo:hi]
             if augment is not None and cfg.augment is not None:
                 # the whole global batch's draws, as on one device; a rank keeps its share
                 xb = augment_batch(data.x_train[idx], cfg.augment, augment)[lo:hi]
             else:
-                xb = data.x_train[idx[lo:hi]]
-            yb = data.y_train[idx[lo:hi]]
+                xb = data.x_train[mine]
+            yb = data.y_train[mine]
             if autocast is not None:
                 with autocast():
                     logits = model(xb)
@@ -179,17 +194,18 @@ def train(
             loss.backward()
             optimizer.step()
             step += 1
-            step_losses[i] = loss.detach()
-            torch.argmax(logits.detach(), 1,
-                         out=preds[i * cfg.batch_size + lo:i * cfg.batch_size + hi])
+            losses.append(loss.detach())
+            preds.append(logits.detach().argmax(1))
+            labels.append(yb)
             progress.value = (epoch0 + (i + 1) / steps_per_epoch) / cfg.epochs
             now = time.perf_counter()
             if now - last_check >= check_every_s:
                 last_check = now
-                if (bad := first_non_finite(step_losses[:i + 1])) >= 0:
+                if (bad := first_non_finite(torch.stack(losses))) >= 0:
                     raise NonFiniteLoss(epoch0 + 1, epoch_first_step + bad + 1)
                 if should_stop is not None and should_stop():
                     raise Stopped()
+        step_losses = torch.stack(losses)
         if shard is not None:
             # each rank's slot holds its sum x world / batch: summed and divided by world it
             # is the global batch's mean loss, as on one device
@@ -200,7 +216,7 @@ def train(
         sizes = torch.full_like(step_losses, cfg.batch_size)
         sizes[-1] = n - (steps_per_epoch - 1) * cfg.batch_size
         train_loss = (step_losses * sizes).sum().item() / n
-        correct = (preds == data.y_train[perm]).sum()
+        correct = (torch.cat(preds) == torch.cat(labels)).sum()
         if shard is not None:
             correct = shard.sum(correct)
         train_seconds = time.perf_counter() - started

@@ -35,7 +35,7 @@ from worker.dbretry import retry_db
 from worker.ddp import Ranks, plan
 from worker.lease import SHUTTING_DOWN, Lease
 from worker.shard import Shard
-from worker.train import DeviceData, EpochReport, make_optimizer, train
+from worker.train import DeviceData, EpochReport, make_optimizer, seed_torch, train
 
 log = logging.getLogger(__name__)
 
@@ -400,7 +400,7 @@ class TrainRun:
         device = device or pick_device(req.device)
         split = load_split(req.dataset, settings=self.settings, tenant=self.job.tenant)
         data = DeviceData.from_numpy(split, device)
-        torch.manual_seed(req.train.seed)
+        seed_torch(req.train.seed, device)
         model: torch.nn.Module = build_model(req.model).to(device)
         if shard is not None and req.resources.sync_batch_norm:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)

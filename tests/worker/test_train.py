@@ -19,7 +19,7 @@ from tests.factories import train_request
 from tests.services import wait_job
 from worker.checkpoints import load_model_state, model_bytes, optimizer_bytes, restore_optimizer
 from worker.control import Stopped
-from worker.train import DeviceData, EpochReport, NonFiniteLoss, train
+from worker.train import DeviceData, EpochReport, NonFiniteLoss, seed_torch, train
 
 CPU = torch.device("cpu")
 # batchnorm (running buffers) and dropout (RNG) make an exact resume harder than plain SGD
@@ -83,6 +83,31 @@ def test_same_seed_gives_identical_weights_and_metrics(data):
     other = fresh_model(3)
     train(other, data, cfg.model_copy(update={"seed": 4}))
     assert not same(a, state(other))
+
+
+def test_seed_torch_draws_what_torch_manual_seed_draws_without_formatting_a_stack(monkeypatch):
+    """worker.train seeds every epoch with seed_torch: the same CPU draws (weights, the
+    permutation, dropout) as torch.manual_seed, without the formatted stack torch.manual_seed
+    queues for an uninitialised CUDA (milliseconds per call in a worker's deep stack)."""
+    import traceback
+
+    def draws() -> list[torch.Tensor]:
+        weights = build_model(ModelSpec.model_validate(SPEC)).state_dict().values()
+        return [torch.randperm(97), torch.rand(5), *weights]
+
+    torch.manual_seed(1234)
+    expected = draws()
+    torch.manual_seed(99)  # another state in between
+    formatted: list[int] = []
+    real = traceback.format_stack
+    monkeypatch.setattr(traceback, "format_stack",
+                        lambda *a, **k: formatted.append(1) or real(*a, **k))
+    seed_torch(1234, torch.device("cpu"))
+    got = draws()
+    assert all(torch.equal(a, b) for a, b in zip(expected, got, strict=True))
+    assert formatted == []
+    torch.manual_seed(1234)  # the check is not vacuous: torch.manual_seed formats stacks here
+    assert torch.cuda.is_initialized() or formatted
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
