@@ -24,7 +24,7 @@ from api.auth import (
 from api.guards import DATABASE_RETRY_AFTER_SECONDS
 from convoy.artifacts import ArtifactStore
 from convoy.settings import Settings
-from db.session import get_sessionmaker, pool_capacity
+from db.session import get_read_sessionmaker, get_sessionmaker, pool_capacity
 
 
 # Dependencies that do no I/O are `async def`: FastAPI runs every sync dependency in the
@@ -73,10 +73,13 @@ def _busy() -> HTTPException:
 
 
 @asynccontextmanager
-async def gated_session(request: Request, settings: Settings) -> AsyncIterator[Session]:
+async def gated_session(request: Request, settings: Settings, *, read_only: bool = False
+                        ) -> AsyncIterator[Session]:
     """A request session under the gate (see above). Making a Session does no I/O; closing
     one that holds a connection does, so only that close goes to a thread; a handler that
-    closed its session itself (GET /v1/jobs/{id}) saves the hop."""
+    closed its session itself (GET /v1/jobs/{id}) saves the hop. `read_only`: an
+    autocommit session (db.session.get_read_sessionmaker), for reads that need no common
+    snapshot."""
     gate = db_gate(request.app)
     try:
         with anyio.fail_after(settings.db_pool_timeout_seconds):
@@ -84,7 +87,8 @@ async def gated_session(request: Request, settings: Settings) -> AsyncIterator[S
     except TimeoutError:
         raise _busy() from None
     try:
-        session = get_sessionmaker(settings.database_url)()
+        session = (get_read_sessionmaker if read_only else get_sessionmaker)(
+            settings.database_url)()
         try:
             yield session
         finally:

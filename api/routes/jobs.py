@@ -243,7 +243,7 @@ async def get_job(
 async def _read_job(request: Request, settings: Settings, job_id: str) -> tuple[bytes, bool]:
     """(the job as answered, whether it has ended): the token check and the read in one
     statement, on one thread-pool trip; 401 or 404."""
-    async with gated_session(request, settings) as session:
+    async with gated_session(request, settings, read_only=True) as session:
         def read() -> tuple[bytes, bool]:
             try:
                 job = job_for_token(session, job_id, bearer_secret(request))
