@@ -30,6 +30,8 @@ def service(mode: str, *, workers: int = 1, **extra_env: str) -> Iterator[Stack]
         # the service's default checkpoint cadence, not the tests' every-epoch one
         if "CONVOY_CHECKPOINT_MIN_SECONDS" not in extra_env:
             env.pop("CONVOY_CHECKPOINT_MIN_SECONDS", None)
+        if "CONVOY_EPOCH_RECORD_SECONDS" not in extra_env:  # and its epoch records'
+            env.pop("CONVOY_EPOCH_RECORD_SECONDS", None)
         stack = Stack(env=env, home=home)
         try:
             stack.start_api()

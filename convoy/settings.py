@@ -77,6 +77,10 @@ class Settings(BaseSettings):
     # the last checkpoint; the last epoch, a cancel and a warm shutdown always write one.
     checkpoint_every_epochs: Annotated[int, Field(ge=1)] = 1
     checkpoint_min_seconds: Annotated[float, Field(ge=0)] = 10.0
+    # A train job records an epoch that writes no checkpoint (its metrics, progress and
+    # lease renewal) at most this often; the epochs in between go with the next record, in
+    # its one transaction (README, "Checkpoint cadence"). 0: every epoch at its end.
+    epoch_record_seconds: Annotated[float, Field(ge=0)] = 0.5
     # A storage error on a worker (full, read-only store) ends the attempt and queues the job
     # again after this many seconds, doubling per attempt up to store_retry_max_seconds.
     store_retry_seconds: Annotated[float, Field(ge=0)] = 10.0

@@ -5,10 +5,10 @@ late worker can never move a job backwards or run it twice at once. Nothing else
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import delete, func, literal, select, text, update
 from sqlalchemy.orm import Session
@@ -219,20 +219,32 @@ SELECT :job_id, :now, 'info', CAST(:line AS text) WHERE CAST(:line AS text) IS N
 """)
 
 
-# An epoch's points, upserted on their unique key, selecting from the fencing UPDATE's `job`
+class EpochPoints(NamedTuple):
+    """One finished epoch's metric values, at the step it ended on."""
+
+    epoch: int
+    step: int
+    metrics: Mapping[str, float]
+
+
+# Epochs' points, upserted on their unique key, selecting from the fencing UPDATE's `job`
 # row (no row, no point): the `points` CTE of _RECORD_PG and _SUCCEED_PG, with _point_params.
 _POINTS_CTE = """
     INSERT INTO metrics (job_id, name, step, epoch, value, created_at)
-    SELECT job.id, p.name, :step, :epoch, p.value, :now
-    FROM job, unnest(CAST(:names AS varchar[]), CAST(:values AS double precision[]))
-        AS p(name, value)
+    SELECT job.id, p.name, p.step, p.epoch, p.value, :now
+    FROM job, unnest(CAST(:names AS varchar[]), CAST(:values AS double precision[]),
+                     CAST(:steps AS integer[]), CAST(:epochs AS integer[]))
+        AS p(name, value, step, epoch)
     ON CONFLICT (job_id, name, step) DO UPDATE SET epoch = excluded.epoch,
         value = excluded.value
 """
 
 
-def _point_params(metrics: Mapping[str, float]) -> dict[str, list[Any]]:
-    return {"names": list(metrics), "values": [float(v) for v in metrics.values()]}
+def _point_params(points: Sequence[EpochPoints]) -> dict[str, list[Any]]:
+    return {"names": [n for p in points for n in p.metrics],
+            "values": [float(v) for p in points for v in p.metrics.values()],
+            "steps": [p.step for p in points for _ in p.metrics],
+            "epochs": [p.epoch for p in points for _ in p.metrics]}
 
 
 # record_epoch on PostgreSQL for an epoch without files: the lease-fenced UPDATE and the
@@ -260,12 +272,15 @@ def record_epoch(
     progress: float,
     artifacts: Iterable[Artifact] = (),
     before_commit: Callable[[Session], None] | None = None,
+    earlier: Sequence[EpochPoints] = (),
 ) -> bool:
     """One transaction per epoch: its metrics, its checkpoint rows (if it wrote any) and the
     progress and lease renewal together, so a resumed attempt finds exactly the epochs it can
-    continue from. Three statements and the commit: the conditional UPDATE (the lease fence,
-    which also holds the job's row until the commit, so a cancel waits for it), one multi-row
-    INSERT of the points, one of the artifact rows. `before_commit` runs in that transaction
+    continue from. `earlier`: the points of epochs before it that no transaction recorded yet
+    (a worker records short epochs together, worker.train_job), written with its own. Three
+    statements and the commit: the conditional UPDATE (the lease fence, which also holds the
+    job's row until the commit, so a cancel waits for it), one multi-row INSERT of the
+    points, one of the artifact rows. `before_commit` runs in that transaction
     after the rows are written (the retention decision: rows it deletes go with this commit,
     before any file is removed). Idempotent: a retried commit writes nothing twice."""
     now = utcnow()
@@ -274,8 +289,8 @@ def record_epoch(
         # an epoch without a checkpoint (the usual one under a cadence): a single statement
         recorded = conn.execute(_RECORD_PG, {
             "job_id": job_id, "worker_id": worker_id, "running": JobState.RUNNING.value,
-            "progress": progress, "now": now, "step": step, "epoch": epoch,
-            **_point_params(metrics),
+            "progress": progress, "now": now,
+            **_point_params([*earlier, EpochPoints(epoch, step, metrics)]),
         }).scalar_one()
         if recorded != 1:
             session.rollback()
@@ -286,31 +301,33 @@ def record_epoch(
     result = conn.execute(
         update(Job).where(owned(job_id, worker_id))
         .values(progress=progress, heartbeat_at=now, updated_at=now))
-    return _epoch_rows(session, fenced=result.rowcount == 1, job_id=job_id, step=step,
-                       epoch=epoch, metrics=metrics, artifacts=artifacts,
-                       before_commit=before_commit)
+    return _epoch_rows(session, fenced=result.rowcount == 1, job_id=job_id,
+                       points=[*earlier, EpochPoints(epoch, step, metrics)],
+                       artifacts=artifacts, before_commit=before_commit)
 
 
-def _epoch_rows(session: Session, *, fenced: bool, job_id: str, step: int, epoch: int,
-                metrics: Mapping[str, float], artifacts: Iterable[Artifact],
+def _epoch_rows(session: Session, *, fenced: bool, job_id: str, points: Sequence[EpochPoints],
+                artifacts: Iterable[Artifact],
                 before_commit: Callable[[Session], None] | None) -> bool:
-    """After the fencing UPDATE (`fenced`: it matched the job's row): an epoch's points and
+    """After the fencing UPDATE (`fenced`: it matched the job's row): epochs' points and
     artifact rows, the caller's decision, the commit; a rollback and False when not fenced."""
     if not fenced:
         session.rollback()
         return False
-    _write_epoch_rows(session, job_id=job_id, step=step, epoch=epoch, metrics=metrics,
-                      artifacts=artifacts, before_commit=before_commit)
+    _write_epoch_rows(session, job_id=job_id, points=points, artifacts=artifacts,
+                      before_commit=before_commit)
     session.commit()
     return True
 
 
-def _write_epoch_rows(session: Session, *, job_id: str, step: int, epoch: int,
-                      metrics: Mapping[str, float], artifacts: Iterable[Artifact],
+def _write_epoch_rows(session: Session, *, job_id: str, points: Sequence[EpochPoints],
+                      artifacts: Iterable[Artifact],
                       before_commit: Callable[[Session], None] | None) -> None:
-    """An epoch's points and artifact rows, then the caller's decision, in the open
+    """Epochs' points and artifact rows, then the caller's decision, in the open
     transaction (the caller has fenced it and commits)."""
-    metrics_db.put_step(session, job_id=job_id, step=step, epoch=epoch, values=metrics)
+    for p in points:
+        metrics_db.put_step(session, job_id=job_id, step=p.step, epoch=p.epoch,
+                            values=p.metrics)
     artifacts_db.put_rows(session, artifacts)
     if before_commit is not None:
         before_commit(session)
@@ -343,19 +360,22 @@ def record_stop_checkpoint(
     metrics: Mapping[str, float],
     artifacts: Iterable[Artifact],
     before_commit: Callable[[Session], None] | None = None,
+    earlier: Sequence[EpochPoints] = (),
 ) -> bool:
     """The checkpoint a stopping attempt (cancel, warm shutdown) writes of its last finished
     epoch when its cadence had skipped it, with that epoch's points (the epoch may have ended
-    after the cancel refused its record_epoch); under stop_fence, and the job's row locked by
-    a no-op UPDATE until the commit. False (nothing written) when the fence refuses."""
+    after the cancel refused its record_epoch) and the `earlier` ones not yet recorded (as
+    record_epoch); under stop_fence, and the job's row locked by a no-op UPDATE until the
+    commit. False (nothing written) when the fence refuses. Without `artifacts`, the points
+    alone."""
     result = session.execute(
         update(Job).where(stop_fence(job_id, worker_id, attempt))
         .values(worker_id=Job.worker_id)
         .execution_options(synchronize_session=False)
     )
-    return _epoch_rows(session, fenced=rowcount(result) == 1, job_id=job_id, step=step,
-                       epoch=epoch, metrics=metrics, artifacts=artifacts,
-                       before_commit=before_commit)
+    return _epoch_rows(session, fenced=rowcount(result) == 1, job_id=job_id,
+                       points=[*earlier, EpochPoints(epoch, step, metrics)],
+                       artifacts=artifacts, before_commit=before_commit)
 
 
 def finish_job(
@@ -439,8 +459,10 @@ def succeed_with_last_epoch(
     result: dict[str, Any],
     log_line: str | None = None,
     before_commit: Callable[[Session], None] | None = None,
+    earlier: Sequence[EpochPoints] = (),
 ) -> bool:
-    """The last epoch's record (its points and checkpoint rows, as record_epoch) and
+    """The last epoch's record (its points, the `earlier` ones not yet recorded and its
+    checkpoint rows, as record_epoch) and
     running -> succeeded (as finish_job) in one transaction, by the lease holder only: the
     job is never seen succeeded without its last checkpoint's rows, and a short job pays one
     transaction for both. The fence is the first statement, which also holds the job's row
@@ -455,8 +477,8 @@ def succeed_with_last_epoch(
         hooks = conn.execute(_SUCCEED_PG, {
             "job_id": job_id, "worker_id": worker_id, "now": now,
             "running": JobState.RUNNING.value, "succeeded": JobState.SUCCEEDED.value,
-            "result": json.dumps(result), "step": step, "epoch": epoch,
-            **_point_params(metrics),
+            "result": json.dumps(result),
+            **_point_params([*earlier, EpochPoints(epoch, step, metrics)]),
             "f_jobs": [f.job_id for f in files], "f_tenants": [f.tenant for f in files],
             "f_kinds": [f.kind for f in files], "f_names": [f.name for f in files],
             "f_keys": [f.key for f in files], "f_sizes": [f.size for f in files],
@@ -481,7 +503,8 @@ def succeed_with_last_epoch(
     if ended is None:
         session.rollback()
         return False
-    _write_epoch_rows(session, job_id=job_id, step=step, epoch=epoch, metrics=metrics,
+    _write_epoch_rows(session, job_id=job_id,
+                      points=[*earlier, EpochPoints(epoch, step, metrics)],
                       artifacts=artifacts, before_commit=before_commit)
     attempts.end(session, job_id=job_id, worker_id=worker_id, outcome=AttemptOutcome.SUCCEEDED)
     webhooks.job_ended(session, job_id=job_id, ended=ended)

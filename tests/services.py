@@ -148,6 +148,10 @@ def stack_env(home: Path, *, database_url: str, broker_url: str, queue: str,
         # default cadence (at most one per CONVOY_CHECKPOINT_MIN_SECONDS) is bench_e2e's, and
         # tests/reliability/test_worker_faults.py's cadence tests give theirs per job.
         "CONVOY_CHECKPOINT_MIN_SECONDS": "0",
+        # Each epoch recorded at its end, as the tests that watch a running job's epochs
+        # expect; short epochs recorded together (the default) are bench_e2e's, and
+        # tests/worker/test_train_job.py runs both ways.
+        "CONVOY_EPOCH_RECORD_SECONDS": "0",
         "PYTHONUNBUFFERED": "1",
         **extra,
     })

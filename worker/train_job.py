@@ -8,7 +8,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -31,7 +31,7 @@ from models.capture import channels_last
 from worker import checkpoints
 from worker.control import Progress, Stopped
 from worker.data import load_split, pick_device
-from worker.dbretry import retry_db
+from worker.dbretry import is_disconnect, retry_db
 from worker.ddp import Ranks, plan
 from worker.lease import SHUTTING_DOWN, Lease
 from worker.shard import Shard
@@ -89,6 +89,12 @@ class TrainRun:
             min_seconds=settings.checkpoint_min_seconds)
         # the cadence's last checkpoint (epoch, monotonic time), set again when training starts
         self.ckpt_epoch, self.ckpt_at = 0, time.monotonic()
+        # Finished epochs no record has been sent for yet (on_epoch: short epochs are
+        # recorded together, at most every epoch_record_seconds), and when the last was sent.
+        # A multi-device attempt records each epoch: its ranks are killed on a stop.
+        self.unrecorded: list[jobs.EpochPoints] = []
+        self.recorded_at = time.monotonic()
+        self.record_every_s = settings.epoch_record_seconds if shard is None else 0.0
         self.written = 0  # the newest epoch whose checkpoint this attempt has (or resumed)
         self.latest: Finished | None = None  # the last epoch this attempt finished
         self.last: Finished | None = None  # the job's last epoch, to record with the outcome
@@ -129,9 +135,17 @@ class TrainRun:
         if last:
             self.last = done
             return
+        if not due and now - self.recorded_at < self.record_every_s:
+            # Recorded with the next record (or the outcome, or the stop): one transaction
+            # for several short epochs instead of one each, whose work on the writer thread
+            # slows the training steps beside it (bench/RESULTS.md, issue 22).
+            self.unrecorded.append(jobs.EpochPoints(done.epoch, done.step, done.metrics))
+            return
         if due:
             self.ckpt_epoch, self.ckpt_at = report.epoch, now
-        self.pending = self.writer.submit(self._persist_epoch, done, due)
+        earlier, self.unrecorded = self.unrecorded, []
+        self.recorded_at = now
+        self.pending = self.writer.submit(self._persist_epoch, done, due, earlier)
 
     def _fresh(self) -> bool:
         """Whether this attempt renewed its lease less than half a lease ago (monotonic
@@ -196,7 +210,8 @@ class TrainRun:
         if left:
             log.error("job %s: could not remove %s after a failed write", self.job.id, left)
 
-    def _persist_epoch(self, done: Finished, checkpoint: bool) -> None:
+    def _persist_epoch(self, done: Finished, checkpoint: bool,
+                       earlier: Sequence[jobs.EpochPoints] = ()) -> None:
         rows: list[Artifact] = []
         if checkpoint:
             # Fence: a worker cut off from the database (its lease long expired, the job
@@ -213,7 +228,7 @@ class TrainRun:
             f"epoch {done.epoch}", lambda session, retain: jobs.record_epoch(
                 session, job_id=self.job.id, worker_id=self.worker_id, epoch=done.epoch,
                 step=done.step, metrics=done.metrics, progress=progress, artifacts=rows,
-                before_commit=retain if rows else None))
+                before_commit=retain if rows else None, earlier=earlier))
         if not recorded:
             self.lease_lost = True
             return
@@ -221,6 +236,29 @@ class TrainRun:
         if rows:
             self.written = done.epoch
             self._prune(dropped)
+
+    def _unrecorded_before(self, epoch: int) -> list[jobs.EpochPoints]:
+        return [p for p in self.unrecorded if p.epoch < epoch]
+
+    def _record_unrecorded(self) -> None:
+        """On a failure: the finished epochs not yet recorded, recorded now (the job is
+        still running under this attempt), before the failure is; nothing when the fence
+        refuses. Never raises: the failure goes on to be recorded."""
+        if not self.unrecorded:
+            return
+        *earlier, newest = self.unrecorded
+        progress = (newest.epoch - self.offset) / self.request.train.epochs
+        try:
+            recorded, _ = self._record(
+                "unrecorded epochs", lambda session, _retain: jobs.record_epoch(
+                    session, job_id=self.job.id, worker_id=self.worker_id,
+                    epoch=newest.epoch, step=newest.step, metrics=newest.metrics,
+                    progress=progress, earlier=earlier))
+            if recorded:
+                self.unrecorded = []
+        except Exception:  # noqa: BLE001 - the failure is what the job must record
+            log.warning("job %s: the epochs before the failure were not recorded",
+                        self.job.id, exc_info=True)
 
     def _stop_checkpoint(self) -> None:
         """On a cancel, a warm shutdown or a timeout: the checkpoint of the last finished
@@ -241,14 +279,16 @@ class TrainRun:
                         within_s=self.settings.db_retry_seconds):
             return
         rows = self._write_files(done)
+        earlier = self._unrecorded_before(done.epoch)
         recorded, dropped = self._record(
             "stop checkpoint", lambda session, retain: jobs.record_stop_checkpoint(
                 session, job_id=self.job.id, worker_id=self.worker_id,
                 attempt=self.job.attempt, epoch=done.epoch, step=done.step,
-                metrics=done.metrics, artifacts=rows, before_commit=retain))
+                metrics=done.metrics, artifacts=rows, before_commit=retain, earlier=earlier))
         if not recorded:
             self._discard([r.key for r in rows])
             return
+        self.unrecorded = []
         self.written = done.epoch
         self._log(f"attempt {self.job.attempt} stopping: wrote {rows[0].name}, the "
                   f"checkpoint of its last finished epoch ({done.epoch})")
@@ -327,11 +367,18 @@ class TrainRun:
                    progress=self.progress) as lease:
             self.lease = lease
             devices = self.request.resources.devices
-            result = self._train(lease) if devices == 1 else self._run_ranks(lease)
-            result["world_size"] = devices
-            if self.last is not None:
-                self._succeed(self.last, result, self._success_line(result))
-                return
+            try:
+                result = self._train(lease) if devices == 1 else self._run_ranks(lease)
+                result["world_size"] = devices
+                if self.last is not None:
+                    self._succeed(self.last, result, self._success_line(result))
+                    return
+            except Stopped:
+                raise
+            except Exception as exc:
+                if not is_disconnect(exc):  # (the database away: left to the lease)
+                    self._record_unrecorded()  # the finished epochs' points, then the failure
+                raise
 
         line = self._success_line(result)
 
@@ -358,12 +405,14 @@ class TrainRun:
         attempt may still write, as when the last epoch's record is refused."""
         if self._may_write_files():
             rows = self._write_files(done)
+            earlier = self._unrecorded_before(done.epoch)
             recorded, dropped = self._record(
                 "last epoch and outcome", lambda session, retain: jobs.succeed_with_last_epoch(
                     session, job_id=self.job.id, worker_id=self.worker_id, epoch=done.epoch,
                     step=done.step, metrics=done.metrics, artifacts=rows, result=result,
-                    log_line=line, before_commit=retain))
+                    log_line=line, before_commit=retain, earlier=earlier))
             if recorded:
+                self.unrecorded = []
                 self.written = done.epoch
                 self._prune(dropped)
                 return

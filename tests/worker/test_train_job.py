@@ -14,13 +14,14 @@ import torch
 from sqlalchemy import event
 
 from convoy.settings import Settings
-from db import jobs
+from db import artifacts, jobs
 from db.base import utcnow
 from db.session import get_engine, session_scope
 from db.tables import Job
 from tests.factories import train_request
 from worker import checkpoints
-from worker.train_job import Finished, TrainRun
+from worker.train import EpochReport
+from worker.train_job import Finished, TrainRun, row_epoch
 
 
 def claimed(migrated_url: str, tmp_path: Path, *, renewed_s_ago: float) -> tuple[TrainRun, Job]:
@@ -78,3 +79,90 @@ def test_an_epoch_record_renews_the_fence(migrated_url, tmp_path):
     assert run._fresh() and not run.lease_lost
     assert statements(migrated_url, lambda: run._persist_epoch(done, True)) > 0  # the record only
     assert run.written == 1
+
+
+# --- short epochs recorded together (settings.epoch_record_seconds) -------------------------
+
+def run_in_process(migrated_url: str, tmp_path: Path, epochs: int, **settings: object
+                   ) -> tuple[str, list[tuple[int, int, str, float]], int]:
+    """A digits job run through worker.runner.run_job here: (its state, its metric points as
+    (epoch, step, name, value), how many epoch records the worker sent)."""
+    from db import metrics
+    from worker import runner
+
+    with session_scope(migrated_url) as session:
+        job = jobs.create_job(session, tenant="t", kind="train", name="records",
+                              request=train_request(epochs), summary=None, max_attempts=1)
+    sent: list[int] = []
+    real = jobs.record_epoch
+
+    def counted(*args: object, **kwargs: object) -> bool:
+        sent.append(1)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    jobs.record_epoch = counted  # type: ignore[assignment]
+    try:
+        runner.run_job(job.id, worker_id="w", settings=Settings(
+            home=tmp_path, database_url=migrated_url, checkpoint_min_seconds=600,
+            heartbeat_seconds=0.05, **settings))
+    finally:
+        jobs.record_epoch = real  # type: ignore[assignment]
+    with session_scope(migrated_url) as session:
+        state = jobs.get_job(session, job_id=job.id).state
+        points = sorted((m.epoch, m.step, m.name, m.value)
+                        for m in metrics.series(session, job_id=job.id))
+    return state, points, len(sent)
+
+
+def test_short_epochs_are_recorded_together_with_every_point_kept(migrated_url, tmp_path):
+    each_state, each, each_sent = run_in_process(migrated_url, tmp_path / "a", 4,
+                                                 epoch_record_seconds=0)
+    together_state, together, together_sent = run_in_process(
+        migrated_url, tmp_path / "b", 4, epoch_record_seconds=600)
+    assert each_state == together_state == "succeeded"
+    assert each_sent == 3  # epochs 1-3; the 4th commits with the outcome
+    assert together_sent == 0  # every epoch goes with the outcome's one transaction
+    assert {e for e, *_ in together} == {1, 2, 3, 4}
+    # the same seed: the same values at the same steps, recorded either way (but the speed)
+    assert [p for p in together if p[2] != "images_per_second"] == \
+        [p for p in each if p[2] != "images_per_second"]
+
+
+def test_a_failure_records_the_epochs_finished_before_it(migrated_url, tmp_path, monkeypatch):
+    real = TrainRun.on_epoch
+
+    def failing(self: TrainRun, report: EpochReport) -> None:
+        if report.epoch == 3:
+            raise RuntimeError("boom at epoch 3")
+        real(self, report)
+
+    monkeypatch.setattr(TrainRun, "on_epoch", failing)
+    state, points, sent = run_in_process(migrated_url, tmp_path, 5, epoch_record_seconds=600)
+    assert state == "failed"
+    assert sent == 1  # the failure's flush: epochs 1 and 2 in one record
+    assert {e for e, *_ in points} == {1, 2}
+
+
+def test_a_cancel_records_every_finished_epoch_with_its_stop_checkpoint(
+        migrated_url, tmp_path, monkeypatch):
+    real = TrainRun.on_epoch
+
+    def cancel_at_2(self: TrainRun, report: EpochReport) -> None:
+        real(self, report)
+        if report.epoch == 2:
+            with session_scope(migrated_url) as session:
+                jobs.cancel_job(session, job_id=self.job.id, tenant=None)
+
+    monkeypatch.setattr(TrainRun, "on_epoch", cancel_at_2)
+    state, points, sent = run_in_process(migrated_url, tmp_path, 200, epoch_record_seconds=600)
+    assert state == "canceled" and sent == 0
+    epochs = {e for e, *_ in points}
+    last = max(epochs)
+    assert epochs == set(range(1, last + 1)) and 2 <= last < 200
+    with session_scope(migrated_url) as session:
+        job = session.query(Job).filter(Job.state == "canceled").order_by(
+            Job.created_at.desc()).first()
+        assert job is not None
+        kept = {row_epoch(r) for r in artifacts.resume_candidates(session, job_id=job.id)
+                if r.kind == "checkpoint"}
+    assert last in kept  # the stop checkpoint, written with the unrecorded epochs' points
