@@ -209,3 +209,43 @@ def test_the_success_queues_the_tenants_webhooks_with_its_result(url: str):
     data = json.loads(bodies[0])
     assert data["type"] == "job.succeeded"
     assert data["data"]["result"] == {"epochs_done": 2, "val_loss": 0.5}
+
+
+def points(url: str, job_id: str) -> list[tuple[int, int, str, float]]:
+    with session_scope(url) as session:
+        return sorted(tuple(r) for r in session.execute(
+            select(Metric.epoch, Metric.step, Metric.name, Metric.value)
+            .where(Metric.job_id == job_id)))
+
+
+def test_earlier_epochs_go_with_a_record_a_stop_and_the_outcome_or_not_at_all(url: str):
+    """Short epochs recorded together (worker.train_job): the `earlier` epochs' points are
+    written with the record that carries them (with or without files), the stop checkpoint
+    and the outcome, at their own epochs and steps, and with nothing when the fence
+    refuses."""
+    e = jobs.EpochPoints
+    job_id = running(url)
+    with session_scope(url) as session:  # someone else's write: none of it
+        assert not jobs.record_epoch(session, job_id=job_id, worker_id="other", epoch=2,
+                                     step=8, metrics={"val_loss": 0.7}, progress=0.5,
+                                     earlier=[e(1, 4, {"val_loss": 0.8})])
+    assert points(url, job_id) == []
+    with session_scope(url) as session:  # a record without files: one statement on PG
+        assert jobs.record_epoch(session, job_id=job_id, worker_id="w", epoch=2, step=8,
+                                 metrics={"val_loss": 0.7}, progress=0.5,
+                                 earlier=[e(1, 4, {"val_loss": 0.8, "lr": 0.1})])
+    with session_scope(url) as session:  # a stop checkpoint's, with its files
+        assert jobs.record_stop_checkpoint(
+            session, job_id=job_id, worker_id="w", attempt=1, epoch=4, step=16,
+            metrics={"val_loss": 0.5}, earlier=[e(3, 12, {"val_loss": 0.6})],
+            artifacts=[row(job_id, "checkpoint", "epoch-0004.safetensors", "e" * 64)])
+    with session_scope(url) as session:  # the outcome's
+        assert jobs.succeed_with_last_epoch(
+            session, job_id=job_id, worker_id="w", epoch=6, step=24,
+            metrics={"val_loss": 0.3}, earlier=[e(5, 20, {"val_loss": 0.4})],
+            artifacts=[row(job_id, "checkpoint", "epoch-0006.safetensors", "f" * 64)],
+            result={"epochs_done": 6})
+    assert points(url, job_id) == [
+        (1, 4, "lr", 0.1), (1, 4, "val_loss", 0.8), (2, 8, "val_loss", 0.7),
+        (3, 12, "val_loss", 0.6), (4, 16, "val_loss", 0.5), (5, 20, "val_loss", 0.4),
+        (6, 24, "val_loss", 0.3)]
