@@ -366,8 +366,7 @@ def record_stop_checkpoint(
     epoch when its cadence had skipped it, with that epoch's points (the epoch may have ended
     after the cancel refused its record_epoch) and the `earlier` ones not yet recorded (as
     record_epoch); under stop_fence, and the job's row locked by a no-op UPDATE until the
-    commit. False (nothing written) when the fence refuses. Without `artifacts`, the points
-    alone."""
+    commit. False (nothing written) when the fence refuses."""
     result = session.execute(
         update(Job).where(stop_fence(job_id, worker_id, attempt))
         .values(worker_id=Job.worker_id)

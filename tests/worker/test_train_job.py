@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from pydantic import ValidationError
 from sqlalchemy import event
 
 from convoy.settings import Settings
@@ -83,10 +84,13 @@ def test_an_epoch_record_renews_the_fence(migrated_url, tmp_path):
 
 # --- short epochs recorded together (settings.epoch_record_seconds) -------------------------
 
+Points = list[tuple[int, int, str, float]]
+
+
 def run_in_process(migrated_url: str, tmp_path: Path, epochs: int, **settings: object
-                   ) -> tuple[str, list[tuple[int, int, str, float]], int]:
-    """A digits job run through worker.runner.run_job here: (its state, its metric points as
-    (epoch, step, name, value), how many epoch records the worker sent)."""
+                   ) -> tuple[str, str, Points, int]:
+    """A digits job run through worker.runner.run_job here: (its id, its state, its metric
+    points as (epoch, step, name, value), how many epoch records the worker sent)."""
     from db import metrics
     from worker import runner
 
@@ -111,13 +115,13 @@ def run_in_process(migrated_url: str, tmp_path: Path, epochs: int, **settings: o
         state = jobs.get_job(session, job_id=job.id).state
         points = sorted((m.epoch, m.step, m.name, m.value)
                         for m in metrics.series(session, job_id=job.id))
-    return state, points, len(sent)
+    return job.id, state, points, len(sent)
 
 
 def test_short_epochs_are_recorded_together_with_every_point_kept(migrated_url, tmp_path):
-    each_state, each, each_sent = run_in_process(migrated_url, tmp_path / "a", 4,
-                                                 epoch_record_seconds=0)
-    together_state, together, together_sent = run_in_process(
+    _, each_state, each, each_sent = run_in_process(migrated_url, tmp_path / "a", 4,
+                                                    epoch_record_seconds=0)
+    _, together_state, together, together_sent = run_in_process(
         migrated_url, tmp_path / "b", 4, epoch_record_seconds=600)
     assert each_state == together_state == "succeeded"
     assert each_sent == 3  # epochs 1-3; the 4th commits with the outcome
@@ -137,7 +141,8 @@ def test_a_failure_records_the_epochs_finished_before_it(migrated_url, tmp_path,
         real(self, report)
 
     monkeypatch.setattr(TrainRun, "on_epoch", failing)
-    state, points, sent = run_in_process(migrated_url, tmp_path, 5, epoch_record_seconds=600)
+    _, state, points, sent = run_in_process(migrated_url, tmp_path, 5,
+                                            epoch_record_seconds=600)
     assert state == "failed"
     assert sent == 1  # the failure's flush: epochs 1 and 2 in one record
     assert {e for e, *_ in points} == {1, 2}
@@ -154,15 +159,18 @@ def test_a_cancel_records_every_finished_epoch_with_its_stop_checkpoint(
                 jobs.cancel_job(session, job_id=self.job.id, tenant=None)
 
     monkeypatch.setattr(TrainRun, "on_epoch", cancel_at_2)
-    state, points, sent = run_in_process(migrated_url, tmp_path, 200, epoch_record_seconds=600)
+    job_id, state, points, sent = run_in_process(migrated_url, tmp_path, 200,
+                                                 epoch_record_seconds=600)
     assert state == "canceled" and sent == 0
     epochs = {e for e, *_ in points}
     last = max(epochs)
     assert epochs == set(range(1, last + 1)) and 2 <= last < 200
     with session_scope(migrated_url) as session:
-        job = session.query(Job).filter(Job.state == "canceled").order_by(
-            Job.created_at.desc()).first()
-        assert job is not None
-        kept = {row_epoch(r) for r in artifacts.resume_candidates(session, job_id=job.id)
+        kept = {row_epoch(r) for r in artifacts.resume_candidates(session, job_id=job_id)
                 if r.kind == "checkpoint"}
     assert last in kept  # the stop checkpoint, written with the unrecorded epochs' points
+
+
+def test_a_negative_epoch_record_interval_is_refused_by_name(tmp_path):
+    with pytest.raises(ValidationError, match="epoch_record_seconds"):
+        Settings(home=tmp_path, epoch_record_seconds=-1)
