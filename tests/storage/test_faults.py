@@ -91,8 +91,11 @@ def test_the_server_killed_during_an_upload_fails_the_attempt_cleanly(
     private.start()
     env = s3_env(private)
     prefix = env["CONVOY_ARTIFACT_ROOT"].split("/", 3)[3]
+    # Attempts keep failing until the server is back: 20 of them, 1-4 s apart, last about
+    # 70 s, longer than private.restart() may take (its 60 s); 6 (15 s) ran out while a
+    # slow machine restarted weed, and the job failed after the test had done nothing wrong.
     stack = make_stack(Path(tmp_path_factory.mktemp("killed")), database, **env,
-                       CONVOY_MAX_ATTEMPTS="6", CONVOY_STORE_RETRY_SECONDS="1",
+                       CONVOY_MAX_ATTEMPTS="20", CONVOY_STORE_RETRY_SECONDS="1",
                        CONVOY_STORE_RETRY_MAX_SECONDS="4")
     try:
         stack.start_api()
