@@ -1,6 +1,7 @@
 """The worker's own row in the workers table (GET /v1/workers, queued jobs' waiting
 reasons): written when the worker is ready, every heartbeat period (idle or busy; a running
-job's lease heartbeat refreshes it too, worker/lease.py), and when it begins to stop."""
+job's lease heartbeat refreshes it too, worker/lease.py), when it begins to stop, and
+SETTLE_SECONDS after it turns busy or idle."""
 
 from __future__ import annotations
 
@@ -16,6 +17,13 @@ from db.base import utcnow
 from db.session import session_scope
 
 log = logging.getLogger(__name__)
+
+# A change to busy or idle is reported this long after it, with whatever changed meanwhile:
+# a run of short jobs costs one report per period, not one as each job starts (beside its
+# claim) and one as it ends (beside its outcome), each a database write taking CPU from the
+# job on a small machine. A job shorter than this may never be listed busy; "stopping" is
+# reported at once.
+SETTLE_SECONDS = 0.5
 
 
 def devices() -> list[str]:
@@ -36,7 +44,9 @@ class Presence:
         self.state = "idle"
         self.job: str | None = None
         self.started_at: datetime | None = None
+        self.settle_seconds = SETTLE_SECONDS
         self._wake = threading.Event()
+        self._urgent = threading.Event()  # "stopping": reported without settling
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
@@ -49,9 +59,12 @@ class Presence:
         self._thread.start()
 
     def set(self, state: str, job: str | None = None) -> None:
-        """busy with `job`, idle, or stopping; reported at once (by the thread)."""
+        """busy with `job`, idle, or stopping; reported by the thread, at once for stopping,
+        else settle_seconds later."""
         with self._lock:
             self.state, self.job = state, job
+        if state == "stopping":
+            self._urgent.set()
         self._wake.set()
 
     def report(self) -> None:
@@ -74,7 +87,8 @@ class Presence:
     def _run(self) -> None:
         assert self.settings is not None
         while True:
-            self._wake.wait(self.settings.heartbeat_seconds)
+            if self._wake.wait(self.settings.heartbeat_seconds):
+                self._urgent.wait(self.settle_seconds)  # changes meanwhile join this report
             self._wake.clear()
             self.report()
 
