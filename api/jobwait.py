@@ -1,7 +1,8 @@
 """Wake-ups for requests that wait on a job (GET /v1/jobs/{id}?wait_seconds=, the event
 stream): on PostgreSQL, one LISTEN connection per API process hears the NOTIFY a job's state
-change sends (migration 0007) and wakes that job's waiters; on SQLite, nothing can wake them,
-so they re-read the row every `wait_poll_seconds`."""
+change sends (migrations 0007 and 0008: "<job id> <new state>") and wakes that job's waiters
+(a waiter for the job's end only when it ended); on SQLite, nothing can wake them, so they
+re-read the row every `wait_poll_seconds`."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from contextlib import contextmanager, suppress
 from sqlalchemy.engine import make_url
 
 from convoy.settings import Settings
+from db.states import TERMINAL_STATES
 
 log = logging.getLogger(__name__)
 
@@ -25,10 +27,12 @@ LISTENING_RECHECK_SECONDS = 2.0
 
 
 class Subscription:
-    """One request's interest in one job: set when the job's state may have changed."""
+    """One request's interest in one job: set when the job's state may have changed (with
+    `ended_only`, when it may have ended)."""
 
-    def __init__(self) -> None:
+    def __init__(self, ended_only: bool = False) -> None:
         self.event = asyncio.Event()
+        self.ended_only = ended_only
 
     async def wait(self, timeout: float) -> bool:
         """True when woken within `timeout` seconds (and ready for the next wake-up)."""
@@ -63,10 +67,11 @@ class JobWaits:
         return self.settings.wait_poll_seconds
 
     @contextmanager
-    def subscribe(self, job_id: str) -> Iterator[Subscription]:
-        """Subscribe before reading the job: a change committed after the read wakes it."""
+    def subscribe(self, job_id: str, *, ended_only: bool = False) -> Iterator[Subscription]:
+        """Subscribe before reading the job: a change committed after the read wakes it
+        (with `ended_only`, a change to succeeded, failed or canceled)."""
         self._start_listener()
-        sub = Subscription()
+        sub = Subscription(ended_only)
         self._subs[job_id].add(sub)
         try:
             yield sub
@@ -77,10 +82,13 @@ class JobWaits:
                 if not subs:
                     del self._subs[job_id]
 
-    def wake(self, job_id: str) -> None:
-        """On the event loop: wake every waiter of the job."""
+    def wake(self, job_id: str, state: str | None = None) -> None:
+        """On the event loop: wake the job's waiters (when its new `state` is known and not
+        an end, those that wait for its end stay asleep)."""
+        ended = state is None or state in TERMINAL_STATES
         for sub in self._subs.get(job_id, ()):
-            sub.event.set()
+            if ended or not sub.ended_only:
+                sub.event.set()
 
     def wake_all(self) -> None:
         for subs in self._subs.values():
@@ -105,7 +113,7 @@ class JobWaits:
             self._thread.join(timeout=5)
         self.wake_all()
 
-    def _call(self, fn: Callable[..., None], *args: str) -> None:
+    def _call(self, fn: Callable[..., None], *args: str | None) -> None:
         loop = self._loop
         if loop is not None and not loop.is_closed():
             with suppress(RuntimeError):  # the loop closed meanwhile
@@ -126,7 +134,10 @@ class JobWaits:
                     self._call(self.wake_all)
                     while not self._stop.is_set():
                         for note in conn.notifies(timeout=1.0):
-                            self._call(self.wake, note.payload)
+                            # "<id> <state>"; a bare id (a database still at migration
+                            # 0007) wakes every waiter of the job
+                            job_id, _, state = note.payload.partition(" ")
+                            self._call(self.wake, job_id, state or None)
             except Exception:  # noqa: BLE001 - waiters fall back to re-reading meanwhile
                 self._listening.clear()
                 log.warning("job wake-up listener lost its connection; retrying in %.1f s",

@@ -226,35 +226,42 @@ async def get_job(
     if token_cache(request.app).known_bad(bearer_secret(request)):
         raise unauthorized()  # a token seen to be bad lately: 401, no database
     if not wait_seconds:
-        return Response((await _read_job(request, settings, job_id))[0],
-                        media_type="application/json")
+        now = await _read_job(request, settings, job_id)
+        assert now is not None
+        return Response(now, media_type="application/json")
     # A long poll holds no connection (nor a slot of the session gate) while it waits; it is
-    # subscribed before its first read, so an end committed after that read wakes it.
+    # subscribed before its first read, so an end committed after that read wakes it. Reads
+    # while the job has not ended only look (no JSON, no waiting reasons); the answer of a
+    # wait that ran out is read afresh at its end.
     waits: JobWaits = request.app.state.job_waits
     deadline = anyio.current_time() + wait_seconds
-    with waits.subscribe(job_id) as woken:
-        body, ended = await _read_job(request, settings, job_id)
-        while not ended and (left := deadline - anyio.current_time()) > 0:
+    with waits.subscribe(job_id, ended_only=True) as woken:
+        body = await _read_job(request, settings, job_id, ended_only=True)
+        while body is None and (left := deadline - anyio.current_time()) > 0:
             await woken.wait(min(left, waits.recheck_seconds))
-            body, ended = await _read_job(request, settings, job_id)
+            body = await _read_job(request, settings, job_id, ended_only=True)
+    if body is None:
+        body = await _read_job(request, settings, job_id)
     return Response(body, media_type="application/json")
 
 
-async def _read_job(request: Request, settings: Settings, job_id: str) -> tuple[bytes, bool]:
-    """(the job as answered, whether it has ended): the token check and the read in one
-    statement, on one thread-pool trip; 401 or 404."""
+async def _read_job(request: Request, settings: Settings, job_id: str, *,
+                    ended_only: bool = False) -> bytes | None:
+    """The job as answered (`ended_only`: None instead while it has not ended): the token
+    check and the read in one statement, on one thread-pool trip; 401 or 404."""
     async with gated_session(request, settings, read_only=True) as session:
-        def read() -> tuple[bytes, bool]:
+        def read() -> bytes | None:
             try:
                 job = job_for_token(session, job_id, bearer_secret(request))
                 if job is None:
                     principal_from(request, session)  # 401 for a bad token, else the job is
                     raise HTTPException(404, f"job {job_id[:64]} not found")  # not there for it
+                if ended_only and job.state not in TERMINAL_STATES:
+                    return None
                 # a queued job says why it waits (two short reads, only while it is queued)
                 out = with_reasons(session, settings, [job])[0] \
                     if job.state == JobState.QUEUED else job_out(job)
-                ended = job.state in TERMINAL_STATES
-                return out.model_dump_json(exclude_unset=True).encode(), ended
+                return out.model_dump_json(exclude_unset=True).encode()
             finally:
                 session.close()
 

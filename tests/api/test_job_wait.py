@@ -87,3 +87,63 @@ def test_wait_on_a_missing_job_or_with_a_bad_token_answers_at_once(alone: Stack)
     with alone.client(token="not-a-token") as client:
         r = client.get(f"/v1/jobs/{job_id}", params={"wait_seconds": 60}, timeout=20)
         assert r.status_code == 401
+
+
+def test_a_wait_that_runs_out_answers_with_the_waiting_reason(alone: Stack) -> None:
+    # reads during the wait only look at the state; the answer at its end is the whole job
+    job_id = submit(alone)
+    with alone.client() as client:
+        r = client.get(f"/v1/jobs/{job_id}", params={"wait_seconds": 0.3})
+        client.post(f"/v1/jobs/{job_id}/cancel")
+    assert r.json()["state"] == "queued"
+    assert "no live worker" in r.json()["waiting_reason"]  # the API runs alone
+
+
+def test_the_state_notify_names_the_new_state(migrated_url: str) -> None:
+    """Migration 0008: the NOTIFY a state change sends is "<job id> <new state>"."""
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    from api.jobwait import CHANNEL
+    from db import jobs
+    from db.session import session_scope
+    from tests.factories import train_request
+
+    dsn = make_url(migrated_url).set(drivername="postgresql").render_as_string(
+        hide_password=False)
+    with psycopg.connect(dsn, autocommit=True) as listener:
+        listener.execute(f"LISTEN {CHANNEL}")
+        with session_scope(migrated_url) as session:
+            job = jobs.create_job(session, tenant="t", kind="train", name="n",
+                                  request=train_request(1), summary=None, max_attempts=1)
+        with session_scope(migrated_url) as session:
+            assert jobs.claim_job(session, job_id=job.id, worker_id="w") is not None
+        with session_scope(migrated_url) as session:
+            jobs.cancel_job(session, job_id=job.id, tenant=None)
+        got = [n.payload for n in listener.notifies(timeout=2.0, stop_after=2)]
+    assert got == [f"{job.id} running", f"{job.id} canceled"]
+
+
+def test_a_wait_for_the_end_sleeps_through_the_start() -> None:
+    """JobWaits.wake: a waiter for the job's end (the long poll) is not woken by a change to
+    running; it is by an end, and by a bare id (a database before migration 0008); an event
+    stream's waiter is woken by every change."""
+    import asyncio
+
+    from api.jobwait import JobWaits
+    from convoy.settings import Settings
+
+    async def run() -> list[tuple[bool, bool]]:
+        waits = JobWaits(Settings(database_url="sqlite://"))
+        seen = []
+        with waits.subscribe("j", ended_only=True) as end, waits.subscribe("j") as any_change:
+            for state in ("running", "succeeded", None):
+                waits.wake("j", state)
+                seen.append((end.event.is_set(), any_change.event.is_set()))
+                end.event.clear()
+                any_change.event.clear()
+            waits.wake("other", "succeeded")
+            seen.append((end.event.is_set(), any_change.event.is_set()))
+        return seen
+
+    assert asyncio.run(run()) == [(False, True), (True, True), (True, True), (False, False)]
