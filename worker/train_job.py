@@ -96,6 +96,7 @@ class TrainRun:
         self.recorded_at = time.monotonic()
         self.record_every_s = settings.epoch_record_seconds if shard is None else 0.0
         self.written = 0  # the newest epoch whose checkpoint this attempt has (or resumed)
+        self.checkpointed: set[int] = set()  # the epochs whose files this attempt wrote
         self.latest: Finished | None = None  # the last epoch this attempt finished
         self.last: Finished | None = None  # the job's last epoch, to record with the outcome
         # whether _prune has looked for an earlier attempt's leftover files (a first attempt
@@ -197,6 +198,7 @@ class TrainRun:
                 rows.append(Artifact(job_id=self.job.id, tenant=self.job.tenant, kind=kind,
                                      name=fname, key=key, size=size, sha256=sha,
                                      meta={"epoch": done.epoch, "metrics": kept_metrics}))
+            self.checkpointed.add(done.epoch)
         except BaseException:
             # No file without its row: the model file written before the optimizer file hit a
             # full store goes too (a row an earlier attempt left for this name then points at
@@ -320,6 +322,10 @@ class TrainRun:
         commit."""
         policy = self.request.checkpoints
         if policy.keep_last is None:
+            return []
+        if self.job.attempt <= 1 and len(self.checkpointed) <= policy.keep_last:
+            # A first attempt's checkpoints are all its own (every way back to the queue
+            # raises the attempt): no more of them than keep_last, so all stay. No read.
             return []
         rows = artifacts.resume_index(session, job_id=self.job.id)
         models = {e: r for r in rows if r.kind == "checkpoint"

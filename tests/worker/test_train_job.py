@@ -174,3 +174,37 @@ def test_a_cancel_records_every_finished_epoch_with_its_stop_checkpoint(
 def test_a_negative_epoch_record_interval_is_refused_by_name(tmp_path):
     with pytest.raises(ValidationError, match="epoch_record_seconds"):
         Settings(home=tmp_path, epoch_record_seconds=-1)
+
+
+@pytest.mark.parametrize("epochs", [3, 5])
+def test_a_first_attempt_reads_its_checkpoints_for_retention_only_past_keep_last(
+        migrated_url, tmp_path, monkeypatch, epochs):
+    """keep_last is 3 (the default) and every epoch is checkpointed: a first attempt with no
+    more checkpoints than that keeps them all without reading the job's checkpoint rows; past
+    it, the rows are read and the older ones dropped, rows and files."""
+    from worker import runner
+
+    with session_scope(migrated_url) as session:
+        job = jobs.create_job(session, tenant="t", kind="train", name="retain",
+                              request=train_request(epochs), summary=None, max_attempts=1)
+    reads: list[str] = []
+    real = artifacts.resume_index
+
+    def counted(session: object, *, job_id: str) -> object:
+        reads.append(job_id)
+        return real(session, job_id=job_id)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(artifacts, "resume_index", counted)
+    settings = Settings(home=tmp_path, database_url=migrated_url, checkpoint_min_seconds=0,
+                        epoch_record_seconds=0)
+    assert runner.run_job(job.id, worker_id="w", settings=settings) == "done"
+    with session_scope(migrated_url) as session:
+        assert jobs.get_job(session, job_id=job.id).state == "succeeded"
+        rows = real(session, job_id=job.id)
+    kept = sorted(e for r in rows if r.kind == "checkpoint" and (e := row_epoch(r)))
+    assert kept == list(range(max(1, epochs - 2), epochs + 1))
+    on_disk = sorted(p.name for p in tmp_path.rglob("epoch-*.safetensors")
+                     if ".optimizer." not in p.name)
+    assert len(on_disk) == len(kept)
+    # epochs 4 and 5 each found more than keep_last checkpoints to choose from
+    assert len(reads) == (0 if epochs <= 3 else 2)
