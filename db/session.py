@@ -48,12 +48,33 @@ def _make_engine(url: str, *, pool_size: int, max_overflow: int, timeout: float,
             cur.close()
 
         return engine
-    # pre_ping: a PostgreSQL restart must not leave dead connections in the pool.
     # json_deserializer: a stored lone surrogate reads back as U+FFFD.
     connect = {} if connect_timeout is None else {"connect_timeout": connect_timeout}
-    return create_engine(url, pool_pre_ping=True, pool_size=pool_size,
-                         max_overflow=max_overflow, pool_timeout=timeout, connect_args=connect,
-                         json_deserializer=loads_replacing)
+    engine = create_engine(url, pool_size=pool_size, max_overflow=max_overflow,
+                           pool_timeout=timeout, connect_args=connect,
+                           json_deserializer=loads_replacing)
+    event.listen(engine, "checkout", _closed_by_server)  # in place of pool_pre_ping
+    return engine
+
+
+def _closed_by_server(dbapi_conn: Any, _record: Any, _proxy: Any) -> None:
+    """A PostgreSQL restart must not leave dead connections in the pool. pool_pre_ping would
+    ask the server (a `SELECT 1` round trip at every checkout, several per job); this looks at
+    the socket instead: an idle connection the server has closed (a restart, a terminated
+    backend, an idle timeout) has something to read (the server's last message, or the end
+    of the stream), a live idle one has nothing. DisconnectionError makes the pool discard the
+    connection and check out a fresh one. (A silent network loss is caught by neither: the
+    statement fails and, in the worker, is retried as any disconnect.)"""
+    import select
+
+    from sqlalchemy.exc import DisconnectionError
+
+    if dbapi_conn.closed or dbapi_conn.broken:
+        raise DisconnectionError("the pooled connection is closed")
+    poller = select.poll()
+    poller.register(dbapi_conn.pgconn.socket, select.POLLIN)
+    if poller.poll(0):
+        raise DisconnectionError("the server closed the pooled connection")
 
 
 @lru_cache

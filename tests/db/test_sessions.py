@@ -3,6 +3,7 @@ a read used must come back to a write session in a transaction again."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -43,3 +44,34 @@ def test_read_sessions_autocommit_and_the_pool_gives_write_sessions_transactions
         assert session.execute(text("SELECT count(*) FROM t")).scalar() == 0
     with get_side_sessionmaker(url, "auth")() as side:
         assert not in_transaction(side)
+
+
+def test_a_pooled_connection_the_server_closed_is_replaced_without_a_ping(url):
+    """db.session._closed_by_server: the pool asks the socket, not the server, whether an idle
+    connection still lives (no `SELECT 1` at checkout); one whose backend was terminated (as
+    in a restart) is replaced, and the next statement works."""
+    from sqlalchemy import event
+
+    engine = get_engine(url)
+    sent: list[str] = []
+    event.listen(engine, "before_cursor_execute", lambda *a: sent.append(a[2]))
+    with engine.connect() as conn:
+        first = conn.execute(text("SELECT pg_backend_pid()")).scalar()
+    with engine.connect() as conn:  # the same pooled connection, checked out without a ping
+        assert conn.execute(text("SELECT pg_backend_pid()")).scalar() == first
+    assert sent == ["SELECT pg_backend_pid()"] * 2
+    held = engine.connect()
+    assert held.execute(text("SELECT pg_backend_pid()")).scalar() == first
+    with engine.connect() as other:  # a second connection ends the first one's backend
+        held.close()  # while it is idle in the pool
+        assert other.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": first}).scalar()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:  # the backend goes away just after the call
+        with engine.connect() as check:
+            if not check.execute(text("SELECT count(*) FROM pg_stat_activity WHERE pid = :p"),
+                                 {"p": first}).scalar():
+                break
+        time.sleep(0.05)
+    for _ in range(3):  # whichever pooled connection comes out, it works
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT pg_backend_pid()")).scalar() != first
