@@ -49,6 +49,8 @@ FIGURES = {
     "bench_scale": [rf"GET /v1/jobs/\{{id\}} +p50 +{NUMBER} +{NUMBER} +{NUMBER}x",
                     rf"reconciler pass +p50 +{NUMBER} +{NUMBER} +{NUMBER}x",
                     r"list page +Limit > .*ix_jobs_tenant_state_created"],
+    "bench_ab": [rf"old: e2e +{NUMBER} ms  bare loop +{NUMBER} ms  median ratio +{NUMBER}x",
+                 rf"new: e2e +{NUMBER} ms  bare loop +{NUMBER} ms  median ratio +{NUMBER}x"],
     "bench_scenes": [rf"resnet-small +augment=yes +val_accuracy={NUMBER}",
                      rf"residual - plain \(augment=yes\): [+-]{NUMBER}"],
 }
