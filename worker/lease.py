@@ -1,11 +1,13 @@
 """A running job's lease, renewed by a background thread; it also notices cancel.
 
 The thread writes the loop's progress with each renewal, so the hot loop never touches
-the database."""
+the database. One such thread per worker process serves every lease it holds (_Keeper): a
+job starts and ends without starting or joining a thread of its own."""
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 
@@ -42,16 +44,17 @@ class Lease:
         # monotonic time just before the newest renewal that held (None: none yet)
         self.renewed_at: float | None = None
         self._t0 = time.monotonic()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"lease-{job_id}", daemon=True)
+        # Renew every `every_s`; in between, a read-only look each second, so a cancel stops
+        # the loop within about a second even with a long heartbeat period.
+        self.tick_s = min(self.every_s, 1.0)
+        self._last_renewal = time.monotonic()
 
     def __enter__(self) -> Lease:
-        self._thread.start()
+        _KEEPER.add(self)
         return self
 
     def __exit__(self, exc_type: object, exc: object, _tb: object) -> None:
-        self._stop.set()
-        self._thread.join()
+        _KEEPER.remove(self)  # (after a tick in progress for it, if any)
         if isinstance(exc, Stopped) and self.timed_out.is_set() and not self.lost.is_set():
             raise JobTimedOut(f"timed out after {self.elapsed():.0f} s (timeout "
                               f"{self.timeout_s:g} s, counting every attempt's running "
@@ -73,41 +76,101 @@ class Lease:
                             self.elapsed(), self.timeout_s)
             self.timed_out.set()
 
-    def _run(self) -> None:
-        # Renew every `every_s`; in between, a read-only look each second, so a cancel stops
-        # the loop within about a second even with a long heartbeat period.
-        tick = min(self.every_s, 1.0)
-        last_renewal = time.monotonic()
-        while not self._stop.wait(tick):
-            renew = time.monotonic() - last_renewal >= self.every_s - 1e-3
-            sent = time.monotonic()
-            try:
-                with session_scope(self.db_url) as session:
-                    if not self._limits_read:
-                        self._read_limits(session)
-                    if renew:
-                        held = leases.heartbeat(session, job_id=self.job_id,
-                                                worker_id=self.worker_id,
-                                                progress=round(self.progress.value, 4))
-                        if held:  # the worker's row says it is alive and on this job
-                            workers.touch(session, worker_id=self.worker_id,
-                                          current_job=self.job_id)
-                    else:
-                        held = leases.holds_lease(session, job_id=self.job_id,
-                                                  worker_id=self.worker_id)
-            except Exception:  # the database is down: keep training, try again next tick
-                log.warning("heartbeat for job %s failed", self.job_id, exc_info=True)
-                continue
-            if renew:
-                last_renewal = time.monotonic()
-                if held:
-                    self.renewed_at = sent
-            if not held:
-                self.lost.set()
-                return
-            # Past its timeout the job stops between steps, like a cancel; the thread goes on
-            # renewing the lease so the worker can record the failure as the lease holder.
-            self._check_timeout()
+    def tick(self) -> bool:
+        """One look (a renewal when due) on the keeper's thread; False once the lease is
+        lost (nothing more to do for it)."""
+        renew = time.monotonic() - self._last_renewal >= self.every_s - 1e-3
+        sent = time.monotonic()
+        try:
+            with session_scope(self.db_url) as session:
+                if not self._limits_read:
+                    self._read_limits(session)
+                if renew:
+                    held = leases.heartbeat(session, job_id=self.job_id,
+                                            worker_id=self.worker_id,
+                                            progress=round(self.progress.value, 4))
+                    if held:  # the worker's row says it is alive and on this job
+                        workers.touch(session, worker_id=self.worker_id,
+                                      current_job=self.job_id)
+                else:
+                    held = leases.holds_lease(session, job_id=self.job_id,
+                                              worker_id=self.worker_id)
+        except Exception:  # the database is down: keep training, try again next tick
+            log.warning("heartbeat for job %s failed", self.job_id, exc_info=True)
+            return True
+        if renew:
+            self._last_renewal = time.monotonic()
+            if held:
+                self.renewed_at = sent
+        if not held:
+            self.lost.set()
+            return False
+        # Past its timeout the job stops between steps, like a cancel; the thread goes on
+        # renewing the lease so the worker can record the failure as the lease holder.
+        self._check_timeout()
+        return True
 
     def should_stop(self) -> bool:
         return self.lost.is_set() or self.timed_out.is_set()
+
+
+class _Keeper:
+    """The process's one lease thread, started with its first lease: it ticks each lease it
+    holds `tick_s` after that lease's previous tick ended (as a thread of the lease's own
+    would), one tick at a time, named `lease-<job id>` meanwhile."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._due: dict[Lease, float] = {}  # lease -> when its next tick is due (monotonic)
+        self._ticking: Lease | None = None
+        self._pid: int | None = None  # the process whose thread runs (none after a fork)
+
+    def add(self, lease: Lease) -> None:
+        with self._cond:
+            self._due[lease] = time.monotonic() + lease.tick_s
+            if self._pid != os.getpid():
+                self._pid = os.getpid()
+                threading.Thread(target=self._run, name="leases", daemon=True).start()
+            self._cond.notify_all()
+
+    def remove(self, lease: Lease) -> None:
+        """No tick for `lease` from now on: it is dropped, and a tick of it in progress is
+        waited for."""
+        with self._cond:
+            self._due.pop(lease, None)
+            while self._ticking is lease:
+                self._cond.wait()
+
+    def _next(self) -> Lease:
+        with self._cond:
+            while True:
+                now = time.monotonic()
+                due = min(self._due.items(), key=lambda item: item[1], default=None)
+                if due is not None and due[1] <= now:
+                    self._ticking = due[0]
+                    return due[0]
+                self._cond.wait(None if due is None else due[1] - now)
+
+    def _run(self) -> None:
+        me = threading.current_thread()
+        while True:
+            lease = self._next()
+            me.name = f"lease-{lease.job_id}"
+            going_on = True
+            try:
+                going_on = lease.tick()
+            except Exception:  # noqa: BLE001 - a bug in one tick must not stop every lease
+                log.exception("lease tick of job %s failed", lease.job_id)
+            finally:
+                me.name = "leases"
+                with self._cond:
+                    self._ticking = None
+                    if lease in self._due:
+                        if going_on:
+                            self._due[lease] = time.monotonic() + lease.tick_s
+                        else:
+                            del self._due[lease]
+                    self._cond.notify_all()
+
+
+_KEEPER = _Keeper()

@@ -110,3 +110,26 @@ def test_renewal_comes_every_5s_and_the_looks_in_between_write_nothing(migrated_
     assert len([t for t in reads if t < EVERY_S - 0.5]) >= 3, sent  # looks at ~1, 2, 3, 4 s
     assert [verb for _, verb in writes] == ["UPDATE jobs", "UPDATE workers"], sent
     assert all(EVERY_S - 0.5 <= t <= EVERY_S + 1.0 for t, _ in writes), sent
+
+
+def test_one_thread_renews_every_lease_and_none_after_its_exit(migrated_url):
+    """worker.lease._Keeper: leases held at once are all renewed by the process's one lease
+    thread (no thread starts or ends with a job), and a lease that has exited writes no more."""
+    first, second = claimed_job(migrated_url), claimed_job(migrated_url)
+    with Lease(db_url=migrated_url, job_id=first, worker_id="w", every_s=0.2,
+               progress=Progress(value=0.25)):
+        threads = {t.ident for t in threading.enumerate()}
+        with Lease(db_url=migrated_url, job_id=second, worker_id="w", every_s=0.2,
+                   progress=Progress(value=0.5)):
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and not (
+                    row(migrated_url, first)[2] == 0.25 and row(migrated_url, second)[2] == 0.5):
+                time.sleep(0.05)
+            assert row(migrated_url, first)[2] == 0.25 and row(migrated_url, second)[2] == 0.5
+            assert {t.ident for t in threading.enumerate()} == threads
+        after_exit = row(migrated_url, second)[:2]
+        before = row(migrated_url, first)[1]
+        time.sleep(0.8)  # four periods of 0.2 s
+        assert row(migrated_url, second)[:2] == after_exit  # nothing written once it exited
+        assert row(migrated_url, first)[1] > before  # while the other lease goes on renewing
+    assert {t.ident for t in threading.enumerate()} == threads
