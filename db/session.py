@@ -71,9 +71,13 @@ def _closed_by_server(dbapi_conn: Any, _record: Any, _proxy: Any) -> None:
 
     if dbapi_conn.closed or dbapi_conn.broken:
         raise DisconnectionError("the pooled connection is closed")
-    poller = select.poll()
-    poller.register(dbapi_conn.pgconn.socket, select.POLLIN)
-    if poller.poll(0):
+    try:
+        poller = select.poll()
+        poller.register(dbapi_conn.pgconn.socket, select.POLLIN)
+        readable = bool(poller.poll(0))
+    except Exception as exc:  # noqa: BLE001 - no socket to look at: not a usable connection
+        raise DisconnectionError(f"the pooled connection has no usable socket: {exc}") from exc
+    if readable:
         raise DisconnectionError("the server closed the pooled connection")
 
 
