@@ -120,17 +120,23 @@ class _Keeper:
     would), one tick at a time, named `lease-<job id>` meanwhile."""
 
     def __init__(self) -> None:
+        self.forget()
+
+    def forget(self) -> None:
+        """Nothing held and no thread yet (also in a forked child: none of the parent's leases,
+        and no lock a parent's thread held at the fork)."""
         self._cond = threading.Condition()
         self._due: dict[Lease, float] = {}  # lease -> when its next tick is due (monotonic)
         self._ticking: Lease | None = None
-        self._pid: int | None = None  # the process whose thread runs (none after a fork)
+        self._thread: threading.Thread | None = None
 
     def add(self, lease: Lease) -> None:
         with self._cond:
             self._due[lease] = time.monotonic() + lease.tick_s
-            if self._pid != os.getpid():
-                self._pid = os.getpid()
-                threading.Thread(target=self._run, name="leases", daemon=True).start()
+            if self._thread is None or not self._thread.is_alive():  # first, or it died
+                thread = threading.Thread(target=self._run, name="leases", daemon=True)
+                thread.start()
+                self._thread = thread
             self._cond.notify_all()
 
     def remove(self, lease: Lease) -> None:
@@ -174,3 +180,4 @@ class _Keeper:
 
 
 _KEEPER = _Keeper()
+os.register_at_fork(after_in_child=_KEEPER.forget)

@@ -239,7 +239,8 @@ async def get_job(
         body = await _read_job(request, settings, job_id, ended_only=True)
         while body is None and (left := deadline - anyio.current_time()) > 0:
             await woken.wait(min(left, waits.recheck_seconds))
-            body = await _read_job(request, settings, job_id, ended_only=True)
+            body = await _read_job(request, settings, job_id,  # the last read: the answer
+                                   ended_only=deadline > anyio.current_time())
     if body is None:
         body = await _read_job(request, settings, job_id)
     return Response(body, media_type="application/json")

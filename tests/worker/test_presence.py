@@ -20,8 +20,8 @@ class Counted(Presence):
         self.reports = 0
 
     def report(self) -> None:
+        self.reports += 1  # (counted first: a test that sees the row sees the count)
         super().report()
-        self.reports += 1
 
 
 def row(url: str) -> tuple[str, str | None]:

@@ -1,7 +1,8 @@
 """PostgreSQL: the job-state NOTIFY (migration 0007) carries the new state after the job id
 ("<id> <state>"), so a waiter that only cares how a job ends (GET /v1/jobs/{id}?wait_seconds=)
 is not woken, to read the row again, when the job starts running (api/jobwait.py).
-SQLite: no-op.
+SQLite: no-op. Deploy the API before migrating: the API reads both payloads, an older API
+takes "<id> <state>" for an id and its waiters fall back to re-reading every few seconds.
 
 Revision ID: 0008
 Revises: 0007
