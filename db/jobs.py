@@ -41,10 +41,11 @@ def create_job(
     summary: dict[str, Any] | None,
     max_attempts: int,
     timeout_seconds: float | None = None,
+    job_id: str | None = None,
 ) -> Job:
     now = utcnow()
     job = Job(
-        id=new_id(),
+        id=job_id or new_id(),
         tenant=tenant,
         kind=kind,
         name=name,

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
+from contextlib import nullcontext
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
 import anyio
-from fastapi import APIRouter, Body, HTTPException, Query, Request, Response
+from fastapi import APIRouter, Body, Header, HTTPException, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
@@ -29,7 +32,7 @@ from api.deps import (
 from api.downloads import DOWNLOAD_RESPONSES, artifact_download
 from api.idempotency import canonical_json, conflict, idem_for
 from api.init import check_init
-from api.jobwait import JobWaits
+from api.jobwait import JobWaits, Subscription
 from api.quota import check_storage
 from api.schemas import (
     BINARY,
@@ -57,6 +60,7 @@ from db import artifacts, attempts, job_reads, joblog, metrics
 from db import jobs as jobs_db
 from db.dispatch import devices_of
 from db.idempotency import KeyReused
+from db.ids import new_id
 from db.states import TERMINAL_STATES, JobState
 from db.tables import Job
 
@@ -87,33 +91,89 @@ def load_job(session: Session, job_id: str, tenant: str) -> Job:
         raise HTTPException(404, f"job {job_id[:64]} not found") from None
 
 
+# GET /v1/jobs/{id}?wait_seconds= and POST /v1/jobs with `Prefer: wait=`: the longest wait a
+# request may ask for (a proxy in front typically cuts a request off after 60 s).
+MAX_WAIT_SECONDS = 60.0
+
+# RFC 7240's `wait` preference: `Prefer: wait=N` asks POST /v1/jobs to answer when the job
+# has ended, or after N seconds (at most MAX_WAIT_SECONDS) with the job as it is then.
+_PREFER_WAIT = re.compile(r"(?:^|[,;])\s*wait\s*=\s*([^,;\s]*)", re.IGNORECASE)
+
+
+def prefer_wait(prefer: str | None) -> float:
+    """The seconds `Prefer: wait=N` asks for (0: none asked); 422 naming the header when N is
+    not a number of seconds from 0 to MAX_WAIT_SECONDS."""
+    found = _PREFER_WAIT.search(prefer or "")
+    if found is None:
+        return 0.0
+    try:
+        seconds = float(found.group(1))
+    except ValueError:
+        seconds = float("nan")
+    if not 0 <= seconds <= MAX_WAIT_SECONDS:  # (NaN too)
+        raise RequestValidationError([{
+            "type": "value_error", "loc": ("header", "prefer"), "input": prefer,
+            "msg": f"Prefer: wait={found.group(1)[:20]}: the wait must be a number of seconds "
+                   f"from 0 to {MAX_WAIT_SECONDS:g}"}])
+    return seconds
+
+
 @router.post("", status_code=201, response_model=JobOut, response_model_exclude_unset=True,
              responses={200: {"model": JobOut, "description": "the job an earlier request "
                               "with the same Idempotency-Key and body created"}})
-def submit_job(
+async def submit_job(
     body: Annotated[JobRequest, Body()],
-    session: SessionDep,
     settings: SettingsDep,
     principal: PrincipalDep,
     celery: CeleryDep,
     request: Request,
     response: Response,
+    prefer: Annotated[str | None, Header(
+        max_length=200,
+        description="`wait=N` (RFC 7240): answer when the job has ended, or after N seconds "
+                    f"(0 to {MAX_WAIT_SECONDS:g}) with the job as it is then, as a long poll "
+                    "would (GET /v1/jobs/{id}?wait_seconds=N); the answer then says "
+                    "`Preference-Applied: wait=N`")] = None,
 ) -> Response:
-    # The JSON written straight from the schema, as GET /v1/jobs/{id} does: FastAPI would
-    # validate the returned model again, on another trip to the thread pool.
-    try:
-        out = _submit(body, session, settings, principal, celery, request, response)
-    finally:
-        session.close()  # here, on this thread: no second trip to the pool to close it
-    return Response(out.model_dump_json(exclude_unset=True), status_code=response.status_code
-                    or 201, headers={"Location": response.headers["location"]},
+    wait = prefer_wait(prefer)  # (before anything is created)
+    # With a wait, the job's id is chosen here and subscribed to before its row is committed,
+    # so its end cannot be missed and no read is needed until it wakes the wait. The session
+    # (and its slot of the session gate) is given back before the wait: a waiting submission
+    # holds neither, as a long poll does not.
+    job_id = new_id() if wait else None
+    waits: JobWaits = request.app.state.job_waits
+    with waits.subscribe(job_id, ended_only=True) if job_id else nullcontext() as woken:
+        async with gated_session(request, settings) as session:
+            def submit() -> JobOut:
+                try:
+                    return _submit(body, session, settings, principal, celery, request,
+                                   response, job_id=job_id)
+                finally:
+                    session.close()  # here, on this thread
+
+            out = await run_in_threadpool(submit)
+        # The JSON written straight from the schema, as GET /v1/jobs/{id} does.
+        content = out.model_dump_json(exclude_unset=True).encode()
+        headers = {"Location": response.headers["location"]}
+        if wait:
+            headers["Preference-Applied"] = f"wait={wait:g}"
+            if out.state not in TERMINAL_STATES:
+                deadline = anyio.current_time() + wait
+                if woken is not None and out.id == job_id:
+                    content = await _wait_for_end(request, settings, out.id, woken, deadline,
+                                                  read_first=False)
+                else:  # an earlier request's job (the same Idempotency-Key)
+                    with waits.subscribe(out.id, ended_only=True) as theirs:
+                        content = await _wait_for_end(request, settings, out.id, theirs,
+                                                      deadline)
+    return Response(content, status_code=response.status_code or 201, headers=headers,
                     media_type="application/json")
 
 
 def _submit(body: TrainJobRequest | FeatureMapsJobRequest | InvarianceJobRequest
             | EvaluateJobRequest | ExportJobRequest, session: Session,
             settings: Settings, principal: Principal, celery: Any, request: Request,
-            response: Response) -> JobOut:
+            response: Response, job_id: str | None = None) -> JobOut:
     request_json = dump(body)
     idem = idem_for(request, tenant=principal.tenant, route="POST /v1/jobs",
                     parts=[canonical_json(request_json)])
@@ -148,6 +208,7 @@ def _submit(body: TrainJobRequest | FeatureMapsJobRequest | InvarianceJobRequest
             idem=idem, idem_ttl_seconds=settings.idempotency_ttl_seconds,
             kind=body.kind, name=body.name, request=request_json, summary=summary,
             max_attempts=body.max_attempts or settings.max_attempts, timeout_seconds=timeout,
+            job_id=job_id,
         )
     except jobs_db.QueueFull as exc:
         raise HTTPException(429, str(exc), headers={"Retry-After": "30"}) from None
@@ -205,11 +266,6 @@ def list_jobs(
     return JobPage(items=with_reasons(session, settings, rows[:limit]), next_cursor=next_cursor)
 
 
-# GET /v1/jobs/{id}?wait_seconds=: the longest wait a poll may ask for (a proxy in front
-# typically cuts a request off after 60 s).
-MAX_WAIT_SECONDS = 60.0
-
-
 @router.get("/{job_id}", response_model=JobOut, response_model_exclude_unset=True)
 async def get_job(
     job_id: str, request: Request, settings: SettingsDep,
@@ -230,20 +286,29 @@ async def get_job(
         assert now is not None
         return Response(now, media_type="application/json")
     # A long poll holds no connection (nor a slot of the session gate) while it waits; it is
-    # subscribed before its first read, so an end committed after that read wakes it. Reads
-    # while the job has not ended only look (no JSON, no waiting reasons); the answer of a
-    # wait that ran out is read afresh at its end.
+    # subscribed before its first read, so an end committed after that read wakes it.
     waits: JobWaits = request.app.state.job_waits
     deadline = anyio.current_time() + wait_seconds
     with waits.subscribe(job_id, ended_only=True) as woken:
-        body = await _read_job(request, settings, job_id, ended_only=True)
-        while body is None and (left := deadline - anyio.current_time()) > 0:
-            await woken.wait(min(left, waits.recheck_seconds))
-            body = await _read_job(request, settings, job_id,  # the last read: the answer
-                                   ended_only=deadline > anyio.current_time())
+        body = await _wait_for_end(request, settings, job_id, woken, deadline)
+    return Response(body, media_type="application/json")
+
+
+async def _wait_for_end(request: Request, settings: Settings, job_id: str, woken: Subscription,
+                        deadline: float, *, read_first: bool = True) -> bytes:
+    """The job as answered once it has ended, or at `deadline` as it is then; `woken` was
+    subscribed before the job could end unseen (`read_first=False`: before it was committed,
+    so nothing to read until a wake-up). Reads while the job has not ended only look (no
+    JSON, no waiting reasons); the last read is the answer."""
+    body = await _read_job(request, settings, job_id, ended_only=True) if read_first else None
+    while body is None and (left := deadline - anyio.current_time()) > 0:
+        await woken.wait(min(left, request.app.state.job_waits.recheck_seconds))
+        body = await _read_job(request, settings, job_id,  # the last read: the answer
+                               ended_only=deadline > anyio.current_time())
     if body is None:
         body = await _read_job(request, settings, job_id)
-    return Response(body, media_type="application/json")
+    assert body is not None  # (a read that is not ended_only always answers)
+    return body
 
 
 async def _read_job(request: Request, settings: Settings, job_id: str, *,

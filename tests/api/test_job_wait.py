@@ -147,3 +147,74 @@ def test_a_wait_for_the_end_sleeps_through_the_start() -> None:
         return seen
 
     assert asyncio.run(run()) == [(False, True), (True, True), (True, True), (False, False)]
+
+
+# --- POST /v1/jobs with `Prefer: wait=N` (RFC 7240) -----------------------------------------
+
+def test_a_submission_that_waits_answers_when_its_job_ends(alone: Stack) -> None:
+    name = f"waits-{time.monotonic_ns()}"
+
+    def submit_and_wait() -> tuple[int, dict[str, str], dict[str, object]]:
+        with alone.client() as client:
+            r = client.post("/v1/jobs", json={**job_request(1), "name": name},
+                            headers={"Prefer": "wait=60"}, timeout=20)
+            return r.status_code, dict(r.headers), dict(r.json())
+
+    with ThreadPoolExecutor(1) as pool, alone.client() as client:
+        waiting = pool.submit(submit_and_wait)
+        deadline = time.monotonic() + 10
+        mine: list[dict[str, object]] = []
+        while not mine and time.monotonic() < deadline:  # the job exists while the POST waits
+            mine = [j for j in client.get("/v1/jobs").json()["items"] if j["name"] == name]
+            time.sleep(0.05)
+        assert mine and mine[0]["state"] == "queued"
+        assert not waiting.done()
+        assert client.post(f"/v1/jobs/{mine[0]['id']}/cancel").status_code == 200
+        status, headers, job = waiting.result()
+    assert status == 201
+    assert job["id"] == mine[0]["id"] and job["state"] == "canceled"
+    assert headers["location"] == f"/v1/jobs/{job['id']}"
+    assert headers["preference-applied"] == "wait=60"
+
+
+def test_a_submission_whose_wait_runs_out_answers_the_job_as_it_is(alone: Stack) -> None:
+    with alone.client() as client:
+        r = client.post("/v1/jobs", json=job_request(1),
+                        headers={"Prefer": "respond-async, wait=0.3"})
+        client.post(f"/v1/jobs/{r.json()['id']}/cancel")
+    assert r.status_code == 201, r.text
+    assert r.json()["state"] == "queued"
+    assert "no live worker" in r.json()["waiting_reason"]  # the whole job, as a GET says it
+    assert r.headers["preference-applied"] == "wait=0.3"
+
+
+def test_a_retried_submission_that_waits_waits_on_the_first_ones_job(alone: Stack) -> None:
+    key = f"k-{time.monotonic_ns()}"
+    with alone.client() as client:
+        first = client.post("/v1/jobs", json=job_request(1), headers={"Idempotency-Key": key})
+        again = client.post("/v1/jobs", json=job_request(1),
+                            headers={"Idempotency-Key": key, "Prefer": "wait=0.3"})
+        client.post(f"/v1/jobs/{first.json()['id']}/cancel")
+    assert (first.status_code, again.status_code) == (201, 200)
+    assert again.json()["id"] == first.json()["id"] and again.json()["state"] == "queued"
+
+
+@pytest.mark.parametrize("value", ["wait=61", "wait=-1", "wait=soon", "wait=nan", "wait="])
+def test_a_bad_wait_preference_is_422_naming_the_header_and_creates_nothing(
+        alone: Stack, value: str) -> None:
+    with alone.client() as client:
+        before = len(client.get("/v1/jobs", params={"limit": 200}).json()["items"])
+        r = client.post("/v1/jobs", json=job_request(1), headers={"Prefer": value})
+        after = len(client.get("/v1/jobs", params={"limit": 200}).json()["items"])
+    assert r.status_code == 422, r.text
+    assert [e["loc"] for e in r.json()["detail"]] == [["header", "prefer"]]
+    assert "wait" in r.json()["detail"][0]["msg"]
+    assert after == before
+
+
+def test_a_preference_other_than_wait_is_ignored(alone: Stack) -> None:
+    with alone.client() as client:
+        r = client.post("/v1/jobs", json=job_request(1), headers={"Prefer": "return=minimal"})
+        client.post(f"/v1/jobs/{r.json()['id']}/cancel")
+    assert r.status_code == 201 and "preference-applied" not in r.headers
+    assert r.json()["state"] == "queued"
