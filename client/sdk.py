@@ -122,11 +122,18 @@ class Convoy:
 
     # ---- jobs ---------------------------------------------------------------------------
 
-    def submit(self, request: dict[str, Any], *, idempotency_key: str | None = None) -> Job:
+    def submit(self, request: dict[str, Any], *, idempotency_key: str | None = None,
+               wait_seconds: float | None = None) -> Job:
         """Submit a job; retried with one Idempotency-Key (a fresh one unless given), so it
-        is created at most once however often the answer is lost."""
+        is created at most once however often the answer is lost. With `wait_seconds` (at
+        most 60; `Prefer: wait`), answered when the job has ended, or after that long with
+        the job as it is then: a short job in one request."""
+        kw: dict[str, Any] = {}
+        if wait_seconds:
+            kw = {"headers": {"Prefer": f"wait={wait_seconds:g}"},
+                  "timeout": httpx.Timeout(30.0, read=wait_seconds + 30.0)}
         return Job.from_json(self._post_idempotent("/v1/jobs", json=request,
-                                                   idempotency_key=idempotency_key).json())
+                                                   idempotency_key=idempotency_key, **kw).json())
 
     def get(self, job_id: str, *, wait_seconds: float | None = None) -> Job:
         """The job; with `wait_seconds` (at most 60), a long poll: answered as soon as the job

@@ -10,7 +10,7 @@ from safetensors.torch import load
 
 from tests.checks import digits_val_accuracy
 from tests.factories import train_request
-from tests.services import wait_job
+from tests.services import TOKEN, wait_job
 
 EPOCHS = 6
 
@@ -97,3 +97,13 @@ def test_the_api_process_never_loads_torch(stack, client):
     assert "libtorch" not in maps(stack.api.pid)
     assert "/torch/" not in maps(stack.api.pid)
     assert "libtorch" in maps(stack.workers[0].pid)
+
+
+def test_a_short_job_in_one_request(stack):
+    """The SDK's submit(wait_seconds=): POST /v1/jobs with `Prefer: wait`, answered with the
+    finished job."""
+    from client.sdk import Convoy
+
+    with Convoy(stack.url, token=TOKEN) as sdk:
+        job = sdk.submit(train_request(1), wait_seconds=30)
+    assert job.state == "succeeded" and job.result["epochs_done"] == 1
