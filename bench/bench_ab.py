@@ -30,6 +30,8 @@ def main() -> None:
     p.add_argument("--old", type=Path, help="the other checkout's root")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--jobs", type=int, default=30, help="jobs on each stack")
+    p.add_argument("--one-request", action="store_true",
+                   help="submit with `Prefer: wait` (a checkout without it long polls after)")
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args()
     if args.smoke:
@@ -59,7 +61,8 @@ def main() -> None:
         for i in range(args.jobs):
             for name in ("old", "new") if i % 2 == 0 else ("new", "old"):
                 seconds = bare.seconds(args.epochs)
-                runs[name].append((run_one(clients[name], body)["total"], seconds))
+                runs[name].append((run_one(clients[name], body,
+                                           one_request=args.one_request)["total"], seconds))
     for name, pairs in runs.items():
         ratio = statistics.median(t / b for t, b in pairs)
         overhead = statistics.median(t - b for t, b in pairs)
