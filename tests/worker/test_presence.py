@@ -45,16 +45,20 @@ def test_busy_and_idle_settle_into_one_report_and_stopping_goes_at_once(tmp_path
     url = f"sqlite:///{tmp_path / 'convoy.db'}"
     upgrade(url)
     presence = Counted()
-    presence.settle_seconds = 0.4
+    presence.settle_seconds = 1.0
     presence.start(Settings(home=tmp_path, database_url=url, heartbeat_seconds=600),
                    worker_id="w", queues=["q"])
     assert presence.reports == 1 and row(url) == ("idle", None)  # the start's own report
 
     presence.set("busy", "j1")  # a job shorter than the settle period
+    time.sleep(0.3)
+    assert presence.reports == 1  # busy is not reported at once
     presence.set("idle")
     assert wait_until(lambda: presence.reports == 2, timeout=5)
-    time.sleep(0.6)  # past another settle period: nothing else to report
+    time.sleep(1.2)  # past another settle period: nothing else to report
     assert presence.reports == 2 and row(url) == ("idle", None)
+
+    presence.settle_seconds = 0.4
 
     presence.set("busy", "j2")  # a job that lasts: listed busy with it
     assert wait_until(lambda: row(url) == ("busy", "j2"), timeout=5)
