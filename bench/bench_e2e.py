@@ -65,8 +65,8 @@ def run_one(client: httpx.Client, body: dict[str, Any], quiet_s: float = 0.0,
                     headers={"Prefer": "wait=20"} if one_request else None)
     r.raise_for_status()
     submitted = time.perf_counter() - t0
-    job_id = r.json()["id"]
     job = r.json()
+    job_id = job["id"]
     if not long_poll:
         time.sleep(max(0.0, quiet_s - (time.perf_counter() - t0)))
     while job["state"] not in TERMINAL:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import select
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.jsontext import loads_replacing
@@ -65,10 +67,6 @@ def _closed_by_server(dbapi_conn: Any, _record: Any, _proxy: Any) -> None:
     of the stream), a live idle one has nothing. DisconnectionError makes the pool discard the
     connection and check out a fresh one. (A silent network loss is caught by neither: the
     statement fails and, in the worker, is retried as any disconnect.)"""
-    import select
-
-    from sqlalchemy.exc import DisconnectionError
-
     if dbapi_conn.closed or dbapi_conn.broken:
         raise DisconnectionError("the pooled connection is closed")
     try:
