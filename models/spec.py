@@ -248,7 +248,7 @@ def _adaptive_windows(size: int, out: int) -> tuple[int, int]:
     window i is ceil(f_i + size/out) with f_i = (i*size mod out)/out, whose largest value is
     (out - gcd(size, out))/out; the step from i to i+1 is floor(f_i + size/out), smallest at
     i = 0. O(1), where listing every window cost O(out) per layer (512 layers of out=4096
-    took 2 s of CPU; tests/models/test_spec.py checks the forms against the listing)."""
+    took 2 s of CPU; tests/models/test_spec_cost.py checks the forms against the listing)."""
     g = math.gcd(size, out)
     window = -(-(out - g + size) // out)
     step = (size // out if out > 1 else size) or 1

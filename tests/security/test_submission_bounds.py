@@ -275,7 +275,8 @@ def test_summary_of_512_adaptive_pool_layers_is_cheap_or_refused(api: Stack) -> 
         assert "max_model_layers" in r.json()["detail"][0]["msg"]
         r = c.post("/v1/models/summary", json=adaptive_tower(256))
         assert r.status_code == 200, r.text
-        assert time.perf_counter() - t < 1.0  # both answers
+        # both answers, generously: the cost itself is counted in tests/models/test_spec_cost.py
+        assert time.perf_counter() - t < 3.0
         grown = {"input_shape": [1, 8, 8], "layers": [
             {"type": "conv2d", "out_channels": 1, "kernel_size": 1, "padding": 1024}] * 8}
         r = c.post("/v1/models/summary", json=grown)
