@@ -97,7 +97,8 @@ MAX_WAIT_SECONDS = 60.0
 
 # RFC 7240's `wait` preference: `Prefer: wait=N` asks POST /v1/jobs to answer when the job
 # has ended, or after N seconds (at most MAX_WAIT_SECONDS) with the job as it is then.
-_PREFER_WAIT = re.compile(r"(?:^|[,;])\s*wait\s*=\s*([^,;\s]*)", re.IGNORECASE)
+# The value is a token or a quoted string (RFC 7240 section 2): wait=5 and wait="5" alike.
+_PREFER_WAIT = re.compile(r'(?:^|[,;])\s*wait\s*=\s*("[^"]*"|[^,;\s]*)', re.IGNORECASE)
 
 
 def prefer_wait(prefer: str | None) -> float:
@@ -107,7 +108,7 @@ def prefer_wait(prefer: str | None) -> float:
     if found is None:
         return 0.0
     try:
-        seconds = float(found.group(1))
+        seconds = float(found.group(1).strip('"'))
     except ValueError:
         seconds = float("nan")
     if not 0 <= seconds <= MAX_WAIT_SECONDS:  # (NaN too)

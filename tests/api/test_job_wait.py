@@ -218,3 +218,24 @@ def test_a_preference_other_than_wait_is_ignored(alone: Stack) -> None:
         client.post(f"/v1/jobs/{r.json()['id']}/cancel")
     assert r.status_code == 201 and "preference-applied" not in r.headers
     assert r.json()["state"] == "queued"
+
+
+@pytest.mark.parametrize(("prefer", "seconds"), [
+    ("wait=5", 5.0), ('wait="2.5"', 2.5), ("respond-async, WAIT = 1", 1.0),
+    ("respond-async; wait=0", 0.0), ("return=minimal", 0.0), ("x-wait=9", 0.0), (None, 0.0)])
+def test_the_wait_preference_is_read_as_rfc_7240_writes_it(prefer: str | None,
+                                                           seconds: float) -> None:
+    from api.routes.jobs import prefer_wait
+
+    assert prefer_wait(prefer) == seconds
+
+
+@pytest.mark.parametrize("prefer", ['wait="61"', 'wait="', "wait=inf", "wait=1e400"])
+def test_a_wait_preference_out_of_range_raises_naming_the_header(prefer: str) -> None:
+    from fastapi.exceptions import RequestValidationError
+
+    from api.routes.jobs import prefer_wait
+
+    with pytest.raises(RequestValidationError) as caught:
+        prefer_wait(prefer)
+    assert caught.value.errors()[0]["loc"] == ("header", "prefer")
