@@ -10,7 +10,7 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any, NamedTuple
 
-from sqlalchemy import delete, func, literal, select, text, update
+from sqlalchemy import bindparam, delete, func, literal, select, text, update
 from sqlalchemy.orm import Session
 
 from db import artifacts as artifacts_db
@@ -138,11 +138,39 @@ def _tenant_locked(session: Session, job_id: str) -> str | None:
     trip; the claim's UPDATE reads a snapshot taken after it). SQLite: the UPDATE is one
     statement under the database's single write lock, which already serialises it."""
     if session.get_bind().dialect.name != "postgresql":
-        return session.scalar(select(Job.tenant).where(Job.id == job_id))
-    namespace = func.hashtext(literal("convoy-tenant"))
-    row = session.execute(select(Job.tenant, func.pg_advisory_xact_lock(
-        namespace, func.hashtext(Job.tenant))).where(Job.id == job_id)).first()
+        return session.scalar(_TENANT_OF, {"job_id": job_id})
+    row = session.execute(_TENANT_LOCKED_PG, {"job_id": job_id}).first()
     return row[0] if row else None
+
+
+# claim_job's statements, built once: building them per claim cost about as much Python time
+# as their round trips (bench/RESULTS.md, issue 22). The values come as bound parameters.
+_TENANT_OF = select(Job.tenant).where(Job.id == bindparam("job_id"))
+_TENANT_LOCKED_PG = select(Job.tenant, func.pg_advisory_xact_lock(
+    func.hashtext(literal("convoy-tenant")), func.hashtext(Job.tenant))).where(
+    Job.id == bindparam("job_id"))
+
+
+def _claim_update(limited: bool) -> Any:
+    """UPDATE queued -> running RETURNING the row; `limited`: only while the job's tenant
+    (:of_tenant) runs fewer than :max_running jobs. Parameter names other than columns'."""
+    limit: list[Any] = []
+    if limited:
+        running = (select(func.count()).select_from(Job)
+                   .where(Job.tenant == bindparam("of_tenant"), Job.state == JobState.RUNNING)
+                   .scalar_subquery())
+        limit = [running < bindparam("max_running")]
+    now = bindparam("at", type_=Job.__table__.c.updated_at.type)
+    return (update(Job)
+            .where(Job.id == bindparam("job_id"), Job.state == JobState.QUEUED, *limit)
+            .values(state=JobState.RUNNING, worker_id=bindparam("by_worker"),
+                    heartbeat_at=now, updated_at=now, progress=Job.progress,
+                    # an attempt after the first keeps its started_at
+                    started_at=func.coalesce(Job.started_at, now))
+            .returning(Job))
+
+
+_CLAIM = {False: _claim_update(False), True: _claim_update(True)}
 
 
 def claim_job(session: Session, *, job_id: str, worker_id: str,
@@ -157,32 +185,21 @@ def claim_job(session: Session, *, job_id: str, worker_id: str,
     Four round trips on PostgreSQL (five with the line): the tenant and its lock, the UPDATE
     returning the row, the attempt's INSERT, the commit."""
     now = utcnow()
-    limit: list[Any] = []
-    if max_running is not None:
+    params: dict[str, Any] = {"job_id": job_id, "by_worker": worker_id, "at": now}
+    limited = max_running is not None
+    if limited:
         tenant = _tenant_locked(session, job_id)
         if tenant is None:
             session.rollback()
             return None
-        running = (select(func.count()).select_from(Job)
-                   .where(Job.tenant == tenant, Job.state == JobState.RUNNING).scalar_subquery())
-        limit = [running < max_running]
+        params.update(of_tenant=tenant, max_running=max_running)
     job = session.scalars(
-        update(Job)
-        .where(Job.id == job_id, Job.state == JobState.QUEUED, *limit)
-        .values(
-            state=JobState.RUNNING,
-            worker_id=worker_id,
-            heartbeat_at=now,
-            updated_at=now,
-            progress=Job.progress,
-            started_at=func.coalesce(Job.started_at, now),  # an attempt after the first keeps it
-        )
-        .returning(Job),
+        _CLAIM[limited], params,
         execution_options={"populate_existing": True, "synchronize_session": False},
     ).one_or_none()
     if job is None:
         session.rollback()
-        if limit and rowcount(session.execute(
+        if limited and rowcount(session.execute(
             update(Job).where(Job.id == job_id, Job.state == JobState.QUEUED)
             .values(enqueued_at=now).execution_options(synchronize_session=False)
         )) == 1:
