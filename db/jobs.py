@@ -115,8 +115,7 @@ def create_job_once(
             return job, False
         if existing is not None:  # its job is gone: the key starts afresh
             idempotency.forget(session, idem)
-    queued = session.scalar(select(func.count()).select_from(Job)
-                            .where(Job.tenant == tenant, Job.state == JobState.QUEUED)) or 0
+    queued = session.scalar(_QUEUED_OF, {"tenant": tenant}) or 0
     if queued >= max_queued:
         session.rollback()
         raise QueueFull(queued, max_queued)
@@ -125,6 +124,11 @@ def create_job_once(
         idempotency.remember(session, idem, job.id)
     session.commit()
     return job, True
+
+
+# built once, as claim_job's statements are
+_QUEUED_OF = select(func.count()).select_from(Job).where(
+    Job.tenant == bindparam("tenant"), Job.state == JobState.QUEUED)
 
 
 class TenantAtLimit(RuntimeError):
