@@ -65,13 +65,14 @@ def test_a_pooled_connection_the_server_closed_is_replaced_without_a_ping(url):
     with engine.connect() as other:  # a second connection ends the first one's backend
         held.close()  # while it is idle in the pool
         assert other.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": first}).scalar()
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:  # the backend goes away just after the call
-        with engine.connect() as check:
-            if not check.execute(text("SELECT count(*) FROM pg_stat_activity WHERE pid = :p"),
-                                 {"p": first}).scalar():
-                break
-        time.sleep(0.05)
+        # The backend goes away just after the call. Waited for on `other`, which stays
+        # checked out: a checkout here could take the first connection before its backend
+        # has gone, pass the socket check, and fail on its statement.
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and other.execute(
+                text("SELECT count(*) FROM pg_stat_activity WHERE pid = :p"),
+                {"p": first}).scalar():
+            time.sleep(0.05)
     for _ in range(3):  # whichever pooled connection comes out, it works
         with engine.connect() as conn:
             assert conn.execute(text("SELECT pg_backend_pid()")).scalar() != first
